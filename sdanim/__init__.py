@@ -1,0 +1,38 @@
+"""sdanim: Stable Diffusion latent-walk animations on Keras 3 and KerasCV.
+
+Importing sdanim is cheap and has no side effects; Keras, TensorFlow and KerasCV are
+imported when a model is loaded or frames are rendered.
+
+Example:
+```python
+import sdanim
+result = sdanim.morph(["a ford truck on a dirt road", "an electric car in a city"],
+                      frames=24, fps=12, seed=42)
+```
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "morph": "sdanim.api",
+    "generate": "sdanim.api",
+    "MorphResult": "sdanim.api",
+    "GenerateResult": "sdanim.api",
+    "load_model": "sdanim.models",
+    "StableDiffusionModel": "sdanim.models",
+    "RenderSettings": "sdanim.settings",
+    "SdanimError": "sdanim.errors",
+    "plot_images": "sdanim.notebook",
+    "save_image": "sdanim.notebook",
+    "show_gif": "sdanim.notebook",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sdanim' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from sdanim.cli import main
+
+sys.exit(main())

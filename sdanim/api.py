@@ -1,0 +1,341 @@
+"""The top-level flows: `morph` (prompt-to-prompt animation) and `generate` (images).
+
+    prompts -> embeddings -> keyframes + noise -> frame plan -> batched sampling
+            -> frames on disk -> export
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sdanim import __version__
+from sdanim.errors import SdanimError, check
+from sdanim.export import check_fps, contact_sheet, output_format, write_video
+from sdanim.frames import FrameStore, ensure_folder, manifest_differences, write_png
+from sdanim.interpolation import METHODS, split_frames
+from sdanim.noise import check_seed, seeded_noise
+from sdanim.plan import NOISE_MODES, FramePlan, morph_plan
+from sdanim.prompts import PromptEncoder
+from sdanim.sampling import Renderer, render_frames
+from sdanim.settings import RenderSettings
+
+# Manifest keys that must match for frames on disk to be reused.
+_RUN_KEYS = ("kind", "prompts", "negative_prompt", "seeds", "frames", "interpolation", "noise", "render", "model")
+
+
+@dataclasses.dataclass
+class MorphResult:
+    """What `morph` made."""
+
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    out: str  # the GIF or MP4
+    frames_dir: str  # PNG frames and manifest.json
+    sheet: Optional[str]  # contact sheet PNG, if asked for
+    rendered: int  # frames rendered by this call (the rest were already on disk)
+    seconds: float  # wall time of this call, model loading excluded
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """What `generate` made."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    seeds: list  # image k was drawn from seeds[k]
+    paths: list  # PNG files
+
+
+def _get_model(model, settings: RenderSettings, version: str, weights: str):
+    if model is None:
+        from sdanim.models import load_model
+
+        return load_model(version=version, weights=weights, height=settings.height, width=settings.width)
+    check(
+        (model.height, model.width) == (settings.height, settings.width),
+        f"the model was built for {model.width}x{model.height}; load one for the requested "
+        f"size. Received: size={settings.width}x{settings.height}",
+    )
+    return model
+
+
+def prompt_encoder(model) -> PromptEncoder:
+    """The model's prompt encoder, created once so prompts are encoded once per model."""
+    encoder = getattr(model, "_sdanim_prompt_encoder", None)
+    if encoder is None:
+        encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+        model._sdanim_prompt_encoder = encoder
+    return encoder
+
+
+def _renderer(model, settings: RenderSettings, negative_prompt: Optional[str]) -> Renderer:
+    uncond = prompt_encoder(model).encode_one(negative_prompt or "")  # (77, D)
+    return Renderer(
+        model.diffusion_model, model.decoder, settings, uncond,
+        jit_compile=bool(getattr(model, "jit_compile", False)),
+    )
+
+
+def _model_record(model) -> dict:
+    describe = getattr(model, "describe", None)
+    record = describe() if describe else {"height": model.height, "width": model.width}
+    record.pop("jit_compile", None)  # does not change the frames
+    return record
+
+
+def _render_record(settings: RenderSettings) -> dict:
+    record = dataclasses.asdict(settings)
+    record.pop("batch_size")  # frames are batch-invariant
+    return record
+
+
+def _prepare_store(folder: str, manifest: dict, overwrite: bool) -> FrameStore:
+    """Opens the run folder, refusing to mix frames of a different run."""
+    store = FrameStore(ensure_folder(folder, "out"))
+    stored = store.read_manifest()
+    has_frames = bool(glob.glob(os.path.join(folder, "frame_*.png")))
+    if overwrite:
+        for path in glob.glob(os.path.join(folder, "frame_*.png")):
+            os.remove(path)
+    elif stored is not None:
+        diffs = manifest_differences(stored, manifest, _RUN_KEYS)
+        if diffs:
+            raise SdanimError(
+                f"the frames folder {folder} belongs to another run ({'; '.join(diffs[:3])}); "
+                "pass --overwrite (overwrite=True) or choose another --out. "
+                f"Received: out folder={folder!r}"
+            )
+    elif has_frames:
+        raise SdanimError(
+            f"the frames folder {folder} holds frames but no manifest; pass --overwrite "
+            f"(overwrite=True) or choose another --out. Received: out folder={folder!r}"
+        )
+    store.write_manifest(manifest)
+    return store
+
+
+def morph(
+    prompts: Sequence[str],
+    out: str = "outputs/morph.gif",
+    frames: int = 24,
+    fps: float = 12,
+    seed: int = 42,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    interpolation: str = "slerp",
+    noise: str = "fixed",
+    seeds: Optional[Sequence[int]] = None,
+    ping_pong: bool = False,
+    sheet: bool = False,
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MorphResult:
+    """Renders a prompt-to-prompt morph A -> B (-> C ...) and exports it.
+
+    Frames are written as PNG to `<out stem>_frames/` as each batch finishes, with a
+    manifest.json; running the same call again after an interruption renders only the
+    missing frames.
+
+    Args:
+        prompts: list of str. Two or more prompts, the keyframes in order.
+        out: str. Output .gif or .mp4 path. Defaults to "outputs/morph.gif".
+        frames: int. Total frames, keyframes included, >= len(prompts). Defaults to 24.
+        fps: float. Frames per second. Defaults to 12.
+        seed: int. Seed of the noise (the first keyframe's with noise="slerp").
+            Defaults to 42.
+        settings: RenderSettings. Size, steps, guidance, scheduler, batch size.
+            Defaults to RenderSettings() (512x512, 25 DDIM steps, guidance 7.5, batch 4).
+        negative_prompt: str. Steers away from this text. Defaults to None.
+        interpolation: str. "slerp" or "linear", for text embeddings. Defaults to "slerp".
+        noise: str. "fixed" (one noise for all frames) or "slerp" (between per-prompt
+            seeds). Defaults to "fixed".
+        seeds: list of int. Per-prompt seeds for noise="slerp". Defaults to
+            seed, seed + 1, ...
+        ping_pong: bool. Play forward then back. Defaults to False.
+        sheet: bool. Also write a contact sheet `<out stem>_sheet.png`. Defaults to False.
+        model: a loaded `StableDiffusionModel` (reused across calls), or None to load one.
+        version: str. "1.4" or "2.1", when loading. Defaults to "1.4".
+        weights: str. "keras-cv", "random" or a directory, when loading.
+        overwrite: bool. Replace frames of a different run in the frames folder.
+        progress: bool. Show a progress bar. Defaults to True.
+
+    Example:
+    ```python
+    result = sdanim.morph(["a ford truck on a dirt road", "an electric car in a city"],
+                          frames=24, fps=12, seed=42)
+    sdanim.show_gif(result.out)
+    ```
+    """
+    # 1. Validate everything before the (slow) model build.
+    settings = settings or RenderSettings()
+    prompts = list(prompts)
+    check(len(prompts) >= 2, f"morph needs at least 2 prompts. Received: {len(prompts)} prompts")
+    for p in prompts:
+        check(isinstance(p, str), f"prompts must be strings. Received: prompt={p!r}")
+    intervals = split_frames(frames, len(prompts) - 1)
+    fps = check_fps(fps)
+    output_format(out)
+    check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
+    check(noise in NOISE_MODES, f"noise must be one of {', '.join(NOISE_MODES)}. Received: noise={noise!r}")
+    seed = check_seed(seed)
+    if noise == "fixed":
+        check(seeds is None, "seeds (per prompt) only apply with noise='slerp'. Received: noise='fixed'")
+        keyframe_seeds = [seed] * len(prompts)
+    else:
+        keyframe_seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
+        check(
+            len(keyframe_seeds) == len(prompts),
+            f"seeds needs one seed per prompt ({len(prompts)}). Received: seeds={keyframe_seeds}",
+        )
+        keyframe_seeds = [check_seed(s, "seeds") for s in keyframe_seeds]
+    stem = os.path.splitext(out)[0]
+    folder = stem + "_frames"
+    ensure_folder(os.path.dirname(os.path.abspath(out)), "out")
+
+    # 2. Model, prompts -> embeddings.
+    model = _get_model(model, settings, version, weights)
+    manifest = {
+        "kind": "morph",
+        "prompts": prompts,
+        "negative_prompt": negative_prompt,
+        "seeds": keyframe_seeds,
+        "frames": frames,
+        "interpolation": interpolation,
+        "noise": noise,
+        "render": _render_record(settings),
+        "model": _model_record(model),
+        "fps": fps,
+        "sdanim": __version__,
+        "versions": _versions(),
+    }
+    store = _prepare_store(folder, manifest, overwrite)
+    start = time.perf_counter()
+    embeddings = prompt_encoder(model).encode(prompts)  # (K, 77, D)
+
+    # 3. Keyframes + noise -> frame plan.
+    latent_shape = settings.latent_shape
+    noises = np.stack([seeded_noise(s, latent_shape) for s in keyframe_seeds])  # (K, h, w, 4)
+    plan = morph_plan(embeddings, noises, keyframe_seeds, intervals, interpolation, noise)
+
+    # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
+    todo = store.missing(range(len(plan)))
+    images = {}
+    if todo:
+        renderer = _renderer(model, settings, negative_prompt)
+
+        def save(indices, batch_images):
+            for index, image in zip(indices, batch_images):
+                store.write(index, image, {"sdanim": _frame_text(plan, index, prompts, settings)})
+
+        images = render_frames(renderer, plan, todo, settings.batch_size, on_batch=save, progress=progress)
+    all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(plan))])
+
+    # 5. Export.
+    write_video(out, list(all_frames), fps, ping_pong=ping_pong)
+    sheet_path = None
+    if sheet:
+        sheet_path = stem + "_sheet.png"
+        write_png(sheet_path, contact_sheet(all_frames))
+    return MorphResult(all_frames, out, folder, sheet_path, len(todo), time.perf_counter() - start)
+
+
+def _frame_text(plan: FramePlan, index: int, prompts, settings: RenderSettings) -> dict:
+    """PNG metadata of one frame: enough to reproduce it."""
+    u = float(plan.positions[index])
+    return {"frame": index, "position": u, "prompts": prompts, "seeds": list(plan.seeds), "render": dataclasses.asdict(settings)}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("keras", "keras-cv", "tensorflow-cpu", "tensorflow", "jax", "torch", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import keras
+
+        versions["keras_backend"] = keras.backend.backend()
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+def slugify(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "image"
+
+
+def generate(
+    prompt: str,
+    num_images: int = 3,
+    seed: Optional[int] = None,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    out_dir: Optional[str] = "outputs",
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    progress: bool = True,
+) -> GenerateResult:
+    """Text to image: `num_images` images of one prompt, image k from seed + k.
+
+    Image k is the same as generating (prompt, seed + k) alone, on any batch size.
+
+    Args:
+        prompt: str. What to draw.
+        num_images: int. How many images. Defaults to 3.
+        seed: int or None. Seed of the first image; None draws one (it is returned).
+        settings: RenderSettings. Defaults to RenderSettings().
+        negative_prompt: str. Steers away from this text. Defaults to None.
+        out_dir: str or None. Folder for `<prompt>-seed<seed>.png` files; None saves
+            nothing. Defaults to "outputs".
+        model, version, weights, progress: as in `morph`.
+
+    Example:
+    ```python
+    result = sdanim.generate("a ford truck on a dirt road", num_images=3, seed=4)
+    sdanim.plot_images(result.images)
+    ```
+    """
+    settings = settings or RenderSettings()
+    check(isinstance(prompt, str), f"prompt must be a string. Received: prompt={prompt!r}")
+    check(
+        isinstance(num_images, int) and num_images >= 1,
+        f"num_images must be at least 1. Received: num_images={num_images}",
+    )
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    seed = check_seed(seed)
+    if out_dir is not None:
+        ensure_folder(out_dir, "out")
+    model = _get_model(model, settings, version, weights)
+    seeds = [seed + k for k in range(num_images)]
+    embedding = prompt_encoder(model).encode_one(prompt)  # (77, D)
+    noises = np.stack([seeded_noise(s, settings.latent_shape) for s in seeds])  # (N, h, w, 4)
+    plan = FramePlan(
+        embeddings=np.repeat(embedding[None], num_images, axis=0),
+        noises=noises,
+        seeds=tuple(seeds),
+        positions=np.arange(num_images, dtype=np.float64),
+        noise_mode="slerp",  # at integer positions: keyframe k's own noise
+    )
+    images = render_frames(_renderer(model, settings, negative_prompt), plan, range(num_images), settings.batch_size, progress=progress)
+    stacked = np.stack([images[k] for k in range(num_images)])
+    paths = []
+    if out_dir is not None:
+        for s, image in zip(seeds, stacked):
+            path = os.path.join(out_dir, f"{slugify(prompt)}-seed{s}.png")
+            write_png(path, image, {"sdanim": {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "render": dataclasses.asdict(settings)}})
+            paths.append(path)
+    return GenerateResult(stacked, seeds, paths)

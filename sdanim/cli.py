@@ -1,0 +1,182 @@
+"""Command line: `python -m sdanim morph ...` and `python -m sdanim generate ...`.
+
+Bad input prints one line, `sdanim: error: ...`, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from sdanim.errors import SdanimError
+
+EPILOG = """\
+Real images need Stable Diffusion weights: with --weights keras-cv (the default) KerasCV
+downloads them once (about 4 GB) into ~/.keras/datasets. Offline, pass a folder that
+holds the .h5 files (--weights DIR) or try the pipeline with --weights random.
+"""
+
+
+def _int_list(text: str):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_render_args(p: argparse.ArgumentParser, batch_default: int) -> None:
+    from sdanim.models import PRECISIONS, VERSIONS
+    from sdanim.settings import SCHEDULERS
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    g.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampler (default: ddim, as KerasCV)")
+    g.add_argument("--negative", default=None, metavar="PROMPT", help="negative prompt")
+    g.add_argument("--size", default="512x512", metavar="WxH", help="image size, multiples of 64 (default: 512x512)")
+    g.add_argument("--batch-size", type=int, default=batch_default, help=f"images per model call (default: {batch_default})")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="1.4", choices=VERSIONS, help="Stable Diffusion version (default: 1.4)")
+    m.add_argument("--weights", default="keras-cv", metavar="keras-cv|random|DIR",
+                   help="weight source: KerasCV's download/cache, seeded random weights, or a folder of .h5 files")
+    m.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="dtype policy (default: auto = mixed_float16 on CUDA, float32 elsewhere)")
+    m.add_argument("--jit", default="auto", choices=("auto", "on", "off"),
+                   help="XLA-compile the sampling step (default: auto = on for CUDA only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdanim",
+        description="Stable Diffusion latent-walk animations (KerasCV).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser(
+        "morph", help="animate from one prompt to the next (GIF or MP4)",
+        description="Render a prompt-to-prompt morph: interpolate the prompts' text embeddings "
+        "over fixed seeded noise and export a GIF or MP4. PNG frames go to <out>_frames/.",
+        epilog='example:\n  python -m sdanim morph "a ford truck on a dirt road" "an electric car in a city" \\\n'
+        "      --frames 24 --fps 12 --seed 42 --out outputs/morph.gif\n\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("prompts", nargs="+", metavar="PROMPT", help="two or more prompts, in order")
+    m.add_argument("--frames", type=int, default=24, help="total frames, keyframes included (default: 24)")
+    m.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
+    m.add_argument("--seed", type=int, default=42, help="noise seed (default: 42)")
+    m.add_argument("--out", default="outputs/morph.gif", help="output .gif or .mp4 (default: outputs/morph.gif)")
+    m.add_argument("--interpolation", default="slerp", choices=("slerp", "linear"), help="embedding interpolation (default: slerp)")
+    m.add_argument("--noise", default="fixed", choices=("fixed", "slerp"),
+                   help="fixed: one noise for every frame; slerp: between per-prompt seeds (default: fixed)")
+    m.add_argument("--seeds", type=_int_list, default=None, metavar="S1,S2,...", help="per-prompt seeds for --noise slerp")
+    m.add_argument("--ping-pong", action="store_true", help="play forward, then back")
+    m.add_argument("--sheet", action="store_true", help="also write a contact sheet of all frames")
+    m.add_argument("--overwrite", action="store_true", help="replace frames of a different run in the frames folder")
+    _add_render_args(m, batch_default=4)
+
+    g = sub.add_parser(
+        "generate", help="text to image: a batch of seeded images",
+        description="Generate images from one prompt; image k uses seed + k. Saved as PNG.",
+        epilog='example:\n  python -m sdanim generate "a ford truck on a dirt road" --num-images 3 --seed 4\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("prompt", help="what to draw")
+    g.add_argument("--num-images", type=int, default=3, help="how many images (default: 3)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, printed)")
+    g.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    _add_render_args(g, batch_default=3)
+    return parser
+
+
+def _settings(args):
+    from sdanim.settings import RenderSettings, parse_size
+
+    height, width = parse_size(args.size)
+    return RenderSettings(
+        height=height, width=width, num_steps=args.steps, guidance_scale=args.guidance,
+        scheduler=args.scheduler, batch_size=args.batch_size,
+    )
+
+
+def _load(args, settings):
+    from sdanim.models import load_model
+
+    jit = {"auto": None, "on": True, "off": False}[args.jit]
+    return load_model(
+        version=args.model, weights=args.weights, height=settings.height, width=settings.width,
+        precision=args.precision, jit_compile=jit,
+    )
+
+
+def _run(args) -> int:
+    from sdanim import api
+    from sdanim.export import output_format
+
+    settings = _settings(args)
+    progress = not args.quiet
+    if args.command == "morph":
+        # Cheap checks first: a typo must not cost a model build.
+        from sdanim.export import check_fps
+        from sdanim.frames import ensure_folder
+        from sdanim.interpolation import split_frames
+
+        split_frames(args.frames, max(len(args.prompts) - 1, 1))
+        check_fps(args.fps)
+        output_format(args.out)
+        ensure_folder(os.path.dirname(os.path.abspath(args.out)), "out")
+        if len(args.prompts) < 2:
+            raise SdanimError(f"morph needs at least 2 prompts. Received: {len(args.prompts)} prompt")
+        model = _load(args, settings)
+        result = api.morph(
+            args.prompts, out=args.out, frames=args.frames, fps=args.fps, seed=args.seed,
+            settings=settings, negative_prompt=args.negative, interpolation=args.interpolation,
+            noise=args.noise, seeds=args.seeds, ping_pong=args.ping_pong, sheet=args.sheet,
+            model=model, overwrite=args.overwrite, progress=progress,
+        )
+        per_frame = result.seconds / max(result.rendered, 1)
+        print(f"wrote {result.out} ({len(result.frames)} frames at {args.fps:g} fps; "
+              f"{result.rendered} rendered, {per_frame:.2f} s/frame)")
+        print(f"frames: {result.frames_dir}")
+        if result.sheet:
+            print(f"contact sheet: {result.sheet}")
+        return 0
+    if args.command == "generate":
+        from sdanim.frames import ensure_folder
+        from sdanim.noise import check_seed
+
+        if args.num_images < 1:
+            raise SdanimError(f"num_images must be at least 1. Received: num_images={args.num_images}")
+        if args.seed is not None:
+            check_seed(args.seed)
+        ensure_folder(args.out, "out")
+        model = _load(args, settings)
+        result = api.generate(
+            args.prompt, num_images=args.num_images, seed=args.seed, settings=settings,
+            negative_prompt=args.negative, out_dir=args.out, model=model, progress=progress,
+        )
+        for seed, path in zip(result.seeds, result.paths):
+            print(f"seed {seed}: {path}")
+        return 0
+    raise SdanimError(f"unknown command. Received: {args.command!r}")  # pragma: no cover
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, category, *a, **k: f"sdanim: warning: {message}\n"
+    try:
+        return _run(args)
+    except SdanimError as error:
+        print(f"sdanim: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdanim: interrupted; frames already rendered are kept in the frames folder "
+              "and the same command resumes", file=sys.stderr)
+        return 130

@@ -1,0 +1,382 @@
+"""Model loading: the only module that imports keras_cv.
+
+Everything downstream talks to the sub-models through their call signatures (the
+KerasCV protocol), so tests can swap in tiny Keras models:
+
+    text_encoder([tokens (B, 77) int32, positions (B, 77) int32]) -> (B, 77, D)
+    diffusion_model([latent (B, h, w, 4), t_emb (B, 320), context (B, 77, D)])
+        -> noise prediction (B, h, w, 4)
+    decoder(latent (B, h, w, 4)) -> image (B, 8h, 8w, 3) in [-1, 1]
+    image_encoder(image (B, H, W, 3) in [-1, 1]) -> latent (B, H/8, W/8, 4)
+
+Weight sources:
+    "keras-cv": KerasCV's own .h5 files, fetched by keras.utils.get_file into the Keras
+        cache exactly as KerasCV does (downloaded once online; used from the cache
+        offline).
+    a directory: the same .h5 files, by their KerasCV file names.
+    "random": the exact architecture with seeded random weights (offline smoke runs and
+        tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import platform
+from typing import Any, Callable, Optional
+
+from sdanim.errors import SdanimError, check
+from sdanim.settings import check_image_size
+
+MAX_PROMPT_LENGTH = 77
+VERSIONS = ("1.4", "2.1")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+_HF_SD1 = "https://huggingface.co/fchollet/stable-diffusion/resolve/main/"
+_HF_SD2 = "https://huggingface.co/ianstenbit/keras-sd2.1/resolve/main/"
+
+# (origin, sha256) of every weight file, as KerasCV 0.9 fetches them.
+WEIGHT_FILES = {
+    "1.4": {
+        "text_encoder": (
+            _HF_SD1 + "kcv_encoder.h5",
+            "4789e63e07c0e54d6a34a29b45ce81ece27060c499a709d556c7755b42bb0dc4",
+        ),
+        "diffusion_model": (
+            _HF_SD1 + "kcv_diffusion_model.h5",
+            "8799ff9763de13d7f30a683d653018e114ed24a6a819667da4f5ee10f9e805fe",
+        ),
+    },
+    "2.1": {
+        "text_encoder": (
+            _HF_SD2 + "text_encoder_v2_1.h5",
+            "985002e68704e1c5c3549de332218e99c5b9b745db7171d5f31fcd9a6089f25b",
+        ),
+        "diffusion_model": (
+            _HF_SD2 + "diffusion_model_v2_1.h5",
+            "c31730e91111f98fe0e2dbde4475d381b5287ebb9672b1821796146a25c5132d",
+        ),
+    },
+}
+_VAE_FILES = {
+    "decoder": (
+        _HF_SD1 + "kcv_decoder.h5",
+        "ad350a65cc8bc4a80c8103367e039a3329b4231c2469a1093869a345f55b1962",
+    ),
+    "image_encoder": (
+        _HF_SD1 + "vae_encoder.h5",
+        "c60fb220a40d090e0f86a6ab4c312d113e115c87c40ff75d11ffcf380aab7ebb",
+    ),
+}
+for _files in WEIGHT_FILES.values():
+    _files.update(_VAE_FILES)
+
+CONTEXT_DIM = {"1.4": 768, "2.1": 1024}
+_PART_ORDER = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
+
+
+def file_name(version: str, part: str) -> str:
+    """The KerasCV file name of one part's weights, e.g. "kcv_decoder.h5"."""
+    return WEIGHT_FILES[version][part][0].rsplit("/", 1)[-1]
+
+
+@dataclasses.dataclass
+class StableDiffusionModel:
+    """The sub-models of one Stable Diffusion, built for one image size.
+
+    Attributes:
+        version: str. "1.4" or "2.1".
+        height, width: int. Image size in pixels the UNet and decoder were built for.
+        weights: str. The weight source: "keras-cv", "random" or a directory.
+        precision: str. The Keras dtype policy the models were built under.
+        jit_compile: bool. Whether sdanim compiles its sampling step with XLA.
+        tokenizer: KerasCV's CLIP BPE tokenizer, with `encode(text) -> list[int]`.
+        text_encoder, diffusion_model, decoder: Keras models (protocol above).
+    """
+
+    version: str
+    height: int
+    width: int
+    weights: str
+    precision: str
+    jit_compile: bool
+    tokenizer: Any
+    text_encoder: Any
+    diffusion_model: Any
+    decoder: Any
+    _image_encoder_factory: Optional[Callable[[], Any]] = None
+    _image_encoder: Any = None
+
+    @property
+    def context_dim(self) -> int:
+        return CONTEXT_DIM[self.version]
+
+    @property
+    def image_encoder(self):
+        """The VAE encoder, built on first use (image-to-image needs it; morphs do not)."""
+        if self._image_encoder is None and self._image_encoder_factory is not None:
+            self._image_encoder = self._image_encoder_factory()
+        return self._image_encoder
+
+    def describe(self) -> dict:
+        """What a manifest records about the model."""
+        return {
+            "version": self.version,
+            "weights": self.weights,
+            "height": self.height,
+            "width": self.width,
+            "precision": self.precision,
+            "jit_compile": self.jit_compile,
+        }
+
+
+def detect_device() -> str:
+    """Returns "cuda", "metal" or "cpu": where the Keras backend will run the models."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            return "cpu"
+        # tensorflow-metal registers the Apple GPU as a plain "GPU" device.
+        is_apple = platform.system() == "Darwin" and platform.machine() == "arm64"
+        return "metal" if is_apple else "cuda"
+    if backend == "jax":
+        import jax
+
+        return "cuda" if jax.default_backend() == "gpu" else "cpu"
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "metal" if mps is not None and mps.is_available() else "cpu"
+    return "cpu"
+
+
+def device_defaults(device: str) -> tuple[str, bool]:
+    """(precision, jit_compile) that are fastest on `device`.
+
+    Measured on a 2-core CPU (shared/NOTES.md): float32 without XLA is about 4x faster
+    than KerasCV's jit_compile=True default and 2x faster than mixed_float16. CUDA GPUs
+    want mixed precision and XLA; Apple Metal wants float32 (float16 kernels and XLA are
+    unreliable under tensorflow-metal).
+    """
+    if device == "cuda":
+        return "mixed_float16", True
+    return "float32", False
+
+
+def clip_vocab_path() -> str:
+    """Path of CLIP's BPE vocabulary, shipped in the `openai-clip` package.
+
+    It is byte-identical to the file KerasCV downloads, so no network is needed. We
+    locate it without importing `clip` (which imports torch).
+    """
+    spec = importlib.util.find_spec("clip")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz")
+        if os.path.isfile(path):
+            return path
+    raise SdanimError(
+        "the CLIP tokenizer vocabulary was not found; install it with "
+        "`pip install openai-clip`. Received: clip package at "
+        f"{locations or 'nowhere'}"
+    )
+
+
+def load_tokenizer():
+    """KerasCV's CLIP tokenizer, built from the installed vocabulary (never the network)."""
+    from keras_cv.src.models.stable_diffusion.clip_tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(bpe_path=clip_vocab_path())
+
+
+def _keras_cache_dir() -> str:
+    base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(base, "datasets")
+
+
+def _resolve_weight_files(version: str, weights: str, parts) -> dict:
+    """Maps each part to a local .h5 path, or raises one error naming every missing file."""
+    if weights == "keras-cv":
+        import keras
+
+        found, missing = {}, []
+        for part in parts:
+            origin, file_hash = WEIGHT_FILES[version][part]
+            try:
+                found[part] = keras.utils.get_file(origin=origin, file_hash=file_hash)
+            except Exception:  # KerasCV/Keras raise a bare Exception on URL failure.
+                missing.append(file_name(version, part))
+        where = _keras_cache_dir()
+    else:
+        folder = weights
+        check(
+            os.path.isdir(folder),
+            "weights must be 'keras-cv', 'random' or a directory of KerasCV .h5 "
+            f"files. Received: weights={weights!r}",
+        )
+        check(
+            os.access(folder, os.R_OK | os.X_OK),
+            f"the weights directory cannot be read. Received: weights={weights!r}",
+        )
+        found, missing = {}, []
+        for part in parts:
+            path = os.path.join(folder, file_name(version, part))
+            if os.path.isfile(path) and os.access(path, os.R_OK):
+                found[part] = path
+            else:
+                missing.append(file_name(version, part))
+        where = os.path.abspath(folder)
+    if missing:
+        raise SdanimError(
+            f"Stable Diffusion {version} weights are missing: {', '.join(missing)} "
+            f"(looked in {where}). Connect to the internet once so KerasCV can "
+            "download them, copy them into a folder and pass --weights DIR, or use "
+            f"--weights random for an offline smoke run. Received: weights={weights!r}"
+        )
+    return found
+
+
+def _set_precision(precision: str) -> None:
+    import keras
+
+    if keras.mixed_precision.dtype_policy().name != precision:
+        keras.mixed_precision.set_dtype_policy(precision)
+
+
+def _builders(version: str, height: int, width: int) -> dict:
+    from keras_cv.src.models.stable_diffusion import decoder as dec
+    from keras_cv.src.models.stable_diffusion import diffusion_model as unet
+    from keras_cv.src.models.stable_diffusion import image_encoder as enc
+    from keras_cv.src.models.stable_diffusion import text_encoder as text
+
+    v2 = version == "2.1"
+    text_cls = text.TextEncoderV2 if v2 else text.TextEncoder
+    unet_cls = unet.DiffusionModelV2 if v2 else unet.DiffusionModel
+    return {
+        "text_encoder": lambda: text_cls(MAX_PROMPT_LENGTH, download_weights=False),
+        "diffusion_model": lambda: unet_cls(
+            height, width, MAX_PROMPT_LENGTH, download_weights=False
+        ),
+        "decoder": lambda: dec.Decoder(height, width, download_weights=False),
+        "image_encoder": lambda: enc.ImageEncoder(download_weights=False),
+    }
+
+
+def load_model(
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    height: int = 512,
+    width: int = 512,
+    precision: str = "auto",
+    jit_compile: Optional[bool] = None,
+    seed: int = 0,
+) -> StableDiffusionModel:
+    """Builds KerasCV's Stable Diffusion sub-models for one image size.
+
+    Args:
+        version: str. "1.4" (KerasCV `StableDiffusion`) or "2.1"
+            (`StableDiffusionV2`). Defaults to "1.4".
+        weights: str. "keras-cv", "random" or a directory of KerasCV .h5 files.
+            Defaults to "keras-cv".
+        height: int. Image height, a multiple of 64. Defaults to 512.
+        width: int. Image width, a multiple of 64. Defaults to 512.
+        precision: str. "auto" (mixed_float16 on CUDA, float32 elsewhere),
+            "float32", "mixed_float16" or "mixed_bfloat16". Defaults to "auto".
+            Note: Keras dtype policies are global; this sets it for the process.
+        jit_compile: bool or None. XLA for the sampling step; None picks by device
+            (on for CUDA, off on CPU and Metal). Defaults to None.
+        seed: int. Seed of the random weights when weights="random". Defaults to 0.
+
+    Returns:
+        A `StableDiffusionModel`.
+
+    Example:
+    ```python
+    model = sdanim.load_model(weights="random", height=128, width=128)
+    ```
+    """
+    check(
+        version in VERSIONS,
+        f"model must be one of {', '.join(VERSIONS)}. Received: model={version!r}",
+    )
+    check_image_size(height, width)
+    check(
+        precision in PRECISIONS,
+        f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}",
+    )
+    weights = str(weights)
+    parts = _PART_ORDER[:3]
+    files = None if weights == "random" else _resolve_weight_files(version, weights, parts)
+    tokenizer = load_tokenizer()
+
+    device = detect_device()
+    default_precision, default_jit = device_defaults(device)
+    precision = default_precision if precision == "auto" else precision
+    jit_compile = default_jit if jit_compile is None else bool(jit_compile)
+    _set_precision(precision)
+
+    import keras
+
+    builders = _builders(version, height, width)
+
+    def build(part: str):
+        if files is None:
+            # Seed per part so a part's random weights do not depend on build order.
+            keras.utils.set_random_seed(seed * 10 + _PART_ORDER.index(part))
+        model = builders[part]()
+        if files is not None:
+            model.load_weights(files[part])
+        return model
+
+    def image_encoder_factory():
+        nonlocal files
+        if files is not None and "image_encoder" not in files:
+            files = {**files, **_resolve_weight_files(version, weights, ["image_encoder"])}
+        return build("image_encoder")
+
+    return StableDiffusionModel(
+        version=version,
+        height=height,
+        width=width,
+        weights=weights,
+        precision=precision,
+        jit_compile=jit_compile,
+        tokenizer=tokenizer,
+        text_encoder=build("text_encoder"),
+        diffusion_model=build("diffusion_model"),
+        decoder=build("decoder"),
+        _image_encoder_factory=image_encoder_factory,
+    )
+
+
+def keras_cv_pipeline(model: StableDiffusionModel, jit_compile: bool = False):
+    """KerasCV's own `StableDiffusion(V2)` object sharing `model`'s sub-models.
+
+    For parity tests and benchmarks against KerasCV's `generate_image` loop. KerasCV
+    only accepts multiples of 128 (it rounds others), so `model` must be built at one.
+    """
+    check(
+        model.height % 128 == 0 and model.width % 128 == 0,
+        "KerasCV's own loop needs multiples of 128. "
+        f"Received: height={model.height}, width={model.width}",
+    )
+    import keras_cv
+
+    cls = keras_cv.models.StableDiffusionV2 if model.version == "2.1" else keras_cv.models.StableDiffusion
+    pipeline = cls(img_height=model.height, img_width=model.width, jit_compile=jit_compile)
+    pipeline._tokenizer = model.tokenizer
+    pipeline._text_encoder = model.text_encoder
+    pipeline._diffusion_model = model.diffusion_model
+    pipeline._decoder = model.decoder
+    if jit_compile:
+        for sub in (model.text_encoder, model.diffusion_model, model.decoder):
+            sub.compile(jit_compile=True)
+    return pipeline

@@ -1,0 +1,142 @@
+"""Keyframes + noise -> frame plan: every frame a pure function of (plan, index).
+
+A plan holds the keyframe embeddings and noises and each frame's position along the
+keyframe path. `plan.frame(i)` derives frame i's context and noise from those alone,
+so any batching, resume or sharding of the frames gives the same frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from sdanim.errors import check
+from sdanim.interpolation import METHODS, interpolate, path_positions
+
+NOISE_MODES = ("fixed", "slerp")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameInputs:
+    """What the sampler needs for one frame."""
+
+    index: int
+    context: np.ndarray  # (77, D) text embedding
+    noise: np.ndarray  # (h, w, 4) initial latent noise
+    seed: int  # the frame's own seed, for ancestral samplers' per-step noise
+    position: float  # u along the keyframe path, in [0, K-1]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FramePlan:
+    """The frames of an animation.
+
+    Args:
+        embeddings: (K, 77, D) float32 keyframe text embeddings.
+        noises: (K, h, w, 4) float32 keyframe noises.
+        seeds: K ints, the keyframe seeds the noises were drawn from.
+        positions: (F,) floats in [0, K-1]: frame i sits at positions[i].
+        interpolation: "slerp" or "linear", for the embeddings.
+        noise_mode: "fixed" (keyframe 0's noise for every frame) or "slerp" (noise
+            slerped between the keyframes' seeds).
+    """
+
+    embeddings: np.ndarray
+    noises: np.ndarray
+    seeds: tuple
+    positions: np.ndarray
+    interpolation: str = "slerp"
+    noise_mode: str = "fixed"
+
+    def __post_init__(self):
+        k = len(self.embeddings)
+        check(k >= 1, f"a plan needs at least one keyframe. Received: {k} keyframes")
+        check(
+            len(self.noises) == k and len(self.seeds) == k,
+            f"a plan needs one noise and one seed per keyframe. Received: "
+            f"{k} embeddings, {len(self.noises)} noises, {len(self.seeds)} seeds",
+        )
+        check(
+            self.interpolation in METHODS,
+            f"interpolation must be one of {', '.join(METHODS)}. "
+            f"Received: interpolation={self.interpolation!r}",
+        )
+        check(
+            self.noise_mode in NOISE_MODES,
+            f"noise must be one of {', '.join(NOISE_MODES)}. Received: noise={self.noise_mode!r}",
+        )
+        pos = np.asarray(self.positions, dtype=np.float64)
+        check(
+            pos.ndim == 1 and len(pos) >= 1 and pos.min() >= 0 and pos.max() <= k - 1,
+            f"frame positions must lie in [0, {k - 1}]. Received: {pos.min()}..{pos.max()}",
+        )
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def _at(self, values: np.ndarray, u: float, method: str) -> np.ndarray:
+        k = min(int(np.floor(u)), len(values) - 2) if len(values) > 1 else 0
+        t = float(u - k)
+        if len(values) == 1:
+            return values[0]
+        return interpolate(values[k], values[k + 1], t, method)
+
+    def frame_seed(self, index: int) -> int:
+        """Frame `index`'s own seed (for ancestral samplers' per-step noise).
+
+        At a keyframe it depends on that keyframe's seed alone, so an image rendered
+        as keyframe k equals the same (prompt, seed) rendered on its own; between
+        keyframes it depends on both seeds and the position.
+        """
+        u = float(self.positions[index])
+        k = min(int(np.floor(u)), len(self.seeds) - 1)
+        t = u - k
+        if t == 0.0:
+            key = [int(self.seeds[k]), 2]
+        else:
+            key = [int(self.seeds[k]), int(self.seeds[k + 1]), int(round(t * 2**32)), 2]
+        state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
+        return int(state >> np.uint64(1))
+
+    def frame(self, index: int) -> FrameInputs:
+        """Frame `index`'s context and noise: a pure function of the plan and index."""
+        check(
+            0 <= index < len(self),
+            f"frame index must be in [0, {len(self)}). Received: index={index}",
+        )
+        u = float(self.positions[index])
+        context = self._at(self.embeddings, u, self.interpolation)
+        if self.noise_mode == "fixed":
+            noise = self.noises[0]
+        else:
+            noise = self._at(self.noises, u, "slerp")
+        return FrameInputs(index, context, noise, self.frame_seed(index), u)
+
+    def batch(self, indices: Sequence[int]) -> list[FrameInputs]:
+        return [self.frame(i) for i in indices]
+
+
+def morph_plan(
+    embeddings: np.ndarray,
+    noises: np.ndarray,
+    seeds: Sequence[int],
+    intervals: Sequence[int],
+    interpolation: str = "slerp",
+    noise_mode: str = "fixed",
+) -> FramePlan:
+    """A path A -> B -> C ... with `intervals[k]` frames from keyframe k to k + 1."""
+    check(
+        len(intervals) == len(embeddings) - 1,
+        f"need one frame count per transition ({len(embeddings) - 1}). "
+        f"Received: {len(intervals)} counts",
+    )
+    return FramePlan(
+        embeddings=np.asarray(embeddings, dtype=np.float32),
+        noises=np.asarray(noises, dtype=np.float32),
+        seeds=tuple(int(s) for s in seeds),
+        positions=path_positions(list(intervals)),
+        interpolation=interpolation,
+        noise_mode=noise_mode,
+    )

@@ -1,0 +1,272 @@
+"""Frame plan -> images: batched sampling with one fused UNet call per step.
+
+KerasCV's generate_image calls the UNet twice per step (unconditional, then
+conditional, each at batch B) through predict_on_batch. Here:
+
+1. the unconditional (or negative-prompt) context is encoded once per run;
+2. the timestep embeddings of every step are computed once, on the host;
+3. each step makes one UNet call on the concatenated (uncond, cond) batch of 2B,
+   compiled once per batch shape (tf.function / jax.jit, XLA where asked);
+4. ancestral noise for all steps is drawn from each frame's own seed before the loop;
+5. the decoder runs once per batch.
+
+Shapes stay constant: the caller pads the last short batch (see `render_frames`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from sdanim.errors import check
+from sdanim.noise import step_noise
+from sdanim.schedulers import make_scheduler
+from sdanim.settings import RenderSettings
+
+
+def timestep_embedding(timestep: float, dim: int = 320, max_period: float = 10000.0) -> np.ndarray:
+    """Sinusoidal timestep embedding (Vaswani et al. 2017), [cos, sin] order, as
+    KerasCV's `_get_timestep_embedding` computes it. Returns (dim,) float32."""
+    half = dim // 2
+    freqs = np.exp(-math.log(max_period) * np.arange(0, half, dtype=np.float32) / half).astype(np.float32)
+    args = np.float32(timestep) * freqs
+    return np.concatenate([np.cos(args), np.sin(args)]).astype(np.float32)
+
+
+def _compile(fn: Callable, model, jit_compile: bool) -> Callable:
+    """Compiles fn(call, *tensors) for the Keras backend, where call(inputs) runs `model`.
+
+    TensorFlow: one tf.function (XLA if jit_compile), traced once per input shape.
+    JAX: jax.jit over model.stateless_call, the weights passed as arguments (not baked
+    in as constants). torch: eager under no_grad.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(
+            lambda *args: fn(lambda inputs: model(inputs, training=False), *args),
+            jit_compile=jit_compile,
+        )
+        return compiled
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def pure(tv, ntv, *args):
+            def call(inputs):
+                out, _ = model.stateless_call(tv, ntv, inputs, training=False)
+                return out
+
+            return fn(call, *args)
+
+        jitted = jax.jit(pure)
+        return lambda *args: jitted(trainable, non_trainable, *args)
+    if backend == "torch":
+        import torch
+
+        def run(*args):
+            with torch.no_grad():
+                return fn(lambda inputs: model(inputs, training=False), *args)
+
+        return run
+    raise RuntimeError(f"unsupported Keras backend: {backend}")
+
+
+def _guided_eps(call, latent, t_emb, context, uncond, guidance):
+    """One UNet call on the concatenated batch, then classifier-free guidance.
+
+    latent (B, h, w, 4), t_emb (B, 320), context and uncond (B, 77, D), guidance ().
+    """
+    from keras import ops
+
+    x2 = ops.concatenate([latent, latent], axis=0)  # (B, h, w, 4) -> (2B, h, w, 4)
+    t2 = ops.concatenate([t_emb, t_emb], axis=0)  # (B, 320) -> (2B, 320)
+    c2 = ops.concatenate([uncond, context], axis=0)  # (B, 77, D) -> (2B, 77, D)
+    eps = ops.cast(call([x2, t2, c2]), "float32")  # (2B, h, w, 4)
+    eps_uncond, eps_cond = ops.split(eps, 2, axis=0)  # 2 x (B, h, w, 4)
+    # Classifier-free guidance (Ho & Salimans 2022, eq. 6).
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def _cond_eps(call, latent, t_emb, context):
+    """guidance == 1: the guided prediction is the conditional one; skip the other half."""
+    from keras import ops
+
+    return ops.cast(call([latent, t_emb, context]), "float32")
+
+
+def _decode(call, latent):
+    """(B, h, w, 4) latent -> (B, 8h, 8w, 3) float in [-1, 1]."""
+    from keras import ops
+
+    return ops.cast(call(latent), "float32")
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> uint8, truncating exactly as KerasCV's generate_image does."""
+    return np.clip(((decoded + 1.0) / 2.0) * 255.0, 0, 255).astype("uint8")
+
+
+class Renderer:
+    """Samples images from (context, noise) batches with a fixed model and settings.
+
+    Args:
+        diffusion_model: Keras model `[latent, t_emb, context] -> eps`.
+        decoder: Keras model `latent -> image in [-1, 1]`.
+        settings: `RenderSettings` (size, steps, guidance, scheduler).
+        unconditional_context: (77, D) embedding of "" or of the negative prompt.
+        jit_compile: bool. Compile the step with XLA. Defaults to False.
+
+    Example:
+    ```python
+    renderer = Renderer(model.diffusion_model, model.decoder, settings, uncond)
+    images = renderer.render(contexts, noises, seeds)  # (B, H, W, 3) uint8
+    ```
+    """
+
+    def __init__(
+        self,
+        diffusion_model,
+        decoder,
+        settings: RenderSettings,
+        unconditional_context: np.ndarray,
+        jit_compile: bool = False,
+    ):
+        self.settings = settings
+        self.scheduler = make_scheduler(settings.scheduler, settings.num_steps)
+        self.unconditional_context = np.asarray(unconditional_context, dtype=np.float32)
+        self.guidance = float(settings.guidance_scale)
+        # (N, 320): every step's timestep embedding, once.
+        self._t_embs = np.stack([timestep_embedding(t) for t in self.scheduler.timesteps])
+        if self.guidance == 1.0:
+            self._eps_fn = _compile(_cond_eps, diffusion_model, jit_compile)
+        else:
+            self._eps_fn = _compile(_guided_eps, diffusion_model, jit_compile)
+        self._decode_fn = _compile(_decode, decoder, jit_compile)
+
+    def _eps(self, latent, t_emb, context, uncond, guidance):
+        if self.guidance == 1.0:
+            return self._eps_fn(latent, t_emb, context)
+        return self._eps_fn(latent, t_emb, context, uncond, guidance)
+
+    def sample_latents(self, contexts: np.ndarray, noises: np.ndarray, seeds: Sequence[int]):
+        """Runs the denoising loop. contexts (B, 77, D), noises (B, h, w, 4) -> latents."""
+        from keras import ops
+
+        sched = self.scheduler
+        batch = len(contexts)
+        # 1. Inputs, on the device once.
+        context = ops.convert_to_tensor(np.asarray(contexts, np.float32))  # (B, 77, D)
+        uncond = ops.convert_to_tensor(
+            np.repeat(self.unconditional_context[None], batch, axis=0)
+        )  # (77, D) -> (B, 77, D)
+        guidance = ops.convert_to_tensor(np.float32(self.guidance))
+        t_embs = np.repeat(self._t_embs[:, None], batch, axis=1)  # (N, 320) -> (N, B, 320)
+        step_noises = None
+        if sched.needs_noise:
+            # (B, N, h, w, 4) -> (N, B, h, w, 4): each frame's own stream.
+            per_frame = [step_noise(s, sched.num_steps, noises.shape[1:]) for s in seeds]
+            step_noises = ops.convert_to_tensor(np.stack(per_frame, axis=1))
+        latent = ops.convert_to_tensor(np.asarray(noises, np.float32) * sched.init_noise_sigma)
+        denoised = None
+        # 2. The loop: one fused UNet call and one scheduler update per step.
+        for i in range(sched.num_steps):
+            model_in = latent if sched.input_scale(i) == 1.0 else latent * sched.input_scale(i)
+            t_emb = ops.convert_to_tensor(t_embs[i])
+            eps = self._eps(model_in, t_emb, context, uncond, guidance)
+            noise = step_noises[i] if step_noises is not None else None
+            latent, denoised = sched.step(i, latent, eps, denoised, noise)
+        return latent
+
+    def decode(self, latents) -> np.ndarray:
+        """(B, h, w, 4) -> (B, H, W, 3) uint8."""
+        from keras import ops
+
+        return to_uint8(ops.convert_to_numpy(self._decode_fn(latents)))
+
+    def render(self, contexts: np.ndarray, noises: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+        """(B, 77, D) contexts and (B, h, w, 4) noises -> (B, H, W, 3) uint8 images."""
+        return self.decode(self.sample_latents(contexts, noises, seeds))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the backends' out-of-memory errors (TF ResourceExhaustedError, XLA's
+    RESOURCE_EXHAUSTED, torch.cuda.OutOfMemoryError)."""
+    name = type(error).__name__
+    text = str(error)
+    return (
+        name in ("ResourceExhaustedError", "OutOfMemoryError")
+        or "RESOURCE_EXHAUSTED" in text
+        or "OOM when allocating" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive batches; the last may be short (the caller pads it)."""
+    check(batch_size >= 1, f"batch_size must be at least 1. Received: batch_size={batch_size}")
+    indices = list(indices)
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def render_frames(
+    renderer: Renderer,
+    plan,
+    indices: Iterable[int],
+    batch_size: int,
+    on_batch: Optional[Callable[[list, np.ndarray], None]] = None,
+    progress: bool = True,
+) -> dict:
+    """Renders `plan`'s frames `indices` in batches of `batch_size`.
+
+    The last short batch is padded to full size by repeating its last frame and the
+    padding is dropped, so every model call has the same shape (one trace). Each batch
+    is handed to `on_batch(indices, images)` as soon as it exists (to write it to disk).
+    If a batch runs out of device memory, the batch size is halved (once said, in a
+    warning) and the batch retried; frames already rendered are kept.
+
+    Returns:
+        {frame index: (H, W, 3) uint8 image}.
+    """
+    from tqdm.auto import tqdm
+
+    todo = list(indices)
+    out: dict = {}
+    bar = tqdm(total=len(todo), unit="frame", desc="rendering", disable=not progress)
+    try:
+        while todo:
+            chunk = todo[:batch_size]
+            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+            frames = plan.batch(padded)
+            contexts = np.stack([f.context for f in frames])  # (B, 77, D)
+            noises = np.stack([f.noise for f in frames])  # (B, h, w, 4)
+            seeds = [f.seed for f in frames]
+            try:
+                images = renderer.render(contexts, noises, seeds)[: len(chunk)]
+            except Exception as error:  # noqa: BLE001 - re-raised unless OOM
+                if not is_out_of_memory(error) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                warnings.warn(
+                    f"out of device memory; batch_size lowered to {batch_size} and the "
+                    "batch retried (frames already rendered are kept)",
+                    stacklevel=2,
+                )
+                continue
+            for index, image in zip(chunk, images):
+                out[index] = image
+            if on_batch is not None:
+                on_batch(chunk, images)
+            todo = todo[len(chunk) :]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return out

@@ -1,0 +1,73 @@
+"""Tiny Keras stand-ins with the KerasCV sub-models' call signatures (diffusers'
+get_dummy_components idea): fast enough to run whole pipelines in milliseconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import keras
+import numpy as np
+
+CONTEXT_DIM = 16
+
+
+class TinyTokenizer:
+    """Words -> stable ids in [1, 1000); start and end tokens as CLIP's."""
+
+    def encode(self, text: str):
+        ids = [zlib.crc32(w.encode()) % 999 + 1 for w in text.lower().split()]
+        return [49406] + ids + [49407]
+
+
+def tiny_text_encoder(dim: int = CONTEXT_DIM):
+    tokens = keras.Input((77,), dtype="int32", name="tokens")
+    positions = keras.Input((77,), dtype="int32", name="positions")
+    x = keras.layers.Embedding(49408, dim)(tokens) + keras.layers.Embedding(77, dim)(positions)
+    x = keras.layers.Dense(dim, activation="tanh")(x)
+    return keras.Model([tokens, positions], x, name="tiny_text_encoder")
+
+
+def tiny_unet(height: int, width: int, dim: int = CONTEXT_DIM):
+    latent = keras.Input((height // 8, width // 8, 4), name="latent")
+    t_emb = keras.Input((320,), name="timestep_embedding")
+    context = keras.Input((77, dim), name="context")
+    x = keras.layers.Conv2D(8, 3, padding="same")(latent)
+    t = keras.layers.Dense(8)(t_emb)[:, None, None, :]  # (B, 1, 1, 8)
+    c = keras.layers.Dense(8)(keras.ops.mean(context, axis=1))[:, None, None, :]
+    x = keras.activations.tanh(x + t + c)
+    out = keras.layers.Conv2D(4, 3, padding="same")(x)
+    return keras.Model([latent, t_emb, context], out, name="tiny_unet")
+
+
+def tiny_decoder(height: int, width: int):
+    latent = keras.Input((height // 8, width // 8, 4))
+    x = keras.layers.UpSampling2D(8)(latent)
+    x = keras.layers.Conv2D(3, 3, padding="same", activation="tanh")(x)
+    return keras.Model(latent, x, name="tiny_decoder")
+
+
+@dataclasses.dataclass
+class TinyModel:
+    height: int
+    width: int
+    tokenizer: object
+    text_encoder: object
+    diffusion_model: object
+    decoder: object
+    jit_compile: bool = False
+
+    def describe(self):
+        return {"version": "tiny", "weights": "tiny", "height": self.height, "width": self.width, "precision": "float32"}
+
+
+def make_tiny_model(height: int = 64, width: int = 64, seed: int = 0) -> TinyModel:
+    keras.utils.set_random_seed(seed)
+    return TinyModel(height, width, TinyTokenizer(), tiny_text_encoder(), tiny_unet(height, width), tiny_decoder(height, width))
+
+
+def random_inputs(batch: int, height: int, width: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    contexts = rng.standard_normal((batch, 77, CONTEXT_DIM), dtype=np.float32)
+    noises = rng.standard_normal((batch, height // 8, width // 8, 4), dtype=np.float32)
+    return contexts, noises
