@@ -53,8 +53,9 @@ class GenerateResult:
 
 def _get_model(model, settings: RenderSettings, version: str, weights: str):
     if model is None:
-        from sdanim.models import load_model
+        from sdanim.models import clip_vocab_path, load_model
 
+        clip_vocab_path()  # fail before a minute of model building if the vocab is missing
         return load_model(version=version, weights=weights, height=settings.height, width=settings.width)
     check(
         (model.height, model.width) == (settings.height, settings.width),

@@ -105,8 +105,9 @@ def _settings(args):
 
 
 def _load(args, settings):
-    from sdanim.models import load_model
+    from sdanim.models import clip_vocab_path, load_model
 
+    clip_vocab_path()  # fail before a minute of model building if the vocab is missing
     jit = {"auto": None, "on": True, "off": False}[args.jit]
     return load_model(
         version=args.model, weights=args.weights, height=settings.height, width=settings.width,

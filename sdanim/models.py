@@ -32,6 +32,7 @@ from sdanim.settings import check_image_size
 MAX_PROMPT_LENGTH = 77
 VERSIONS = ("1.4", "2.1")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+ATTENTIONS = ("auto", "fused", "keras-cv")
 
 _HF_SD1 = "https://huggingface.co/fchollet/stable-diffusion/resolve/main/"
 _HF_SD2 = "https://huggingface.co/ianstenbit/keras-sd2.1/resolve/main/"
@@ -91,7 +92,8 @@ class StableDiffusionModel:
         weights: str. The weight source: "keras-cv", "random" or a directory.
         precision: str. The Keras dtype policy the models were built under.
         jit_compile: bool. Whether sdanim compiles its sampling step with XLA.
-        tokenizer: KerasCV's CLIP BPE tokenizer, with `encode(text) -> list[int]`.
+        tokenizer: KerasCV's CLIP BPE tokenizer, with `encode(text) -> list[int]`
+            (built on first use).
         text_encoder, diffusion_model, decoder: Keras models (protocol above).
     """
 
@@ -101,12 +103,20 @@ class StableDiffusionModel:
     weights: str
     precision: str
     jit_compile: bool
-    tokenizer: Any
+    attention: str
     text_encoder: Any
     diffusion_model: Any
     decoder: Any
     _image_encoder_factory: Optional[Callable[[], Any]] = None
     _image_encoder: Any = None
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self):
+        """KerasCV's CLIP tokenizer, built on first use from the installed vocabulary."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
 
     @property
     def context_dim(self) -> int:
@@ -128,6 +138,7 @@ class StableDiffusionModel:
             "width": self.width,
             "precision": self.precision,
             "jit_compile": self.jit_compile,
+            "attention": self.attention,
         }
 
 
@@ -277,6 +288,7 @@ def load_model(
     width: int = 512,
     precision: str = "auto",
     jit_compile: Optional[bool] = None,
+    attention: str = "auto",
     seed: int = 0,
 ) -> StableDiffusionModel:
     """Builds KerasCV's Stable Diffusion sub-models for one image size.
@@ -293,6 +305,10 @@ def load_model(
             Note: Keras dtype policies are global; this sets it for the process.
         jit_compile: bool or None. XLA for the sampling step; None picks by device
             (on for CUDA, off on CPU and Metal). Defaults to None.
+        attention: str. "fused" routes attention through
+            keras.ops.dot_product_attention (flash/cuDNN kernels where the backend
+            has them), "keras-cv" keeps KerasCV's matmul-softmax-matmul, "auto" picks
+            fused on CUDA only. Defaults to "auto".
         seed: int. Seed of the random weights when weights="random". Defaults to 0.
 
     Returns:
@@ -312,15 +328,19 @@ def load_model(
         precision in PRECISIONS,
         f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}",
     )
+    check(
+        attention in ATTENTIONS,
+        f"attention must be one of {', '.join(ATTENTIONS)}. Received: attention={attention!r}",
+    )
     weights = str(weights)
     parts = _PART_ORDER[:3]
     files = None if weights == "random" else _resolve_weight_files(version, weights, parts)
-    tokenizer = load_tokenizer()
 
     device = detect_device()
     default_precision, default_jit = device_defaults(device)
     precision = default_precision if precision == "auto" else precision
     jit_compile = default_jit if jit_compile is None else bool(jit_compile)
+    fused = device == "cuda" if attention == "auto" else attention == "fused"
     _set_precision(precision)
 
     import keras
@@ -334,6 +354,8 @@ def load_model(
         model = builders[part]()
         if files is not None:
             model.load_weights(files[part])
+        if fused:
+            use_fused_attention(model)
         return model
 
     def image_encoder_factory():
@@ -349,7 +371,7 @@ def load_model(
         weights=weights,
         precision=precision,
         jit_compile=jit_compile,
-        tokenizer=tokenizer,
+        attention="fused" if fused else "keras-cv",
         text_encoder=build("text_encoder"),
         diffusion_model=build("diffusion_model"),
         decoder=build("decoder"),
@@ -372,11 +394,71 @@ def keras_cv_pipeline(model: StableDiffusionModel, jit_compile: bool = False):
 
     cls = keras_cv.models.StableDiffusionV2 if model.version == "2.1" else keras_cv.models.StableDiffusion
     pipeline = cls(img_height=model.height, img_width=model.width, jit_compile=jit_compile)
-    pipeline._tokenizer = model.tokenizer
+    pipeline._tokenizer = model._tokenizer  # None: KerasCV builds its own if ever needed
     pipeline._text_encoder = model.text_encoder
     pipeline._diffusion_model = model.diffusion_model
     pipeline._decoder = model.decoder
-    if jit_compile:
-        for sub in (model.text_encoder, model.diffusion_model, model.decoder):
-            sub.compile(jit_compile=True)
+    for sub in (model.text_encoder, model.diffusion_model, model.decoder):
+        sub.compile(jit_compile=jit_compile)  # what KerasCV's predict_on_batch runs under
     return pipeline
+
+
+def _fused_cross_attention_call(self, inputs, context=None):
+    """KerasCV CrossAttention.call through keras.ops.dot_product_attention."""
+    from keras import ops
+
+    if context is None:
+        context = inputs
+    q, k, v = self.to_q(inputs), self.to_k(context), self.to_v(context)
+    q = ops.reshape(q, (-1, inputs.shape[1], self.num_heads, self.head_size))  # (B, T, N, H)
+    k = ops.reshape(k, (-1, context.shape[1], self.num_heads, self.head_size))  # (B, S, N, H)
+    v = ops.reshape(v, (-1, context.shape[1], self.num_heads, self.head_size))  # (B, S, N, H)
+    attn = ops.dot_product_attention(q, k, v, scale=self.scale)  # (B, T, N, H)
+    out = ops.reshape(attn, (-1, inputs.shape[1], self.num_heads * self.head_size))  # (B, T, N*H)
+    return self.out_proj(out)
+
+
+def _fused_vae_attention_call(self, inputs):
+    """KerasCV AttentionBlock.call (one head over h*w pixels) through dot_product_attention."""
+    import math
+
+    from keras import ops
+
+    x = self.norm(inputs)
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    h, w, c = q.shape[1], q.shape[2], q.shape[3]
+    q = ops.reshape(q, (-1, h * w, 1, c))  # (B, h, w, c) -> (B, hw, 1, c)
+    k = ops.reshape(k, (-1, h * w, 1, c))
+    v = ops.reshape(v, (-1, h * w, 1, c))
+    y = ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))  # (B, hw, 1, c)
+    y = ops.reshape(y, (-1, h, w, c))  # (B, hw, 1, c) -> (B, h, w, c)
+    return self.proj_out(y) + inputs
+
+
+def use_fused_attention(keras_model, enabled: bool = True) -> int:
+    """Routes a KerasCV model's attention through `keras.ops.dot_product_attention`.
+
+    That op uses fused (flash / cuDNN) kernels on backends and devices that have them.
+    Only the given model's layer instances change (their `call`), not KerasCV's
+    classes; the weights are untouched. `enabled=False` restores KerasCV's own call.
+    Returns the number of layers switched.
+    """
+    import types
+
+    from keras_cv.src.models.stable_diffusion.attention_block import AttentionBlock
+    from keras_cv.src.models.stable_diffusion.diffusion_model import CrossAttention
+
+    count = 0
+    for layer in keras_model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, CrossAttention):
+            fused_call = _fused_cross_attention_call
+        elif isinstance(layer, AttentionBlock):
+            fused_call = _fused_vae_attention_call
+        else:
+            continue
+        if enabled:
+            object.__setattr__(layer, "call", types.MethodType(fused_call, layer))
+        else:
+            layer.__dict__.pop("call", None)
+        count += 1
+    return count

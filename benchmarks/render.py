@@ -1,0 +1,164 @@
+"""Renderer benchmark: KerasCV's own loop vs sdanim's, same frames, one process.
+
+    python benchmarks/render.py                 # CPU preset: 128x128, 8 frames, batch 4, 10 steps
+    python benchmarks/render.py --preset gpu    # 512x512, 25 steps, batch 1 and 8
+
+Both loops get the same random weights (the exact SD 1.4 architecture), the same text
+embeddings (a slerp between two random "prompt" embeddings) and the same noise. KerasCV
+is called exactly as the keras.io latent-walk example calls it:
+`generate_image(encodings[batch], batch_size=B, num_steps=N, diffusion_noise=noise)`.
+Each loop renders one warm-up batch first (tracing/compiling), then the timed frames.
+Prints seconds per frame, the ratio, the largest pixel difference and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+PRESETS = {
+    "cpu": dict(size=128, frames=8, batch_sizes=[4], steps=10, precision="float32", jit=False),
+    "gpu": dict(size=512, frames=16, batch_sizes=[1, 8], steps=25, precision="mixed_float16", jit=True),
+}
+
+
+class PeakRSS:
+    """Samples this process's RSS every 20 ms; `peak` is the largest seen since reset."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = 0
+        self._stop = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def reset(self):
+        self.peak = self._proc.memory_info().rss
+
+
+def device_peak_bytes():
+    try:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001 - only a report
+        return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--size", type=int)
+    ap.add_argument("--frames", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--precision")
+    ap.add_argument("--attention", default="auto", choices=("auto", "fused", "keras-cv"))
+    ap.add_argument("--keras-cv-defaults", action="store_true",
+                    help="also time KerasCV's loop with its default jit_compile=True")
+    ap.add_argument("--skip-keras-cv", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = dict(PRESETS[args.preset])
+    for key in ("size", "frames", "steps", "batch_sizes", "precision"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+
+    import kcv_shim
+
+    shimmed = kcv_shim.install()
+    import keras
+
+    from sdanim.interpolation import slerp
+    from sdanim.models import keras_cv_pipeline, load_model, use_fused_attention
+    from sdanim.noise import seeded_noise
+    from sdanim.plan import FramePlan
+    from sdanim.sampling import Renderer, render_frames
+    from sdanim.settings import RenderSettings
+
+    mem = PeakRSS()
+    size, steps, frames = cfg["size"], cfg["steps"], cfg["frames"]
+    t0 = time.perf_counter()
+    model = load_model(weights="random", height=size, width=size, precision=cfg["precision"],
+                       jit_compile=cfg["jit"], attention="keras-cv")
+    build_s = time.perf_counter() - t0
+    print(f"backend={keras.backend.backend()} shim={shimmed} size={size} steps={steps} frames={frames} "
+          f"precision={model.precision} jit={model.jit_compile} build={build_s:.1f}s")
+
+    # Same inputs for both loops: unconditional context from KerasCV's tokens, two
+    # random "prompt" embeddings slerped, one fixed noise.
+    uncond_tokens = np.array([[49406] + [49407] * 76], "int32")
+    positions = np.arange(77, dtype="int32")[None]
+    uncond = keras.ops.convert_to_numpy(model.text_encoder([uncond_tokens, positions])).astype("float32")[0]
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 77, model.context_dim)).astype("float32")
+    encodings = np.stack([slerp(a, b, t) for t in np.linspace(0, 1, frames)])  # (F, 77, D)
+    noise = seeded_noise(42, (size // 8, size // 8, 4))
+    settings_for = lambda bs: RenderSettings(height=size, width=size, num_steps=steps, guidance_scale=7.5, batch_size=bs)  # noqa: E731
+    plan = FramePlan(encodings, np.repeat(noise[None], frames, 0), tuple(range(frames)), np.arange(frames, dtype=float), noise_mode="slerp")
+
+    def time_keras_cv(pipeline, bs):
+        batches = [encodings[i : i + bs] for i in range(0, frames, bs)]
+        pipeline.generate_image(batches[0], batch_size=bs, num_steps=steps, diffusion_noise=noise)  # warm-up
+        mem.reset()
+        start = time.perf_counter()
+        out = []
+        for batch in batches:
+            out.extend(np.asarray(pipeline.generate_image(batch, batch_size=bs, num_steps=steps, diffusion_noise=noise)))
+        return (time.perf_counter() - start) / frames, np.stack(out), mem.peak
+
+    def time_sdanim(bs):
+        renderer = Renderer(model.diffusion_model, model.decoder, settings_for(bs), uncond, jit_compile=model.jit_compile)
+        render_frames(renderer, plan, range(bs), bs, progress=False)  # warm-up
+        mem.reset()
+        start = time.perf_counter()
+        out = render_frames(renderer, plan, range(frames), bs, progress=False)
+        return (time.perf_counter() - start) / frames, np.stack([out[i] for i in range(frames)]), mem.peak
+
+    gib = 1024**3
+    rows = []
+    for bs in cfg["batch_sizes"]:
+        print(f"\n== batch {bs} ==")
+        ours_s, ours_img, ours_mem = time_sdanim(bs)
+        print(f"sdanim (keras-cv attention)  {ours_s:7.3f} s/frame  peak RSS {ours_mem / gib:5.2f} GiB  device peak {device_peak_bytes()}")
+        fused_s = None
+        if args.attention in ("auto", "fused"):
+            use_fused_attention(model.diffusion_model)
+            use_fused_attention(model.decoder)
+            fused_s, fused_img, fused_mem = time_sdanim(bs)
+            use_fused_attention(model.diffusion_model, enabled=False)
+            use_fused_attention(model.decoder, enabled=False)
+            print(f"sdanim (fused attention)     {fused_s:7.3f} s/frame  peak RSS {fused_mem / gib:5.2f} GiB  "
+                  f"max diff vs keras-cv attention {np.abs(fused_img.astype(int) - ours_img.astype(int)).max()} levels")
+        if args.skip_keras_cv:
+            continue
+        kcv_jit = cfg["jit"]  # CPU: KerasCV's fastest setting (no XLA); GPU: its default (XLA)
+        kcv_s, kcv_img, kcv_mem = time_keras_cv(keras_cv_pipeline(model, jit_compile=kcv_jit), bs)
+        diff = np.abs(kcv_img.astype(int) - ours_img.astype(int)).max()
+        print(f"KerasCV loop (jit={kcv_jit!s:5})    {kcv_s:7.3f} s/frame  peak RSS {kcv_mem / gib:5.2f} GiB  device peak {device_peak_bytes()}")
+        best = min(s for s in (ours_s, fused_s) if s is not None)
+        print(f"speed-up vs KerasCV loop: {kcv_s / best:.2f}x   max pixel diff sdanim vs KerasCV: {diff} levels")
+        rows.append((bs, kcv_s, ours_s, fused_s))
+        if args.keras_cv_defaults and not kcv_jit:
+            dflt_s, _, dflt_mem = time_keras_cv(keras_cv_pipeline(model, jit_compile=True), bs)
+            print(f"KerasCV loop (defaults, jit) {dflt_s:7.3f} s/frame  peak RSS {dflt_mem / gib:5.2f} GiB")
+            print(f"speed-up vs KerasCV defaults: {dflt_s / best:.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

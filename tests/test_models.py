@@ -1,0 +1,147 @@
+"""Model loading without network: tokenizer vocab from a package, clear weight errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+from sdanim.errors import SdanimError
+from sdanim.models import WEIGHT_FILES, device_defaults, file_name, load_model, load_tokenizer
+from sdanim.prompts import PromptEncoder
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def test_tokenizer_vocab_is_keras_cv_file(tokenizer):
+    import hashlib
+
+    from sdanim.models import clip_vocab_path
+
+    digest = hashlib.sha256(open(clip_vocab_path(), "rb").read()).hexdigest()
+    assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    assert tokenizer.encode("a ford truck") == [49406, 320, 1623, 4629, 49407]
+
+
+def test_empty_prompt_is_keras_cv_unconditional_context(tokenizer):
+    from keras_cv.src.models.stable_diffusion.constants import _UNCONDITIONAL_TOKENS
+
+    assert PromptEncoder(tokenizer, None).tokenize("") == list(_UNCONDITIONAL_TOKENS)
+
+
+def test_long_prompt_is_truncated_with_a_warning(tokenizer):
+    encoder = PromptEncoder(tokenizer, None)
+    prompt = " ".join(["cat"] * 80)  # 80 content tokens + start + end = 82
+    with pytest.warns(UserWarning, match=r"prompt is 80 tokens long, over CLIP's 75; the last 5 tokens were dropped"):
+        tokens = encoder.tokenize(prompt)
+    assert len(tokens) == 77 and tokens[0] == 49406 and tokens[-1] == 49407
+    assert tokens[1:76] == [tokenizer.encode("cat")[1]] * 75
+
+
+def test_prompt_of_exactly_75_tokens_is_not_truncated(tokenizer, recwarn):
+    tokens = PromptEncoder(tokenizer, None).tokenize(" ".join(["cat"] * 75))
+    assert tokens[-1] == 49407 and len(tokens) == 77
+    assert not [w for w in recwarn if "dropped" in str(w.message)]
+
+
+def test_device_defaults():
+    assert device_defaults("cpu") == ("float32", False)
+    assert device_defaults("cuda") == ("mixed_float16", True)
+    assert device_defaults("metal") == ("float32", False)
+
+
+def test_weights_dir_missing_files_named(tmp_path):
+    (tmp_path / file_name("1.4", "decoder")).write_bytes(b"x")
+    with pytest.raises(SdanimError) as info:
+        load_model(weights=str(tmp_path), height=64, width=64)
+    message = str(info.value)
+    assert "kcv_encoder.h5" in message and "kcv_diffusion_model.h5" in message
+    assert "kcv_decoder.h5" not in message
+    assert str(tmp_path) in message and "--weights random" in message and "--weights DIR" in message
+    assert "\n" not in message
+
+
+def test_weights_not_a_directory(tmp_path):
+    with pytest.raises(SdanimError, match=r"weights must be 'keras-cv', 'random' or a directory.*Received: weights='.*nope'"):
+        load_model(weights=str(tmp_path / "nope"), height=64, width=64)
+
+
+def test_weights_dir_unreadable(tmp_path, monkeypatch):
+    # chmod does not stop root (CI runs as root), so deny access where the loader asks.
+    from sdanim import models
+
+    monkeypatch.setattr(models.os, "access", lambda path, mode: False)
+    with pytest.raises(SdanimError, match=r"the weights directory cannot be read\. Received: weights='.*'"):
+        load_model(weights=str(tmp_path), height=64, width=64)
+
+
+def test_keras_cv_weights_offline_gives_one_clear_error(tmp_path, monkeypatch):
+    """No weights in the cache and no network: one message naming the files and the
+    ways out, not KerasCV's bare `Exception: URL fetch failure`."""
+    import keras
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://huggingface.co/...: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(SdanimError) as info:
+        load_model(weights="keras-cv", height=64, width=64)
+    message = str(info.value)
+    for name in ("kcv_encoder.h5", "kcv_diffusion_model.h5", "kcv_decoder.h5"):
+        assert name in message
+    assert os.path.join(str(tmp_path), "datasets") in message
+    assert "--weights random" in message
+
+
+def test_keras_cv_weights_use_get_file_with_keras_cv_hashes(monkeypatch):
+    """Online/cached path: the same origin and hash KerasCV itself passes."""
+    import keras
+
+    seen = []
+
+    def fake_get_file(origin=None, file_hash=None, **kw):
+        seen.append((origin, file_hash))
+        raise Exception("stop here")
+
+    monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
+    with pytest.raises(SdanimError):
+        load_model(weights="keras-cv", version="2.1", height=64, width=64)
+    assert (WEIGHT_FILES["2.1"]["diffusion_model"]) in seen
+    assert seen[0][0].endswith("text_encoder_v2_1.h5")
+
+
+def test_bad_version_and_precision():
+    with pytest.raises(SdanimError, match=r"model must be one of 1\.4, 2\.1\. Received: model='3'"):
+        load_model(version="3")
+    with pytest.raises(SdanimError, match=r"precision must be one of .*Received: precision='int8'"):
+        load_model(precision="int8", weights="random", height=64, width=64)
+
+
+def test_weights_dir_loads_h5_files(tmp_path):
+    """A folder of .h5 files (as KerasCV names them) loads into the right parts."""
+    import keras
+    from keras_cv.src.models.stable_diffusion.decoder import Decoder
+    from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
+
+    from sdanim import models
+
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    def save_legacy_h5(model, name):  # the layout of KerasCV's published .h5 files
+        with h5py.File(str(tmp_path / name), "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+    keras.utils.set_random_seed(123)
+    save_legacy_h5(TextEncoder(77, download_weights=False), file_name("1.4", "text_encoder"))
+    dec = Decoder(64, 64, download_weights=False)
+    save_legacy_h5(dec, file_name("1.4", "decoder"))
+    files = models._resolve_weight_files("1.4", str(tmp_path), ["text_encoder", "decoder"])
+    built = models._builders("1.4", 64, 64)["decoder"]()
+    built.load_weights(files["decoder"])
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype("float32")
+    np.testing.assert_allclose(np.asarray(built(x)), np.asarray(dec(x)), atol=1e-6)
