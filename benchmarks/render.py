@@ -83,6 +83,8 @@ def main(argv=None):
     shimmed = kcv_shim.install()
     import keras
 
+    keras.config.disable_interactive_logging()  # KerasCV's per-step progress bar
+
     from sdanim.interpolation import slerp
     from sdanim.models import keras_cv_pipeline, load_model, use_fused_attention
     from sdanim.noise import seeded_noise

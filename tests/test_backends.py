@@ -1,0 +1,34 @@
+"""The renderer on Keras's torch backend gives TensorFlow's frames for the same weights."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_torch_backend_matches_tensorflow(tmp_path, scheduler):
+    pytest.importorskip("torch")
+    from tiny import make_tiny_model
+
+    model = make_tiny_model()
+    weights = {f"unet_{i}": w for i, w in enumerate(model.diffusion_model.get_weights())}
+    weights.update({f"dec_{i}": w for i, w in enumerate(model.decoder.get_weights())})
+    np.savez(tmp_path / "w.npz", **weights)
+    outs = {}
+    for backend in ("tensorflow", "torch"):
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        out = tmp_path / f"{backend}.npy"
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "backend_render.py"), str(tmp_path / "w.npz"), str(out), scheduler],
+            capture_output=True, text=True, env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[backend] = np.load(out)
+    diff = np.abs(outs["tensorflow"].astype(int) - outs["torch"].astype(int)).max()
+    assert diff <= 1, f"torch and tensorflow frames differ by {diff} levels"
+    assert outs["torch"].std() > 1
