@@ -120,6 +120,47 @@ def _prepare_store(folder: str, manifest: dict, overwrite: bool) -> FrameStore:
     return store
 
 
+def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noise="fixed", seeds=None):
+    """Checks morph's arguments (cheap; before any model is built) and creates the
+    output folder. Returns (intervals per transition, fps, per-keyframe seeds)."""
+    check(len(prompts) >= 2, f"morph needs at least 2 prompts. Received: {len(prompts)} prompt(s)")
+    for p in prompts:
+        check(isinstance(p, str), f"prompts must be strings. Received: prompt={p!r}")
+    intervals = split_frames(frames, len(prompts) - 1)
+    fps = check_fps(fps)
+    output_format(out)
+    check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
+    check(noise in NOISE_MODES, f"noise must be one of {', '.join(NOISE_MODES)}. Received: noise={noise!r}")
+    seed = check_seed(seed)
+    if noise == "fixed":
+        check(seeds is None, "seeds (per prompt) only apply with noise='slerp'. Received: noise='fixed'")
+        keyframe_seeds = [seed] * len(prompts)
+    else:
+        keyframe_seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
+        check(
+            len(keyframe_seeds) == len(prompts),
+            f"seeds needs one seed per prompt ({len(prompts)}). Received: seeds={keyframe_seeds}",
+        )
+        keyframe_seeds = [check_seed(s, "seeds") for s in keyframe_seeds]
+    ensure_folder(os.path.dirname(os.path.abspath(out)), "out")
+    return intervals, fps, keyframe_seeds
+
+
+def check_generate_args(prompt, num_images, seed, out_dir):
+    """Checks generate's arguments and creates `out_dir`. Returns the seed (drawn if None)."""
+    check(isinstance(prompt, str), f"prompt must be a string. Received: prompt={prompt!r}")
+    check(
+        isinstance(num_images, int) and num_images >= 1,
+        f"num_images must be at least 1. Received: num_images={num_images}",
+    )
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    seed = check_seed(seed)
+    if out_dir is not None:
+        ensure_folder(out_dir, "out")
+    return seed
+
+
 def morph(
     prompts: Sequence[str],
     out: str = "outputs/morph.gif",
@@ -178,28 +219,9 @@ def morph(
     # 1. Validate everything before the (slow) model build.
     settings = settings or RenderSettings()
     prompts = list(prompts)
-    check(len(prompts) >= 2, f"morph needs at least 2 prompts. Received: {len(prompts)} prompts")
-    for p in prompts:
-        check(isinstance(p, str), f"prompts must be strings. Received: prompt={p!r}")
-    intervals = split_frames(frames, len(prompts) - 1)
-    fps = check_fps(fps)
-    output_format(out)
-    check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
-    check(noise in NOISE_MODES, f"noise must be one of {', '.join(NOISE_MODES)}. Received: noise={noise!r}")
-    seed = check_seed(seed)
-    if noise == "fixed":
-        check(seeds is None, "seeds (per prompt) only apply with noise='slerp'. Received: noise='fixed'")
-        keyframe_seeds = [seed] * len(prompts)
-    else:
-        keyframe_seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
-        check(
-            len(keyframe_seeds) == len(prompts),
-            f"seeds needs one seed per prompt ({len(prompts)}). Received: seeds={keyframe_seeds}",
-        )
-        keyframe_seeds = [check_seed(s, "seeds") for s in keyframe_seeds]
+    intervals, fps, keyframe_seeds = check_morph_args(prompts, out, frames, fps, seed, interpolation, noise, seeds)
     stem = os.path.splitext(out)[0]
     folder = stem + "_frames"
-    ensure_folder(os.path.dirname(os.path.abspath(out)), "out")
 
     # 2. Model, prompts -> embeddings.
     model = _get_model(model, settings, version, weights)
@@ -310,16 +332,7 @@ def generate(
     ```
     """
     settings = settings or RenderSettings()
-    check(isinstance(prompt, str), f"prompt must be a string. Received: prompt={prompt!r}")
-    check(
-        isinstance(num_images, int) and num_images >= 1,
-        f"num_images must be at least 1. Received: num_images={num_images}",
-    )
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**31))
-    seed = check_seed(seed)
-    if out_dir is not None:
-        ensure_folder(out_dir, "out")
+    seed = check_generate_args(prompt, num_images, seed, out_dir)
     model = _get_model(model, settings, version, weights)
     seeds = [seed + k for k in range(num_images)]
     embedding = prompt_encoder(model).encode_one(prompt)  # (77, D)

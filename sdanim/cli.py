@@ -6,7 +6,6 @@ Bad input prints one line, `sdanim: error: ...`, and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -28,7 +27,7 @@ def _int_list(text: str):
 
 
 def _add_render_args(p: argparse.ArgumentParser, batch_default: int) -> None:
-    from sdanim.models import PRECISIONS, VERSIONS
+    from sdanim.models import ATTENTIONS, PRECISIONS, VERSIONS
     from sdanim.settings import SCHEDULERS
 
     g = p.add_argument_group("sampling")
@@ -46,6 +45,9 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int) -> None:
                    help="dtype policy (default: auto = mixed_float16 on CUDA, float32 elsewhere)")
     m.add_argument("--jit", default="auto", choices=("auto", "on", "off"),
                    help="XLA-compile the sampling step (default: auto = on for CUDA only)")
+    m.add_argument("--attention", default="auto", choices=ATTENTIONS,
+                   help="fused: keras.ops.dot_product_attention (flash kernels where available); "
+                   "keras-cv: KerasCV's own (default: auto = fused on CUDA only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -111,28 +113,19 @@ def _load(args, settings):
     jit = {"auto": None, "on": True, "off": False}[args.jit]
     return load_model(
         version=args.model, weights=args.weights, height=settings.height, width=settings.width,
-        precision=args.precision, jit_compile=jit,
+        precision=args.precision, jit_compile=jit, attention=args.attention,
     )
 
 
 def _run(args) -> int:
     from sdanim import api
-    from sdanim.export import output_format
 
     settings = _settings(args)
     progress = not args.quiet
     if args.command == "morph":
         # Cheap checks first: a typo must not cost a model build.
-        from sdanim.export import check_fps
-        from sdanim.frames import ensure_folder
-        from sdanim.interpolation import split_frames
-
-        split_frames(args.frames, max(len(args.prompts) - 1, 1))
-        check_fps(args.fps)
-        output_format(args.out)
-        ensure_folder(os.path.dirname(os.path.abspath(args.out)), "out")
-        if len(args.prompts) < 2:
-            raise SdanimError(f"morph needs at least 2 prompts. Received: {len(args.prompts)} prompt")
+        api.check_morph_args(args.prompts, args.out, args.frames, args.fps, args.seed,
+                             args.interpolation, args.noise, args.seeds)
         model = _load(args, settings)
         result = api.morph(
             args.prompts, out=args.out, frames=args.frames, fps=args.fps, seed=args.seed,
@@ -148,14 +141,7 @@ def _run(args) -> int:
             print(f"contact sheet: {result.sheet}")
         return 0
     if args.command == "generate":
-        from sdanim.frames import ensure_folder
-        from sdanim.noise import check_seed
-
-        if args.num_images < 1:
-            raise SdanimError(f"num_images must be at least 1. Received: num_images={args.num_images}")
-        if args.seed is not None:
-            check_seed(args.seed)
-        ensure_folder(args.out, "out")
+        args.seed = api.check_generate_args(args.prompt, args.num_images, args.seed, args.out)
         model = _load(args, settings)
         result = api.generate(
             args.prompt, num_images=args.num_images, seed=args.seed, settings=settings,

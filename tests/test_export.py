@@ -2,7 +2,6 @@
 
 import os
 
-import imageio.v3 as iio
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,7 +36,6 @@ def test_mp4_decodes_to_the_right_frames_and_fps(tmp_path):
     path = str(tmp_path / "a.mp4")
     frames = [np.full((64, 64, 3), 20 * k, np.uint8) for k in range(8)]
     write_mp4(path, frames, fps=12)
-    back = iio.imread(path, plugin="pyav") if False else None  # noqa: F841 (pyav not required)
     import imageio.v2 as imageio
 
     reader = imageio.get_reader(path, format="FFMPEG")
