@@ -15,6 +15,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "morph": "sdanim.api",
+    "animate": "sdanim.api",
+    "Walk": "sdanim.keyframes",
+    "Keyframe": "sdanim.keyframes",
+    "load_walk": "sdanim.keyframes",
     "generate": "sdanim.api",
     "MorphResult": "sdanim.api",
     "GenerateResult": "sdanim.api",

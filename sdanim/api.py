@@ -19,15 +19,17 @@ from sdanim import __version__
 from sdanim.errors import SdanimError, check
 from sdanim.export import check_fps, contact_sheet, output_format, write_video
 from sdanim.frames import FrameStore, ensure_folder, manifest_differences, write_png
-from sdanim.interpolation import METHODS, split_frames
+from sdanim.interpolation import METHODS, check_easing, split_frames
+from sdanim.keyframes import Walk, mix_embeddings, walk_from_prompts
 from sdanim.noise import check_seed, seeded_noise
-from sdanim.plan import NOISE_MODES, FramePlan, morph_plan
+from sdanim.plan import NOISE_MODES, FramePlan
+from sdanim.smoothness import smoothness_report
 from sdanim.prompts import PromptEncoder
 from sdanim.sampling import Renderer, render_frames
 from sdanim.settings import RenderSettings
 
 # Manifest keys that must match for frames on disk to be reused.
-_RUN_KEYS = ("kind", "prompts", "negative_prompt", "seeds", "frames", "interpolation", "noise", "render", "model")
+_RUN_KEYS = ("walk", "negative_prompt", "render", "model")
 
 
 @dataclasses.dataclass
@@ -40,6 +42,7 @@ class MorphResult:
     sheet: Optional[str]  # contact sheet PNG, if asked for
     rendered: int  # frames rendered by this call (the rest were already on disk)
     seconds: float  # wall time of this call, model loading excluded
+    smoothness: dict  # consecutive-frame distances and their spread (sdanim.smoothness)
 
 
 @dataclasses.dataclass
@@ -98,6 +101,8 @@ def _render_record(settings: RenderSettings) -> dict:
 def _prepare_store(folder: str, manifest: dict, overwrite: bool) -> FrameStore:
     """Opens the run folder, refusing to mix frames of a different run."""
     store = FrameStore(ensure_folder(folder, "out"))
+    for stale in glob.glob(os.path.join(folder, ".frame_*.partial*")):
+        os.remove(stale)  # a write cut short by a kill (the frame itself was never renamed in)
     stored = store.read_manifest()
     has_frames = bool(glob.glob(os.path.join(folder, "frame_*.png")))
     if overwrite:
@@ -120,6 +125,14 @@ def _prepare_store(folder: str, manifest: dict, overwrite: bool) -> FrameStore:
     return store
 
 
+def check_output_args(out: str, fps) -> float:
+    """Checks the output path and fps, and creates the output folder. Returns fps."""
+    fps = check_fps(fps)
+    output_format(out)
+    ensure_folder(os.path.dirname(os.path.abspath(out)), "out")
+    return fps
+
+
 def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noise="fixed", seeds=None):
     """Checks morph's arguments (cheap; before any model is built) and creates the
     output folder. Returns (intervals per transition, fps, per-keyframe seeds)."""
@@ -127,8 +140,7 @@ def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noi
     for p in prompts:
         check(isinstance(p, str), f"prompts must be strings. Received: prompt={p!r}")
     intervals = split_frames(frames, len(prompts) - 1)
-    fps = check_fps(fps)
-    output_format(out)
+    fps = check_output_args(out, fps)
     check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
     check(noise in NOISE_MODES, f"noise must be one of {', '.join(NOISE_MODES)}. Received: noise={noise!r}")
     seed = check_seed(seed)
@@ -142,7 +154,6 @@ def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noi
             f"seeds needs one seed per prompt ({len(prompts)}). Received: seeds={keyframe_seeds}",
         )
         keyframe_seeds = [check_seed(s, "seeds") for s in keyframe_seeds]
-    ensure_folder(os.path.dirname(os.path.abspath(out)), "out")
     return intervals, fps, keyframe_seeds
 
 
@@ -172,6 +183,7 @@ def morph(
     interpolation: str = "slerp",
     noise: str = "fixed",
     seeds: Optional[Sequence[int]] = None,
+    easing: str = "linear",
     ping_pong: bool = False,
     sheet: bool = False,
     model=None,
@@ -201,6 +213,8 @@ def morph(
             seeds). Defaults to "fixed".
         seeds: list of int. Per-prompt seeds for noise="slerp". Defaults to
             seed, seed + 1, ...
+        easing: str. Easing of every transition ("linear", "ease-in-out", ...).
+            Defaults to "linear".
         ping_pong: bool. Play forward then back. Defaults to False.
         sheet: bool. Also write a contact sheet `<out stem>_sheet.png`. Defaults to False.
         model: a loaded `StableDiffusionModel` (reused across calls), or None to load one.
@@ -216,23 +230,50 @@ def morph(
     sdanim.show_gif(result.out)
     ```
     """
+    intervals, fps, keyframe_seeds = check_morph_args(prompts, out, frames, fps, seed, interpolation, noise, seeds)
+    check_easing(easing)
+    walk = walk_from_prompts(list(prompts), keyframe_seeds, intervals, easing, False, interpolation)
+    return animate(
+        walk, out=out, fps=fps, settings=settings, negative_prompt=negative_prompt, ping_pong=ping_pong,
+        sheet=sheet, model=model, version=version, weights=weights, overwrite=overwrite, progress=progress,
+    )
+
+
+def animate(
+    walk: Walk,
+    out: str = "outputs/walk.gif",
+    fps: float = 12,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    ping_pong: bool = False,
+    sheet: bool = False,
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MorphResult:
+    """Renders a keyframe walk (see `sdanim.keyframes`) and exports it.
+
+    The other arguments are as in `morph`.
+
+    Example:
+    ```python
+    walk = sdanim.load_walk("walk.yaml")
+    result = sdanim.animate(walk, out="outputs/walk.mp4", fps=24)
+    ```
+    """
     # 1. Validate everything before the (slow) model build.
     settings = settings or RenderSettings()
-    prompts = list(prompts)
-    intervals, fps, keyframe_seeds = check_morph_args(prompts, out, frames, fps, seed, interpolation, noise, seeds)
+    fps = check_output_args(out, fps)
     stem = os.path.splitext(out)[0]
     folder = stem + "_frames"
 
-    # 2. Model, prompts -> embeddings.
+    # 2. Model; run folder (refuses another run's frames).
     model = _get_model(model, settings, version, weights)
     manifest = {
-        "kind": "morph",
-        "prompts": prompts,
+        "walk": walk.record(),
         "negative_prompt": negative_prompt,
-        "seeds": keyframe_seeds,
-        "frames": frames,
-        "interpolation": interpolation,
-        "noise": noise,
         "render": _render_record(settings),
         "model": _model_record(model),
         "fps": fps,
@@ -241,12 +282,17 @@ def morph(
     }
     store = _prepare_store(folder, manifest, overwrite)
     start = time.perf_counter()
-    embeddings = prompt_encoder(model).encode(prompts)  # (K, 77, D)
 
-    # 3. Keyframes + noise -> frame plan.
-    latent_shape = settings.latent_shape
-    noises = np.stack([seeded_noise(s, latent_shape) for s in keyframe_seeds])  # (K, h, w, 4)
-    plan = morph_plan(embeddings, noises, keyframe_seeds, intervals, interpolation, noise)
+    # 3. Prompts -> embeddings; keyframes + noise -> frame plan.
+    encoder = prompt_encoder(model)
+    stops = walk.stops
+    embeddings = np.stack([mix_embeddings(k.prompt, encoder.encode) for k in stops])  # (K, 77, D)
+    noises = np.stack([seeded_noise(k.seed, settings.latent_shape) for k in stops])  # (K, h, w, 4)
+    seeds = tuple(k.seed for k in stops)
+    plan = FramePlan(
+        embeddings, noises, seeds, walk.positions(), walk.interpolation,
+        noise_mode="fixed" if len(set(seeds)) == 1 else "slerp",
+    )
 
     # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
     todo = store.missing(range(len(plan)))
@@ -256,24 +302,26 @@ def morph(
 
         def save(indices, batch_images):
             for index, image in zip(indices, batch_images):
-                store.write(index, image, {"sdanim": _frame_text(plan, index, prompts, settings)})
+                store.write(index, image, {"sdanim": _frame_text(plan, index, walk, settings)})
 
         images = render_frames(renderer, plan, todo, settings.batch_size, on_batch=save, progress=progress)
     all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(plan))])
 
-    # 5. Export.
+    # 5. Export, and how evenly it moves.
     write_video(out, list(all_frames), fps, ping_pong=ping_pong)
     sheet_path = None
     if sheet:
         sheet_path = stem + "_sheet.png"
         write_png(sheet_path, contact_sheet(all_frames))
-    return MorphResult(all_frames, out, folder, sheet_path, len(todo), time.perf_counter() - start)
+    report = smoothness_report(list(all_frames) + ([all_frames[0]] if walk.loop else []))
+    store.write_manifest({**manifest, "smoothness": report})
+    return MorphResult(all_frames, out, folder, sheet_path, len(todo), time.perf_counter() - start, report)
 
 
-def _frame_text(plan: FramePlan, index: int, prompts, settings: RenderSettings) -> dict:
+def _frame_text(plan: FramePlan, index: int, walk: Walk, settings: RenderSettings) -> dict:
     """PNG metadata of one frame: enough to reproduce it."""
     u = float(plan.positions[index])
-    return {"frame": index, "position": u, "prompts": prompts, "seeds": list(plan.seeds), "render": dataclasses.asdict(settings)}
+    return {"frame": index, "position": u, "walk": walk.record(), "render": dataclasses.asdict(settings)}
 
 
 def _versions() -> dict:

@@ -51,7 +51,24 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+WALK_EXAMPLE = """\
+  loop: true
+  keyframes:
+    - {prompt: a red barn at dawn, seed: 1, frames: 24, easing: ease-in-out}
+    - {prompt: {a rabbit: 0.5, a frog: 0.5}, seed: 2, frames: 24}
+    - {prompt: a snowy forest, seed: 3, frames: 24}
+"""
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ping-pong", action="store_true", help="play forward, then back")
+    p.add_argument("--sheet", action="store_true", help="also write a contact sheet of all frames")
+    p.add_argument("--overwrite", action="store_true", help="replace frames of a different run in the frames folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from sdanim.interpolation import EASINGS
+
     parser = argparse.ArgumentParser(
         prog="python -m sdanim",
         description="Stable Diffusion latent-walk animations (KerasCV).",
@@ -77,10 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noise", default="fixed", choices=("fixed", "slerp"),
                    help="fixed: one noise for every frame; slerp: between per-prompt seeds (default: fixed)")
     m.add_argument("--seeds", type=_int_list, default=None, metavar="S1,S2,...", help="per-prompt seeds for --noise slerp")
-    m.add_argument("--ping-pong", action="store_true", help="play forward, then back")
-    m.add_argument("--sheet", action="store_true", help="also write a contact sheet of all frames")
-    m.add_argument("--overwrite", action="store_true", help="replace frames of a different run in the frames folder")
+    m.add_argument("--easing", default="linear", choices=tuple(EASINGS), help="easing of each transition (default: linear)")
+    _add_output_args(m)
     _add_render_args(m, batch_default=4)
+
+    w = sub.add_parser(
+        "walk", help="animate through the keyframes of a YAML/JSON walk file",
+        description="Render a keyframe walk: each keyframe a prompt (or a weighted mix), a seed, "
+        "the frames to the next and an easing; optionally looping back to the first.",
+        epilog="walk file:\n" + WALK_EXAMPLE + "\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument("file", help="walk file (.yaml, .yml or .json)")
+    w.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
+    w.add_argument("--out", default="outputs/walk.gif", help="output .gif or .mp4 (default: outputs/walk.gif)")
+    _add_output_args(w)
+    _add_render_args(w, batch_default=4)
 
     g = sub.add_parser(
         "generate", help="text to image: a batch of seeded images",
@@ -117,6 +146,18 @@ def _load(args, settings):
     )
 
 
+def _report(result, fps: float) -> None:
+    per_frame = result.seconds / max(result.rendered, 1)
+    print(f"wrote {result.out} ({len(result.frames)} frames at {fps:g} fps; "
+          f"{result.rendered} rendered, {per_frame:.2f} s/frame)")
+    print(f"frames: {result.frames_dir}")
+    if result.sheet:
+        print(f"contact sheet: {result.sheet}")
+    smooth = result.smoothness
+    print(f"smoothness: mean step {smooth['mean']:.4f}, 1-Gini {smooth['one_minus_gini']:.3f}, "
+          f"variance {smooth['variance']:.2e} (1-Gini = 1: perfectly even steps)")
+
+
 def _run(args) -> int:
     from sdanim import api
 
@@ -130,15 +171,23 @@ def _run(args) -> int:
         result = api.morph(
             args.prompts, out=args.out, frames=args.frames, fps=args.fps, seed=args.seed,
             settings=settings, negative_prompt=args.negative, interpolation=args.interpolation,
-            noise=args.noise, seeds=args.seeds, ping_pong=args.ping_pong, sheet=args.sheet,
-            model=model, overwrite=args.overwrite, progress=progress,
+            noise=args.noise, seeds=args.seeds, easing=args.easing, ping_pong=args.ping_pong,
+            sheet=args.sheet, model=model, overwrite=args.overwrite, progress=progress,
         )
-        per_frame = result.seconds / max(result.rendered, 1)
-        print(f"wrote {result.out} ({len(result.frames)} frames at {args.fps:g} fps; "
-              f"{result.rendered} rendered, {per_frame:.2f} s/frame)")
-        print(f"frames: {result.frames_dir}")
-        if result.sheet:
-            print(f"contact sheet: {result.sheet}")
+        _report(result, args.fps)
+        return 0
+    if args.command == "walk":
+        from sdanim.keyframes import load_walk
+
+        walk = load_walk(args.file)
+        api.check_output_args(args.out, args.fps)
+        model = _load(args, settings)
+        result = api.animate(
+            walk, out=args.out, fps=args.fps, settings=settings, negative_prompt=args.negative,
+            ping_pong=args.ping_pong, sheet=args.sheet, model=model, overwrite=args.overwrite,
+            progress=progress,
+        )
+        _report(result, args.fps)
         return 0
     if args.command == "generate":
         args.seed = api.check_generate_args(args.prompt, args.num_images, args.seed, args.out)

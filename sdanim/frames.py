@@ -123,10 +123,26 @@ class FrameStore:
         atomic_write(self.manifest_path, write)
 
 
+def _flatten(value, prefix: str = ""):
+    if isinstance(value, dict):
+        for key in sorted(value):
+            yield from _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _flatten(item, f"{prefix}[{i}]")
+        if not value:
+            yield prefix, []
+    else:
+        yield prefix, value
+
+
 def manifest_differences(stored: dict, wanted: dict, keys: Iterable[str]) -> list[str]:
-    """Human-readable differences between two manifests on `keys`."""
+    """What differs between two manifests on `keys`, as "path: old on disk, new now"."""
     diffs = []
     for key in keys:
-        if stored.get(key) != wanted.get(key):
-            diffs.append(f"{key}: {stored.get(key)!r} on disk, {wanted.get(key)!r} now")
+        old = dict(_flatten(stored.get(key), key))
+        new = dict(_flatten(wanted.get(key), key))
+        for path in sorted(set(old) | set(new)):
+            if old.get(path) != new.get(path):
+                diffs.append(f"{path}: {old.get(path)!r} on disk, {new.get(path)!r} now")
     return diffs

@@ -1,8 +1,9 @@
-"""Pure interpolation math: lerp, slerp, and where frames sit along a keyframe path."""
+"""Pure interpolation math: lerp, slerp, easing, and where frames sit along a path."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -68,16 +69,47 @@ def split_frames(total_frames: int, num_transitions: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(num_transitions)]
 
 
-def path_positions(intervals: Sequence[int]) -> np.ndarray:
+# Easing curves: [0, 1] -> [0, 1], f(0) = 0, f(1) = 1 (Penner's easing equations).
+EASINGS = {
+    "linear": lambda t: t,
+    "ease-in": lambda t: t * t,
+    "ease-out": lambda t: 1.0 - (1.0 - t) ** 2,
+    "ease-in-out": lambda t: 0.5 - 0.5 * math.cos(math.pi * t),
+    "ease-in-cubic": lambda t: t**3,
+    "ease-out-cubic": lambda t: 1.0 - (1.0 - t) ** 3,
+    "ease-in-out-cubic": lambda t: 4 * t**3 if t < 0.5 else 1.0 - (-2 * t + 2) ** 3 / 2,
+}
+
+
+def check_easing(name: str, field: str = "easing") -> str:
+    check(
+        name in EASINGS,
+        f"{field} must be one of {', '.join(EASINGS)}. Received: {field}={name!r}",
+    )
+    return name
+
+
+def path_positions(
+    intervals: Sequence[int],
+    easings: Optional[Sequence[str]] = None,
+    include_end: bool = True,
+) -> np.ndarray:
     """Positions u in [0, K-1] of every frame along a path of K keyframes.
 
-    Frame positions within transition k are k + j / intervals[k], j = 0..intervals[k]-1,
-    and the path ends at exactly K-1: each join is rendered once, never twice.
+    Frame positions within transition k are k + ease_k(j / intervals[k]),
+    j = 0..intervals[k]-1, and the path ends at exactly K-1 (unless include_end is
+    False, for loops whose last keyframe is the first): each join is rendered once.
     """
     for n in intervals:
         check(
             isinstance(n, int) and n >= 1,
             f"frames per transition must be at least 1. Received: frames_per_transition={n}",
         )
-    parts = [k + np.arange(n) / n for k, n in enumerate(intervals)]
-    return np.concatenate(parts + [np.array([float(len(intervals))])])
+    easings = list(easings) if easings is not None else ["linear"] * len(intervals)
+    parts = []
+    for k, (n, name) in enumerate(zip(intervals, easings)):
+        ease = EASINGS[check_easing(name)]
+        parts.append(k + np.array([ease(j / n) for j in range(n)]))
+    if include_end:
+        parts.append(np.array([float(len(intervals))]))
+    return np.concatenate(parts)

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from sdanim.errors import check
-from sdanim.interpolation import METHODS, interpolate, path_positions
+from sdanim.interpolation import METHODS, interpolate
 
 NOISE_MODES = ("fixed", "slerp")
 
@@ -96,7 +96,7 @@ class FramePlan:
         if t == 0.0:
             key = [int(self.seeds[k]), 2]
         else:
-            key = [int(self.seeds[k]), int(self.seeds[k + 1]), int(round(t * 2**32)), 2]
+            key = [int(self.seeds[k]), int(self.seeds[k + 1]), k, int(round(t * 2**32)), 2]
         state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
         return int(state >> np.uint64(1))
 
@@ -116,27 +116,3 @@ class FramePlan:
 
     def batch(self, indices: Sequence[int]) -> list[FrameInputs]:
         return [self.frame(i) for i in indices]
-
-
-def morph_plan(
-    embeddings: np.ndarray,
-    noises: np.ndarray,
-    seeds: Sequence[int],
-    intervals: Sequence[int],
-    interpolation: str = "slerp",
-    noise_mode: str = "fixed",
-) -> FramePlan:
-    """A path A -> B -> C ... with `intervals[k]` frames from keyframe k to k + 1."""
-    check(
-        len(intervals) == len(embeddings) - 1,
-        f"need one frame count per transition ({len(embeddings) - 1}). "
-        f"Received: {len(intervals)} counts",
-    )
-    return FramePlan(
-        embeddings=np.asarray(embeddings, dtype=np.float32),
-        noises=np.asarray(noises, dtype=np.float32),
-        seeds=tuple(int(s) for s in seeds),
-        positions=path_positions(list(intervals)),
-        interpolation=interpolation,
-        noise_mode=noise_mode,
-    )

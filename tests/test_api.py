@@ -29,9 +29,11 @@ def test_morph_writes_gif_frames_manifest(tiny, tmp_path):
     assert pngs == [f"frame_{i:05d}.png" for i in range(7)]
     with Image.open(os.path.join(result.frames_dir, pngs[3])) as im:
         meta = json.loads(im.text["sdanim"])
-        assert meta["frame"] == 3 and meta["prompts"][1] == "a blue sphere"
+        assert meta["frame"] == 3 and meta["walk"]["keyframes"][1]["prompt"] == "a blue sphere"
     manifest = json.load(open(os.path.join(result.frames_dir, "manifest.json")))
-    assert manifest["seeds"] == [3, 3, 3] and manifest["render"]["num_steps"] == 2
+    assert [k["seed"] for k in manifest["walk"]["keyframes"]] == [3, 3, 3]
+    assert manifest["render"]["num_steps"] == 2
+    assert len(manifest["smoothness"]["distances"]) == 6
     assert os.path.isfile(result.sheet)
     # Keyframe images differ: the prompts matter.
     assert np.abs(result.frames[0].astype(int) - result.frames[6].astype(int)).max() > 5
@@ -55,7 +57,7 @@ def test_morph_resumes_only_missing_frames(tiny, tmp_path):
 
 def test_morph_refuses_a_folder_of_another_run(tiny, tmp_path):
     _morph(tiny, tmp_path / "m.gif")
-    with pytest.raises(SdanimError, match=r"belongs to another run \(seeds: \[3, 3, 3\] on disk, \[4, 4, 4\] now\)"):
+    with pytest.raises(SdanimError, match=r"belongs to another run \(walk\.keyframes\[0\]\.seed: 3 on disk, 4 now; "):
         _morph(tiny, tmp_path / "m.gif", seed=4)
     result = _morph(tiny, tmp_path / "m.gif", seed=4, overwrite=True)
     assert result.rendered == 7

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from sdanim.errors import SdanimError
-from sdanim.interpolation import interpolate, lerp, path_positions, slerp, split_frames
+from sdanim.interpolation import EASINGS, interpolate, lerp, path_positions, slerp, split_frames
 from sdanim.noise import seeded_noise, step_noise
-from sdanim.plan import FramePlan, morph_plan
+from sdanim.plan import FramePlan
 from sdanim.settings import RenderSettings, parse_size
 
 
@@ -93,7 +93,7 @@ def _plan(noise_mode="fixed", seeds=(1, 1, 1), intervals=(4, 4)):
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((3, 77, 8)).astype(np.float32)
     noises = np.stack([seeded_noise(s, (8, 8, 4)) for s in seeds])
-    return morph_plan(emb, noises, seeds, intervals, "slerp", noise_mode), emb, noises
+    return FramePlan(emb, noises, seeds, path_positions(list(intervals)), "slerp", noise_mode), emb, noises
 
 
 def test_plan_frames_hit_keyframes_exactly_and_are_pure():

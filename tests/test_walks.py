@@ -1,0 +1,141 @@
+"""Keyframe walks: files, loops, easing, prompt mixes, smoothness report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import sdanim
+from sdanim.cli import main
+from sdanim.errors import SdanimError
+from sdanim.interpolation import EASINGS, path_positions
+from sdanim.keyframes import Walk, load_walk, make_keyframe, mix_embeddings, parse_walk
+from sdanim.settings import RenderSettings
+from sdanim.smoothness import gini, smoothness_report
+
+S = RenderSettings(height=64, width=64, num_steps=2, batch_size=4)
+
+WALK_YAML = """\
+loop: true
+keyframes:
+  - {prompt: a red barn at dawn, seed: 1, frames: 4, easing: ease-in-out}
+  - {prompt: {a rabbit: 0.5, a frog: 0.5}, seed: 2, frames: 3}
+  - {prompt: a snowy forest, seed: 3, frames: 2}
+"""
+
+
+@pytest.mark.parametrize("name", sorted(EASINGS))
+def test_easings_fix_the_ends_and_rise(name):
+    f = EASINGS[name]
+    assert abs(f(0.0)) < 1e-12 and abs(f(1.0) - 1.0) < 1e-12
+    values = [f(t) for t in np.linspace(0, 1, 21)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_ease_in_out_slows_near_keyframes():
+    pos = path_positions([8], ["ease-in-out"])
+    steps = np.diff(pos)
+    assert steps[0] < steps[3] and steps[-1] < steps[3]
+
+
+def test_three_keyframe_loop_frame_count_and_no_duplicate_joins(tmp_path):
+    path = tmp_path / "walk.yaml"
+    path.write_text(WALK_YAML)
+    walk = load_walk(str(path))
+    assert walk.loop and len(walk.keyframes) == 3
+    pos = walk.positions()
+    assert len(walk) == 4 + 3 + 2  # a loop has no final frame: it would repeat frame 0
+    assert len(np.unique(pos)) == len(pos)
+    assert pos[0] == 0 and pos[4] == 1 and pos[7] == 2 and pos[-1] < 3
+    assert walk.keyframes[1].prompt == (("a rabbit", 0.5), ("a frog", 0.5))
+
+
+def test_walk_without_loop_ends_on_the_last_keyframe():
+    walk = parse_walk({"keyframes": [{"prompt": "a", "frames": 3}, {"prompt": "b", "frames": 5}, {"prompt": "c"}]})
+    assert len(walk) == 3 + 5 + 1
+    assert walk.positions()[-1] == 2.0
+    assert [k.seed for k in walk.keyframes] == [42, 43, 44]  # default seeds: 42 + index
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"keyframes": [{"seed": 1}, {"prompt": "b"}]}, r"keyframes\[0\] has no prompt\. Received: prompt=None"),
+        ({"keyframes": [{"prompt": "a", "frames": 0}, {"prompt": "b"}]}, r"keyframes\[0\]\.frames must be a whole number >= 1\. Received: frames=0"),
+        ({"keyframes": [{"prompt": "a", "frames": -2}, {"prompt": "b"}]}, r"keyframes\[0\]\.frames must be a whole number >= 1\. Received: frames=-2"),
+        ({"keyframes": [{"prompt": "a", "easing": "bouncy"}, {"prompt": "b"}]}, r"keyframes\[0\]\.easing must be one of .*Received: keyframes\[0\]\.easing='bouncy'"),
+        ({"keyframes": [{"prompt": {"a": 1, "b": -1}}, {"prompt": "b"}]}, r"keyframes\[0\]\.prompt weights must not sum to zero"),
+        ({"keyframes": [{"prompt": "a", "seed": -1}, {"prompt": "b"}]}, r"keyframes\[0\]\.seed must be an integer in \[0, 2\*\*63\)\. Received: keyframes\[0\]\.seed=-1"),
+        ({"keyframes": [{"prompt": "a"}]}, r"a walk needs at least 2 keyframes \(1 with loop\)\. Received: 1 keyframes"),
+        ({"keyframes": [{"prompt": "a", "colour": "red"}, {"prompt": "b"}]}, r"keyframes\[0\] has unknown field\(s\): colour"),
+        ({"frames": 3}, r"unknown walk-file field\(s\): frames"),
+        ([1, 2], r"a walk file must hold a mapping with 'keyframes'\. Received: list"),
+    ],
+)
+def test_bad_walk_files(data, match):
+    with pytest.raises(SdanimError, match=match):
+        parse_walk(data)
+
+
+def test_walk_file_formats(tmp_path):
+    (tmp_path / "w.json").write_text(json.dumps({"keyframes": [{"prompt": "a"}, {"prompt": "b"}]}))
+    assert len(load_walk(str(tmp_path / "w.json"))) == 25
+    (tmp_path / "bad.yaml").write_text("keyframes: [unclosed")
+    with pytest.raises(SdanimError, match=r"the walk file is not valid YAML .*Received: file="):
+        load_walk(str(tmp_path / "bad.yaml"))
+    with pytest.raises(SdanimError, match=r"walk file must be \.yaml, \.yml or \.json\. Received: file='w\.txt'"):
+        load_walk("w.txt")
+    with pytest.raises(SdanimError, match=r"cannot read the walk file"):
+        load_walk(str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_walk_file_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.yaml").write_text(
+        f"!!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    with pytest.raises(SdanimError, match="not valid YAML"):
+        load_walk(str(tmp_path / "evil.yaml"))
+    assert not marker.exists()
+
+
+def test_prompt_mix_is_the_weighted_mean():
+    table = {"a": np.full((77, 4), 1.0), "b": np.full((77, 4), 3.0)}
+    embed = lambda texts: np.stack([table[t] for t in texts])  # noqa: E731
+    mixed = mix_embeddings((("a", 3.0), ("b", 1.0)), embed)
+    np.testing.assert_allclose(mixed, 1.5)
+    np.testing.assert_allclose(mix_embeddings("b", embed), 3.0)
+
+
+def test_gini_and_report():
+    assert gini([1, 1, 1, 1]) == 0.0
+    assert gini([0, 0, 0, 4]) == pytest.approx(0.75)
+    frames = [np.full((4, 4, 3), v, np.uint8) for v in (0, 10, 20, 30)]
+    report = smoothness_report(frames)
+    assert report["one_minus_gini"] == pytest.approx(1.0) and report["variance"] == pytest.approx(0.0)
+    uneven = smoothness_report([np.full((4, 4, 3), v, np.uint8) for v in (0, 1, 2, 60)])
+    assert uneven["one_minus_gini"] < 0.5 and uneven["variance"] > 0
+
+
+def test_animate_loop_walk_with_tiny_model(tiny, tmp_path):
+    walk = Walk((make_keyframe(0, "a red cube", 1, 3), make_keyframe(1, {"a cat": 1, "a dog": 1}, 2, 2)), loop=True)
+    result = sdanim.animate(walk, out=str(tmp_path / "w.gif"), fps=5, settings=S, model=tiny, progress=False)
+    assert result.frames.shape[0] == 5
+    assert len(result.smoothness["distances"]) == 5  # includes the wrap-around step back to frame 0
+    manifest = json.load(open(os.path.join(result.frames_dir, "manifest.json")))
+    assert manifest["walk"]["loop"] is True and manifest["walk"]["keyframes"][1]["prompt"] == [["a cat", 1.0], ["a dog", 1.0]]
+
+
+def test_cli_walk_bad_file_is_one_line(capsys, tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text("keyframes:\n  - {prompt: a, frames: 0}\n  - {prompt: b}\n")
+    assert main(["walk", str(path), "--size", "64x64"]) == 2
+    err = capsys.readouterr().err
+    assert err == "sdanim: error: keyframes[0].frames must be a whole number >= 1. Received: frames=0\n"
+
+
+def test_cli_morph_rejects_unknown_easing(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["morph", "a", "b", "--easing", "wobble"])
+    assert info.value.code == 2
