@@ -19,6 +19,7 @@ _EXPORTS = {
     "Walk": "sdanim.keyframes",
     "Keyframe": "sdanim.keyframes",
     "load_walk": "sdanim.keyframes",
+    "circle_walk": "sdanim.keyframes",
     "generate": "sdanim.api",
     "MorphResult": "sdanim.api",
     "GenerateResult": "sdanim.api",

@@ -287,12 +287,13 @@ def animate(
     encoder = prompt_encoder(model)
     stops = walk.stops
     embeddings = np.stack([mix_embeddings(k.prompt, encoder.encode) for k in stops])  # (K, 77, D)
-    noises = np.stack([seeded_noise(k.seed, settings.latent_shape) for k in stops])  # (K, h, w, 4)
-    seeds = tuple(k.seed for k in stops)
-    plan = FramePlan(
-        embeddings, noises, seeds, walk.positions(), walk.interpolation,
-        noise_mode="fixed" if len(set(seeds)) == 1 else "slerp",
-    )
+    seeds = walk.noise_seeds()
+    noises = np.stack([seeded_noise(s, settings.latent_shape) for s in seeds])  # (K or 2, h, w, 4)
+    if walk.noise == "circle":
+        noise_mode = "circle"
+    else:
+        noise_mode = "fixed" if len(set(seeds)) == 1 else "slerp"
+    plan = FramePlan(embeddings, noises, seeds, walk.positions(), walk.interpolation, noise_mode)
 
     # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
     todo = store.missing(range(len(plan)))

@@ -111,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(w)
     _add_render_args(w, batch_default=4)
 
+    c = sub.add_parser(
+        "circle", help="a seamless loop in noise space around one prompt",
+        description="Walk a circle in noise space, cos(t) n1 + sin(t) n2 from seeds SEED and SEED+1, "
+        "around one prompt: the last frame leads back into the first.",
+        epilog='example:\n  python -m sdanim circle "a lighthouse in a storm" --frames 48 --fps 24\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("prompt", help="what to draw")
+    c.add_argument("--frames", type=int, default=24, help="frames in one loop (default: 24)")
+    c.add_argument("--seed", type=int, default=42, help="first basis seed (default: 42)")
+    c.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
+    c.add_argument("--out", default="outputs/circle.gif", help="output .gif or .mp4 (default: outputs/circle.gif)")
+    _add_output_args(c)
+    _add_render_args(c, batch_default=4)
+
     g = sub.add_parser(
         "generate", help="text to image: a batch of seeded images",
         description="Generate images from one prompt; image k uses seed + k. Saved as PNG.",
@@ -176,10 +191,10 @@ def _run(args) -> int:
         )
         _report(result, args.fps)
         return 0
-    if args.command == "walk":
-        from sdanim.keyframes import load_walk
+    if args.command in ("walk", "circle"):
+        from sdanim.keyframes import circle_walk, load_walk
 
-        walk = load_walk(args.file)
+        walk = load_walk(args.file) if args.command == "walk" else circle_walk(args.prompt, args.seed, args.frames)
         api.check_output_args(args.out, args.fps)
         model = _load(args, settings)
         result = api.animate(

@@ -6,6 +6,9 @@ parsed as data only (yaml.safe_load / json), never executed:
 
     loop: true                 # optional: walk back to the first keyframe
     interpolation: slerp       # optional: slerp | linear
+    noise: keyframes           # optional: keyframes (each keyframe's seed, slerped)
+                               #   or circle (a seamless loop in noise space around
+                               #   the prompts, from the first seed and seed + 1)
     keyframes:
       - prompt: a red barn at dawn
         seed: 1
@@ -32,6 +35,7 @@ from sdanim.interpolation import METHODS, check_easing, path_positions
 from sdanim.noise import check_seed
 
 Prompt = Union[str, tuple]  # "text" or (("text", weight), ...)
+WALK_NOISES = ("keyframes", "circle")
 
 
 def normalize_prompt(prompt, field: str = "prompt") -> Prompt:
@@ -114,8 +118,14 @@ class Walk:
     keyframes: tuple
     loop: bool = False
     interpolation: str = "slerp"
+    noise: str = "keyframes"
 
     def __post_init__(self):
+        check(
+            self.noise in WALK_NOISES,
+            f"noise must be one of {', '.join(WALK_NOISES)}. Received: noise={self.noise!r}",
+        )
+        check(self.noise != "circle" or self.loop, "a circle noise walk must loop. Received: loop=False")
         need = 1 if self.loop else 2
         check(
             len(self.keyframes) >= need,
@@ -142,7 +152,28 @@ class Walk:
         return len(self.positions())
 
     def record(self) -> dict:
-        return {"keyframes": [k.record() for k in self.keyframes], "loop": self.loop, "interpolation": self.interpolation}
+        return {
+            "keyframes": [k.record() for k in self.keyframes],
+            "loop": self.loop,
+            "interpolation": self.interpolation,
+            "noise": self.noise,
+        }
+
+    def noise_seeds(self) -> tuple:
+        """The seeds noise is drawn from: one per stop, or the circle's two basis seeds."""
+        if self.noise == "circle":
+            first = self.keyframes[0].seed
+            return (first, first + 1)
+        return tuple(k.seed for k in self.stops)
+
+
+def circle_walk(prompt, seed: int, frames: int) -> Walk:
+    """A seamless loop of `frames` frames in noise space around one prompt."""
+    check(
+        isinstance(frames, int) and frames >= 2,
+        f"frames must be at least 2. Received: frames={frames}",
+    )
+    return Walk((make_keyframe(0, prompt, seed, frames),), loop=True, noise="circle")
 
 
 def walk_from_prompts(
@@ -155,7 +186,7 @@ def walk_from_prompts(
     return Walk(keyframes, loop, interpolation)
 
 
-_FILE_KEYS = {"keyframes", "loop", "interpolation"}
+_FILE_KEYS = {"keyframes", "loop", "interpolation", "noise"}
 _KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing"}
 
 
@@ -176,7 +207,7 @@ def parse_walk(data, default_seed: int = 42) -> Walk:
         keyframes.append(make_keyframe(
             i, item.get("prompt"), item.get("seed", default_seed + i), item.get("frames", 24), item.get("easing", "linear"),
         ))
-    return Walk(tuple(keyframes), loop, data.get("interpolation", "slerp"))
+    return Walk(tuple(keyframes), loop, data.get("interpolation", "slerp"), data.get("noise", "keyframes"))
 
 
 def load_walk(path: str, default_seed: int = 42) -> Walk:

@@ -15,7 +15,7 @@ import numpy as np
 from sdanim.errors import check
 from sdanim.interpolation import METHODS, interpolate
 
-NOISE_MODES = ("fixed", "slerp")
+NOISE_MODES = ("fixed", "slerp", "circle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,10 @@ class FramePlan:
         seeds: K ints, the keyframe seeds the noises were drawn from.
         positions: (F,) floats in [0, K-1]: frame i sits at positions[i].
         interpolation: "slerp" or "linear", for the embeddings.
-        noise_mode: "fixed" (keyframe 0's noise for every frame) or "slerp" (noise
-            slerped between the keyframes' seeds).
+        noise_mode: "fixed" (keyframe 0's noise for every frame), "slerp" (noise
+            slerped between the keyframes' seeds) or "circle" (frame i of F gets
+            cos(2 pi i/F) n_0 + sin(2 pi i/F) n_1 from two basis noises: unit variance
+            all the way round, and the last frame is next to the first).
     """
 
     embeddings: np.ndarray
@@ -53,11 +55,18 @@ class FramePlan:
     def __post_init__(self):
         k = len(self.embeddings)
         check(k >= 1, f"a plan needs at least one keyframe. Received: {k} keyframes")
-        check(
-            len(self.noises) == k and len(self.seeds) == k,
-            f"a plan needs one noise and one seed per keyframe. Received: "
-            f"{k} embeddings, {len(self.noises)} noises, {len(self.seeds)} seeds",
-        )
+        if self.noise_mode == "circle":
+            check(
+                len(self.noises) == 2 and len(self.seeds) == 2,
+                f"a circular noise walk needs two basis noises and seeds. Received: "
+                f"{len(self.noises)} noises, {len(self.seeds)} seeds",
+            )
+        else:
+            check(
+                len(self.noises) == k and len(self.seeds) == k,
+                f"a plan needs one noise and one seed per keyframe. Received: "
+                f"{k} embeddings, {len(self.noises)} noises, {len(self.seeds)} seeds",
+            )
         check(
             self.interpolation in METHODS,
             f"interpolation must be one of {', '.join(METHODS)}. "
@@ -90,6 +99,10 @@ class FramePlan:
         as keyframe k equals the same (prompt, seed) rendered on its own; between
         keyframes it depends on both seeds and the position.
         """
+        if self.noise_mode == "circle":
+            key = [int(self.seeds[0]), int(self.seeds[1]), int(index), 3]
+            state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
+            return int(state >> np.uint64(1))
         u = float(self.positions[index])
         k = min(int(np.floor(u)), len(self.seeds) - 1)
         t = u - k
@@ -110,6 +123,9 @@ class FramePlan:
         context = self._at(self.embeddings, u, self.interpolation)
         if self.noise_mode == "fixed":
             noise = self.noises[0]
+        elif self.noise_mode == "circle":
+            theta = 2.0 * np.pi * index / len(self)
+            noise = (np.cos(theta) * self.noises[0] + np.sin(theta) * self.noises[1]).astype(np.float32)
         else:
             noise = self._at(self.noises, u, "slerp")
         return FrameInputs(index, context, noise, self.frame_seed(index), u)

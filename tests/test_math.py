@@ -130,5 +130,5 @@ def test_plan_keyframe_seed_is_the_keyframes_own():
 def test_plan_rejects_mismatched_inputs():
     with pytest.raises(SdanimError, match=r"one noise and one seed per keyframe\. Received: 2 embeddings, 1 noises, 2 seeds"):
         FramePlan(np.zeros((2, 77, 8)), np.zeros((1, 8, 8, 4)), (1, 2), np.array([0.0]))
-    with pytest.raises(SdanimError, match=r"noise must be one of fixed, slerp\. Received: noise='wobble'"):
+    with pytest.raises(SdanimError, match=r"noise must be one of fixed, slerp, circle\. Received: noise='wobble'"):
         FramePlan(np.zeros((1, 77, 8)), np.zeros((1, 8, 8, 4)), (1,), np.array([0.0]), noise_mode="wobble")

@@ -139,3 +139,43 @@ def test_cli_morph_rejects_unknown_easing(capsys):
     with pytest.raises(SystemExit) as info:
         main(["morph", "a", "b", "--easing", "wobble"])
     assert info.value.code == 2
+
+
+def test_circle_noise_has_unit_variance_and_closes():
+    from sdanim.keyframes import circle_walk
+    from sdanim.noise import seeded_noise
+    from sdanim.plan import FramePlan
+
+    walk = circle_walk("a lighthouse", 5, 12)
+    seeds = walk.noise_seeds()
+    assert seeds == (5, 6)
+    basis = np.stack([seeded_noise(s, (32, 32, 4)) for s in seeds])
+    plan = FramePlan(np.zeros((2, 77, 4), np.float32), basis, seeds, walk.positions(), noise_mode="circle")
+    assert len(plan) == 12
+    noises = [plan.frame(i).noise for i in range(12)]
+    for n in noises:
+        assert abs(n.std() - 1.0) < 0.05
+    steps = [np.linalg.norm(noises[i + 1] - noises[i]) for i in range(11)]
+    wrap = np.linalg.norm(noises[0] - noises[-1])
+    assert abs(wrap - np.mean(steps)) < 0.05 * np.mean(steps)  # the last frame sits next to the first
+    np.testing.assert_array_equal(noises[0], basis[0])
+
+
+def test_circle_walk_render_first_and_last_frames_are_adjacent(tiny, tmp_path):
+    from sdanim.keyframes import circle_walk
+
+    result = sdanim.animate(circle_walk("a red cube", 3, 8), out=str(tmp_path / "c.gif"), fps=8, settings=S, model=tiny, progress=False)
+    d = np.array(result.smoothness["distances"])  # 8 steps, the last one wraps back to frame 0
+    assert len(d) == 8 and d.max() > 0
+    assert d[-1] <= 2 * np.median(d[:-1])
+    far = np.abs(result.frames[0].astype(int) - result.frames[4].astype(int)).mean()
+    assert far > np.abs(result.frames[0].astype(int) - result.frames[7].astype(int)).mean()
+
+
+def test_circle_needs_loop_and_frames():
+    from sdanim.keyframes import circle_walk
+
+    with pytest.raises(SdanimError, match=r"a circle noise walk must loop\. Received: loop=False"):
+        Walk((make_keyframe(0, "a", 1), make_keyframe(1, "b", 2)), loop=False, noise="circle")
+    with pytest.raises(SdanimError, match=r"frames must be at least 2\. Received: frames=1"):
+        circle_walk("a", 1, 1)
