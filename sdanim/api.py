@@ -23,13 +23,14 @@ from sdanim.interpolation import METHODS, check_easing, split_frames
 from sdanim.keyframes import Walk, mix_embeddings, walk_from_prompts
 from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import NOISE_MODES, FramePlan
-from sdanim.smoothness import smoothness_report
+from sdanim.smoothness import consecutive_distances, smoothness_report
+from sdanim.spacing import check_spacing, uniform_positions
 from sdanim.prompts import PromptEncoder
 from sdanim.sampling import Renderer, render_frames
 from sdanim.settings import RenderSettings
 
 # Manifest keys that must match for frames on disk to be reused.
-_RUN_KEYS = ("walk", "negative_prompt", "render", "model")
+_RUN_KEYS = ("walk", "timing", "negative_prompt", "render", "model")
 
 
 @dataclasses.dataclass
@@ -98,8 +99,10 @@ def _render_record(settings: RenderSettings) -> dict:
     return record
 
 
-def _prepare_store(folder: str, manifest: dict, overwrite: bool) -> FrameStore:
-    """Opens the run folder, refusing to mix frames of a different run."""
+def _prepare_store(folder: str, manifest: dict, overwrite: bool):
+    """Opens the run folder, refusing to mix frames of a different run.
+
+    Returns the store and the stored manifest of the same run (None if new)."""
     store = FrameStore(ensure_folder(folder, "out"))
     for stale in glob.glob(os.path.join(folder, ".frame_*.partial*")):
         os.remove(stale)  # a write cut short by a kill (the frame itself was never renamed in)
@@ -121,8 +124,8 @@ def _prepare_store(folder: str, manifest: dict, overwrite: bool) -> FrameStore:
             f"the frames folder {folder} holds frames but no manifest; pass --overwrite "
             f"(overwrite=True) or choose another --out. Received: out folder={folder!r}"
         )
-    store.write_manifest(manifest)
-    return store
+    store.write_manifest({**(stored or {}), **manifest} if stored and not overwrite else manifest)
+    return store, (None if overwrite else stored)
 
 
 def check_output_args(out: str, fps) -> float:
@@ -184,6 +187,8 @@ def morph(
     noise: str = "fixed",
     seeds: Optional[Sequence[int]] = None,
     easing: str = "linear",
+    spacing: str = "linear",
+    preview_steps: Optional[int] = None,
     ping_pong: bool = False,
     sheet: bool = False,
     model=None,
@@ -215,6 +220,9 @@ def morph(
             seed, seed + 1, ...
         easing: str. Easing of every transition ("linear", "ease-in-out", ...).
             Defaults to "linear".
+        spacing: str. "linear" or "uniform" (perceptually even steps, from a
+            preview; see `animate`). Defaults to "linear".
+        preview_steps: int. Steps of the uniform-spacing preview.
         ping_pong: bool. Play forward then back. Defaults to False.
         sheet: bool. Also write a contact sheet `<out stem>_sheet.png`. Defaults to False.
         model: a loaded `StableDiffusionModel` (reused across calls), or None to load one.
@@ -235,7 +243,7 @@ def morph(
     walk = walk_from_prompts(list(prompts), keyframe_seeds, intervals, easing, False, interpolation)
     return animate(
         walk, out=out, fps=fps, settings=settings, negative_prompt=negative_prompt, ping_pong=ping_pong,
-        sheet=sheet, model=model, version=version, weights=weights, overwrite=overwrite, progress=progress,
+        sheet=sheet, spacing=spacing, preview_steps=preview_steps, model=model, version=version, weights=weights, overwrite=overwrite, progress=progress,
     )
 
 
@@ -247,6 +255,8 @@ def animate(
     negative_prompt: Optional[str] = None,
     ping_pong: bool = False,
     sheet: bool = False,
+    spacing: str = "linear",
+    preview_steps: Optional[int] = None,
     model=None,
     version: str = "1.4",
     weights: str = "keras-cv",
@@ -255,7 +265,15 @@ def animate(
 ) -> MorphResult:
     """Renders a keyframe walk (see `sdanim.keyframes`) and exports it.
 
-    The other arguments are as in `morph`.
+    Args:
+        walk: `Walk`. Keyframes, loop, interpolation, noise.
+        spacing: str. "linear" (equal steps in embedding space, then easing) or
+            "uniform": a preview of every frame with `preview_steps` steps measures
+            the distance between consecutive frames, and frames are re-placed so that
+            they are equally far apart (sdanim.spacing). Defaults to "linear".
+        preview_steps: int. Steps of the uniform-spacing preview. Defaults to a
+            quarter of the render's steps (at least 2).
+        The other arguments are as in `morph`.
 
     Example:
     ```python
@@ -266,6 +284,17 @@ def animate(
     # 1. Validate everything before the (slow) model build.
     settings = settings or RenderSettings()
     fps = check_output_args(out, fps)
+    check_spacing(spacing)
+    check(
+        spacing == "linear" or walk.noise != "circle",
+        "spacing='uniform' re-places frames along keyframes; a circle noise walk has none. Received: noise='circle'",
+    )
+    if spacing == "uniform":
+        preview_steps = preview_steps or max(2, settings.num_steps // 4)
+        check(
+            isinstance(preview_steps, int) and preview_steps >= 1,
+            f"preview_steps must be at least 1. Received: preview_steps={preview_steps}",
+        )
     stem = os.path.splitext(out)[0]
     folder = stem + "_frames"
 
@@ -273,6 +302,7 @@ def animate(
     model = _get_model(model, settings, version, weights)
     manifest = {
         "walk": walk.record(),
+        "timing": {"spacing": spacing, "preview_steps": preview_steps if spacing == "uniform" else None},
         "negative_prompt": negative_prompt,
         "render": _render_record(settings),
         "model": _model_record(model),
@@ -280,7 +310,7 @@ def animate(
         "sdanim": __version__,
         "versions": _versions(),
     }
-    store = _prepare_store(folder, manifest, overwrite)
+    store, stored = _prepare_store(folder, manifest, overwrite)
     start = time.perf_counter()
 
     # 3. Prompts -> embeddings; keyframes + noise -> frame plan.
@@ -294,6 +324,15 @@ def animate(
     else:
         noise_mode = "fixed" if len(set(seeds)) == 1 else "slerp"
     plan = FramePlan(embeddings, noises, seeds, walk.positions(), walk.interpolation, noise_mode)
+    if spacing == "uniform":
+        known = (stored or {}).get("positions")
+        if known is not None and len(known) == len(plan):
+            positions = np.array(known, dtype=np.float64)  # same run: the preview is deterministic
+        else:
+            positions = _uniform_spacing(model, walk, plan, settings, preview_steps, negative_prompt, progress)
+        plan = dataclasses.replace(plan, positions=positions)
+        manifest["positions"] = [float(u) for u in positions]
+        store.write_manifest(manifest)
 
     # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
     todo = store.missing(range(len(plan)))
@@ -317,6 +356,18 @@ def animate(
     report = smoothness_report(list(all_frames) + ([all_frames[0]] if walk.loop else []))
     store.write_manifest({**manifest, "smoothness": report})
     return MorphResult(all_frames, out, folder, sheet_path, len(todo), time.perf_counter() - start, report)
+
+
+def _uniform_spacing(model, walk: Walk, plan: FramePlan, settings, preview_steps, negative_prompt, progress) -> np.ndarray:
+    """Renders a cheap preview at linear spacing and re-places the frames so that
+    consecutive preview frames would be equally far apart (sdanim.spacing)."""
+    preview_plan = dataclasses.replace(plan, positions=walk.positions(eased=False))
+    preview_settings = dataclasses.replace(settings, num_steps=preview_steps)
+    renderer = _renderer(model, preview_settings, negative_prompt)
+    frames = render_frames(renderer, preview_plan, range(len(plan)), settings.batch_size, progress=progress)
+    ordered = [frames[i] for i in range(len(plan))]
+    distances = consecutive_distances(ordered + ([ordered[0]] if walk.loop else []))
+    return uniform_positions(preview_plan.positions, distances, walk.intervals, walk.easings, include_end=not walk.loop)
 
 
 def _frame_text(plan: FramePlan, index: int, walk: Walk, settings: RenderSettings) -> dict:

@@ -60,6 +60,13 @@ WALK_EXAMPLE = """\
 """
 
 
+def _add_timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spacing", default="linear", choices=("linear", "uniform"),
+                   help="uniform: preview the frames, then re-place them so consecutive frames are "
+                   "equally far apart (default: linear)")
+    p.add_argument("--preview-steps", type=int, default=None, help="steps of the uniform-spacing preview (default: steps/4, at least 2)")
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ping-pong", action="store_true", help="play forward, then back")
     p.add_argument("--sheet", action="store_true", help="also write a contact sheet of all frames")
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed: one noise for every frame; slerp: between per-prompt seeds (default: fixed)")
     m.add_argument("--seeds", type=_int_list, default=None, metavar="S1,S2,...", help="per-prompt seeds for --noise slerp")
     m.add_argument("--easing", default="linear", choices=tuple(EASINGS), help="easing of each transition (default: linear)")
+    _add_timing_args(m)
     _add_output_args(m)
     _add_render_args(m, batch_default=4)
 
@@ -106,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w.add_argument("file", help="walk file (.yaml, .yml or .json)")
+    _add_timing_args(w)
     w.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
     w.add_argument("--out", default="outputs/walk.gif", help="output .gif or .mp4 (default: outputs/walk.gif)")
     _add_output_args(w)
@@ -186,7 +195,8 @@ def _run(args) -> int:
         result = api.morph(
             args.prompts, out=args.out, frames=args.frames, fps=args.fps, seed=args.seed,
             settings=settings, negative_prompt=args.negative, interpolation=args.interpolation,
-            noise=args.noise, seeds=args.seeds, easing=args.easing, ping_pong=args.ping_pong,
+            noise=args.noise, seeds=args.seeds, easing=args.easing, spacing=args.spacing,
+            preview_steps=args.preview_steps, ping_pong=args.ping_pong,
             sheet=args.sheet, model=model, overwrite=args.overwrite, progress=progress,
         )
         _report(result, args.fps)
@@ -200,7 +210,8 @@ def _run(args) -> int:
         result = api.animate(
             walk, out=args.out, fps=args.fps, settings=settings, negative_prompt=args.negative,
             ping_pong=args.ping_pong, sheet=args.sheet, model=model, overwrite=args.overwrite,
-            progress=progress,
+            progress=progress, spacing=getattr(args, "spacing", "linear"),
+            preview_steps=getattr(args, "preview_steps", None),
         )
         _report(result, args.fps)
         return 0

@@ -142,11 +142,20 @@ class Walk:
         ks = list(self.keyframes)
         return ks + [ks[0]] if self.loop else ks
 
-    def positions(self) -> np.ndarray:
+    @property
+    def intervals(self) -> list:
+        """Frames per transition, in path order."""
+        return [k.frames for k in self.stops[:-1]]
+
+    @property
+    def easings(self) -> list:
+        return [k.easing for k in self.stops[:-1]]
+
+    def positions(self, eased: bool = True) -> np.ndarray:
         """Each frame's position along the path; a loop leaves out the final return
         frame, which would repeat frame 0."""
-        moves = self.stops[:-1]
-        return path_positions([k.frames for k in moves], [k.easing for k in moves], include_end=not self.loop)
+        easings = self.easings if eased else ["linear"] * len(self.intervals)
+        return path_positions(self.intervals, easings, include_end=not self.loop)
 
     def __len__(self) -> int:
         return len(self.positions())

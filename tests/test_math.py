@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sdanim.errors import SdanimError
-from sdanim.interpolation import EASINGS, interpolate, lerp, path_positions, slerp, split_frames
+from sdanim.interpolation import interpolate, lerp, path_positions, slerp, split_frames
 from sdanim.noise import seeded_noise, step_noise
 from sdanim.plan import FramePlan
 from sdanim.settings import RenderSettings, parse_size

@@ -179,3 +179,66 @@ def test_circle_needs_loop_and_frames():
         Walk((make_keyframe(0, "a", 1), make_keyframe(1, "b", 2)), loop=False, noise="circle")
     with pytest.raises(SdanimError, match=r"frames must be at least 2\. Received: frames=1"):
         circle_walk("a", 1, 1)
+
+
+def test_uniform_positions_even_out_a_known_distance_curve():
+    from sdanim.spacing import uniform_positions
+
+    # The picture changes 9x faster in the first half of the transition than in the second.
+    speed = lambda u: 9.0 if u < 0.5 else 1.0  # noqa: E731
+    pos = path_positions([10])
+    dist = [speed(a) * (b - a) for a, b in zip(pos, pos[1:])]
+    new = uniform_positions(pos, dist, [10], ["linear"])
+    assert new[0] == 0.0 and new[-1] == 1.0 and len(new) == 11
+    true = lambda a, b: 9 * (min(b, 0.5) - min(a, 0.5)) + (max(b, 0.5) - max(a, 0.5))  # noqa: E731
+    steps = [true(a, b) for a, b in zip(new, new[1:])]
+    np.testing.assert_allclose(steps, 0.5, rtol=1e-6)  # total 5.0 over 10 equal steps
+
+
+def test_uniform_positions_keep_keyframes_and_handle_no_motion():
+    from sdanim.spacing import uniform_positions
+
+    pos = path_positions([3, 4])
+    new = uniform_positions(pos, [0.0] * 7, [3, 4], ["linear", "linear"])
+    np.testing.assert_allclose(new, pos)
+    new = uniform_positions(pos, [1, 2, 3, 1, 1, 1, 5], [3, 4], ["linear", "ease-in-out"])
+    assert new[0] == 0 and new[3] == 1 and new[-1] == 2
+    assert np.all(np.diff(new) > 0)
+
+
+def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path):
+    """Uniform spacing lowers the spread of consecutive-frame distances (both printed)."""
+    s = RenderSettings(height=64, width=64, num_steps=3, batch_size=4, guidance_scale=7.5)
+    prompts = ["a red cube on a table", "a blue sphere in the sky"]
+    lin = sdanim.morph(prompts, out=str(tmp_path / "lin.gif"), frames=9, settings=s, model=tiny, progress=False)
+    uni = sdanim.morph(prompts, out=str(tmp_path / "uni.gif"), frames=9, settings=s, model=tiny, progress=False,
+                       spacing="uniform", preview_steps=3)
+    print(f"linear: 1-Gini {lin.smoothness['one_minus_gini']:.3f} var {lin.smoothness['variance']:.3e}; "
+          f"uniform: 1-Gini {uni.smoothness['one_minus_gini']:.3f} var {uni.smoothness['variance']:.3e}")
+    assert uni.smoothness["variance"] < lin.smoothness["variance"]
+    assert uni.smoothness["one_minus_gini"] > lin.smoothness["one_minus_gini"]
+    np.testing.assert_array_equal(uni.frames[0], lin.frames[0])  # keyframes stay put
+    np.testing.assert_array_equal(uni.frames[-1], lin.frames[-1])
+    manifest = json.load(open(os.path.join(uni.frames_dir, "manifest.json")))
+    assert manifest["timing"] == {"spacing": "uniform", "preview_steps": 3} and len(manifest["positions"]) == 9
+
+
+def test_uniform_spacing_resume_reuses_positions(tiny, tmp_path, monkeypatch):
+    from sdanim import api
+
+    s = RenderSettings(height=64, width=64, num_steps=2, batch_size=4)
+    first = sdanim.morph(["a", "b"], out=str(tmp_path / "u.gif"), frames=6, settings=s, model=tiny, progress=False, spacing="uniform")
+    os.remove(os.path.join(first.frames_dir, "frame_00003.png"))
+    monkeypatch.setattr(api, "_uniform_spacing", lambda *a, **k: pytest.fail("preview ran again"))
+    again = sdanim.morph(["a", "b"], out=str(tmp_path / "u.gif"), frames=6, settings=s, model=tiny, progress=False, spacing="uniform")
+    assert again.rendered == 1
+    assert np.abs(again.frames.astype(int) - first.frames.astype(int)).max() <= 1
+
+
+def test_bad_spacing(tiny, tmp_path):
+    from sdanim.keyframes import circle_walk
+
+    with pytest.raises(SdanimError, match=r"spacing must be one of linear, uniform\. Received: spacing='wavy'"):
+        sdanim.morph(["a", "b"], out=str(tmp_path / "x.gif"), settings=S, model=tiny, spacing="wavy")
+    with pytest.raises(SdanimError, match=r"circle noise walk has none\. Received: noise='circle'"):
+        sdanim.animate(circle_walk("a", 1, 4), out=str(tmp_path / "c.gif"), settings=S, model=tiny, spacing="uniform")
