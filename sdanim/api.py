@@ -17,7 +17,7 @@ import numpy as np
 
 from sdanim import __version__
 from sdanim.errors import SdanimError, check
-from sdanim.export import check_fps, contact_sheet, output_format, write_video
+from sdanim.export import blend_double, check_fps, check_quality, contact_sheet, output_format, write_video
 from sdanim.frames import FrameStore, ensure_folder, manifest_differences, write_png
 from sdanim.interpolation import METHODS, check_easing, split_frames
 from sdanim.keyframes import Walk, mix_embeddings, walk_from_prompts
@@ -128,22 +128,28 @@ def _prepare_store(folder: str, manifest: dict, overwrite: bool):
     return store, (None if overwrite else stored)
 
 
-def check_output_args(out: str, fps) -> float:
-    """Checks the output path and fps, and creates the output folder. Returns fps."""
+def check_output_args(out: str, fps, audio: Optional[str] = None) -> float:
+    """Checks the output path, fps and audio file, and creates the output folder.
+    Returns fps."""
     fps = check_fps(fps)
-    output_format(out)
+    ext = output_format(out)
+    if audio is not None:
+        from sdanim.audio import read_wav
+
+        check(ext != ".gif", f"a GIF cannot carry audio; write .mp4 or .webm. Received: out={out!r}")
+        read_wav(audio)
     ensure_folder(os.path.dirname(os.path.abspath(out)), "out")
     return fps
 
 
-def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noise="fixed", seeds=None):
+def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noise="fixed", seeds=None, audio=None):
     """Checks morph's arguments (cheap; before any model is built) and creates the
     output folder. Returns (intervals per transition, fps, per-keyframe seeds)."""
     check(len(prompts) >= 2, f"morph needs at least 2 prompts. Received: {len(prompts)} prompt(s)")
     for p in prompts:
         check(isinstance(p, str), f"prompts must be strings. Received: prompt={p!r}")
     intervals = split_frames(frames, len(prompts) - 1)
-    fps = check_output_args(out, fps)
+    fps = check_output_args(out, fps, audio)
     check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
     check(noise in NOISE_MODES, f"noise must be one of {', '.join(NOISE_MODES)}. Received: noise={noise!r}")
     seed = check_seed(seed)
@@ -189,6 +195,10 @@ def morph(
     easing: str = "linear",
     spacing: str = "linear",
     preview_steps: Optional[int] = None,
+    audio: Optional[str] = None,
+    audio_mode: str = "loudness",
+    double: bool = False,
+    quality: float = 8.0,
     ping_pong: bool = False,
     sheet: bool = False,
     model=None,
@@ -205,7 +215,7 @@ def morph(
 
     Args:
         prompts: list of str. Two or more prompts, the keyframes in order.
-        out: str. Output .gif or .mp4 path. Defaults to "outputs/morph.gif".
+        out: str. Output .gif, .mp4 or .webm path. Defaults to "outputs/morph.gif".
         frames: int. Total frames, keyframes included, >= len(prompts). Defaults to 24.
         fps: float. Frames per second. Defaults to 12.
         seed: int. Seed of the noise (the first keyframe's with noise="slerp").
@@ -223,6 +233,7 @@ def morph(
         spacing: str. "linear" or "uniform" (perceptually even steps, from a
             preview; see `animate`). Defaults to "linear".
         preview_steps: int. Steps of the uniform-spacing preview.
+        audio, audio_mode, double, quality: as in `animate`.
         ping_pong: bool. Play forward then back. Defaults to False.
         sheet: bool. Also write a contact sheet `<out stem>_sheet.png`. Defaults to False.
         model: a loaded `StableDiffusionModel` (reused across calls), or None to load one.
@@ -238,12 +249,13 @@ def morph(
     sdanim.show_gif(result.out)
     ```
     """
-    intervals, fps, keyframe_seeds = check_morph_args(prompts, out, frames, fps, seed, interpolation, noise, seeds)
+    intervals, fps, keyframe_seeds = check_morph_args(prompts, out, frames, fps, seed, interpolation, noise, seeds, audio)
     check_easing(easing)
     walk = walk_from_prompts(list(prompts), keyframe_seeds, intervals, easing, False, interpolation)
     return animate(
         walk, out=out, fps=fps, settings=settings, negative_prompt=negative_prompt, ping_pong=ping_pong,
-        sheet=sheet, spacing=spacing, preview_steps=preview_steps, model=model, version=version, weights=weights, overwrite=overwrite, progress=progress,
+        sheet=sheet, spacing=spacing, preview_steps=preview_steps, audio=audio, audio_mode=audio_mode,
+        double=double, quality=quality, model=model, version=version, weights=weights, overwrite=overwrite, progress=progress,
     )
 
 
@@ -257,6 +269,10 @@ def animate(
     sheet: bool = False,
     spacing: str = "linear",
     preview_steps: Optional[int] = None,
+    audio: Optional[str] = None,
+    audio_mode: str = "loudness",
+    double: bool = False,
+    quality: float = 8.0,
     model=None,
     version: str = "1.4",
     weights: str = "keras-cv",
@@ -271,8 +287,16 @@ def animate(
             "uniform": a preview of every frame with `preview_steps` steps measures
             the distance between consecutive frames, and frames are re-placed so that
             they are equally far apart (sdanim.spacing). Defaults to "linear".
-        preview_steps: int. Steps of the uniform-spacing preview. Defaults to a
+        preview_steps: int. Steps of the uniform-spacing preview.
+        audio, audio_mode, double, quality: as in `animate`. Defaults to a
             quarter of the render's steps (at least 2).
+        audio: str. A PCM WAV file whose loudness ("loudness") or onset strength
+            ("onsets", `audio_mode`) under each frame sets how fast the walk moves
+            (sdanim.audio); muxed into an MP4/WebM `out`. Keyframes then fall where
+            the music takes them. Defaults to None.
+        double: bool. Double the frame count in the video by blending neighbours
+            (play at 2 x fps for the same duration). Defaults to False.
+        quality: float. MP4/WebM quality, 0-10. Defaults to 8.
         The other arguments are as in `morph`.
 
     Example:
@@ -283,12 +307,19 @@ def animate(
     """
     # 1. Validate everything before the (slow) model build.
     settings = settings or RenderSettings()
-    fps = check_output_args(out, fps)
+    fps = check_output_args(out, fps, audio)
     check_spacing(spacing)
     check(
         spacing == "linear" or walk.noise != "circle",
         "spacing='uniform' re-places frames along keyframes; a circle noise walk has none. Received: noise='circle'",
     )
+    check_quality(quality)
+    check(audio is None or spacing == "linear", "audio timing and spacing='uniform' both place the frames; choose one. Received: spacing='uniform'")
+    if audio is not None:
+        from sdanim import audio as audio_lib
+
+        samples, rate = audio_lib.read_wav(audio)
+        strength = audio_lib.frame_strength(samples, rate, len(walk), fps, audio_mode)
     if spacing == "uniform":
         preview_steps = preview_steps or max(2, settings.num_steps // 4)
         check(
@@ -302,7 +333,11 @@ def animate(
     model = _get_model(model, settings, version, weights)
     manifest = {
         "walk": walk.record(),
-        "timing": {"spacing": spacing, "preview_steps": preview_steps if spacing == "uniform" else None},
+        "timing": {
+            "spacing": spacing,
+            "preview_steps": preview_steps if spacing == "uniform" else None,
+            "audio": None if audio is None else {"sha256": audio_lib.file_digest(audio), "mode": audio_mode, "fps": fps},
+        },
         "negative_prompt": negative_prompt,
         "render": _render_record(settings),
         "model": _model_record(model),
@@ -324,6 +359,9 @@ def animate(
     else:
         noise_mode = "fixed" if len(set(seeds)) == 1 else "slerp"
     plan = FramePlan(embeddings, noises, seeds, walk.positions(), walk.interpolation, noise_mode)
+    if audio is not None:
+        positions = audio_lib.audio_positions(strength, len(walk.intervals), include_end=not walk.loop)
+        plan = dataclasses.replace(plan, positions=positions)
     if spacing == "uniform":
         known = (stored or {}).get("positions")
         if known is not None and len(known) == len(plan):
@@ -348,7 +386,8 @@ def animate(
     all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(plan))])
 
     # 5. Export, and how evenly it moves.
-    write_video(out, list(all_frames), fps, ping_pong=ping_pong)
+    video = blend_double(all_frames, loop=walk.loop) if double else list(all_frames)
+    write_video(out, video, fps * (2 if double else 1), ping_pong=ping_pong, quality=quality, audio=audio)
     sheet_path = None
     if sheet:
         sheet_path = stem + "_sheet.png"

@@ -69,6 +69,10 @@ def _add_timing_args(p: argparse.ArgumentParser) -> None:
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ping-pong", action="store_true", help="play forward, then back")
+    p.add_argument("--double", action="store_true", help="double the frames in the video by blending neighbours (plays at 2x fps)")
+    p.add_argument("--quality", type=float, default=8.0, help="MP4/WebM quality 0-10 (default: 8)")
+    p.add_argument("--audio", default=None, metavar="WAV", help="WAV whose loudness drives the walk's speed; muxed into MP4/WebM")
+    p.add_argument("--audio-mode", default="loudness", choices=("loudness", "onsets"), help="what in the audio sets the speed (default: loudness)")
     p.add_argument("--sheet", action="store_true", help="also write a contact sheet of all frames")
     p.add_argument("--overwrite", action="store_true", help="replace frames of a different run in the frames folder")
 
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--frames", type=int, default=24, help="total frames, keyframes included (default: 24)")
     m.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
     m.add_argument("--seed", type=int, default=42, help="noise seed (default: 42)")
-    m.add_argument("--out", default="outputs/morph.gif", help="output .gif or .mp4 (default: outputs/morph.gif)")
+    m.add_argument("--out", default="outputs/morph.gif", help="output .gif, .mp4 or .webm (default: outputs/morph.gif)")
     m.add_argument("--interpolation", default="slerp", choices=("slerp", "linear"), help="embedding interpolation (default: slerp)")
     m.add_argument("--noise", default="fixed", choices=("fixed", "slerp"),
                    help="fixed: one noise for every frame; slerp: between per-prompt seeds (default: fixed)")
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("file", help="walk file (.yaml, .yml or .json)")
     _add_timing_args(w)
     w.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
-    w.add_argument("--out", default="outputs/walk.gif", help="output .gif or .mp4 (default: outputs/walk.gif)")
+    w.add_argument("--out", default="outputs/walk.gif", help="output .gif, .mp4 or .webm (default: outputs/walk.gif)")
     _add_output_args(w)
     _add_render_args(w, batch_default=4)
 
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--frames", type=int, default=24, help="frames in one loop (default: 24)")
     c.add_argument("--seed", type=int, default=42, help="first basis seed (default: 42)")
     c.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
-    c.add_argument("--out", default="outputs/circle.gif", help="output .gif or .mp4 (default: outputs/circle.gif)")
+    c.add_argument("--out", default="outputs/circle.gif", help="output .gif, .mp4 or .webm (default: outputs/circle.gif)")
     _add_output_args(c)
     _add_render_args(c, batch_default=4)
 
@@ -190,13 +194,14 @@ def _run(args) -> int:
     if args.command == "morph":
         # Cheap checks first: a typo must not cost a model build.
         api.check_morph_args(args.prompts, args.out, args.frames, args.fps, args.seed,
-                             args.interpolation, args.noise, args.seeds)
+                             args.interpolation, args.noise, args.seeds, args.audio)
         model = _load(args, settings)
         result = api.morph(
             args.prompts, out=args.out, frames=args.frames, fps=args.fps, seed=args.seed,
             settings=settings, negative_prompt=args.negative, interpolation=args.interpolation,
             noise=args.noise, seeds=args.seeds, easing=args.easing, spacing=args.spacing,
-            preview_steps=args.preview_steps, ping_pong=args.ping_pong,
+            preview_steps=args.preview_steps, audio=args.audio, audio_mode=args.audio_mode,
+            double=args.double, quality=args.quality, ping_pong=args.ping_pong,
             sheet=args.sheet, model=model, overwrite=args.overwrite, progress=progress,
         )
         _report(result, args.fps)
@@ -205,13 +210,14 @@ def _run(args) -> int:
         from sdanim.keyframes import circle_walk, load_walk
 
         walk = load_walk(args.file) if args.command == "walk" else circle_walk(args.prompt, args.seed, args.frames)
-        api.check_output_args(args.out, args.fps)
+        api.check_output_args(args.out, args.fps, args.audio)
         model = _load(args, settings)
         result = api.animate(
             walk, out=args.out, fps=args.fps, settings=settings, negative_prompt=args.negative,
             ping_pong=args.ping_pong, sheet=args.sheet, model=model, overwrite=args.overwrite,
             progress=progress, spacing=getattr(args, "spacing", "linear"),
-            preview_steps=getattr(args, "preview_steps", None),
+            preview_steps=getattr(args, "preview_steps", None), audio=args.audio,
+            audio_mode=args.audio_mode, double=args.double, quality=args.quality,
         )
         _report(result, args.fps)
         return 0

@@ -79,7 +79,7 @@ def test_morph_mp4(tiny, tmp_path):
         ({"frames": 1}, r"frames must be at least 2\. Received: frames=1"),
         ({"frames": 2}, r"frames must be at least 3 to show all 3 prompts\. Received: frames=2"),
         ({"fps": 0}, r"fps must be > 0\. Received: fps=0"),
-        ({"out": "x.avi"}, r"out must end in \.gif or \.mp4\. Received: out='x\.avi'"),
+        ({"out": "x.avi"}, r"out must end in \.gif, \.mp4, \.webm\. Received: out='x\.avi'"),
         ({"noise": "slerp", "seeds": [1, 2]}, r"seeds needs one seed per prompt \(3\)\. Received: seeds=\[1, 2\]"),
         ({"seed": -5}, r"seed must be an integer in \[0, 2\*\*63\)\. Received: seed=-5"),
     ],

@@ -21,7 +21,7 @@ M = ["morph", "a cat", "a dog"]
         (M + ["--batch-size", "0"], "batch_size must be at least 1. Received: batch_size=0"),
         (M + ["--size", "500x512"], "width must be a positive multiple of 64"),
         (M + ["--size", "huge"], "size must look like 512x512 (WIDTHxHEIGHT). Received: size='huge'"),
-        (M + ["--out", "outputs/x.avi"], "out must end in .gif or .mp4. Received: out='outputs/x.avi'"),
+        (M + ["--out", "outputs/x.avi"], "out must end in .gif, .mp4, .webm. Received: out='outputs/x.avi'"),
         (["morph", "only one"], "morph needs at least 2 prompts. Received: 1 prompt(s)"),
         (["generate", "a cat", "--num-images", "0"], "num_images must be at least 1. Received: num_images=0"),
         (["generate", "a cat", "--seed", "-3"], "seed must be an integer in [0, 2**63). Received: seed=-3"),

@@ -51,7 +51,7 @@ def test_mp4_decodes_to_the_right_frames_and_fps(tmp_path):
 
 
 def test_unknown_extension_is_refused():
-    with pytest.raises(SdanimError, match=r"out must end in \.gif or \.mp4\. Received: out='x\.avi'"):
+    with pytest.raises(SdanimError, match=r"out must end in \.gif, \.mp4, \.webm\. Received: out='x\.avi'"):
         output_format("x.avi")
 
 

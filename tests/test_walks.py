@@ -220,7 +220,8 @@ def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path):
     np.testing.assert_array_equal(uni.frames[0], lin.frames[0])  # keyframes stay put
     np.testing.assert_array_equal(uni.frames[-1], lin.frames[-1])
     manifest = json.load(open(os.path.join(uni.frames_dir, "manifest.json")))
-    assert manifest["timing"] == {"spacing": "uniform", "preview_steps": 3} and len(manifest["positions"]) == 9
+    assert manifest["timing"] == {"spacing": "uniform", "preview_steps": 3, "audio": None}
+    assert len(manifest["positions"]) == 9
 
 
 def test_uniform_spacing_resume_reuses_positions(tiny, tmp_path, monkeypatch):
