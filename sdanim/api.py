@@ -273,6 +273,7 @@ def animate(
     audio_mode: str = "loudness",
     double: bool = False,
     quality: float = 8.0,
+    distance=None,
     model=None,
     version: str = "1.4",
     weights: str = "keras-cv",
@@ -297,6 +298,9 @@ def animate(
         double: bool. Double the frame count in the video by blending neighbours
             (play at 2 x fps for the same duration). Defaults to False.
         quality: float. MP4/WebM quality, 0-10. Defaults to 8.
+        distance: callable (image, image) -> float. The frame distance used by
+            uniform spacing and the smoothness report, e.g. a perceptual metric where
+            its weights are available. Defaults to mean absolute pixel difference.
         The other arguments are as in `morph`.
 
     Example:
@@ -367,7 +371,7 @@ def animate(
         if known is not None and len(known) == len(plan):
             positions = np.array(known, dtype=np.float64)  # same run: the preview is deterministic
         else:
-            positions = _uniform_spacing(model, walk, plan, settings, preview_steps, negative_prompt, progress)
+            positions = _uniform_spacing(model, walk, plan, settings, preview_steps, negative_prompt, progress, distance)
         plan = dataclasses.replace(plan, positions=positions)
         manifest["positions"] = [float(u) for u in positions]
         store.write_manifest(manifest)
@@ -392,12 +396,12 @@ def animate(
     if sheet:
         sheet_path = stem + "_sheet.png"
         write_png(sheet_path, contact_sheet(all_frames))
-    report = smoothness_report(list(all_frames) + ([all_frames[0]] if walk.loop else []))
+    report = smoothness_report(list(all_frames) + ([all_frames[0]] if walk.loop else []), distance)
     store.write_manifest({**manifest, "smoothness": report})
     return MorphResult(all_frames, out, folder, sheet_path, len(todo), time.perf_counter() - start, report)
 
 
-def _uniform_spacing(model, walk: Walk, plan: FramePlan, settings, preview_steps, negative_prompt, progress) -> np.ndarray:
+def _uniform_spacing(model, walk: Walk, plan: FramePlan, settings, preview_steps, negative_prompt, progress, distance=None) -> np.ndarray:
     """Renders a cheap preview at linear spacing and re-places the frames so that
     consecutive preview frames would be equally far apart (sdanim.spacing)."""
     preview_plan = dataclasses.replace(plan, positions=walk.positions(eased=False))
@@ -405,7 +409,7 @@ def _uniform_spacing(model, walk: Walk, plan: FramePlan, settings, preview_steps
     renderer = _renderer(model, preview_settings, negative_prompt)
     frames = render_frames(renderer, preview_plan, range(len(plan)), settings.batch_size, progress=progress)
     ordered = [frames[i] for i in range(len(plan))]
-    distances = consecutive_distances(ordered + ([ordered[0]] if walk.loop else []))
+    distances = consecutive_distances(ordered + ([ordered[0]] if walk.loop else []), distance)
     return uniform_positions(preview_plan.positions, distances, walk.intervals, walk.easings, include_end=not walk.loop)
 
 

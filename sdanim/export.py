@@ -42,15 +42,36 @@ def boomerang(frames: Sequence[np.ndarray]) -> list:
     return frames + frames[-2:0:-1]
 
 
+def gif_palette(frames: Sequence[np.ndarray], max_colors: int = 256):
+    """One palette for the whole animation, sized to the content.
+
+    Per-frame palettes (what a plain GIF writer does) make flat areas flicker from
+    frame to frame; one shared palette does not. It is built by median cut from a
+    sample of up to 16 frames, with as many colours as the sample holds, up to 256,
+    so simple animations get small palettes and small files.
+    """
+    from PIL import Image
+
+    step = max(1, len(frames) // 16)
+    sample = np.concatenate([np.asarray(f)[::2, ::2] for f in frames[::step]], axis=0)  # (n*H/2, W/2, 3)
+    colors = min(max_colors, len(np.unique(sample.reshape(-1, 3), axis=0)))
+    return Image.fromarray(sample).quantize(colors=max(colors, 2), method=Image.Quantize.MEDIANCUT)
+
+
 def write_gif(path: str, frames: Sequence[np.ndarray], fps: float, loop: int = 0) -> None:
-    """Animated GIF, looping forever by default. GIF stores delays in 1/100 s, so the
-    delay is 1000/fps ms rounded to 10 ms."""
-    import imageio.v3 as iio
+    """Animated GIF with one shared palette (see `gif_palette`), looping forever by
+    default. GIF stores delays in 1/100 s, so the delay is 1000/fps ms rounded to 10 ms."""
+    from PIL import Image
 
     fps = check_fps(fps)
     duration_ms = int(round(100.0 / fps)) * 10
-    stack = np.stack(frames)
-    atomic_write(path, lambda tmp: iio.imwrite(tmp, stack, extension=".gif", duration=duration_ms, loop=loop))
+    palette = gif_palette(frames)
+    images = [Image.fromarray(np.asarray(f)).quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for f in frames]
+
+    def write(tmp):
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=loop, optimize=False)
+
+    atomic_write(path, write)
 
 
 def check_quality(quality) -> float:

@@ -87,3 +87,30 @@ def test_contact_sheet_layout():
     assert sheet.shape == (2 * 10 + 2, 3 * 20 + 2 * 2, 3)
     assert sheet[0, 0, 0] == 0 and sheet[12, 0, 0] == 3 and sheet[12, 22, 0] == 4
     assert sheet[12, 50, 0] == 255  # empty cell stays white
+
+
+def test_gif_uses_one_palette_sized_to_the_content(tmp_path):
+    # A smooth two-colour fade: few distinct colours, so a small shared palette.
+    frames = [np.tile(np.array([10 * k, 0, 255 - 10 * k], np.uint8), (32, 32, 1)) for k in range(8)]
+    path = str(tmp_path / "fade.gif")
+    write_gif(path, frames, fps=8)
+    with Image.open(path) as im:
+        palettes = set()
+        decoded = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            palettes.add(bytes(im.getpalette() or b""))
+            decoded.append(np.asarray(im.convert("RGB")).astype(int))
+    assert len(palettes - {b""}) == 1  # one palette (later frames use the global one): no flicker
+    for original, back in zip(frames, decoded):
+        assert np.abs(original.astype(int) - back).max() <= 8
+
+
+def test_gif_of_rich_frames_stays_close(tmp_path):
+    frames = _frames(4)
+    path = str(tmp_path / "rich.gif")
+    write_gif(path, frames, fps=4)
+    with Image.open(path) as im:
+        im.seek(2)
+        back = np.asarray(im.convert("RGB")).astype(int)
+    assert np.abs(back - frames[2].astype(int)).mean() < 40  # random noise is the worst case for 256 colours
