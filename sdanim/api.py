@@ -288,8 +288,7 @@ def animate(
             "uniform": a preview of every frame with `preview_steps` steps measures
             the distance between consecutive frames, and frames are re-placed so that
             they are equally far apart (sdanim.spacing). Defaults to "linear".
-        preview_steps: int. Steps of the uniform-spacing preview.
-        audio, audio_mode, double, quality: as in `animate`. Defaults to a
+        preview_steps: int. Steps of the uniform-spacing preview. Defaults to a
             quarter of the render's steps (at least 2).
         audio: str. A PCM WAV file whose loudness ("loudness") or onset strength
             ("onsets", `audio_mode`) under each frame sets how fast the walk moves
