@@ -243,3 +243,17 @@ def test_bad_spacing(tiny, tmp_path):
         sdanim.morph(["a", "b"], out=str(tmp_path / "x.gif"), settings=S, model=tiny, spacing="wavy")
     with pytest.raises(SdanimError, match=r"circle noise walk has none\. Received: noise='circle'"):
         sdanim.animate(circle_walk("a", 1, 4), out=str(tmp_path / "c.gif"), settings=S, model=tiny, spacing="uniform")
+
+
+def test_cli_walk_and_circle_succeed(tiny, tmp_path, monkeypatch, capsys):
+    from sdanim import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args, settings: tiny)
+    path = tmp_path / "walk.yaml"
+    path.write_text(WALK_YAML)
+    common = ["--size", "64x64", "--steps", "2", "--quiet"]
+    assert main(["walk", str(path), "--out", str(tmp_path / "w.mp4"), "--fps", "9", "--double", *common]) == 0
+    out = capsys.readouterr().out
+    assert "(9 frames at 9 fps; 9 rendered" in out and "smoothness: mean step" in out
+    assert main(["circle", "a lighthouse", "--frames", "6", "--out", str(tmp_path / "c.gif"), *common]) == 0
+    assert "(6 frames at 12 fps" in capsys.readouterr().out
