@@ -394,7 +394,10 @@ def keras_cv_pipeline(model: StableDiffusionModel, jit_compile: bool = False):
 
     cls = keras_cv.models.StableDiffusionV2 if model.version == "2.1" else keras_cv.models.StableDiffusion
     pipeline = cls(img_height=model.height, img_width=model.width, jit_compile=jit_compile)
-    pipeline._tokenizer = model._tokenizer  # None: KerasCV builds its own if ever needed
+    try:
+        pipeline._tokenizer = model.tokenizer  # KerasCV's own would download the vocab
+    except SdanimError:
+        pass  # no openai-clip here (e.g. a GPU box): fine for generate_image, which needs none
     pipeline._text_encoder = model.text_encoder
     pipeline._diffusion_model = model.diffusion_model
     pipeline._decoder = model.decoder

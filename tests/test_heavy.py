@@ -145,3 +145,13 @@ def test_uniform_spacing_on_the_real_architecture(sd_model, tmp_path):
           f"variance {lin.smoothness['variance']:.3e}; uniform 1-Gini {uni.smoothness['one_minus_gini']:.3f} "
           f"variance {uni.smoothness['variance']:.3e}")
     assert uni.smoothness["variance"] < lin.smoothness["variance"]
+
+
+def test_sd21_architecture_matches_keras_cv_v2_loop():
+    """SD 2.1 (OpenCLIP text encoder, 1024-wide context) builds and renders like KerasCV."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "v2_parity.py")],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert "sd2.1 max pixel diff" in proc.stdout
