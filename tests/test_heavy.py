@@ -83,7 +83,8 @@ def test_cli_morph_gif_end_to_end(tmp_path):
     last = np.asarray(Image.open(frames_dir / pngs[-1]))
     assert first.shape == (128, 128, 3) and np.abs(first.astype(int) - last.astype(int)).max() > 0
     manifest = json.loads((frames_dir / "manifest.json").read_text())
-    assert manifest["prompts"] == PROMPTS and manifest["model"]["weights"] == "random"
+    assert [k["prompt"] for k in manifest["walk"]["keyframes"]] == PROMPTS
+    assert manifest["model"]["weights"] == "random" and manifest["render"]["num_steps"] == 2
     assert (tmp_path / "outputs" / "morph_sheet.png").is_file()
     assert not list((tmp_path / "outputs").glob(".*partial*"))
     assert "wrote outputs/morph.gif (8 frames at 4 fps" in proc.stdout
