@@ -20,7 +20,7 @@ from sdanim.errors import SdanimError, check
 from sdanim.export import blend_double, check_fps, check_quality, contact_sheet, output_format, write_video
 from sdanim.frames import FrameStore, ensure_folder, manifest_differences, write_png
 from sdanim.interpolation import METHODS, check_easing, split_frames
-from sdanim.keyframes import Walk, mix_embeddings, walk_from_prompts
+from sdanim.keyframes import Walk, mix_embeddings, normalize_prompt, prompt_texts, walk_from_prompts
 from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import NOISE_MODES, FramePlan
 from sdanim.smoothness import consecutive_distances, smoothness_report
@@ -78,12 +78,17 @@ def prompt_encoder(model) -> PromptEncoder:
     return encoder
 
 
-def _renderer(model, settings: RenderSettings, negative_prompt: Optional[str]) -> Renderer:
+def _renderer(model, settings: RenderSettings, negative_prompt: Optional[str], strength: float = 1.0) -> Renderer:
     uncond = prompt_encoder(model).encode_one(negative_prompt or "")  # (77, D)
     return Renderer(
         model.diffusion_model, model.decoder, settings, uncond,
-        jit_compile=bool(getattr(model, "jit_compile", False)),
+        jit_compile=bool(getattr(model, "jit_compile", False)), strength=strength,
     )
+
+
+def embed_prompt(model, prompt) -> np.ndarray:
+    """(77, D) embedding of a prompt or a weighted mix (see `sdanim.keyframes`)."""
+    return mix_embeddings(normalize_prompt(prompt), prompt_encoder(model).encode)
 
 
 def _model_record(model) -> dict:
@@ -147,7 +152,7 @@ def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noi
     output folder. Returns (intervals per transition, fps, per-keyframe seeds)."""
     check(len(prompts) >= 2, f"morph needs at least 2 prompts. Received: {len(prompts)} prompt(s)")
     for p in prompts:
-        check(isinstance(p, str), f"prompts must be strings. Received: prompt={p!r}")
+        normalize_prompt(p, "prompts")
     intervals = split_frames(frames, len(prompts) - 1)
     fps = check_output_args(out, fps, audio)
     check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
@@ -168,9 +173,9 @@ def check_morph_args(prompts, out, frames, fps, seed, interpolation="slerp", noi
 
 def check_generate_args(prompt, num_images, seed, out_dir):
     """Checks generate's arguments and creates `out_dir`. Returns the seed (drawn if None)."""
-    check(isinstance(prompt, str), f"prompt must be a string. Received: prompt={prompt!r}")
+    normalize_prompt(prompt)
     check(
-        isinstance(num_images, int) and num_images >= 1,
+        isinstance(num_images, int) and not isinstance(num_images, bool) and num_images >= 1,
         f"num_images must be at least 1. Received: num_images={num_images}",
     )
     if seed is None:
@@ -418,6 +423,11 @@ def _frame_text(plan: FramePlan, index: int, walk: Walk, settings: RenderSetting
     return {"frame": index, "position": u, "walk": walk.record(), "render": dataclasses.asdict(settings)}
 
 
+def _prompt_record(prompt):
+    prompt = normalize_prompt(prompt)
+    return prompt if isinstance(prompt, str) else [list(p) for p in prompt]
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -436,13 +446,16 @@ def _versions() -> dict:
     return versions
 
 
-def slugify(text: str, limit: int = 40) -> str:
+def slugify(text, limit: int = 40) -> str:
+    """A file-name stem from a prompt (or the texts of a mix)."""
+    if not isinstance(text, str):
+        text = " ".join(prompt_texts(normalize_prompt(text)))
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:limit].rstrip("-") or "image"
 
 
 def generate(
-    prompt: str,
+    prompt,
     num_images: int = 3,
     seed: Optional[int] = None,
     settings: Optional[RenderSettings] = None,
@@ -458,7 +471,8 @@ def generate(
     Image k is the same as generating (prompt, seed + k) alone, on any batch size.
 
     Args:
-        prompt: str. What to draw.
+        prompt: str, or a weighted mix {"a rabbit": 0.5, "a frog": 0.5} (the
+            embeddings blended, see `sdanim.keyframes`). What to draw.
         num_images: int. How many images. Defaults to 3.
         seed: int or None. Seed of the first image; None draws one (it is returned).
         settings: RenderSettings. Defaults to RenderSettings().
@@ -477,7 +491,7 @@ def generate(
     seed = check_generate_args(prompt, num_images, seed, out_dir)
     model = _get_model(model, settings, version, weights)
     seeds = [seed + k for k in range(num_images)]
-    embedding = prompt_encoder(model).encode_one(prompt)  # (77, D)
+    embedding = embed_prompt(model, prompt)  # (77, D)
     noises = np.stack([seeded_noise(s, settings.latent_shape) for s in seeds])  # (N, h, w, 4)
     plan = FramePlan(
         embeddings=np.repeat(embedding[None], num_images, axis=0),
@@ -492,6 +506,6 @@ def generate(
     if out_dir is not None:
         for s, image in zip(seeds, stacked):
             path = os.path.join(out_dir, f"{slugify(prompt)}-seed{s}.png")
-            write_png(path, image, {"sdanim": {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "render": dataclasses.asdict(settings)}})
+            write_png(path, image, {"sdanim": {"prompt": _prompt_record(prompt), "negative_prompt": negative_prompt, "seed": s, "render": dataclasses.asdict(settings)}})
             paths.append(path)
     return GenerateResult(stacked, seeds, paths)

@@ -1,4 +1,4 @@
-"""Command line: `python -m sdanim morph ...` and `python -m sdanim generate ...`.
+"""Command line: `python -m sdanim morph|walk|circle|generate|mix|img2img|inpaint|outpaint|image-morph|grid|steps`.
 
 Bad input prints one line, `sdanim: error: ...`, and exits with status 2.
 """
@@ -26,7 +26,7 @@ def _int_list(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _add_render_args(p: argparse.ArgumentParser, batch_default: int) -> None:
+def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_default: Optional[str] = "512x512") -> None:
     from sdanim.models import ATTENTIONS, PRECISIONS, VERSIONS
     from sdanim.settings import SCHEDULERS
 
@@ -35,7 +35,11 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int) -> None:
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     g.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampler (default: ddim, as KerasCV)")
     g.add_argument("--negative", default=None, metavar="PROMPT", help="negative prompt")
-    g.add_argument("--size", default="512x512", metavar="WxH", help="image size, multiples of 64 (default: 512x512)")
+    if size_default is None:
+        g.add_argument("--size", default=None, metavar="WxH",
+                       help="image size, multiples of 64 (default: the input image's, rounded down to multiples of 64)")
+    else:
+        g.add_argument("--size", default=size_default, metavar="WxH", help=f"image size, multiples of 64 (default: {size_default})")
     g.add_argument("--batch-size", type=int, default=batch_default, help=f"images per model call (default: {batch_default})")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="1.4", choices=VERSIONS, help="Stable Diffusion version (default: 1.4)")
@@ -145,18 +149,145 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example:\n  python -m sdanim generate "a ford truck on a dirt road" --num-images 3 --seed 4\n\n' + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g.add_argument("prompt", help="what to draw")
-    g.add_argument("--num-images", type=int, default=3, help="how many images (default: 3)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, printed)")
-    g.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    g.add_argument("prompt", help=f"what to draw; {MIX_HELP}")
+    _add_images_args(g, 3)
     _add_render_args(g, batch_default=3)
+
+    mx = sub.add_parser(
+        "mix", help="blend prompts by weight: text-to-image of a weighted mix",
+        description="Blend several prompts' text embeddings with weights (normalised to sum 1) and "
+        "generate images of the blend. The same mix works anywhere a prompt does as 'a rabbit:0.5 | a frog:0.5'.",
+        epilog='example:\n  python -m sdanim mix "a rabbit" 0.5 "a frog" 0.5 --num-images 2 --seed 4\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mx.add_argument("pairs", nargs="+", metavar="PROMPT WEIGHT", help="prompts each followed by its weight")
+    _add_images_args(mx, 1)
+    _add_render_args(mx, batch_default=3)
+
+    i2i = sub.add_parser(
+        "img2img", help="image to image: redraw an image with a prompt",
+        description="Encode an image, noise it to --strength and redraw it with the prompt.",
+        epilog='example:\n  python -m sdanim img2img rabbit.png "a wooden carving of a rabbit" --strength 0.6 --seed 1\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i2i.add_argument("image", help="input image (PNG, JPEG, ...)")
+    i2i.add_argument("prompt", help=f"what to turn it into; {MIX_HELP}")
+    i2i.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it (default: 0.6)")
+    _add_fit_arg(i2i)
+    _add_images_args(i2i, 1)
+    _add_render_args(i2i, batch_default=1, size_default=None)
+
+    ip = sub.add_parser(
+        "inpaint", help="repaint the white part of a mask",
+        description="Repaint the region of the image that is white in the mask; every pixel outside "
+        "the mask comes back unchanged.",
+        epilog='example:\n  python -m sdanim inpaint room.png mask.png "a red armchair" --seed 3\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ip.add_argument("image", help="input image")
+    ip.add_argument("mask", help="mask image of the same size: white = repaint, black = keep")
+    ip.add_argument("prompt", help=f"what to paint there; {MIX_HELP}")
+    ip.add_argument("--strength", type=float, default=1.0, help="1 paints from pure noise; lower keeps some of what was there (default: 1)")
+    ip.add_argument("--feather", type=float, default=4.0, help="pixels over which the repaint blends in, inside the mask's edge (default: 4)")
+    _add_fit_arg(ip)
+    _add_images_args(ip, 1)
+    _add_render_args(ip, batch_default=1, size_default=None)
+
+    op = sub.add_parser(
+        "outpaint", help="extend an image beyond its borders",
+        description="Extend the image by the given pixels on each side and paint the new borders. "
+        "The extended size must be multiples of 64 (the image is not resized).",
+        epilog='example:\n  python -m sdanim outpaint beach.png "a beach at sunset" --left 128 --right 128 --seed 2\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    op.add_argument("image", help="input image")
+    op.add_argument("prompt", help=f"what the whole extended picture shows; {MIX_HELP}")
+    for side in ("left", "right", "top", "bottom"):
+        op.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side} (default: 0)")
+    op.add_argument("--feather", type=float, default=4.0, help="blend width in pixels (default: 4)")
+    _add_images_args(op, 1)
+    _add_render_args(op, batch_default=1, size_default=None)
+
+    imx = sub.add_parser(
+        "image-morph", help="morph between two of your own images",
+        description="Encode two images, interpolate their latents and redraw every frame at --strength "
+        "with the prompt over one fixed noise; export a GIF or MP4.",
+        epilog='example:\n  python -m sdanim image-morph cat.png dog.png --prompt "a photo" --frames 16 --strength 0.5\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imx.add_argument("image_a", help="first image")
+    imx.add_argument("image_b", help="last image")
+    imx.add_argument("--prompt", default="", help=f"prompt guiding the redraw (default: none); {MIX_HELP}")
+    imx.add_argument("--strength", type=float, default=0.5, help="how much each frame is redrawn, (0, 1] (default: 0.5)")
+    imx.add_argument("--frames", type=int, default=24, help="frames, both ends included (default: 24)")
+    imx.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
+    imx.add_argument("--seed", type=int, default=42, help="noise seed (default: 42)")
+    imx.add_argument("--interpolation", default="slerp", choices=("slerp", "linear"), help="latent interpolation (default: slerp)")
+    imx.add_argument("--out", default="outputs/image_morph.gif", help="output .gif, .mp4 or .webm (default: outputs/image_morph.gif)")
+    imx.add_argument("--ping-pong", action="store_true", help="play forward, then back")
+    _add_fit_arg(imx)
+    _add_render_args(imx, batch_default=4, size_default=None)
+
+    gr = sub.add_parser(
+        "grid", help="labelled comparison grid: prompts x seeds x guidance x steps",
+        description="One row per prompt, one column per combination of --seeds, --guidances and "
+        "--steps-list; same seed = same noise, so a column shows what a keyword does.",
+        epilog='example:\n  python -m sdanim grid "a cat" "a fluffy cat" --seeds 1,2 --guidances 5,9\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gr.add_argument("prompts", nargs="+", metavar="PROMPT", help=f"one row each; {MIX_HELP}")
+    gr.add_argument("--seeds", type=_int_list, default=[42], metavar="S1,S2,...", help="seeds (default: 42)")
+    gr.add_argument("--guidances", type=_float_list, default=None, metavar="G1,G2,...", help="guidance scales (default: --guidance)")
+    gr.add_argument("--steps-list", type=_int_list, default=None, metavar="N1,N2,...", help="step counts (default: --steps)")
+    gr.add_argument("--out", default="outputs/grid.png", help="output PNG (default: outputs/grid.png)")
+    _add_render_args(gr, batch_default=4)
+
+    st = sub.add_parser(
+        "steps", help="show the image emerging, step by step",
+        description="Decode the predicted clean image after chosen denoising steps of one generation: "
+        "a labelled strip <out>_strip.png and an animation.",
+        epilog='example:\n  python -m sdanim steps "a lighthouse in a storm" --seed 4 --show 1,5,10,25\n\n' + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    st.add_argument("prompt", help=f"what to draw; {MIX_HELP}")
+    st.add_argument("--seed", type=int, default=42, help="seed (default: 42)")
+    st.add_argument("--show", type=_int_list, default=None, metavar="S1,S2,...", help="1-based steps to show (default: 8 spread evenly)")
+    st.add_argument("--fps", type=float, default=4, help="frames per second of the animation (default: 4)")
+    st.add_argument("--out", default="outputs/steps.gif", help="output .gif or .mp4 (default: outputs/steps.gif)")
+    _add_render_args(st, batch_default=1)
     return parser
 
 
-def _settings(args):
+MIX_HELP = "'a rabbit:0.5 | a frog:0.5' blends prompts by weight"
+
+
+def _float_list(text: str):
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_images_args(p: argparse.ArgumentParser, count: int) -> None:
+    p.add_argument("--num-images", type=int, default=count, help=f"how many images, image k from seed + k (default: {count})")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, printed)")
+    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+
+
+def _add_fit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fit", default="crop", choices=("crop", "resize"),
+                   help="how the image meets --size: crop (centre-crop to the aspect ratio, then resize) "
+                   "or resize (stretch) (default: crop)")
+
+
+def _settings(args, image=None):
+    from sdanim.images import auto_size
     from sdanim.settings import RenderSettings, parse_size
 
-    height, width = parse_size(args.size)
+    if args.size is None:
+        height, width = auto_size(image)
+    else:
+        height, width = parse_size(args.size)
     return RenderSettings(
         height=height, width=width, num_steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, batch_size=args.batch_size,
@@ -186,12 +317,102 @@ def _report(result, fps: float) -> None:
           f"variance {smooth['variance']:.2e} (1-Gini = 1: perfectly even steps)")
 
 
+def _mix_pairs(tokens):
+    """["a rabbit", "0.5", "a frog", "0.5"] -> (("a rabbit", 0.5), ("a frog", 0.5))."""
+    from sdanim.keyframes import normalize_prompt
+
+    if len(tokens) % 2:
+        raise SdanimError(f"mix takes prompts each followed by a weight. Received: {tokens!r}")
+    pairs = []
+    for text, weight in zip(tokens[::2], tokens[1::2]):
+        try:
+            pairs.append((text, float(weight)))
+        except ValueError:
+            raise SdanimError(f"mix weights must be numbers. Received: weight={weight!r} for {text!r}") from None
+    return normalize_prompt(pairs, "mix")
+
+
+def _print_images(result) -> None:
+    for seed, path in zip(result.seeds, result.paths):
+        print(f"seed {seed}: {path}")
+
+
+def _run_edit(args, progress: bool) -> int:
+    from sdanim import api, edits
+    from sdanim.images import extend_canvas, load_image
+    from sdanim.keyframes import parse_prompt_text
+
+    prompt = parse_prompt_text(args.prompt) if hasattr(args, "prompt") else None
+    image = None
+    if args.command in ("img2img", "inpaint", "outpaint"):
+        image = load_image(args.image, "image")
+    if args.command == "image-morph":
+        image = load_image(args.image_a, "image_a")
+    if args.command == "outpaint":
+        canvas, _ = extend_canvas(image, args.left, args.right, args.top, args.bottom)
+        args.size = f"{canvas.shape[1]}x{canvas.shape[0]}"
+    settings = _settings(args, image)
+    common = dict(settings=settings, negative_prompt=args.negative, progress=progress)
+    if args.command in ("img2img", "inpaint", "outpaint"):
+        args.seed = api.check_generate_args(prompt, args.num_images, args.seed, args.out)
+    if args.command == "img2img":
+        from sdanim.schedulers import steps_for_strength
+
+        steps_for_strength(args.strength, settings.num_steps)
+        model = _load(args, settings) if args.strength > 0 else None
+        result = edits.img2img(image, prompt, strength=args.strength, num_images=args.num_images, seed=args.seed,
+                               fit=args.fit, out_dir=args.out, model=model, **common)
+    elif args.command == "inpaint":
+        from sdanim.images import load_mask
+
+        with warnings.catch_warnings():  # said once, by inpaint itself
+            warnings.simplefilter("ignore")
+            load_mask(args.mask, image.shape, "mask")  # a bad mask must not cost a model build
+        result = edits.inpaint(image, args.mask, prompt, num_images=args.num_images, seed=args.seed,
+                               strength=args.strength, feather=args.feather, fit=args.fit, out_dir=args.out,
+                               model=_load(args, settings), **common)
+    elif args.command == "outpaint":
+        result = edits.outpaint(image, prompt, left=args.left, right=args.right, top=args.top, bottom=args.bottom,
+                                num_images=args.num_images, seed=args.seed, feather=args.feather, out_dir=args.out,
+                                model=_load(args, settings), **common)
+    elif args.command == "image-morph":
+        image_b = load_image(args.image_b, "image_b")
+        edits.check_image_morph_args(prompt, args.out, args.frames, args.fps, args.seed, args.strength,
+                                     args.interpolation, settings)
+        result = edits.image_morph(image, image_b, prompt, out=args.out, frames=args.frames, fps=args.fps,
+                                   seed=args.seed, strength=args.strength, interpolation=args.interpolation,
+                                   fit=args.fit, ping_pong=args.ping_pong, model=_load(args, settings), **common)
+        print(f"wrote {result.out} ({len(result.frames)} frames at {args.fps:g} fps)")
+        print(f"frames: {result.frames_dir}")
+        return 0
+    elif args.command == "grid":
+        prompts = [parse_prompt_text(p, "prompts") for p in args.prompts]
+        edits.check_grid_args(prompts, args.seeds, args.guidances, args.steps_list, settings, args.out)
+        result = edits.grid(prompts, seeds=args.seeds, guidance_scales=args.guidances, steps=args.steps_list,
+                            out=args.out, model=_load(args, settings), **common)
+        print(f"wrote {result.path} ({len(prompts)} rows x {len(result.columns)} columns)")
+        return 0
+    elif args.command == "steps":
+        edits.check_steps_args(prompt, args.seed, args.show, settings, args.out, args.fps)
+        result = edits.denoising_steps(prompt, seed=args.seed, show=args.show, out=args.out, fps=args.fps,
+                                       model=_load(args, settings), **common)
+        print(f"wrote {result.gif} and {result.strip} (steps {', '.join(map(str, result.steps))})")
+        return 0
+    _print_images(result)
+    return 0
+
+
 def _run(args) -> int:
     from sdanim import api
 
-    settings = _settings(args)
     progress = not args.quiet
+    if args.command in ("img2img", "inpaint", "outpaint", "image-morph", "grid", "steps"):
+        return _run_edit(args, progress)
+    settings = _settings(args)
     if args.command == "morph":
+        from sdanim.keyframes import parse_prompt_text
+
+        args.prompts = [parse_prompt_text(p, "prompts") for p in args.prompts]
         # Cheap checks first: a typo must not cost a model build.
         api.check_morph_args(args.prompts, args.out, args.frames, args.fps, args.seed,
                              args.interpolation, args.noise, args.seeds, args.audio)
@@ -221,15 +442,17 @@ def _run(args) -> int:
         )
         _report(result, args.fps)
         return 0
-    if args.command == "generate":
-        args.seed = api.check_generate_args(args.prompt, args.num_images, args.seed, args.out)
+    if args.command in ("generate", "mix"):
+        from sdanim.keyframes import parse_prompt_text
+
+        prompt = parse_prompt_text(args.prompt) if args.command == "generate" else _mix_pairs(args.pairs)
+        args.seed = api.check_generate_args(prompt, args.num_images, args.seed, args.out)
         model = _load(args, settings)
         result = api.generate(
-            args.prompt, num_images=args.num_images, seed=args.seed, settings=settings,
+            prompt, num_images=args.num_images, seed=args.seed, settings=settings,
             negative_prompt=args.negative, out_dir=args.out, model=model, progress=progress,
         )
-        for seed, path in zip(result.seeds, result.paths):
-            print(f"seed {seed}: {path}")
+        _print_images(result)
         return 0
     raise SdanimError(f"unknown command. Received: {args.command!r}")  # pragma: no cover
 

@@ -56,6 +56,24 @@ def normalize_prompt(prompt, field: str = "prompt") -> Prompt:
     return pairs
 
 
+def parse_prompt_text(text: str, field: str = "prompt") -> Prompt:
+    """The command line's mix syntax: "a rabbit:0.5 | a frog:0.5" -> (("a rabbit", 0.5),
+    ("a frog", 0.5)). Text without "|" is a plain prompt; a part without ":weight"
+    weighs 1."""
+    if "|" not in text:
+        return text
+    pairs = []
+    for part in text.split("|"):
+        body, sep, weight = part.rpartition(":")
+        try:
+            pair = (body.strip(), float(weight)) if sep else (part.strip(), 1.0)
+        except ValueError:
+            pair = (part.strip(), 1.0)
+        check(pair[0] != "", f"{field} has an empty part in a '|' mix. Received: {field}={text!r}")
+        pairs.append(pair)
+    return normalize_prompt(pairs, field)
+
+
 def prompt_texts(prompt: Prompt) -> list:
     return [prompt] if isinstance(prompt, str) else [text for text, _ in prompt]
 

@@ -444,9 +444,12 @@ def use_fused_attention(keras_model, enabled: bool = True) -> int:
     That op uses fused (flash / cuDNN) kernels on backends and devices that have them.
     Only the given model's layer instances change (their `call`), not KerasCV's
     classes; the weights are untouched. `enabled=False` restores KerasCV's own call.
-    Returns the number of layers switched.
+    Sampling steps already compiled for the model are dropped, so the next render
+    traces the new attention. Returns the number of layers switched.
     """
     import types
+
+    from sdanim.sampling import forget_compiled
 
     from keras_cv.src.models.stable_diffusion.attention_block import AttentionBlock
     from keras_cv.src.models.stable_diffusion.diffusion_model import CrossAttention
@@ -464,4 +467,5 @@ def use_fused_attention(keras_model, enabled: bool = True) -> int:
         else:
             layer.__dict__.pop("call", None)
         count += 1
+    forget_compiled(keras_model)
     return count

@@ -26,7 +26,8 @@ def plot_images(images: Sequence[np.ndarray], titles: Optional[Sequence[str]] = 
     fig = plt.figure(figsize=(size * columns, size * rows))
     for k, image in enumerate(images):
         ax = fig.add_subplot(rows, columns, k + 1)
-        ax.imshow(image)
+        image = np.asarray(image)
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)  # masks in grey
         if titles is not None:
             ax.set_title(titles[k])
         ax.axis("off")

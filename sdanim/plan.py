@@ -8,7 +8,7 @@ so any batching, resume or sharding of the frames gives the same frames.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -16,6 +16,13 @@ from sdanim.errors import check
 from sdanim.interpolation import METHODS, interpolate
 
 NOISE_MODES = ("fixed", "slerp", "circle")
+
+
+def step_seed(seed: int) -> int:
+    """The seed of the per-step (ancestral) noise of an image drawn from `seed` alone:
+    a keyframe, a `generate` image, an image-to-image result, a grid cell."""
+    state = np.random.SeedSequence([int(seed), 2]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +34,8 @@ class FrameInputs:
     noise: np.ndarray  # (h, w, 4) initial latent noise
     seed: int  # the frame's own seed, for ancestral samplers' per-step noise
     position: float  # u along the keyframe path, in [0, K-1]
+    init_latent: Optional[np.ndarray] = None  # (h, w, 4) image latent (image-to-image, inpainting)
+    mask: Optional[np.ndarray] = None  # (h, w, 1) 1 = paint, 0 = keep init_latent (inpainting)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,9 +116,8 @@ class FramePlan:
         k = min(int(np.floor(u)), len(self.seeds) - 1)
         t = u - k
         if t == 0.0:
-            key = [int(self.seeds[k]), 2]
-        else:
-            key = [int(self.seeds[k]), int(self.seeds[k + 1]), k, int(round(t * 2**32)), 2]
+            return step_seed(self.seeds[k])
+        key = [int(self.seeds[k]), int(self.seeds[k + 1]), k, int(round(t * 2**32)), 2]
         state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
         return int(state >> np.uint64(1))
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from sdanim.errors import check
 from sdanim.noise import step_noise
-from sdanim.schedulers import make_scheduler
+from sdanim.schedulers import make_scheduler, steps_for_strength
 from sdanim.settings import RenderSettings
 
 
@@ -41,43 +42,73 @@ def _compile(fn: Callable, model, jit_compile: bool) -> Callable:
 
     TensorFlow: one tf.function (XLA if jit_compile), traced once per input shape.
     JAX: jax.jit over model.stateless_call, the weights passed as arguments (not baked
-    in as constants). torch: eager under no_grad.
+    in as constants). torch: eager under no_grad. The function holds the model weakly,
+    so it can be cached per model (see `_compiled`) without keeping the model alive.
     """
     import keras
 
+    ref = weakref.ref(model)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        compiled = tf.function(
-            lambda *args: fn(lambda inputs: model(inputs, training=False), *args),
+        return tf.function(
+            lambda *args: fn(lambda inputs: ref()(inputs, training=False), *args),
             jit_compile=jit_compile,
         )
-        return compiled
     if backend == "jax":
         import jax
 
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-
         def pure(tv, ntv, *args):
             def call(inputs):
-                out, _ = model.stateless_call(tv, ntv, inputs, training=False)
+                out, _ = ref().stateless_call(tv, ntv, inputs, training=False)
                 return out
 
             return fn(call, *args)
 
         jitted = jax.jit(pure)
-        return lambda *args: jitted(trainable, non_trainable, *args)
+
+        def run(*args):
+            m = ref()  # the current weights, as arguments
+            return jitted([v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables], *args)
+
+        return run
     if backend == "torch":
         import torch
 
         def run(*args):
             with torch.no_grad():
-                return fn(lambda inputs: model(inputs, training=False), *args)
+                return fn(lambda inputs: ref()(inputs, training=False), *args)
 
         return run
     raise RuntimeError(f"unsupported Keras backend: {backend}")
+
+
+# model -> {(step function, jit_compile): compiled}. Every Renderer of a model shares
+# one compiled step, so a second `generate`, a grid column or an image-to-image call
+# reuses the traced graph instead of tracing the UNet again.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def forget_compiled(model) -> None:
+    """Drops the compiled steps of `model` (after its layers' calls were changed)."""
+    try:
+        _COMPILED.pop(model, None)
+    except TypeError:
+        pass
+
+
+def _compiled(fn: Callable, model, jit_compile: bool) -> Callable:
+    import keras
+
+    key = (fn.__name__, bool(jit_compile), keras.backend.backend())
+    try:
+        cache = _COMPILED.setdefault(model, {})
+    except TypeError:  # not weak-referenceable
+        return _compile(fn, model, jit_compile)
+    if key not in cache:
+        cache[key] = _compile(fn, model, jit_compile)
+    return cache[key]
 
 
 def _guided_eps(call, latent, t_emb, context, uncond, guidance):
@@ -124,6 +155,10 @@ class Renderer:
         settings: `RenderSettings` (size, steps, guidance, scheduler).
         unconditional_context: (77, D) embedding of "" or of the negative prompt.
         jit_compile: bool. Compile the step with XLA. Defaults to False.
+        strength: float in [0, 1]. With initial latents (image-to-image), how much
+            of the schedule is run: the latents are noised to step N - round(strength N)
+            and denoised from there; 1 ignores them (pure noise, as text-to-image).
+            Defaults to 1.
 
     Example:
     ```python
@@ -139,30 +174,52 @@ class Renderer:
         settings: RenderSettings,
         unconditional_context: np.ndarray,
         jit_compile: bool = False,
+        strength: float = 1.0,
     ):
         self.settings = settings
         self.scheduler = make_scheduler(settings.scheduler, settings.num_steps)
+        # Image-to-image starts here; 0 = from pure noise.
+        self.start_step = settings.num_steps - steps_for_strength(strength, settings.num_steps)
         self.unconditional_context = np.asarray(unconditional_context, dtype=np.float32)
         self.guidance = float(settings.guidance_scale)
         # (N, 320): every step's timestep embedding, once.
         self._t_embs = np.stack([timestep_embedding(t) for t in self.scheduler.timesteps])
         if self.guidance == 1.0:
-            self._eps_fn = _compile(_cond_eps, diffusion_model, jit_compile)
+            self._eps_fn = _compiled(_cond_eps, diffusion_model, jit_compile)
         else:
-            self._eps_fn = _compile(_guided_eps, diffusion_model, jit_compile)
-        self._decode_fn = _compile(_decode, decoder, jit_compile)
+            self._eps_fn = _compiled(_guided_eps, diffusion_model, jit_compile)
+        self._decode_fn = _compiled(_decode, decoder, jit_compile)
 
     def _eps(self, latent, t_emb, context, uncond, guidance):
         if self.guidance == 1.0:
             return self._eps_fn(latent, t_emb, context)
         return self._eps_fn(latent, t_emb, context, uncond, guidance)
 
-    def sample_latents(self, contexts: np.ndarray, noises: np.ndarray, seeds: Sequence[int]):
-        """Runs the denoising loop. contexts (B, 77, D), noises (B, h, w, 4) -> latents."""
+    def sample_latents(
+        self,
+        contexts: np.ndarray,
+        noises: np.ndarray,
+        seeds: Sequence[int],
+        init_latents: Optional[np.ndarray] = None,
+        masks: Optional[np.ndarray] = None,
+        on_step: Optional[Callable] = None,
+    ):
+        """Runs the denoising loop. contexts (B, 77, D), noises (B, h, w, 4) -> latents.
+
+        init_latents (B, h, w, 4): clean latents to start from (image-to-image, at the
+            renderer's strength) or to keep (inpainting).
+        masks (B, h, w, 1): 1 where the model paints, 0 where `init_latents` is kept.
+            After every step the kept region is reset to init_latents noised to that
+            step with the frame's own noise, so it reaches the clean latent exactly at
+            the end (the inpainting of Lugmayr et al. 2022 without resampling).
+        on_step: called as on_step(i, denoised) after step i with the predicted clean
+            latent (B, h, w, 4) (step views).
+        """
         from keras import ops
 
         sched = self.scheduler
         batch = len(contexts)
+        check(masks is None or init_latents is not None, "masks need init_latents (the image to keep)")
         # 1. Inputs, on the device once.
         context = ops.convert_to_tensor(np.asarray(contexts, np.float32))  # (B, 77, D)
         uncond = ops.convert_to_tensor(
@@ -175,15 +232,29 @@ class Renderer:
             # (B, N, h, w, 4) -> (N, B, h, w, 4): each frame's own stream.
             per_frame = [step_noise(s, sched.num_steps, noises.shape[1:]) for s in seeds]
             step_noises = ops.convert_to_tensor(np.stack(per_frame, axis=1))
-        latent = ops.convert_to_tensor(np.asarray(noises, np.float32) * sched.init_noise_sigma)
+        noise = ops.convert_to_tensor(np.asarray(noises, np.float32))
+        start = 0
+        if init_latents is not None:
+            known = ops.convert_to_tensor(np.asarray(init_latents, np.float32))  # (B, h, w, 4)
+            start = self.start_step
+        if start == 0:
+            latent = noise * sched.init_noise_sigma
+        else:
+            latent = sched.noised(start, known, noise)
+        if masks is not None:
+            paint = ops.convert_to_tensor(np.asarray(masks, np.float32))  # (B, h, w, 1)
         denoised = None
         # 2. The loop: one fused UNet call and one scheduler update per step.
-        for i in range(sched.num_steps):
+        for i in range(start, sched.num_steps):
             model_in = latent if sched.input_scale(i) == 1.0 else latent * sched.input_scale(i)
             t_emb = ops.convert_to_tensor(t_embs[i])
             eps = self._eps(model_in, t_emb, context, uncond, guidance)
-            noise = step_noises[i] if step_noises is not None else None
-            latent, denoised = sched.step(i, latent, eps, denoised, noise)
+            fresh = step_noises[i] if step_noises is not None else None
+            latent, denoised = sched.step(i, latent, eps, denoised, fresh)
+            if masks is not None:
+                latent = paint * latent + (1.0 - paint) * sched.noised(i + 1, known, noise)
+            if on_step is not None:
+                on_step(i, denoised)
         return latent
 
     def decode(self, latents) -> np.ndarray:
@@ -192,9 +263,10 @@ class Renderer:
 
         return to_uint8(ops.convert_to_numpy(self._decode_fn(latents)))
 
-    def render(self, contexts: np.ndarray, noises: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
-        """(B, 77, D) contexts and (B, h, w, 4) noises -> (B, H, W, 3) uint8 images."""
-        return self.decode(self.sample_latents(contexts, noises, seeds))
+    def render(self, contexts, noises, seeds, init_latents=None, masks=None) -> np.ndarray:
+        """(B, 77, D) contexts and (B, h, w, 4) noises -> (B, H, W, 3) uint8 images
+        (init_latents and masks as in `sample_latents`)."""
+        return self.decode(self.sample_latents(contexts, noises, seeds, init_latents, masks))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -249,8 +321,13 @@ def render_frames(
             contexts = np.stack([f.context for f in frames])  # (B, 77, D)
             noises = np.stack([f.noise for f in frames])  # (B, h, w, 4)
             seeds = [f.seed for f in frames]
+            extra = {}
+            if frames[0].init_latent is not None:
+                extra["init_latents"] = np.stack([f.init_latent for f in frames])  # (B, h, w, 4)
+            if frames[0].mask is not None:
+                extra["masks"] = np.stack([f.mask for f in frames])  # (B, h, w, 1)
             try:
-                images = renderer.render(contexts, noises, seeds)[: len(chunk)]
+                images = renderer.render(contexts, noises, seeds, **extra)[: len(chunk)]
             except Exception as error:  # noqa: BLE001 - re-raised unless OOM
                 if not is_out_of_memory(error) or batch_size == 1:
                     raise

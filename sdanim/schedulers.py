@@ -6,6 +6,9 @@ Every scheduler shares one signature (k-diffusion style):
     scheduler.input_scale(i)        -> c_in: the UNet sees x * c_in
     scheduler.init_noise_sigma      -> x_T = noise * init_noise_sigma
     scheduler.step(i, x, eps, prev_denoised, noise) -> (x_next, denoised)
+    scheduler.noised(i, x0, noise)  -> the state x_i for a clean latent x0 (x_N = x0):
+                                       where image-to-image starts and what
+                                       inpainting puts back outside the mask
 
 `eps` is the guided noise prediction, `denoised` the predicted clean latent x0 (step
 views use it), `noise` the step's fresh noise for ancestral samplers (None otherwise).
@@ -69,6 +72,27 @@ class Scheduler:
     def step(self, i, x, eps, prev_denoised=None, noise=None):  # pragma: no cover
         raise NotImplementedError
 
+    def noise_levels(self, i: int) -> tuple[float, float]:
+        """(a, b) with x_i = a * x0 + b * noise; (1, 0) at i = num_steps."""
+        raise NotImplementedError  # pragma: no cover
+
+    def noised(self, i: int, x0, noise):
+        """x0 noised to the level the loop holds before step i (x0 itself at i = N)."""
+        a, b = self.noise_levels(i)
+        return x0 if b == 0.0 else a * x0 + b * noise
+
+
+def steps_for_strength(strength: float, num_steps: int) -> int:
+    """How many of `num_steps` an image-to-image run at `strength` takes: none at 0,
+    all at 1, otherwise round(strength * N) but at least one."""
+    check(
+        isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0.0 <= strength <= 1.0,
+        f"strength must be in [0, 1] (0 keeps the image, 1 ignores it). Received: strength={strength!r}",
+    )
+    if strength == 0:
+        return 0
+    return min(num_steps, max(1, int(round(strength * num_steps))))
+
 
 class DDIM(Scheduler):
     """DDIM with eta = 0 (Song et al. 2020, eq. 12).
@@ -98,6 +122,12 @@ class DDIM(Scheduler):
         self.alphas = np.array([ac[t] for t in self.timesteps])
         self.alphas_prev = np.array(prev)
 
+    def noise_levels(self, i: int) -> tuple[float, float]:
+        if i >= self.num_steps:
+            return 1.0, 0.0
+        a = float(self.alphas[i])  # DDPM eq. 4: x_t = sqrt(a) x0 + sqrt(1 - a) eps
+        return math.sqrt(a), math.sqrt(1.0 - a)
+
     def step(self, i, x, eps, prev_denoised=None, noise=None):
         a, a_prev = float(self.alphas[i]), float(self.alphas_prev[i])
         # DDIM eq. 12 with sigma_t = 0: x0 = (x - sqrt(1-a) eps) / sqrt(a)
@@ -120,6 +150,8 @@ class DDPM(Scheduler):
         ratio = NUM_TRAIN_TIMESTEPS // num_steps
         self.alphas = np.array([ac[t] for t in self.timesteps])
         self.alphas_prev = np.array([ac[t - ratio] if t - ratio >= 0 else 1.0 for t in self.timesteps])
+
+    noise_levels = DDIM.noise_levels
 
     def step(self, i, x, eps, prev_denoised=None, noise=None):
         a, a_prev = float(self.alphas[i]), float(self.alphas_prev[i])
@@ -152,6 +184,9 @@ class _SigmaScheduler(Scheduler):
 
     def input_scale(self, i: int) -> float:
         return 1.0 / math.sqrt(float(self.sigmas[i]) ** 2 + 1.0)
+
+    def noise_levels(self, i: int) -> tuple[float, float]:
+        return 1.0, float(self.sigmas[min(i, self.num_steps)])  # x = x0 + sigma * eps
 
 
 class Euler(_SigmaScheduler):
@@ -203,6 +238,9 @@ class DPMSolverPP2M(Scheduler):
     def _alpha_sigma(sigma: float) -> tuple[float, float]:
         alpha = 1.0 / math.sqrt(sigma**2 + 1.0)
         return alpha, sigma * alpha
+
+    def noise_levels(self, i: int) -> tuple[float, float]:
+        return self._alpha_sigma(float(self.sigmas[min(i, self.num_steps)]))  # VP form
 
     def step(self, i, x, eps, prev_denoised=None, noise=None):
         s0, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])

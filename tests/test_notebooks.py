@@ -21,6 +21,9 @@ def test_notebook_runs_headless(name, tmp_path, monkeypatch):
     with Image.open(tmp_path / "outputs" / "morph.gif") as im:
         assert im.n_frames == 4 and im.size == (128, 128)
     assert (tmp_path / "outputs" / "truck.png").is_file()
+    for made in ("grid.png", "image_morph.gif", "steps.gif", "steps_strip.png"):
+        assert (tmp_path / "outputs" / made).is_file(), made
+    assert len(list((tmp_path / "outputs").glob("inpaint-*.png"))) == 1
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/gif" in o.get("data", {}) for o in outputs)
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)

@@ -115,3 +115,31 @@ def test_other_errors_are_not_swallowed(tiny):
     renderer.render = broken
     with pytest.raises(KeyError):
         render_frames(renderer, _plan(2), range(2), 2, progress=False)
+
+
+def test_renderers_of_one_model_share_the_compiled_step(tiny):
+    """A second generate / grid column / img2img call must not trace the UNet again,
+    and the cache must not keep a dropped model alive."""
+    import gc
+    import weakref
+
+    from sdanim.sampling import forget_compiled
+
+    uncond = np.zeros((77, 16), np.float32)
+    a = Renderer(tiny.diffusion_model, tiny.decoder, RenderSettings(height=64, width=64, num_steps=2), uncond)
+    b = Renderer(tiny.diffusion_model, tiny.decoder, RenderSettings(height=64, width=64, num_steps=5, guidance_scale=3.0), uncond)
+    assert a._eps_fn is b._eps_fn and a._decode_fn is b._decode_fn
+    forget_compiled(tiny.diffusion_model)
+    c = Renderer(tiny.diffusion_model, tiny.decoder, RenderSettings(height=64, width=64, num_steps=2), uncond)
+    assert c._eps_fn is not a._eps_fn and c._decode_fn is a._decode_fn
+
+    from tiny import make_tiny_model
+
+    other = make_tiny_model()
+    r = Renderer(other.diffusion_model, other.decoder, RenderSettings(height=64, width=64, num_steps=2), uncond)
+    contexts, noises = random_inputs(1, 64, 64)
+    r.render(contexts, noises, [0])
+    gone = weakref.ref(other.diffusion_model)
+    del other, r
+    gc.collect()
+    assert gone() is None

@@ -97,3 +97,34 @@ def test_unknown_scheduler():
 
     with pytest.raises(SdanimError, match=r"scheduler must be one of .*Received: scheduler='lms'"):
         make_scheduler("lms", 10)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"])
+def test_noised_matches_diffusers_add_noise(name):
+    """Where image-to-image starts and what inpainting restores: x0 noised to step i,
+    as diffusers' add_noise puts it (img2img/inpaint pipelines call exactly that)."""
+    rng = np.random.default_rng(1)
+    x0 = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal(SHAPE).astype(np.float32)
+    ref = _reference(name)
+    ref.set_timesteps(10)
+    ours = _ours(name, 10)
+    for i in (0, 3, 9):
+        t = ref.timesteps[i : i + 1]
+        if hasattr(ref, "sigmas"):
+            ref._step_index = None
+            ref._begin_index = None
+        expected = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t).numpy()
+        got = ours.noised(i, x0, noise)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"{name}: step {i}")
+    assert ours.noised(10, x0, noise) is x0  # after the last step: the clean latent itself
+
+
+def test_steps_for_strength():
+    from sdanim.errors import SdanimError
+    from sdanim.schedulers import steps_for_strength
+
+    assert [steps_for_strength(s, 10) for s in (0, 0.01, 0.5, 0.74, 1)] == [0, 1, 5, 7, 10]
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(SdanimError, match="strength must be in"):
+            steps_for_strength(bad, 10)

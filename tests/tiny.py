@@ -47,6 +47,13 @@ def tiny_decoder(height: int, width: int):
     return keras.Model(latent, x, name="tiny_decoder")
 
 
+def tiny_image_encoder():
+    image = keras.Input((None, None, 3))
+    x = keras.layers.AveragePooling2D(8)(image)
+    x = keras.layers.Conv2D(4, 1)(x)
+    return keras.Model(image, x, name="tiny_image_encoder")
+
+
 @dataclasses.dataclass
 class TinyModel:
     height: int
@@ -55,6 +62,7 @@ class TinyModel:
     text_encoder: object
     diffusion_model: object
     decoder: object
+    image_encoder: object = None
     jit_compile: bool = False
 
     def describe(self):
@@ -63,7 +71,10 @@ class TinyModel:
 
 def make_tiny_model(height: int = 64, width: int = 64, seed: int = 0) -> TinyModel:
     keras.utils.set_random_seed(seed)
-    return TinyModel(height, width, TinyTokenizer(), tiny_text_encoder(), tiny_unet(height, width), tiny_decoder(height, width))
+    return TinyModel(
+        height, width, TinyTokenizer(), tiny_text_encoder(), tiny_unet(height, width),
+        tiny_decoder(height, width), tiny_image_encoder(),
+    )
 
 
 def random_inputs(batch: int, height: int, width: int, seed: int = 0):

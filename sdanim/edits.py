@@ -1,0 +1,541 @@
+"""The rest of the Stable Diffusion toolbox on sdanim's one renderer: image-to-image,
+inpainting, outpainting, image morphs, comparison grids and denoising-step views.
+
+None of these has a loop of its own. Image-to-image hands the renderer clean
+latents and a strength (it starts part-way down the schedule); inpainting adds a mask
+(the kept region is reset after every step); step views read the predicted clean
+latent the samplers already compute.
+
+    image (+ mask) -> latents (VAE encoder) -> frame plan -> batched sampling -> images
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sdanim.api import GenerateResult, _get_model, _prompt_record, _renderer, embed_prompt, slugify
+from sdanim.errors import check
+from sdanim.export import write_video
+from sdanim.frames import FrameStore, ensure_folder, write_png
+from sdanim.images import (
+    composite, extend_canvas, fit_image, labelled_grid, latent_mask, load_image, load_mask, soft_mask,
+)
+from sdanim.interpolation import METHODS, interpolate, split_frames
+from sdanim.keyframes import normalize_prompt
+from sdanim.noise import check_seed, seeded_noise
+from sdanim.plan import FrameInputs, step_seed
+from sdanim.sampling import render_frames
+from sdanim.schedulers import steps_for_strength
+from sdanim.settings import RenderSettings
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImagePlan:
+    """Frames that start from image latents: frame i is a pure function of (plan, i).
+
+    Args:
+        context: (77, D) text embedding, shared by every frame.
+        latents: (K, h, w, 4) clean image latents (K = 1, or 2 for an image morph).
+        seeds: F ints, frame i's noise seed.
+        positions: F floats in [0, K-1]: frame i's latent is interpolated there.
+        mask: (h, w, 1) latent mask (1 = paint) for inpainting, or None.
+        interpolation: "slerp" or "linear", between the latents.
+    """
+
+    context: np.ndarray
+    latents: np.ndarray
+    seeds: tuple
+    positions: np.ndarray
+    mask: Optional[np.ndarray] = None
+    interpolation: str = "linear"
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def frame(self, index: int) -> FrameInputs:
+        u = float(self.positions[index])
+        if len(self.latents) == 1:
+            latent = self.latents[0]
+        else:
+            k = min(int(np.floor(u)), len(self.latents) - 2)
+            latent = interpolate(self.latents[k], self.latents[k + 1], u - k, self.interpolation)
+        seed = int(self.seeds[index])
+        noise = seeded_noise(seed, latent.shape)
+        return FrameInputs(index, self.context, noise, step_seed(seed), u, latent.astype(np.float32), self.mask)
+
+    def batch(self, indices: Sequence[int]) -> list:
+        return [self.frame(i) for i in indices]
+
+
+def encode_images(model, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, H/8, W/8, 4) float32 latents with the model's VAE
+    encoder (KerasCV's `ImageEncoder`: the posterior mean, scaled by 0.18215)."""
+    from keras import ops
+
+    encoder = model.image_encoder
+    check(encoder is not None, "this model has no image encoder, which image-to-image and inpainting need")
+    x = np.asarray(images, np.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+    out = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        out.append(ops.convert_to_numpy(ops.cast(encoder.predict_on_batch(chunk), "float32")))
+    return np.concatenate(out)
+
+
+def _prepare_image(image, settings: RenderSettings, fit: str, name: str = "image") -> np.ndarray:
+    return fit_image(load_image(image, name), settings.height, settings.width, fit)
+
+
+def _seeds(seed, num_images) -> list:
+    from sdanim.api import check_generate_args
+
+    seed = check_generate_args("", num_images, seed, None)
+    return [seed + k for k in range(num_images)]
+
+
+def _save(out_dir, stem, seeds, images, record) -> list:
+    if out_dir is None:
+        return []
+    ensure_folder(out_dir, "out")
+    paths = []
+    for s, image in zip(seeds, images):
+        path = os.path.join(out_dir, f"{stem}-seed{s}.png")
+        write_png(path, image, {"sdanim": {**record, "seed": s}})
+        paths.append(path)
+    return paths
+
+
+def _render_from(model, settings, prompt, negative_prompt, latents, seeds, strength, mask, progress):
+    plan = ImagePlan(
+        context=embed_prompt(model, prompt), latents=latents, seeds=tuple(seeds),
+        positions=np.zeros(len(seeds)), mask=mask,
+    )
+    renderer = _renderer(model, settings, negative_prompt, strength=strength)
+    images = render_frames(renderer, plan, range(len(plan)), settings.batch_size, progress=progress)
+    return np.stack([images[k] for k in range(len(plan))])
+
+
+def img2img(
+    image,
+    prompt,
+    strength: float = 0.6,
+    num_images: int = 1,
+    seed: Optional[int] = None,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    fit: str = "crop",
+    out_dir: Optional[str] = "outputs",
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    progress: bool = True,
+) -> GenerateResult:
+    """Image to image: the image, noised to `strength`, redrawn with the prompt.
+
+    The image is fitted to the settings' size: fit="crop" centre-crops it to that
+    aspect ratio and resizes it (nothing is stretched), fit="resize" stretches it.
+    It is encoded with the VAE encoder, noised to step N - round(strength N) of the
+    scheduler (any scheduler) with image k's own seeded noise, and denoised from there.
+
+    Args:
+        image: path, PIL image or (H, W, 3) uint8 array.
+        prompt: str or weighted mix. What to turn it into.
+        strength: float in [0, 1]. 0 returns the (fitted) image unchanged, no model
+            call; 1 ignores it (the same image as `generate` with that seed).
+            Defaults to 0.6.
+        num_images, seed, settings, negative_prompt, out_dir, model, version,
+            weights, progress: as in `sdanim.generate`; image k uses seed + k.
+        fit: "crop" or "resize". Defaults to "crop".
+
+    Example:
+    ```python
+    result = sdanim.img2img("rabbit.png", "a wooden carving of a rabbit", strength=0.6, seed=1)
+    ```
+    """
+    settings = settings or RenderSettings()
+    normalize_prompt(prompt)
+    steps_for_strength(strength, settings.num_steps)
+    seeds = _seeds(seed, num_images)
+    pixels = _prepare_image(image, settings, fit)
+    if strength == 0:
+        images = np.repeat(pixels[None], num_images, axis=0)
+    else:
+        model = _get_model(model, settings, version, weights)
+        latent = encode_images(model, pixels[None])  # (1, h, w, 4)
+        images = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, None, progress)
+    record = {"tool": "img2img", "prompt": _prompt_record(prompt), "strength": strength,
+              "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings)}
+    return GenerateResult(images, seeds, _save(out_dir, f"img2img-{slugify(prompt)}", seeds, images, record))
+
+
+@dataclasses.dataclass
+class InpaintResult(GenerateResult):
+    """What `inpaint`/`outpaint` made; `mask` is the (H, W) bool mask used (True =
+    repainted) and `image` the fitted input the result keeps outside it."""
+
+    mask: Optional[np.ndarray] = None
+    image: Optional[np.ndarray] = None
+
+
+def inpaint(
+    image,
+    mask,
+    prompt,
+    num_images: int = 1,
+    seed: Optional[int] = None,
+    strength: float = 1.0,
+    feather: float = 4.0,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    fit: str = "crop",
+    out_dir: Optional[str] = "outputs",
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    progress: bool = True,
+) -> InpaintResult:
+    """Redraws the white part of `mask` with the prompt; the rest of the image stays.
+
+    At every step the latent outside the mask (every 8x8 block the mask touches is
+    painted) is reset to the image's latent noised to that step, so the model paints
+    the masked region in context. After decoding, the input's own pixels are put back
+    outside the mask, blended over `feather` pixels inside its edge: every pixel
+    outside the mask is the input's, exactly (the VAE would otherwise blur them).
+
+    Args:
+        image: path, PIL image or (H, W, 3) uint8 array.
+        mask: path or array of the image's size; white (>= 128) = repaint. All black
+            is refused; all white repaints everything (a warning says so).
+        prompt: str or weighted mix. What to paint there.
+        strength: float in (0, 1]. 1 paints the masked region from pure noise; lower
+            keeps some of what was there. Defaults to 1.
+        feather: float. Pixels over which the repainted region blends into the
+            original inside the mask's edge. Defaults to 4.
+        Others as in `img2img`.
+    """
+    settings = settings or RenderSettings()
+    normalize_prompt(prompt)
+    steps_for_strength(strength, settings.num_steps)
+    check(strength > 0, f"inpaint strength must be above 0 (0 would return the image). Received: strength={strength}")
+    seeds = _seeds(seed, num_images)
+    original = load_image(image, "image")
+    hard = load_mask(mask, original.shape, "mask")
+    pixels = fit_image(original, settings.height, settings.width, fit)
+    hard = fit_image(hard.astype(np.uint8) * 255, settings.height, settings.width, fit, nearest=True) >= 128
+    return _inpaint_fitted(pixels, hard, prompt, seeds, strength, feather, settings, negative_prompt, out_dir,
+                           model, version, weights, progress, "inpaint")
+
+
+def _inpaint_fitted(pixels, hard, prompt, seeds, strength, feather, settings, negative_prompt, out_dir,
+                    model, version, weights, progress, tool) -> InpaintResult:
+    weight = soft_mask(hard, feather)  # (H, W), 0 outside the mask
+    model = _get_model(model, settings, version, weights)
+    latent = encode_images(model, pixels[None])  # (1, h, w, 4)
+    generated = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, latent_mask(hard), progress)
+    images = np.stack([composite(g, pixels, weight) for g in generated])
+    record = {"tool": tool, "prompt": _prompt_record(prompt), "strength": strength, "feather": feather,
+              "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings)}
+    paths = _save(out_dir, f"{tool}-{slugify(prompt)}", seeds, images, record)
+    return InpaintResult(images, seeds, paths, mask=hard, image=pixels)
+
+
+def outpaint(
+    image,
+    prompt,
+    left: int = 0,
+    right: int = 0,
+    top: int = 0,
+    bottom: int = 0,
+    num_images: int = 1,
+    seed: Optional[int] = None,
+    feather: float = 4.0,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    out_dir: Optional[str] = "outputs",
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    progress: bool = True,
+) -> InpaintResult:
+    """Extends the image by `left`/`right`/`top`/`bottom` pixels, painting the new
+    borders with the prompt (inpainting with the borders as the mask). The image is
+    not resized: the extended size must be multiples of 64, and `settings` (or the
+    model) must be that size (settings=None takes it).
+    """
+    original = load_image(image, "image")
+    canvas, hard = extend_canvas(original, left, right, top, bottom)
+    size = dict(height=canvas.shape[0], width=canvas.shape[1])
+    settings = dataclasses.replace(settings, **size) if settings else RenderSettings(**size)
+    normalize_prompt(prompt)
+    seeds = _seeds(seed, num_images)
+    return _inpaint_fitted(canvas, hard, prompt, seeds, 1.0, feather, settings, negative_prompt, out_dir,
+                           model, version, weights, progress, "outpaint")
+
+
+def check_image_morph_args(prompt, out, frames, fps, seed, strength, interpolation, settings: RenderSettings):
+    """Checks image_morph's arguments (cheap). Returns (frames - 1, fps, seed)."""
+    from sdanim.api import check_output_args
+
+    normalize_prompt(prompt)
+    (count,) = split_frames(frames, 1)
+    fps = check_output_args(out, fps)
+    check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
+    check(steps_for_strength(strength, settings.num_steps) > 0, f"image morph strength must be above 0. Received: strength={strength}")
+    return count, fps, check_seed(seed)
+
+
+@dataclasses.dataclass
+class ImageMorphResult:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    out: str
+    frames_dir: str
+    seconds: float
+
+
+def image_morph(
+    image_a,
+    image_b,
+    prompt="",
+    out: str = "outputs/image_morph.gif",
+    frames: int = 24,
+    fps: float = 12,
+    seed: int = 42,
+    strength: float = 0.5,
+    interpolation: str = "slerp",
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    fit: str = "crop",
+    ping_pong: bool = False,
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    progress: bool = True,
+) -> ImageMorphResult:
+    """A morph between two of your own images: both are encoded, their latents
+    interpolated, and every frame is redrawn at `strength` with the prompt over one
+    fixed seeded noise (so the frames agree on what the noise adds).
+
+    Args:
+        image_a, image_b: paths, PIL images or arrays; fitted to the settings' size.
+        prompt: str or mix guiding the redraw ("" = none). Defaults to "".
+        strength: float in (0, 1]. How much each frame is redrawn: low keeps the
+            blend of the two images, high lets the model make each in-between a
+            clean image. Defaults to 0.5.
+        interpolation: "slerp" or "linear", between the latents. Defaults to "slerp".
+        out, frames, fps, seed, settings, negative_prompt, fit, ping_pong, model,
+            version, weights, progress: as in `morph` and `img2img`.
+    """
+    settings = settings or RenderSettings()
+    count, fps, seed = check_image_morph_args(prompt, out, frames, fps, seed, strength, interpolation, settings)
+    pixels = np.stack([_prepare_image(image_a, settings, fit, "image_a"), _prepare_image(image_b, settings, fit, "image_b")])
+    model = _get_model(model, settings, version, weights)
+    start = time.perf_counter()
+    latents = encode_images(model, pixels)  # (2, h, w, 4)
+    positions = np.linspace(0.0, 1.0, count + 1)
+    plan = ImagePlan(embed_prompt(model, prompt), latents, tuple([seed] * len(positions)), positions,
+                     interpolation=interpolation)
+    folder = os.path.splitext(out)[0] + "_frames"
+    store = FrameStore(ensure_folder(folder, "out"))
+
+    def save(indices, batch_images):
+        for index, image in zip(indices, batch_images):
+            store.write(index, image, {"sdanim": {"tool": "image_morph", "frame": index, "position": float(positions[index])}})
+
+    renderer = _renderer(model, settings, negative_prompt, strength=strength)
+    images = render_frames(renderer, plan, range(len(plan)), settings.batch_size, on_batch=save, progress=progress)
+    all_frames = np.stack([images[i] for i in range(len(plan))])
+    write_video(out, list(all_frames), fps, ping_pong=ping_pong)
+    return ImageMorphResult(all_frames, out, folder, time.perf_counter() - start)
+
+
+def check_grid_args(prompts, seeds, guidance_scales, steps, settings: RenderSettings, out):
+    """Checks grid's arguments (cheap; before any model is built). Returns (prompts,
+    seeds, one RenderSettings per guidance x steps column group)."""
+    prompts = list(prompts)
+    check(len(prompts) >= 1, "grid needs at least one prompt. Received: 0 prompts")
+    prompts = [normalize_prompt(p, "prompts") for p in prompts]
+    seeds = [check_seed(s, "seeds") for s in _values(seeds, "seeds")]
+    scales = _values(guidance_scales if guidance_scales is not None else [settings.guidance_scale], "guidances")
+    counts = _values(steps if steps is not None else [settings.num_steps], "steps")
+    variants = [dataclasses.replace(settings, guidance_scale=float(g), num_steps=n) for g in scales for n in counts]
+    if out is not None:
+        ensure_folder(os.path.dirname(os.path.abspath(out)), "out")
+    return prompts, seeds, variants
+
+
+@dataclasses.dataclass
+class GridResult:
+    image: np.ndarray  # the labelled grid, (H', W', 3) uint8
+    cells: np.ndarray  # (rows, columns, H, W, 3) uint8
+    columns: list  # (seed, guidance, steps) of each column
+    path: Optional[str]
+
+
+def _values(values, name):
+    values = list(values)
+    check(len(values) >= 1, f"{name} needs at least one value. Received: {name}={values}")
+    return values
+
+
+def grid(
+    prompts: Sequence,
+    seeds: Sequence[int] = (42,),
+    guidance_scales: Optional[Sequence[float]] = None,
+    steps: Optional[Sequence[int]] = None,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    out: Optional[str] = "outputs/grid.png",
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    progress: bool = True,
+) -> GridResult:
+    """A labelled comparison grid: one row per prompt, one column per combination of
+    seed x guidance scale x step count, so a row shows what the settings do and a
+    column what a keyword does (same seed, same noise).
+
+    Each cell equals `generate(prompt, seed=..)` with that guidance and step count.
+
+    Args:
+        prompts: prompts (str or mixes), one per row.
+        seeds: seeds to compare. Defaults to (42,).
+        guidance_scales: guidance scales to compare. Defaults to the settings'.
+        steps: step counts to compare. Defaults to the settings'.
+        out: PNG path of the grid, or None. Defaults to "outputs/grid.png".
+    """
+    settings = settings or RenderSettings()
+    prompts, seeds, variants = check_grid_args(prompts, seeds, guidance_scales, steps, settings, out)
+    model = _get_model(model, settings, version, weights)
+    contexts = [embed_prompt(model, p) for p in prompts]
+    n_scales = len({v.guidance_scale for v in variants})
+    n_counts = len({v.num_steps for v in variants})
+    columns = [(s, v.guidance_scale, v.num_steps) for v in variants for s in seeds]
+    cells = np.zeros((len(prompts), len(columns), settings.height, settings.width, 3), np.uint8)
+    for v_index, variant in enumerate(variants):
+        # One renderer per (guidance, steps); every prompt x seed of it in batches.
+        pairs = list(itertools.product(range(len(prompts)), range(len(seeds))))
+        frames = [
+            FrameInputs(k, contexts[r], seeded_noise(seeds[c], settings.latent_shape), step_seed(seeds[c]), 0.0)
+            for k, (r, c) in enumerate(pairs)
+        ]
+        plan = _ListPlan(frames)
+        renderer = _renderer(model, variant, negative_prompt)
+        images = render_frames(renderer, plan, range(len(frames)), settings.batch_size, progress=progress)
+        for k, (r, c) in enumerate(pairs):
+            cells[r, v_index * len(seeds) + c] = images[k]
+    labels = []
+    for s, g, n in columns:
+        parts = []
+        if len(seeds) > 1:
+            parts.append(f"seed {s}")
+        if n_scales > 1:
+            parts.append(f"guidance {g:g}")
+        if n_counts > 1:
+            parts.append(f"{n} steps")
+        labels.append(", ".join(parts) or f"seed {s}")
+    row_labels = [p if isinstance(p, str) else " + ".join(f"{w:g} {t}" for t, w in p) for p in prompts]
+    sheet = labelled_grid([list(row) for row in cells], row_labels, labels)
+    if out is not None:
+        write_png(out, sheet, {"sdanim": {"tool": "grid", "prompts": [_prompt_record(p) for p in prompts],
+                                         "columns": columns, "render": dataclasses.asdict(settings)}})
+    return GridResult(sheet, cells, columns, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ListPlan:
+    frames: list
+
+    def __len__(self):
+        return len(self.frames)
+
+    def batch(self, indices):
+        return [self.frames[i] for i in indices]
+
+
+def check_steps_args(prompt, seed, show, settings: RenderSettings, out, fps):
+    """Checks denoising_steps' arguments (cheap). Returns (steps to show, seed)."""
+    from sdanim.api import check_output_args
+
+    normalize_prompt(prompt)
+    n = settings.num_steps
+    if show is None:
+        show = sorted({int(round(x)) for x in np.linspace(1, n, min(n, 8))})
+    show = sorted(set(show))
+    check(
+        len(show) >= 1 and all(isinstance(s, int) and 1 <= s <= n for s in show),
+        f"show must list step numbers from 1 to {n} (the steps). Received: show={list(show)}",
+    )
+    if out is not None:
+        check_output_args(out, fps)
+    return show, check_seed(seed)
+
+
+@dataclasses.dataclass
+class StepsResult:
+    images: np.ndarray  # (S, H, W, 3) uint8: the predicted clean image after each shown step
+    steps: list  # 1-based step numbers shown
+    strip: Optional[str]  # PNG strip
+    gif: Optional[str]
+
+
+def denoising_steps(
+    prompt,
+    seed: int = 42,
+    show: Optional[Sequence[int]] = None,
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    out: Optional[str] = "outputs/steps.gif",
+    fps: float = 4,
+    model=None,
+    version: str = "1.4",
+    weights: str = "keras-cv",
+    progress: bool = True,
+) -> StepsResult:
+    """How the picture emerges: the decoded predicted clean image (x0) after chosen
+    steps of one generation, as a labelled strip `<out stem>_strip.png` and a GIF.
+
+    The last shown step equals `generate(prompt, seed=seed)` (the final x0 is the image).
+
+    Args:
+        show: 1-based step numbers to show. Defaults to 8 steps spread evenly,
+            the last included.
+        out: GIF (or MP4) path; None saves nothing. Defaults to "outputs/steps.gif".
+    """
+    from keras import ops
+
+    settings = settings or RenderSettings()
+    n = settings.num_steps
+    show, seed = check_steps_args(prompt, seed, show, settings, out, fps)
+    model = _get_model(model, settings, version, weights)
+    renderer = _renderer(model, settings, negative_prompt)
+    context = embed_prompt(model, prompt)[None]  # (1, 77, D)
+    noise = seeded_noise(seed, settings.latent_shape)[None]
+    captured = {}
+
+    def on_step(i, denoised):
+        if i + 1 in show:
+            captured[i + 1] = denoised
+
+    final = renderer.sample_latents(context, noise, [step_seed(seed)], on_step=on_step)
+    captured[n] = final if n in show else captured.get(n)
+    latents = ops.concatenate([captured[s] for s in show], axis=0)  # (S, h, w, 4)
+    images = np.concatenate([renderer.decode(latents[k : k + 1]) for k in range(len(show))])
+    strip = gif = None
+    if out is not None:
+        strip = os.path.splitext(out)[0] + "_strip.png"
+        write_png(strip, labelled_grid([list(images)], [""], [f"step {s}/{n}" for s in show]))
+        write_video(out, list(images), fps)
+        gif = out
+    return StepsResult(images, list(show), strip, gif)
+
+
+__all__ = [
+    "ImagePlan", "encode_images", "img2img", "inpaint", "outpaint", "image_morph", "grid",
+    "denoising_steps", "InpaintResult", "ImageMorphResult", "GridResult", "StepsResult",
+]

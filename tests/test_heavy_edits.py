@@ -1,0 +1,49 @@
+"""The editing tools on the real KerasCV SD 1.4 architecture (random weights, 128x128):
+the real VAE encoder, the inpainting invariant, strength 0 and 1, step views."""
+
+import numpy as np
+import pytest
+
+import sdanim
+from sdanim.settings import RenderSettings
+
+pytestmark = pytest.mark.heavy
+SETTINGS = RenderSettings(height=128, width=128, num_steps=2, batch_size=1)
+
+
+def _photo():
+    """A smooth picture (the VAE's kind of input), not white noise."""
+    y, x = np.mgrid[0:128, 0:128] / 127.0
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def test_real_vae_encoder_shapes(sd_model):
+    from sdanim.edits import encode_images
+
+    latents = encode_images(sd_model, np.stack([_photo(), _photo()[::-1]]))
+    assert latents.shape == (2, 16, 16, 4) and np.isfinite(latents).all()
+    assert np.abs(latents[0] - latents[1]).max() > 1e-3
+
+
+def test_inpaint_keeps_unmasked_pixels_on_the_real_architecture(sd_model):
+    image = _photo()
+    mask = np.zeros((128, 128), np.uint8)
+    mask[40:90, 30:100] = 255
+    r = sdanim.inpaint(image, mask, "a red armchair", seed=3, settings=SETTINGS, model=sd_model, out_dir=None, progress=False)
+    outside = mask < 128
+    assert np.array_equal(r.images[0][outside], image[outside])
+    assert np.abs(r.images[0][~outside].astype(int) - image[~outside].astype(int)).max() > 20
+
+
+def test_strength_edges_and_step_view_on_the_real_architecture(sd_model):
+    image = _photo()
+    keep = sdanim.img2img(image, "a wooden carving", strength=0, seed=5, settings=SETTINGS, model=sd_model, out_dir=None)
+    assert np.array_equal(keep.images[0], image)
+    ignore = sdanim.img2img(image, "a wooden carving", strength=1, seed=5, settings=SETTINGS, model=sd_model, out_dir=None, progress=False)
+    text = sdanim.generate("a wooden carving", num_images=1, seed=5, settings=SETTINGS, model=sd_model, out_dir=None, progress=False)
+    assert np.array_equal(ignore.images, text.images)
+    half = sdanim.img2img(image, "a wooden carving", strength=0.5, seed=5, settings=SETTINGS, model=sd_model, out_dir=None, progress=False)
+    assert np.abs(half.images[0].astype(int) - text.images[0].astype(int)).max() > 0
+    steps = sdanim.denoising_steps("a wooden carving", seed=5, settings=SETTINGS, model=sd_model, out=None, progress=False)
+    assert steps.steps == [1, 2] and np.array_equal(steps.images[-1], text.images[0])
