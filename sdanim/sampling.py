@@ -66,13 +66,7 @@ def _compile(fn: Callable, model, jit_compile: bool) -> Callable:
 
             return fn(call, *args)
 
-        jitted = jax.jit(pure)
-
-        def run(*args):
-            m = ref()  # the current weights, as arguments
-            return jitted([v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables], *args)
-
-        return run
+        return jax.jit(pure)  # takes the weights first; `_compiled` binds them
     if backend == "torch":
         import torch
 
@@ -99,16 +93,24 @@ def forget_compiled(model) -> None:
 
 
 def _compiled(fn: Callable, model, jit_compile: bool) -> Callable:
+    """`_compile(fn, model, jit_compile)`, made once per model and reused."""
     import keras
 
-    key = (fn.__name__, bool(jit_compile), keras.backend.backend())
+    backend = keras.backend.backend()
+    key = (fn.__name__, bool(jit_compile), backend)
     try:
         cache = _COMPILED.setdefault(model, {})
     except TypeError:  # not weak-referenceable
-        return _compile(fn, model, jit_compile)
+        cache = {}
     if key not in cache:
         cache[key] = _compile(fn, model, jit_compile)
-    return cache[key]
+    compiled = cache[key]
+    if backend == "jax":
+        # The weights as they are now, read once per renderer (not per call).
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        return lambda *args: compiled(trainable, non_trainable, *args)
+    return compiled
 
 
 def _guided_eps(call, latent, t_emb, context, uncond, guidance):

@@ -25,7 +25,14 @@ def main(weights_path, out_path, scheduler="ddim"):
     settings = RenderSettings(height=64, width=64, num_steps=4, batch_size=3, scheduler=scheduler)
     uncond = np.zeros((77, CONTEXT_DIM), np.float32)
     images = Renderer(model.diffusion_model, model.decoder, settings, uncond).render(contexts, noises, [0, 1, 2])
-    np.save(out_path, images)
+    # A second renderer of the same model (the compiled step is reused) on the
+    # image-to-image + inpainting path: start half-way, keep the left half.
+    init = np.random.default_rng(1).standard_normal(noises.shape).astype(np.float32)
+    masks = np.zeros((*noises.shape[:3], 1), np.float32)
+    masks[:, :, 4:] = 1.0
+    edited = Renderer(model.diffusion_model, model.decoder, settings, uncond, strength=0.5).render(
+        contexts, noises, [0, 1, 2], init_latents=init, masks=masks)
+    np.save(out_path, np.concatenate([images, edited]))
 
 
 if __name__ == "__main__":
