@@ -92,10 +92,12 @@ def _prepare_image(image, settings: RenderSettings, fit: str, name: str = "image
     return fit_image(load_image(image, name), settings.height, settings.width, fit)
 
 
-def _seeds(seed, num_images) -> list:
+def _seeds(seed, num_images, out_dir) -> list:
+    """The images' seeds (seed + k; a random first seed if None). Creates out_dir now,
+    so a bad folder fails before anything is rendered."""
     from sdanim.api import check_generate_args
 
-    seed = check_generate_args("", num_images, seed, None)
+    seed = check_generate_args("", num_images, seed, out_dir)
     return [seed + k for k in range(num_images)]
 
 
@@ -161,7 +163,7 @@ def img2img(
     settings = settings or RenderSettings()
     normalize_prompt(prompt)
     steps_for_strength(strength, settings.num_steps)
-    seeds = _seeds(seed, num_images)
+    seeds = _seeds(seed, num_images, out_dir)
     pixels = _prepare_image(image, settings, fit)
     if strength == 0:
         images = np.repeat(pixels[None], num_images, axis=0)
@@ -223,7 +225,7 @@ def inpaint(
     normalize_prompt(prompt)
     steps_for_strength(strength, settings.num_steps)
     check(strength > 0, f"inpaint strength must be above 0 (0 would return the image). Received: strength={strength}")
-    seeds = _seeds(seed, num_images)
+    seeds = _seeds(seed, num_images, out_dir)
     original = load_image(image, "image")
     hard = load_mask(mask, original.shape, "mask")
     pixels = fit_image(original, settings.height, settings.width, fit)
@@ -273,7 +275,7 @@ def outpaint(
     size = dict(height=canvas.shape[0], width=canvas.shape[1])
     settings = dataclasses.replace(settings, **size) if settings else RenderSettings(**size)
     normalize_prompt(prompt)
-    seeds = _seeds(seed, num_images)
+    seeds = _seeds(seed, num_images, out_dir)
     return _inpaint_fitted(canvas, hard, prompt, seeds, 1.0, feather, settings, negative_prompt, out_dir,
                            model, version, weights, progress, "outpaint")
 

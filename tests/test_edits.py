@@ -289,3 +289,14 @@ def test_cli_edit_bad_input_one_line_exit_2(capsys, tmp_path, argv, match):
     err = capsys.readouterr().err
     assert err.startswith("sdanim: error: ") and match in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_output_folder_fails_before_rendering(tiny, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    calls = _count_unet_calls(monkeypatch)
+    with pytest.raises(SdanimError, match=r"cannot create the output folder.*Received: out="):
+        sdanim.img2img(_image(), "x", strength=0.5, settings=S, model=tiny, out_dir=str(blocker / "sub"))
+    with pytest.raises(SdanimError, match=r"cannot create the output folder"):
+        sdanim.inpaint(_image(), _mask(), "x", settings=S, model=tiny, out_dir=str(blocker / "sub"))
+    assert calls == []
