@@ -350,7 +350,11 @@ def _run_edit(args, progress: bool) -> int:
         image = load_image(args.image_a, "image_a")
     if args.command == "outpaint":
         canvas, _ = extend_canvas(image, args.left, args.right, args.top, args.bottom)
-        args.size = f"{canvas.shape[1]}x{canvas.shape[0]}"
+        size = f"{canvas.shape[1]}x{canvas.shape[0]}"
+        if args.size is not None and args.size != size:
+            raise SdanimError(f"outpaint's size is the image's plus the borders, {size}; leave out --size. "
+                              f"Received: size={args.size}")
+        args.size = size
     settings = _settings(args, image)
     common = dict(settings=settings, negative_prompt=args.negative, progress=progress)
     if args.command in ("img2img", "inpaint", "outpaint"):

@@ -282,6 +282,7 @@ def test_cli_edit_commands_succeed(cli_tiny, tmp_path, capsys):
         (["inpaint", "{a}", "{small}", "x"], "mask must have the image's size 64x64. Received: mask of size 32x32"),
         (["inpaint", "{a}", "{black}", "x"], "mask is all black: nothing to repaint"),
         (["outpaint", "{a}", "x", "--left", "10"], "multiples of 64 pixels a side"),
+        (["outpaint", "{a}", "x", "--left", "64", "--size", "64x64"], "outpaint's size is the image's plus the borders, 128x64; leave out --size. Received: size=64x64"),
         (["mix", "a rabbit", "0.5", "a frog"], "mix takes prompts each followed by a weight"),
         (["mix", "a rabbit", "1", "a frog", "-1"], "mix weights must not sum to zero"),
         (["grid", "a cat", "--guidances", "-1"], "guidance must be >= 0"),
