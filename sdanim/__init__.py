@@ -30,6 +30,8 @@ _EXPORTS = {
     "grid": "sdanim.edits",
     "denoising_steps": "sdanim.edits",
     "load_model": "sdanim.models",
+    "convert_checkpoint": "sdanim.models",
+    "inspect_checkpoint": "sdanim.checkpoints",
     "StableDiffusionModel": "sdanim.models",
     "RenderSettings": "sdanim.settings",
     "SdanimError": "sdanim.errors",

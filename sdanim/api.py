@@ -55,7 +55,7 @@ class GenerateResult:
     paths: list  # PNG files
 
 
-def _get_model(model, settings: RenderSettings, version: str, weights: str):
+def _get_model(model, settings: RenderSettings, version: Optional[str], weights: str):
     if model is None:
         from sdanim.models import clip_vocab_path, load_model
 
@@ -207,7 +207,7 @@ def morph(
     ping_pong: bool = False,
     sheet: bool = False,
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     overwrite: bool = False,
     progress: bool = True,
@@ -242,7 +242,8 @@ def morph(
         ping_pong: bool. Play forward then back. Defaults to False.
         sheet: bool. Also write a contact sheet `<out stem>_sheet.png`. Defaults to False.
         model: a loaded `StableDiffusionModel` (reused across calls), or None to load one.
-        version: str. "1.4" or "2.1", when loading. Defaults to "1.4".
+        version: str or None. "1.4" or "2.1", when loading; None: what `weights`
+            holds, else "1.4". Defaults to None.
         weights: str. "keras-cv", "random" or a directory, when loading.
         overwrite: bool. Replace frames of a different run in the frames folder.
         progress: bool. Show a progress bar. Defaults to True.
@@ -280,7 +281,7 @@ def animate(
     quality: float = 8.0,
     distance=None,
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     overwrite: bool = False,
     progress: bool = True,
@@ -462,7 +463,7 @@ def generate(
     negative_prompt: Optional[str] = None,
     out_dir: Optional[str] = "outputs",
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     progress: bool = True,
 ) -> GenerateResult:

@@ -1,4 +1,4 @@
-"""Command line: `python -m sdanim morph|walk|circle|generate|mix|img2img|inpaint|outpaint|image-morph|grid|steps`.
+"""Command line: `python -m sdanim morph|walk|circle|generate|mix|img2img|inpaint|outpaint|image-morph|grid|steps|convert`.
 
 Bad input prints one line, `sdanim: error: ...`, and exits with status 2.
 """
@@ -6,6 +6,7 @@ Bad input prints one line, `sdanim: error: ...`, and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -15,7 +16,9 @@ from sdanim.errors import SdanimError
 EPILOG = """\
 Real images need Stable Diffusion weights: with --weights keras-cv (the default) KerasCV
 downloads them once (about 4 GB) into ~/.keras/datasets. Offline, pass a folder that
-holds the .h5 files (--weights DIR) or try the pipeline with --weights random.
+holds the .h5 files (--weights DIR) or try the pipeline with --weights random. Any SD
+1.x/2.x checkpoint works too: --weights model.safetensors, model.ckpt or a diffusers
+folder (sdanim convert writes it as .h5 files once, for faster loads).
 """
 
 
@@ -42,9 +45,11 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_defaul
         g.add_argument("--size", default=size_default, metavar="WxH", help=f"image size, multiples of 64 (default: {size_default})")
     g.add_argument("--batch-size", type=int, default=batch_default, help=f"images per model call (default: {batch_default})")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="1.4", choices=VERSIONS, help="Stable Diffusion version (default: 1.4)")
-    m.add_argument("--weights", default="keras-cv", metavar="keras-cv|random|DIR",
-                   help="weight source: KerasCV's download/cache, seeded random weights, or a folder of .h5 files")
+    m.add_argument("--model", default=None, choices=VERSIONS,
+                   help="KerasCV architecture: 1.4 (SD 1.x) or 2.1 (SD 2.x) (default: what --weights holds, else 1.4)")
+    m.add_argument("--weights", default="keras-cv", metavar="keras-cv|random|DIR|CHECKPOINT",
+                   help="weight source: KerasCV's download/cache, seeded random weights, a folder of .h5 files, "
+                   "or an SD 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder)")
     m.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="dtype policy (default: auto = mixed_float16 on CUDA, float32 elsewhere)")
     m.add_argument("--jit", default="auto", choices=("auto", "on", "off"),
@@ -255,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--fps", type=float, default=4, help="frames per second of the animation (default: 4)")
     st.add_argument("--out", default="outputs/steps.gif", help="output .gif or .mp4 (default: outputs/steps.gif)")
     _add_render_args(st, batch_default=1)
+
+    cv = sub.add_parser(
+        "convert", help="write a checkpoint as KerasCV .h5 files, for fast --weights DIR loads",
+        description="Map an SD 1.x/2.x checkpoint (.safetensors or .ckpt in the original layout, or a "
+        "diffusers folder) onto KerasCV's classes and write their weights under KerasCV's file names. "
+        ".ckpt pickles are read by a restricted unpickler that only rebuilds tensors.",
+        epilog="example:\n  python -m sdanim convert v1-5-pruned-emaonly.safetensors --out weights/sd15\n"
+        "  python -m sdanim morph \"a cat\" \"a dog\" --weights weights/sd15\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cv.add_argument("checkpoint", help="a .safetensors/.ckpt file or a diffusers folder")
+    cv.add_argument("--out", required=True, help="folder for the .h5 files (created)")
+    cv.add_argument("--model", default=None, choices=("1.4", "2.1"), help="expected architecture (default: detected)")
     return parser
 
 
@@ -409,6 +427,16 @@ def _run_edit(args, progress: bool) -> int:
 def _run(args) -> int:
     from sdanim import api
 
+    if args.command == "convert":
+        import time
+
+        from sdanim.models import convert_checkpoint
+
+        start = time.perf_counter()
+        written = convert_checkpoint(args.checkpoint, args.out, version=args.model)
+        print(f"wrote {', '.join(os.path.basename(p) for p in written.values())} to {args.out} "
+              f"in {time.perf_counter() - start:.0f} s; use --weights {args.out}")
+        return 0
     progress = not args.quiet
     if args.command in ("img2img", "inpaint", "outpaint", "image-morph", "grid", "steps"):
         return _run_edit(args, progress)

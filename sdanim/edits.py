@@ -134,7 +134,7 @@ def img2img(
     fit: str = "crop",
     out_dir: Optional[str] = "outputs",
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     progress: bool = True,
 ) -> GenerateResult:
@@ -198,7 +198,7 @@ def inpaint(
     fit: str = "crop",
     out_dir: Optional[str] = "outputs",
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     progress: bool = True,
 ) -> InpaintResult:
@@ -261,7 +261,7 @@ def outpaint(
     negative_prompt: Optional[str] = None,
     out_dir: Optional[str] = "outputs",
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     progress: bool = True,
 ) -> InpaintResult:
@@ -315,7 +315,7 @@ def image_morph(
     fit: str = "crop",
     ping_pong: bool = False,
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     progress: bool = True,
 ) -> ImageMorphResult:
@@ -394,7 +394,7 @@ def grid(
     negative_prompt: Optional[str] = None,
     out: Optional[str] = "outputs/grid.png",
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     progress: bool = True,
 ) -> GridResult:
@@ -495,7 +495,7 @@ def denoising_steps(
     out: Optional[str] = "outputs/steps.gif",
     fps: float = 4,
     model=None,
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     progress: bool = True,
 ) -> StepsResult:

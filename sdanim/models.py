@@ -13,7 +13,11 @@ Weight sources:
     "keras-cv": KerasCV's own .h5 files, fetched by keras.utils.get_file into the Keras
         cache exactly as KerasCV does (downloaded once online; used from the cache
         offline).
-    a directory: the same .h5 files, by their KerasCV file names.
+    a directory: the same .h5 files, by their KerasCV file names (what `sdanim convert`
+        writes).
+    a checkpoint: any SD 1.x/2.x model as one .safetensors/.ckpt file (original CompVis
+        layout) or a diffusers folder, mapped onto the KerasCV classes without torch
+        (sdanim.checkpoints, sdanim.weight_map).
     "random": the exact architecture with seeded random weights (offline smoke runs and
         tests).
 """
@@ -231,7 +235,8 @@ def _resolve_weight_files(version: str, weights: str, parts) -> dict:
         check(
             os.path.isdir(folder),
             "weights must be 'keras-cv', 'random' or a directory of KerasCV .h5 "
-            f"files. Received: weights={weights!r}",
+            "files, or a checkpoint (.safetensors/.ckpt file or diffusers folder). "
+            f"Received: weights={weights!r}",
         )
         check(
             os.access(folder, os.R_OK | os.X_OK),
@@ -281,8 +286,27 @@ def _builders(version: str, height: int, width: int) -> dict:
     }
 
 
+def weight_source_kind(weights: str) -> str:
+    """"keras-cv", "random", "h5-dir" (KerasCV .h5 files) or "checkpoint"."""
+    from sdanim.checkpoints import CHECKPOINT_SUFFIXES, is_diffusers_folder
+
+    if weights in ("keras-cv", "random"):
+        return weights
+    if os.path.isdir(weights):
+        return "checkpoint" if is_diffusers_folder(weights) else "h5-dir"
+    if weights.lower().endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(weights):
+        return "checkpoint"
+    return "h5-dir"  # does not exist: _resolve_weight_files names the problem
+
+
+def _h5_dir_version(folder: str) -> str:
+    """The version whose KerasCV files a folder holds (2.1 only if its UNet is there)."""
+    v2 = os.path.join(folder, file_name("2.1", "diffusion_model"))
+    return "2.1" if os.path.isfile(v2) and not os.path.isfile(os.path.join(folder, file_name("1.4", "diffusion_model"))) else "1.4"
+
+
 def load_model(
-    version: str = "1.4",
+    version: Optional[str] = None,
     weights: str = "keras-cv",
     height: int = 512,
     width: int = 512,
@@ -294,9 +318,11 @@ def load_model(
     """Builds KerasCV's Stable Diffusion sub-models for one image size.
 
     Args:
-        version: str. "1.4" (KerasCV `StableDiffusion`) or "2.1"
-            (`StableDiffusionV2`). Defaults to "1.4".
-        weights: str. "keras-cv", "random" or a directory of KerasCV .h5 files.
+        version: str or None. "1.4" (KerasCV `StableDiffusion`, the SD 1.x
+            architecture) or "2.1" (`StableDiffusionV2`, SD 2.x). None: what the
+            checkpoint or folder holds, else "1.4". Defaults to None.
+        weights: str. "keras-cv", "random", a directory of KerasCV .h5 files, or a
+            checkpoint: a .safetensors/.ckpt file or a diffusers folder.
             Defaults to "keras-cv".
         height: int. Image height, a multiple of 64. Defaults to 512.
         width: int. Image width, a multiple of 64. Defaults to 512.
@@ -320,7 +346,7 @@ def load_model(
     ```
     """
     check(
-        version in VERSIONS,
+        version is None or version in VERSIONS,
         f"model must be one of {', '.join(VERSIONS)}. Received: model={version!r}",
     )
     check_image_size(height, width)
@@ -333,8 +359,24 @@ def load_model(
         f"attention must be one of {', '.join(ATTENTIONS)}. Received: attention={attention!r}",
     )
     weights = str(weights)
+    kind = weight_source_kind(weights)
     parts = _PART_ORDER[:3]
-    files = None if weights == "random" else _resolve_weight_files(version, weights, parts)
+    checkpoint = None
+    if kind == "checkpoint":
+        from sdanim.checkpoints import inspect_checkpoint
+        from sdanim.weight_map import check_keys
+
+        checkpoint = inspect_checkpoint(weights)
+        check(
+            version in (None, checkpoint.version),
+            f"the checkpoint holds a Stable Diffusion {checkpoint.version[0]}.x model; leave "
+            f"out --model or pass {checkpoint.version}. Received: model={version!r}",
+        )
+        version = checkpoint.version
+        check_keys(checkpoint)  # every tensor accounted for, before a minute of building
+    elif version is None:
+        version = _h5_dir_version(weights) if kind == "h5-dir" and os.path.isdir(weights) else "1.4"
+    files = None if kind in ("random", "checkpoint") else _resolve_weight_files(version, weights, parts)
 
     device = detect_device()
     default_precision, default_jit = device_defaults(device)
@@ -354,6 +396,10 @@ def load_model(
         model = builders[part]()
         if files is not None:
             model.load_weights(files[part])
+        elif checkpoint is not None:
+            from sdanim.weight_map import bind
+
+            bind(model, checkpoint, part)
         if fused:
             use_fused_attention(model)
         return model
@@ -364,6 +410,7 @@ def load_model(
             files = {**files, **_resolve_weight_files(version, weights, ["image_encoder"])}
         return build("image_encoder")
 
+    text_encoder, diffusion_model, decoder = (build(part) for part in parts)
     return StableDiffusionModel(
         version=version,
         height=height,
@@ -372,11 +419,58 @@ def load_model(
         precision=precision,
         jit_compile=jit_compile,
         attention="fused" if fused else "keras-cv",
-        text_encoder=build("text_encoder"),
-        diffusion_model=build("diffusion_model"),
-        decoder=build("decoder"),
+        text_encoder=text_encoder,
+        diffusion_model=diffusion_model,
+        decoder=decoder,
         _image_encoder_factory=image_encoder_factory,
+        # A checkpoint's VAE encoder is checked now, not at the first img2img.
+        _image_encoder=build("image_encoder") if checkpoint is not None else None,
     )
+
+
+def convert_checkpoint(checkpoint: str, out: str, version: Optional[str] = None) -> dict:
+    """Writes a checkpoint's weights as KerasCV .h5 files, for fast `--weights DIR` loads.
+
+    The files carry KerasCV's own names (kcv_diffusion_model.h5, ...), so KerasCV's
+    classes load them too (`DiffusionModel(...).load_weights(path)`). Each file is
+    written beside its final name and renamed into place when complete.
+
+    Args:
+        checkpoint: str. A .safetensors/.ckpt file or a diffusers folder.
+        out: str. The folder to write into (created).
+        version: str or None. As in `load_model`; None: what the checkpoint holds.
+
+    Returns:
+        {part: path} of the files written.
+    """
+    check(
+        weight_source_kind(str(checkpoint)) == "checkpoint",
+        f"checkpoint must be a .safetensors/.ckpt file or a diffusers folder. Received: checkpoint={checkpoint!r}",
+    )
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise SdanimError(f"the output folder cannot be created ({error.strerror}). Received: out={out!r}") from None
+    model = load_model(version=version, weights=str(checkpoint), height=64, width=64, precision="float32",
+                       jit_compile=False, attention="keras-cv")
+    return write_keras_weights(model, out)
+
+
+def write_keras_weights(model: StableDiffusionModel, out: str) -> dict:
+    """Writes the four sub-models' weights as KerasCV .h5 files in `out`; {part: path}."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    import h5py
+
+    written = {}
+    for part in _PART_ORDER:
+        path = os.path.join(out, file_name(model.version, part))
+        partial = path + ".partial"
+        with h5py.File(partial, "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, getattr(model, part))
+        os.replace(partial, path)
+        written[part] = path
+    return written
 
 
 def keras_cv_pipeline(model: StableDiffusionModel, jit_compile: bool = False):
