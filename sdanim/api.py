@@ -244,7 +244,8 @@ def morph(
         model: a loaded `StableDiffusionModel` (reused across calls), or None to load one.
         version: str or None. "1.4" or "2.1", when loading; None: what `weights`
             holds, else "1.4". Defaults to None.
-        weights: str. "keras-cv", "random" or a directory, when loading.
+        weights: str. "keras-cv", "random", a directory of .h5 files or a checkpoint
+            (.safetensors, .ckpt, diffusers folder), when loading.
         overwrite: bool. Replace frames of a different run in the frames folder.
         progress: bool. Show a progress bar. Defaults to True.
 
