@@ -27,6 +27,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -94,17 +95,20 @@ def _read_safetensors(path: str) -> dict:
             f"Received: checkpoint={path!r}"
         ) from None
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        start, end = info["data_offsets"]
+    try:
+        entries = [(name, info["dtype"], tuple(info["data_offsets"]), tuple(info["shape"]))
+                   for name, info in header.items() if name != "__metadata__"]
+    except (AttributeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"not a .safetensors file (malformed header: {type(error).__name__}). Received: checkpoint={path!r}"
+        ) from None
+    for name, dtype_name, (start, end), shape in entries:
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None or data_start + end > size:
             raise CheckpointError(
                 f"tensor {name!r} is {'cut off' if dtype else 'of an unknown dtype'} in the "
                 f"file (truncated or not a checkpoint). Received: checkpoint={path!r}"
             )
-        shape = tuple(info["shape"])
         if dtype == "bfloat16":
             def read(start=start, end=end, shape=shape):
                 raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=data_start + start)
@@ -130,27 +134,51 @@ class _Inert:
         pass
 
 
+class _StateDict(dict):
+    """collections.OrderedDict as torch pickles it (state dicts carry a `_metadata` attribute)."""
+
+
 @dataclasses.dataclass
 class _Storage:
     archive: zipfile.ZipFile
     entry: str
     dtype: object
+    path: str
+
+
+def _is_index_tuple(values) -> bool:
+    return isinstance(values, tuple) and all(isinstance(v, int) and v >= 0 for v in values)
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-    """torch._utils._rebuild_tensor_v2 without torch: a strided view of the storage bytes."""
-    if not isinstance(storage, _Storage):
-        raise CheckpointError("the checkpoint's pickle rebuilds a tensor from something that is not a storage")
+    """torch._utils._rebuild_tensor_v2 without torch: a strided view of the storage bytes.
+
+    Offsets, sizes and strides are checked against the storage before the view is made,
+    so a crafted pickle cannot make it read outside the storage's bytes.
+    """
     size, stride = tuple(size), tuple(stride)
+    if not (isinstance(storage, _Storage) and isinstance(offset, int) and offset >= 0
+            and _is_index_tuple(size) and _is_index_tuple(stride) and len(size) == len(stride)):
+        raise CheckpointError("the checkpoint's pickle rebuilds a tensor from something that is not a storage")
 
     def read():
         raw_dtype = np.dtype("<u2") if storage.dtype == "bfloat16" else np.dtype(storage.dtype).newbyteorder("<")
-        flat = np.frombuffer(storage.archive.read(storage.entry), dtype=raw_dtype)
+        try:
+            raw = storage.archive.read(storage.entry)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise CheckpointError(
+                f"storage {storage.entry!r} cannot be read ({type(error).__name__}: {error}); the file is "
+                f"damaged. Received: checkpoint={storage.path!r}"
+            ) from None
+        flat = np.frombuffer(raw, dtype=raw_dtype, count=len(raw) // raw_dtype.itemsize)
         if storage.dtype == "bfloat16":
             flat = _bfloat16_to_float32(flat)
         needed = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
         if needed > flat.size:
-            raise CheckpointError(f"a tensor reaches past its storage {storage.entry!r} (truncated checkpoint)")
+            raise CheckpointError(
+                f"a tensor reaches past its storage {storage.entry!r} (truncated or damaged). "
+                f"Received: checkpoint={storage.path!r}"
+            )
         view = np.lib.stride_tricks.as_strided(
             flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride]
         )
@@ -169,7 +197,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("collections", "OrderedDict"): dict,
+        ("collections", "OrderedDict"): _StateDict,
         # What Lightning checkpoints carry besides weights: built as inert placeholders.
         ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"): _Inert,
         ("pytorch_lightning.callbacks", "ModelCheckpoint"): _Inert,
@@ -208,7 +236,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointError(
                 f"storage {key!r} is missing from the checkpoint (truncated?). Received: checkpoint={self._path!r}"
             ) from None
-        return _Storage(self._archive, entry, kind[1])
+        return _Storage(self._archive, entry, kind[1], self._path)
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -227,9 +255,11 @@ def _read_torch(path: str) -> dict:
         archive = zipfile.ZipFile(path)
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
     except (OSError, zipfile.BadZipFile) as error:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        legacy = head[:1] == b"\x80"
+        try:
+            with open(path, "rb") as f:
+                legacy = f.read(1) == b"\x80"
+        except OSError:
+            legacy = False
         raise CheckpointError(
             (
                 "this is PyTorch's legacy (pre-1.6) pickle format, which sdanim does not read "
@@ -339,6 +369,7 @@ class Checkpoint:
     layout: str
     version: str
     tensors: dict
+    prediction_known: bool = True  # False: an SD 2.x single file without a config beside it
 
     def keys(self) -> Iterable[str]:
         return self.tensors.keys()
@@ -381,7 +412,7 @@ def inspect_checkpoint(path: str) -> Checkpoint:
                 f".h5 weights. Received: checkpoint={path!r}"
             )
         tensors, config = _read_diffusers(path)
-        layout = "diffusers"
+        layout, declared = "diffusers", None
         prediction = config["scheduler"].get("prediction_type", "epsilon")
         if config["unet"].get("addition_embed_type") or "unet.add_embedding.linear_1.weight" in tensors:
             _refuse("SDXL (or another UNet with added embeddings)", path)
@@ -398,7 +429,8 @@ def inspect_checkpoint(path: str) -> Checkpoint:
                 f"checkpoint={path!r}"
             )
         layout = "original"
-        prediction = "v_prediction" if _sidecar_parameterization(path) == "v" else "epsilon"
+        declared = _sidecar_parameterization(path)
+        prediction = "v_prediction" if declared == "v" else "epsilon"
         if "model.diffusion_model.label_emb.0.0.weight" in tensors:
             _refuse("SDXL or unCLIP (its UNet takes a class embedding)", path)
         conv_in = "model.diffusion_model.input_blocks.0.0.weight"
@@ -424,10 +456,36 @@ def inspect_checkpoint(path: str) -> Checkpoint:
         version = "2.1"
     else:
         _refuse(f"a UNet with context width {context} and {'linear' if linear_proj else 'convolutional'} projections", path)
-    if prediction == "v_prediction" or prediction == "v":
-        raise CheckpointError(
-            "this model predicts v (SD 2.x 768-v style), and sdanim's samplers expect noise "
-            "predictions; use the 512 (epsilon) variant. Received: "
-            f"checkpoint={path!r}"
-        )
-    return Checkpoint(path=path, layout=layout, version=version, tensors=tensors)
+    known = layout == "diffusers" or version == "1.4" or declared is not None
+    checkpoint = Checkpoint(path=path, layout=layout, version=version, tensors=tensors, prediction_known=known)
+    if prediction == "v_prediction":
+        refuse_v_prediction(checkpoint, "declared by its " + ("scheduler config" if layout == "diffusers" else ".yaml"))
+    return checkpoint
+
+
+def looks_like_v_prediction(diffusion_model) -> bool:
+    """AUTOMATIC1111's test for SD 2.x files that do not say what they predict.
+
+    On a flat 0.5 latent at t=999 with a flat 0.5 context, a v-prediction UNet (the 768-v
+    models) returns values far below the input (mean of output - input < -1); a noise
+    predictor does not. It needs trained weights to mean anything.
+    """
+    from keras import ops
+
+    from sdanim.sampling import timestep_embedding
+
+    shape = tuple(diffusion_model.inputs[0].shape[1:])
+    context_shape = tuple(diffusion_model.inputs[2].shape[1:])
+    latent = np.full((1,) + shape, 0.5, np.float32)
+    context = np.full((1,) + context_shape, 0.5, np.float32)
+    out = diffusion_model([latent, timestep_embedding(999)[None].astype(np.float32), context])
+    return float(np.mean(ops.convert_to_numpy(out).astype(np.float32) - latent)) < -1.0
+
+
+def refuse_v_prediction(checkpoint: Checkpoint, how: str) -> None:
+    raise CheckpointError(
+        f"this model predicts v ({how}; SD 2.x 768-v style), and sdanim's samplers expect noise "
+        "predictions; use the 512 (epsilon) variant, or if this is wrong put a .yaml beside the "
+        "file with model.params.parameterization: eps. Received: "
+        f"checkpoint={checkpoint.path!r}"
+    )

@@ -93,7 +93,8 @@ class StableDiffusionModel:
     Attributes:
         version: str. "1.4" or "2.1".
         height, width: int. Image size in pixels the UNet and decoder were built for.
-        weights: str. The weight source: "keras-cv", "random" or a directory.
+        weights: str. The weight source: "keras-cv", "random", a directory of .h5
+            files, or a checkpoint file or diffusers folder.
         precision: str. The Keras dtype policy the models were built under.
         jit_compile: bool. Whether sdanim compiles its sampling step with XLA.
         tokenizer: KerasCV's CLIP BPE tokenizer, with `encode(text) -> list[int]`
@@ -397,9 +398,13 @@ def load_model(
         if files is not None:
             model.load_weights(files[part])
         elif checkpoint is not None:
+            from sdanim.checkpoints import looks_like_v_prediction, refuse_v_prediction
             from sdanim.weight_map import bind
 
             bind(model, checkpoint, part)
+            # An SD 2.x single file does not say whether it predicts v (768-v) or noise.
+            if part == "diffusion_model" and not checkpoint.prediction_known and looks_like_v_prediction(model):
+                refuse_v_prediction(checkpoint, "its UNet answers AUTOMATIC1111's v-prediction test")
         if fused:
             use_fused_attention(model)
         return model
@@ -422,8 +427,9 @@ def load_model(
         text_encoder=text_encoder,
         diffusion_model=diffusion_model,
         decoder=decoder,
-        _image_encoder_factory=image_encoder_factory,
-        # A checkpoint's VAE encoder is checked now, not at the first img2img.
+        # A checkpoint's VAE encoder is built and checked now, not at the first img2img
+        # (and the model keeps no reference to the checkpoint's open file).
+        _image_encoder_factory=None if checkpoint is not None else image_encoder_factory,
         _image_encoder=build("image_encoder") if checkpoint is not None else None,
     )
 

@@ -45,8 +45,11 @@ def test_ckpt_tensors_match_torch_load(tmp_path):
     the non-tensor entries Lightning checkpoints carry."""
     tensors = _tensors()
     path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {"model": tensors}, "global_step": 10, "epoch": np.float64(1.5)}, path)
-    _assert_same(read_tensors(str(path)), {f"model.{k}": v for k, v in tensors.items()})
+    linear = torch.nn.Linear(3, 2).state_dict()  # an OrderedDict with torch's `_metadata`
+    assert hasattr(linear, "_metadata")
+    torch.save({"state_dict": {"model": tensors, "head": linear}, "global_step": 10, "epoch": np.float64(1.5)}, path)
+    _assert_same(read_tensors(str(path)), {**{f"model.{k}": v for k, v in tensors.items()},
+                                           **{f"head.{k}": v for k, v in linear.items()}})
 
 
 def test_safetensors_match_including_bfloat16(tmp_path):
@@ -252,3 +255,28 @@ def test_model_version_mismatch_is_named(tmp_path):
 
     with pytest.raises(SdanimError, match=r"holds a Stable Diffusion 1\.x model.*Received: model='2\.1'"):
         load_model(version="2.1", weights=_write_unet_probe(tmp_path / "v1.safetensors"), height=64, width=64)
+
+
+def test_sd2_single_files_without_config_are_tested_for_v_prediction(tmp_path):
+    """SD 2.x 768-v and 512 files share an architecture: a bare single file is marked
+    unknown (load_model then runs AUTOMATIC1111's UNet test); a .yaml or a diffusers
+    config decides instead."""
+    import keras
+
+    from sdanim.checkpoints import looks_like_v_prediction
+
+    v2 = _write_unet_probe(tmp_path / "v2.safetensors", context=1024, linear=True)
+    assert inspect_checkpoint(v2).prediction_known is False
+    (tmp_path / "v2.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+    assert inspect_checkpoint(v2).prediction_known is True
+    assert inspect_checkpoint(_write_unet_probe(tmp_path / "v1.safetensors")).prediction_known is True
+
+    def unet(fn):
+        latent, t_emb, context = keras.Input((8, 8, 4)), keras.Input((320,)), keras.Input((77, 1024))
+        out = keras.layers.Lambda(lambda xs: fn(xs[0]) + 0.0 * keras.ops.mean(xs[1]) + 0.0 * keras.ops.mean(xs[2]))(
+            [latent, t_emb, context])
+        return keras.Model([latent, t_emb, context], out)
+
+    assert looks_like_v_prediction(unet(lambda x: x * 0.0 - 2.0))        # far below the input
+    assert not looks_like_v_prediction(unet(lambda x: x))                 # a noise predictor's answer
+    assert not looks_like_v_prediction(unet(lambda x: x * 0.0 - 0.4))
