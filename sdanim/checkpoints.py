@@ -95,13 +95,9 @@ def _read_safetensors(path: str) -> dict:
             f"Received: checkpoint={path!r}"
         ) from None
     tensors = {}
-    try:
-        entries = [(name, info["dtype"], tuple(info["data_offsets"]), tuple(info["shape"]))
-                   for name, info in header.items() if name != "__metadata__"]
-    except (AttributeError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"not a .safetensors file (malformed header: {type(error).__name__}). Received: checkpoint={path!r}"
-        ) from None
+    # safe_open has validated the header's structure.
+    entries = [(name, info["dtype"], tuple(info["data_offsets"]), tuple(info["shape"]))
+               for name, info in header.items() if name != "__metadata__"]
     for name, dtype_name, (start, end), shape in entries:
         dtype = _SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None or data_start + end > size:

@@ -59,12 +59,12 @@ class Source:
 Leaf = dict  # layout -> Source
 
 
-def _leaf(diffusers, original, bias: bool = True, **original_kwargs) -> Leaf:
+def _leaf(diffusers, original, bias: bool = True) -> Leaf:
     d = (diffusers,) if isinstance(diffusers, str) else tuple(diffusers)
     o = (original,) if isinstance(original, str) else tuple(original)
     return {
         "diffusers": Source(d, bias=bias),
-        "original": Source(o, bias=bias, **original_kwargs),
+        "original": Source(o, bias=bias),
     }
 
 
@@ -286,15 +286,16 @@ def check_keys(checkpoint: Checkpoint) -> None:
             missing += lacking
             used.update(k for k in keys if k not in lacking)
     extra = sorted(k for k in checkpoint.keys() if k not in used and not _ignored(k))
-    problems = []
-    if missing:
-        problems.append(_summary(missing, "missing tensors"))
-    if extra:
-        problems.append(_summary(extra, "unexpected tensors"))
-    if problems:
+    _raise_unfit(checkpoint, (missing, "missing tensors"), (extra, "unexpected tensors"))
+
+
+def _raise_unfit(checkpoint: Checkpoint, *problems: tuple) -> None:
+    """One error counting each kind of problem, (items, label), and naming the first few."""
+    found = [_summary(items, label) for items, label in problems if items]
+    if found:
         raise CheckpointError(
             f"the checkpoint does not fit Stable Diffusion {checkpoint.version[0]}.x: "
-            f"{'; '.join(problems)}. Received: checkpoint={checkpoint.path!r}"
+            f"{'; '.join(found)}. Received: checkpoint={checkpoint.path!r}"
         )
 
 
@@ -423,16 +424,7 @@ def bind(model, checkpoint: Checkpoint, part: str) -> None:
                 misfit.append(f"{key} {tuple(checkpoint.tensors[key].shape)} (expected {_torch_shape(variable.shape, transpose)})")
             else:
                 plan.append((variable, key, source.rows, ops))
-    problems = []
-    if missing:
-        problems.append(_summary(missing, "missing tensors"))
-    if misfit:
-        problems.append(_summary(misfit, "tensors of the wrong shape"))
-    if problems:
-        raise CheckpointError(
-            f"the checkpoint does not fit Stable Diffusion {checkpoint.version[0]}.x: "
-            f"{'; '.join(problems)}. Received: checkpoint={checkpoint.path!r}"
-        )
+    _raise_unfit(checkpoint, (missing, "missing tensors"), (misfit, "tensors of the wrong shape"))
     for variable, key, rows, (perm, reshape) in plan:
         array = checkpoint.tensors[key].load()
         if rows is not None:

@@ -280,3 +280,33 @@ def test_sd2_single_files_without_config_are_tested_for_v_prediction(tmp_path):
     assert looks_like_v_prediction(unet(lambda x: x * 0.0 - 2.0))        # far below the input
     assert not looks_like_v_prediction(unet(lambda x: x))                 # a noise predictor's answer
     assert not looks_like_v_prediction(unet(lambda x: x * 0.0 - 0.4))
+
+
+def test_malformed_and_damaged_files_are_named(tmp_path):
+    import struct
+
+    header = json.dumps(["not", "a", "header"]).encode()
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=r"not a readable \.safetensors file.*Received: checkpoint='.*odd\.safetensors'"):
+        read_tensors(str(odd))
+    # A flipped byte inside a stored tensor: the zip's CRC check fails when it is read.
+    path = tmp_path / "damaged.ckpt"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    data = bytearray(path.read_bytes())
+    start = bytes(data).index(np.arange(4096, dtype=np.float32).tobytes()[:64])
+    data[start + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    tensors = read_tensors(str(path))
+    with pytest.raises(CheckpointError, match=r"cannot be read .*damaged.*Received: checkpoint='.*damaged\.ckpt'"):
+        tensors["w"].load()
+
+
+def test_convert_refuses_an_output_folder_it_cannot_create(tmp_path, capsys):
+    from sdanim.cli import main
+
+    (tmp_path / "taken").write_text("a file where the folder should go")
+    probe = _write_unet_probe(tmp_path / "m.safetensors")
+    assert main(["convert", probe, "--out", str(tmp_path / "taken" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the output folder cannot be created" in err and "Received: out=" in err and err.count("\n") == 1
