@@ -31,6 +31,7 @@ _EXPORTS = {
     "denoising_steps": "sdanim.edits",
     "load_model": "sdanim.models",
     "convert_checkpoint": "sdanim.models",
+    "load_checkpoint_weights": "sdanim.models",
     "inspect_checkpoint": "sdanim.checkpoints",
     "StableDiffusionModel": "sdanim.models",
     "RenderSettings": "sdanim.settings",

@@ -22,6 +22,22 @@ folder (sdanim convert writes it as .h5 files once, for faster loads).
 """
 
 
+class _UsageError(Exception):
+    """argparse's complaint, raised instead of printing usage and exiting."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like the rest of the CLI's.
+
+    argparse prints the whole usage block before its message; here `main` prints
+    `sdanim: error: <what> (see 'python -m sdanim morph --help')` and returns 2.
+    Subcommand parsers inherit the class (argparse builds them with type(parent)).
+    """
+
+    def error(self, message):  # noqa: D102 - argparse's hook
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def _int_list(text: str):
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -89,7 +105,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from sdanim.interpolation import EASINGS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m sdanim",
         description="Stable Diffusion latent-walk animations (KerasCV).",
         epilog=EPILOG,
@@ -489,9 +505,22 @@ def _run(args) -> int:
     raise SdanimError(f"unknown command. Received: {args.command!r}")  # pragma: no cover
 
 
+def quiet_tensorflow() -> None:
+    """Hides TensorFlow's C++ start-up lines (absl, oneDNN, cpu_feature_guard) unless
+    the user chose a level: it must be set before TensorFlow is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    quiet_tensorflow()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named against the subcommand's help, not the top level's
+            raise _UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{parser.prog} {args.command} --help')")
+    except _UsageError as error:
+        print(f"sdanim: error: {error}", file=sys.stderr)
+        return 2
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *a, **k: f"sdanim: warning: {message}\n"
     try:

@@ -28,6 +28,7 @@ import dataclasses
 import importlib.util
 import os
 import platform
+import weakref
 from typing import Any, Callable, Optional
 
 from sdanim.errors import SdanimError, check
@@ -147,9 +148,42 @@ class StableDiffusionModel:
         }
 
 
+# tensorflow-metal's plugin is built against one TensorFlow release and fails to load
+# ("Symbol not found" in libmetal_plugin.dylib) under newer ones (tensorflow/tensorflow
+# #81987, #84167). The `metal` extra in pyproject.toml pins the pair below.
+METAL_PAIR = "'tensorflow>=2.18,<2.19' 'tensorflow-metal==1.2.0'"
+
+
+def metal_plugin_error(error: BaseException) -> Optional[SdanimError]:
+    """The one-line error for a tensorflow-metal plugin that failed to load, or None
+    when `error` is something else."""
+    text = str(error)
+    if "metal_plugin" not in text and "tensorflow-plugins" not in text:
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return SdanimError(
+        "TensorFlow could not load the tensorflow-metal plugin (built for another TensorFlow "
+        f"release); install the pair sdanim supports: pip install {METAL_PAIR} "
+        f"(or pip uninstall tensorflow-metal to run on the CPU). Received: {first[:300]}"
+    )
+
+
+def import_keras():
+    """Imports Keras (and so the backend); a tensorflow-metal plugin that does not load
+    becomes one line naming the fix instead of a dlopen traceback."""
+    try:
+        import keras
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is the plugin
+        friendly = metal_plugin_error(error)
+        if friendly is None:
+            raise
+        raise friendly from None
+    return keras
+
+
 def detect_device() -> str:
     """Returns "cuda", "metal" or "cpu": where the Keras backend will run the models."""
-    import keras
+    keras = import_keras()
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -262,7 +296,7 @@ def _resolve_weight_files(version: str, weights: str, parts) -> dict:
 
 
 def _set_precision(precision: str) -> None:
-    import keras
+    keras = import_keras()
 
     if keras.mixed_precision.dtype_policy().name != precision:
         keras.mixed_precision.set_dtype_policy(precision)
@@ -339,7 +373,9 @@ def load_model(
         seed: int. Seed of the random weights when weights="random". Defaults to 0.
 
     Returns:
-        A `StableDiffusionModel`.
+        A `StableDiffusionModel`. While a model loaded with the same arguments is
+        still held (a notebook variable, a UI), that model is returned instead of
+        building another: re-running a notebook cell costs nothing.
 
     Example:
     ```python
@@ -364,17 +400,8 @@ def load_model(
     parts = _PART_ORDER[:3]
     checkpoint = None
     if kind == "checkpoint":
-        from sdanim.checkpoints import inspect_checkpoint
-        from sdanim.weight_map import check_keys
-
-        checkpoint = inspect_checkpoint(weights)
-        check(
-            version in (None, checkpoint.version),
-            f"the checkpoint holds a Stable Diffusion {checkpoint.version[0]}.x model; leave "
-            f"out --model or pass {checkpoint.version}. Received: model={version!r}",
-        )
+        checkpoint = _checked_checkpoint(weights, version)  # before a minute of building
         version = checkpoint.version
-        check_keys(checkpoint)  # every tensor accounted for, before a minute of building
     elif version is None:
         version = _h5_dir_version(weights) if kind == "h5-dir" and os.path.isdir(weights) else "1.4"
     files = None if kind in ("random", "checkpoint") else _resolve_weight_files(version, weights, parts)
@@ -384,10 +411,17 @@ def load_model(
     precision = default_precision if precision == "auto" else precision
     jit_compile = default_jit if jit_compile is None else bool(jit_compile)
     fused = device == "cuda" if attention == "auto" else attention == "fused"
+
+    # 1. A model built with the same arguments that is still alive (re-running a
+    #    notebook cell, a second notebook in the same kernel) is handed back as it is.
+    key = (version, weights, _source_stamp(weights, kind), height, width, precision, jit_compile, fused, seed)
+    alive = _LIVE.get(key)
+    if alive is not None:
+        return alive
+
+    # 2. Build each part (random weights, seeded per part), then load its weights.
     _set_precision(precision)
-
-    import keras
-
+    keras = import_keras()
     builders = _builders(version, height, width)
 
     def build(part: str):
@@ -397,14 +431,6 @@ def load_model(
         model = builders[part]()
         if files is not None:
             model.load_weights(files[part])
-        elif checkpoint is not None:
-            from sdanim.checkpoints import looks_like_v_prediction, refuse_v_prediction
-            from sdanim.weight_map import bind
-
-            bind(model, checkpoint, part)
-            # An SD 2.x single file does not say whether it predicts v (768-v) or noise.
-            if part == "diffusion_model" and not checkpoint.prediction_known and looks_like_v_prediction(model):
-                refuse_v_prediction(checkpoint, "its UNet answers AUTOMATIC1111's v-prediction test")
         if fused:
             use_fused_attention(model)
         return model
@@ -416,7 +442,7 @@ def load_model(
         return build("image_encoder")
 
     text_encoder, diffusion_model, decoder = (build(part) for part in parts)
-    return StableDiffusionModel(
+    model = StableDiffusionModel(
         version=version,
         height=height,
         width=width,
@@ -427,11 +453,99 @@ def load_model(
         text_encoder=text_encoder,
         diffusion_model=diffusion_model,
         decoder=decoder,
-        # A checkpoint's VAE encoder is built and checked now, not at the first img2img
-        # (and the model keeps no reference to the checkpoint's open file).
-        _image_encoder_factory=None if checkpoint is not None else image_encoder_factory,
-        _image_encoder=build("image_encoder") if checkpoint is not None else None,
+        _image_encoder_factory=image_encoder_factory,
     )
+    if checkpoint is not None:
+        # A checkpoint's VAE encoder is bound and checked now, not at the first img2img.
+        _bind_checkpoint(model, checkpoint)
+    _LIVE[key] = model
+    return model
+
+
+def _checked_checkpoint(weights: str, version: Optional[str]):
+    """Reads a checkpoint's header and accounts for every tensor (nothing is built)."""
+    from sdanim.checkpoints import inspect_checkpoint
+    from sdanim.weight_map import check_keys
+
+    checkpoint = inspect_checkpoint(weights)
+    check(
+        version in (None, checkpoint.version),
+        f"the checkpoint holds a Stable Diffusion {checkpoint.version[0]}.x model; leave "
+        f"out --model or pass {checkpoint.version}. Received: model={version!r}",
+    )
+    check_keys(checkpoint)
+    return checkpoint
+
+
+# Loaded models that something still holds, by load_model's resolved arguments.
+_LIVE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _source_stamp(weights: str, kind: str):
+    """Identifies the weight files' contents cheaply (size and mtime of each file), so
+    a checkpoint replaced on disk is loaded again rather than reused."""
+    if kind in ("random", "keras-cv"):
+        return None
+    paths = [weights]
+    if os.path.isdir(weights):
+        paths = sorted(os.path.join(root, f) for root, _, names in os.walk(weights) for f in names)
+    stamp = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        stamp.append((path, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+def _bind_checkpoint(model: StableDiffusionModel, checkpoint) -> None:
+    """Copies a checked checkpoint's tensors into the model's four parts (in place)."""
+    from sdanim.checkpoints import looks_like_v_prediction, refuse_v_prediction
+    from sdanim.sampling import forget_compiled
+    from sdanim.weight_map import bind
+
+    for part in _PART_ORDER:
+        sub = getattr(model, part)
+        bind(sub, checkpoint, part)
+        forget_compiled(sub)
+        # An SD 2.x single file does not say whether it predicts v (768-v) or noise.
+        if part == "diffusion_model" and not checkpoint.prediction_known and looks_like_v_prediction(sub):
+            refuse_v_prediction(checkpoint, "its UNet answers AUTOMATIC1111's v-prediction test")
+    model.__dict__.pop("_sdanim_prompt_encoder", None)  # cached embeddings of the old text encoder
+    model.weights = checkpoint.path
+    model._image_encoder_factory = None  # bound above; the model keeps no handle on the file
+
+
+def load_checkpoint_weights(model: StableDiffusionModel, checkpoint: str) -> StableDiffusionModel:
+    """Loads an SD 1.x/2.x checkpoint into an already-built model, in place.
+
+    The weights do not depend on the image size, so a model built once (at any size)
+    takes another checkpoint without a minute of rebuilding. Every tensor is checked
+    (names and shapes) before the first weight changes.
+
+    Args:
+        model: a `StableDiffusionModel` of the checkpoint's version.
+        checkpoint: str. A .safetensors/.ckpt file or a diffusers folder.
+
+    Returns:
+        `model`, now holding the checkpoint's weights (`model.weights` names it).
+
+    Example:
+    ```python
+    model = sdanim.load_model(weights="random", height=512, width=512)
+    sdanim.load_checkpoint_weights(model, "v1-5-pruned-emaonly.safetensors")
+    ```
+    """
+    check(
+        weight_source_kind(str(checkpoint)) == "checkpoint",
+        f"checkpoint must be a .safetensors/.ckpt file or a diffusers folder. Received: checkpoint={checkpoint!r}",
+    )
+    _bind_checkpoint(model, _checked_checkpoint(str(checkpoint), model.version))
+    for key, value in list(_LIVE.items()):
+        if value is model:
+            del _LIVE[key]  # no longer what its load arguments describe
+    return model
 
 
 def convert_checkpoint(checkpoint: str, out: str, version: Optional[str] = None) -> dict:
@@ -453,6 +567,8 @@ def convert_checkpoint(checkpoint: str, out: str, version: Optional[str] = None)
         weight_source_kind(str(checkpoint)) == "checkpoint",
         f"checkpoint must be a .safetensors/.ckpt file or a diffusers folder. Received: checkpoint={checkpoint!r}",
     )
+    _check_creatable(out)
+    _checked_checkpoint(str(checkpoint), version)  # a file we cannot use creates no folder
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
@@ -460,6 +576,20 @@ def convert_checkpoint(checkpoint: str, out: str, version: Optional[str] = None)
     model = load_model(version=version, weights=str(checkpoint), height=64, width=64, precision="float32",
                        jit_compile=False, attention="keras-cv")
     return write_keras_weights(model, out)
+
+
+def _check_creatable(out: str) -> None:
+    """Raises the one-line error `os.makedirs(out)` would cause, without creating anything."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    reason = None
+    if not os.path.isdir(existing):
+        reason = "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = "Permission denied"
+    if reason:
+        raise SdanimError(f"the output folder cannot be created ({reason}). Received: out={out!r}")
 
 
 def write_keras_weights(model: StableDiffusionModel, out: str) -> dict:

@@ -1,3 +1,25 @@
+"""Shared fixtures, and the order and memory plan of the heavy tests.
+
+Real architectures (random weights) are the expensive part of the suite: building the
+SD 1.4 UNet takes 30-90 s and ~5.5 GB. Each is built once per run, and freed as soon
+as the last test that needs it has run, so that the suite's process tree stays under
+12 GB (a 16 GB laptop). The heavy tests run after the quick ones, in phases:
+
+    1. tests on the shared SD 1.4 model (`sd_model`): first the checkpoint test, which
+       builds its torch reference before the model exists and gives the model its own
+       weights back afterwards; then the rest; then it is freed;
+    2. tests that start a process of their own that builds a model (the real CLI,
+       the notebooks' kernel), while this process holds none;
+    3. tests on the shared SD 2.1 model (`sd21_model`), the checkpoint test first; then
+       it is freed.
+
+Reference libraries (torch, diffusers, transformers, JAX, nbclient) are test
+dependencies: with CI=true or SDANIM_STRICT=1 a missing one fails the run instead of
+skipping its tests (see `require`).
+"""
+
+import gc
+import importlib
 import os
 import sys
 
@@ -6,19 +28,119 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# torch's CUDA wheels (what `pip install torch` picks on Linux) bring triton, whose
+# native library segfaults when it loads after TensorFlow's (`import keras; import
+# triton` crashes; the other order works). diffusers loads it through torch._dynamo, so
+# the reference tests would crash the run depending on which test imported first.
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 HEAVY_SIZE = 128
+STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("SDANIM_STRICT") == "1"
+
+# Built models, by fixture name; freed by `pytest_runtest_teardown` after their last user.
+_MODELS: dict = {}
+
+
+def require(name: str):
+    """Imports a reference dependency: skips without it locally, fails in CI/strict runs."""
+    if STRICT:
+        return importlib.import_module(name)  # ImportError: the test (or module) fails
+    return pytest.importorskip(name)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: builds the real KerasCV architecture (random weights)")
+    config.addinivalue_line("markers", "own_process: starts a process that builds a real model itself")
 
 
-@pytest.fixture(scope="session")
+# A shared model's users: tests that take it (built before the test) or its `_later`
+# getter (built when the test asks, e.g. after freeing a torch reference model).
+_USERS = {name: (name, name + "_later") for name in ("sd_model", "sd21_model")}
+
+
+def _uses(item, name: str) -> bool:
+    return any(f in getattr(item, "fixturenames", ()) for f in _USERS[name])
+
+
+def _phase(item) -> tuple:
+    if item.get_closest_marker("heavy") is None:
+        return (0, 0)
+    names = getattr(item, "fixturenames", ())
+    for phase, name in ((1, "sd_model"), (3, "sd21_model")):
+        if _uses(item, name):
+            return (phase, 0 if name + "_later" in names else 1)  # lazy users first
+    if item.get_closest_marker("own_process"):
+        return (2, 0)
+    return (1, 0)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_phase)  # stable: file order within a phase
+
+
+def _free(name: str) -> None:
+    model = _MODELS.pop(name, None)
+    if model is None:
+        return
+    del model
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+    try:  # hand freed heap pages back to the OS, so the next phase starts low
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if not _MODELS:
+        return
+    items = item.session.items
+    rest = items[items.index(item) + 1:] if nextitem is not None else []
+    for name in list(_MODELS):
+        if not any(_uses(later, name) for later in rest):
+            _free(name)
+
+
+def _shared(name: str, version: str):
+    if name not in _MODELS:
+        from sdanim.models import load_model
+
+        _MODELS[name] = load_model(version=version, weights="random", height=HEAVY_SIZE, width=HEAVY_SIZE,
+                                   precision="float32", jit_compile=False, attention="keras-cv")
+    return _MODELS[name]
+
+
+@pytest.fixture
 def sd_model():
-    """The real SD 1.4 architecture with seeded random weights at 128x128, built once."""
-    from sdanim.models import load_model
+    """The real SD 1.4 architecture with seeded random weights at 128x128, built once
+    per run and freed after the last test that asks for it."""
+    return _shared("sd_model", "1.4")
 
-    return load_model(weights="random", height=HEAVY_SIZE, width=HEAVY_SIZE, precision="float32", jit_compile=False)
+
+@pytest.fixture
+def sd21_model():
+    """The real SD 2.1 architecture (OpenCLIP text encoder, 1024-wide context), 128x128,
+    built once per run and freed after the last test that asks for it."""
+    return _shared("sd21_model", "2.1")
+
+
+@pytest.fixture
+def sd_model_later():
+    """A getter of the shared SD 1.4 model, for a test that must free memory first."""
+    return lambda: _shared("sd_model", "1.4")
+
+
+@pytest.fixture
+def sd21_model_later():
+    """A getter of the shared SD 2.1 model, for a test that must free memory first."""
+    return lambda: _shared("sd21_model", "2.1")
 
 
 @pytest.fixture

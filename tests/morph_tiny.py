@@ -1,7 +1,8 @@
 """A morph with the tiny models, as a separate process (killed mid-run by a test).
 
-python morph_tiny.py OUT.gif [SLOW_SECONDS]: sleeps SLOW_SECONDS after each batch so a
-test can interrupt it between or during batches.
+python morph_tiny.py OUT.gif [MODE]: MODE "0" runs straight through; "hold-write"
+writes frame 4's PNG to its temporary name, touches OUT.gif + ".writing" and waits
+there (before the rename), so a test can kill the process in the middle of a write.
 """
 
 import os
@@ -12,21 +13,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def main(out, slow="0"):
+def main(out, mode="0"):
     import sdanim
-    from sdanim import sampling
+    from sdanim import frames
     from tiny import make_tiny_model
 
-    delay = float(slow)
-    if delay:
-        render = sampling.Renderer.render
+    if mode == "hold-write":
+        atomic_write = frames.atomic_write
 
-        def slow_render(self, *args):
-            images = render(self, *args)
-            time.sleep(delay)
-            return images
+        def held_write(path, write):
+            def write_then_hold(tmp):
+                write(tmp)
+                if os.path.basename(path) == "frame_00004.png":
+                    open(out + ".writing", "w").close()
+                    time.sleep(120)  # killed here, the frame under its temporary name
 
-        sampling.Renderer.render = slow_render
+            atomic_write(path, write_then_hold)
+
+        frames.atomic_write = held_write
     settings = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
     result = sdanim.morph(["a red cube", "a blue sphere"], out=out, frames=9, fps=5, seed=1,
                           settings=settings, model=make_tiny_model(), progress=False)

@@ -1,5 +1,5 @@
 """The renderer on Keras's torch and JAX backends gives TensorFlow's frames for the same
-weights (each backend where it is installed; CI installs torch)."""
+weights (torch and JAX are test dependencies: CI runs both)."""
 
 import os
 import subprocess
@@ -8,13 +8,15 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import require
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("other", ["torch", "jax"])
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
 def test_backend_matches_tensorflow(tmp_path, scheduler, other):
-    pytest.importorskip(other)
+    require(other)
     from tiny import make_tiny_model
 
     model = make_tiny_model()

@@ -14,7 +14,9 @@ import pytest
 from sdanim.checkpoints import Checkpoint, CheckpointError, LazyTensor, inspect_checkpoint, read_tensors
 from sdanim.errors import SdanimError
 
-torch = pytest.importorskip("torch")
+from conftest import require  # noqa: E402
+
+torch = require("torch")
 
 
 def _assert_same(ours: dict, theirs: dict) -> None:
@@ -246,8 +248,9 @@ def test_cli_bad_checkpoints_exit_2_without_traceback(tmp_path, capsys):
     for argv in runs:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith("sdanim: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert not os.listdir(tmp_path / "out") if (tmp_path / "out").exists() else True
+        assert err.startswith("sdanim: error: ") and err.count("\n") == 1, err
+        # A checkpoint that cannot be converted creates no output folder at all.
+        assert not (tmp_path / "out").exists(), argv
 
 
 def test_model_version_mismatch_is_named(tmp_path):

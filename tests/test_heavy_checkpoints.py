@@ -2,8 +2,12 @@
 
 diffusers/transformers models with the SD 1.x and 2.x configurations and random weights
 are written out as an original-layout single file (names checked against diffusers' own
-single-file conversion) and as a diffusers folder; sdanim loads them into KerasCV's
-classes, and each part's output is compared with the reference on the same inputs.
+single-file conversion), a diffusers folder and a .ckpt; sdanim binds them into the
+suite's shared KerasCV models (the weights do not depend on the image size), and each
+part's output is compared with the reference on the same inputs.
+
+Memory: the torch reference computes its outputs and writes its files first and is
+freed before the shared Keras model is built, so the two never sit in memory at once.
 
 KerasCV's GEGLU uses the tanh approximation of GELU where diffusers uses the exact one;
 the parity runs with diffusers switched to the same approximation (so any mapping error
@@ -13,29 +17,23 @@ shows at float32 level), and the exact-GELU gap is printed for the record.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 
 import numpy as np
 import pytest
 
+from conftest import HEAVY_SIZE, require
+
 pytestmark = pytest.mark.heavy
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+torch = require("torch")
+require("diffusers")
+require("transformers")
 
 import sd_reference as ref  # noqa: E402
 
-SIZE = 64  # the UNet's weights do not depend on the image size; small is fast
-
-
-@pytest.fixture
-def tanh_geglu(monkeypatch):
-    """diffusers' GEGLU with the tanh GELU approximation that KerasCV's GEGLU uses."""
-    import torch.nn.functional as F
-    from diffusers.models import activations
-
-    monkeypatch.setattr(activations.GEGLU, "gelu", lambda self, gate: F.gelu(gate, approximate="tanh"))
+SIZE = HEAVY_SIZE  # the shared models' size
 
 
 def _tokens(seed: int):
@@ -51,194 +49,212 @@ def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def _compare_text(model, reference, seed=0) -> float:
-    ids = _tokens(seed)
-    positions = np.tile(np.arange(77, dtype=np.int32), (2, 1))
-    ours = np.asarray(model.text_encoder([ids.astype(np.int32), positions]))
+def _inputs(context_dim: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "ids": _tokens(seed),
+        "latent": rng.standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype(np.float32),  # (1, 16, 16, 4)
+        "context": rng.standard_normal((1, 77, context_dim)).astype(np.float32),
+        "image": rng.uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32),
+        "t": 601,
+    }
+
+
+def _nchw(x):
+    return torch.from_numpy(x).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+def _reference_text(module, x) -> np.ndarray:
     with torch.no_grad():
-        theirs = reference(torch.from_numpy(ids)).last_hidden_state.numpy()
-    return _max_diff(ours, theirs), float(np.abs(theirs).max())
+        return module(torch.from_numpy(x["ids"])).last_hidden_state.numpy()
 
 
-def _compare_unet(model, reference, context_dim: int, seed=0) -> tuple:
+def _reference_unet(module, x) -> np.ndarray:
+    with torch.no_grad():
+        out = module(_nchw(x["latent"]), x["t"], torch.from_numpy(x["context"])).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def _reference_vae(vae, x) -> tuple:
+    with torch.no_grad():
+        decoded = vae.decode(_nchw(x["latent"] / 0.18215)).sample.permute(0, 2, 3, 1).numpy()
+        mean = vae.encode(_nchw(x["image"])).latent_dist.mean.permute(0, 2, 3, 1).numpy()
+    return decoded, mean * 0.18215
+
+
+def _ours(model, x, parts=("text", "unet", "decode", "encode")) -> dict:
     from sdanim.sampling import timestep_embedding
 
-    rng = np.random.default_rng(seed)
-    latent = rng.standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype(np.float32)
-    context = rng.standard_normal((1, 77, context_dim)).astype(np.float32)
-    t = 601
-    ours = np.asarray(model.diffusion_model([latent, timestep_embedding(t)[None], context]))
+    out = {}
+    if "text" in parts:
+        positions = np.tile(np.arange(77, dtype=np.int32), (2, 1))
+        out["text"] = np.asarray(model.text_encoder([x["ids"].astype(np.int32), positions]))
+    if "unet" in parts:
+        out["unet"] = np.asarray(model.diffusion_model([x["latent"], timestep_embedding(x["t"])[None], x["context"]]))
+    if "decode" in parts:
+        out["decode"] = np.asarray(model.decoder(x["latent"]))
+    if "encode" in parts:
+        out["encode"] = np.asarray(model.image_encoder(x["image"]))
+    return out
+
+
+def _round_parameters(models: dict, dtype) -> None:
+    """Rounds every parameter to `dtype` (in float32), as the written file holds them."""
     with torch.no_grad():
-        theirs = reference(torch.from_numpy(latent).permute(0, 3, 1, 2), t, torch.from_numpy(context)).sample
-    theirs = theirs.permute(0, 2, 3, 1).numpy()
-    return _max_diff(ours, theirs), float(np.abs(theirs).max())
+        for module in models.values():
+            for p in module.parameters():
+                p.copy_(p.to(dtype).to(torch.float32))
 
 
-def _compare_vae(model, vae, seed=0) -> tuple:
-    rng = np.random.default_rng(seed)
-    latent = rng.standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype(np.float32)
-    image = rng.uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
-    with torch.no_grad():
-        decoded = vae.decode(torch.from_numpy(latent / 0.18215).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
-        mean = vae.encode(torch.from_numpy(image).permute(0, 3, 1, 2)).latent_dist.mean.permute(0, 2, 3, 1).numpy()
-    ours_decoded = np.asarray(model.decoder(latent))
-    ours_latent = np.asarray(model.image_encoder(image))
-    return (_max_diff(ours_decoded, decoded), float(np.abs(decoded).max()),
-            _max_diff(ours_latent, mean * 0.18215), float(np.abs(mean * 0.18215).max()))
-
-
-def _weights(model) -> list:
-    return [np.array(v) for part in ("text_encoder", "diffusion_model", "decoder", "image_encoder")
+def _fingerprint(model) -> list:
+    """One digest per weight of the four parts: equal lists = bit-identical weights."""
+    return [hashlib.blake2b(np.ascontiguousarray(np.array(v)).tobytes(), digest_size=16).hexdigest()
+            for part in ("text_encoder", "diffusion_model", "decoder", "image_encoder")
             for v in getattr(model, part).weights]
 
 
-def test_original_names_are_what_diffusers_converts(tmp_path):
-    """sdanim's original-layout names, run through diffusers' single-file conversion,
-    land every tensor on the diffusers parameter it came from (SD 1.x and 2.x)."""
-    from diffusers.loaders import single_file_utils as conv
-
-    for version in ("1.4", "2.1"):
-        models = ref.build(version)
-        original = ref.to_original(ref.diffusers_state(models), version)
-        converted = {
-            "unet": conv.convert_ldm_unet_checkpoint(original, dict(models["unet"].config)),
-            "vae": conv.convert_ldm_vae_checkpoint(original, dict(models["vae"].config)),
-            "text_encoder": conv.convert_ldm_clip_checkpoint(original) if version == "1.4"
-            else conv.convert_open_clip_checkpoint(models["text_encoder"], original),
-        }
-        for part, module in models.items():
-            theirs = {k.removeprefix("text_model."): v for k, v in converted[part].items()}
-            state = {k.removeprefix("text_model."): v for k, v in module.state_dict().items()
-                     if not k.endswith("position_ids")}
-            assert set(theirs) == set(state), (version, part, sorted(set(theirs) ^ set(state))[:5])
-            for k, v in state.items():
-                assert torch.equal(theirs[k].reshape(v.shape), v), (version, part, k)
-        del models, original, converted
-        gc.collect()
-
-
-def test_sd1_single_file_diffusers_folder_and_ckpt_match_diffusers(tmp_path, tanh_geglu, capsys):
-    from sdanim.models import load_model
-
-    models = ref.build("1.4", seed=1)
-    state = ref.diffusers_state(models)
-    original = ref.to_original(state, "1.4")
-    single = str(tmp_path / "model.safetensors")
-    ref.save_safetensors(original, single)
-    folder = str(tmp_path / "diffusers")
-    ref.save_diffusers_folder(models, folder)
-    ckpt = str(tmp_path / "model.ckpt")
-    torch.save({"state_dict": {k: v.half() for k, v in original.items()}, "global_step": 7}, ckpt)
-    del original, state
-    gc.collect()
-
-    model = load_model(weights=single, height=SIZE, width=SIZE, precision="float32", jit_compile=False,
-                       attention="keras-cv")
-    assert model.version == "1.4"
-    text, text_scale = _compare_text(model, models["text_encoder"])
-    unet, unet_scale = _compare_unet(model, models["unet"], 768)
-    dec, dec_scale, enc, enc_scale = _compare_vae(model, models["vae"])
+def _exact_and_tanh_geglu(monkeypatch):
+    """Switches diffusers' GEGLU to the tanh GELU approximation that KerasCV's uses."""
     import torch.nn.functional as F
     from diffusers.models import activations
 
-    activations.GEGLU.gelu = lambda self, gate: F.gelu(gate)  # exact, for the record (undone by the fixture)
-    unet_exact, _ = _compare_unet(model, models["unet"], 768)
+    monkeypatch.setattr(activations.GEGLU, "gelu", lambda self, gate: F.gelu(gate, approximate="tanh"))
+
+
+def _check_names(models: dict, version: str) -> None:
+    """sdanim's original-layout names, run through diffusers' single-file conversion,
+    land every tensor on the diffusers parameter it came from."""
+    from diffusers.loaders import single_file_utils as conv
+
+    original = ref.to_original(ref.diffusers_state(models), version)
+    converted = {
+        "unet": conv.convert_ldm_unet_checkpoint(original, dict(models["unet"].config)),
+        "vae": conv.convert_ldm_vae_checkpoint(original, dict(models["vae"].config)),
+        "text_encoder": conv.convert_ldm_clip_checkpoint(original) if version == "1.4"
+        else conv.convert_open_clip_checkpoint(models["text_encoder"], original),
+    }
+    for part, module in models.items():
+        theirs = {k.removeprefix("text_model."): v for k, v in converted[part].items()}
+        state = {k.removeprefix("text_model."): v for k, v in module.state_dict().items()
+                 if not k.endswith("position_ids")}
+        assert set(theirs) == set(state), (version, part, sorted(set(theirs) ^ set(state))[:5])
+        for k, v in state.items():
+            assert torch.equal(theirs[k].reshape(v.shape), v), (version, part, k)
+
+
+def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypatch, capsys):
+    """SD 1.x as a single original-layout .safetensors, a diffusers folder and an fp16
+    .ckpt: the same weights, and outputs that match diffusers/transformers; the model's
+    own weights come back through KerasCV's load_weights from sdanim's .h5 files."""
+    from sdanim.models import _h5_dir_version, file_name, load_checkpoint_weights, weight_source_kind, write_keras_weights
+
+    # 1. The reference: names, fp16-rounded weights, outputs, files; then freed.
+    models = ref.build("1.4", seed=1)
+    _check_names(models, "1.4")
+    _round_parameters(models, torch.float16)  # the files are fp16, as community models ship
+    x = _inputs(768, seed=0)
+    expected = {"text": _reference_text(models["text_encoder"], x), "unet_exact": _reference_unet(models["unet"], x)}
+    _exact_and_tanh_geglu(monkeypatch)
+    expected["unet"] = _reference_unet(models["unet"], x)
+    expected["decode"], expected["encode"] = _reference_vae(models["vae"], x)
+    original = ref.to_original(ref.diffusers_state(models), "1.4")
+    single = str(tmp_path / "model.safetensors")
+    ref.save_safetensors(original, single, dtype=torch.float16)
+    ckpt = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": {k: v.half() for k, v in original.items()}, "global_step": 7}, ckpt)
+    folder = str(tmp_path / "diffusers")
+    ref.save_diffusers_folder({k: m.half() for k, m in models.items()}, folder)
+    del models, original
+    gc.collect()
+
+    # 2. The shared model: its own weights saved as KerasCV .h5 files, then the checkpoint.
+    model = sd_model_later()
+    own = str(tmp_path / "own")
+    os.makedirs(own)
+    written = write_keras_weights(model, own)
+    assert sorted(os.listdir(own)) == sorted(file_name("1.4", p) for p in written)
+    assert weight_source_kind(own) == "h5-dir" and _h5_dir_version(own) == "1.4"
+    before = _fingerprint(model)
+    load_checkpoint_weights(model, single)
+    assert model.weights == single
+    ours = _ours(model, x)
+    gaps = {k: (_max_diff(ours[k], expected[k]), float(np.abs(expected[k]).max())) for k in ours}
+    unet_exact = _max_diff(ours["unet"], expected["unet_exact"])
     with capsys.disabled():
-        print(f"\nSD 1.x parity (max |diff| / max |ref|): text encoder {text:.2e}/{text_scale:.1f}, "
-              f"UNet {unet:.2e}/{unet_scale:.2f} ({unet_exact:.2e} against exact GELU), "
-              f"VAE decode {dec:.2e}/{dec_scale:.2f}, VAE encode {enc:.2e}/{enc_scale:.2f}")
-    assert text < 2e-4 * text_scale and unet < 2e-4 * unet_scale
-    assert dec < 2e-4 * dec_scale and enc < 2e-4 * enc_scale
-    single_weights = _weights(model)
+        print("\nSD 1.x parity (max |diff| / max |ref|): " + ", ".join(f"{k} {d:.2e}/{m:.2f}" for k, (d, m) in gaps.items())
+              + f" (UNet {unet_exact:.2e} against exact GELU)")
+    for k, (d, m) in gaps.items():
+        assert d < 2e-4 * m, (k, d, m)
+    from_single = _fingerprint(model)
+    assert from_single != before
 
-    # `sdanim convert`'s writer: KerasCV-named .h5 files, found by `--weights DIR` with the
-    # version detected; read back below over other weights.
-    from sdanim.models import _h5_dir_version, file_name, weight_source_kind, write_keras_weights
+    # 3. The diffusers folder and the .ckpt give bit-identical weights.
+    for source in (folder, ckpt):
+        load_checkpoint_weights(model, source)
+        assert _fingerprint(model) == from_single, source
 
-    out = tmp_path / "converted"
-    out.mkdir()
-    written = write_keras_weights(model, str(out))
-    assert sorted(os.listdir(out)) == sorted(file_name("1.4", p) for p in written)
-    assert weight_source_kind(str(out)) == "h5-dir" and _h5_dir_version(str(out)) == "1.4"
-
-    from sdanim.checkpoints import inspect_checkpoint
-    from sdanim.weight_map import bind, check_keys
-
-    # The diffusers folder and the fp16 .ckpt give the same model (the .ckpt rounded to fp16).
-    for source, rounded in ((folder, False), (ckpt, True)):
-        checkpoint = inspect_checkpoint(source)
-        check_keys(checkpoint)
-        for part in ("text_encoder", "diffusion_model", "decoder", "image_encoder"):
-            bind(getattr(model, part), checkpoint, part)
-        for a, b in zip(_weights(model), single_weights):
-            expected = b.astype(np.float16).astype(np.float32) if rounded else b
-            np.testing.assert_array_equal(a, expected)
-    # KerasCV's own load_weights reads the .h5 files over the fp16-rounded weights.
+    # 4. KerasCV's own load_weights reads sdanim's .h5 files: the random weights return.
     for part, path in written.items():
         getattr(model, part).load_weights(path)
-    for a, b in zip(_weights(model), single_weights):
-        np.testing.assert_array_equal(a, b)
+    assert _fingerprint(model) == before
+    model.weights = "random"  # what it holds again (for the tests that share it)
+    model.__dict__.pop("_sdanim_prompt_encoder", None)
 
 
-def test_sd2_text_encoder_and_unet_match_diffusers(tmp_path, tanh_geglu, capsys):
+def test_sd2_checkpoint_loads_like_diffusers(sd21_model_later, tmp_path, monkeypatch, capsys):
     """SD 2.x: OpenCLIP text encoder (fused q/k/v in the original layout, penultimate
-    layer) and the UNet with linear projections, from an original-layout file."""
-    from sdanim.checkpoints import inspect_checkpoint
-    from sdanim.weight_map import bind, check_keys
-    from sdanim.models import _builders
+    layer) and the UNet with linear projections, from a bf16 original-layout file."""
+    import dataclasses
 
+    from sdanim.checkpoints import CheckpointError, LazyTensor, inspect_checkpoint
+    from sdanim.models import load_checkpoint_weights
+    from sdanim.weight_map import bind
+    from transformers.activations import ACT2FN
+
+    # 1. The reference: names, bf16-rounded weights, outputs, the file; then freed.
     models = ref.build("2.1", seed=2)
+    _check_names(models, "2.1")
+    _round_parameters(models, torch.bfloat16)
+    x = _inputs(1024, seed=3)
+    exact_text = _reference_text(models["text_encoder"], x)
+    # KerasCV's TextEncoderV2 calls keras.ops.gelu, whose default is the tanh approximation.
+    mlps = [m for m in models["text_encoder"].modules() if hasattr(m, "activation_fn")]
+    assert len(mlps) == 23
+    for mlp in mlps:
+        mlp.activation_fn = ACT2FN["gelu_pytorch_tanh"]
+    _exact_and_tanh_geglu(monkeypatch)
+    expected = {"text": _reference_text(models["text_encoder"], x), "unet": _reference_unet(models["unet"], x)}
+    expected["decode"], _ = _reference_vae(models["vae"], x)
     original = ref.to_original(ref.diffusers_state(models), "2.1")
+    del models
     # Real SD 2.x files carry OpenCLIP's 24th layer and projection, unused by SD.
     for k in [k for k in original if ".resblocks.22." in k]:
         original[k.replace(".resblocks.22.", ".resblocks.23.")] = original[k].clone()
     original["cond_stage_model.model.text_projection"] = torch.zeros(1024, 1024)
     single = str(tmp_path / "v2.safetensors")
     ref.save_safetensors(original, single, dtype=torch.bfloat16)
+    (tmp_path / "v2.yaml").write_text("model:\n  params:\n    parameterization: eps\n")  # a 512 (noise) model
     del original
     gc.collect()
 
-    checkpoint = inspect_checkpoint(single)
-    assert checkpoint.version == "2.1"
-    check_keys(checkpoint)
-    builders = _builders("2.1", SIZE, SIZE)
-
-    class Parts:
-        text_encoder = builders["text_encoder"]()
-        diffusion_model = builders["diffusion_model"]()
-
-    bind(Parts.text_encoder, checkpoint, "text_encoder")
-    bind(Parts.diffusion_model, checkpoint, "diffusion_model")
-    # Compare against the reference holding the same bfloat16-rounded weights.
-    with torch.no_grad():
-        for module in (models["text_encoder"], models["unet"]):
-            for p in module.parameters():
-                p.copy_(p.to(torch.bfloat16).to(torch.float32))
-    exact_text, _ = _compare_text(Parts, models["text_encoder"], seed=3)
-    # KerasCV's TextEncoderV2 calls keras.ops.gelu, whose default is the tanh approximation.
-    from transformers.activations import ACT2FN
-
-    mlps = [m for m in models["text_encoder"].modules() if hasattr(m, "activation_fn")]
-    assert len(mlps) == 23
-    for mlp in mlps:
-        mlp.activation_fn = ACT2FN["gelu_pytorch_tanh"]
-    text, text_scale = _compare_text(Parts, models["text_encoder"], seed=3)
-    unet, unet_scale = _compare_unet(Parts, models["unet"], 1024, seed=3)
+    # 2. The shared SD 2.1 model takes the file.
+    model = sd21_model_later()
+    load_checkpoint_weights(model, single)
+    ours = _ours(model, x, parts=("text", "unet", "decode"))
+    gaps = {k: (_max_diff(ours[k], expected[k]), float(np.abs(expected[k]).max())) for k in ours}
     with capsys.disabled():
-        print(f"\nSD 2.x parity (max |diff| / max |ref|): text encoder {text:.2e}/{text_scale:.1f} "
-              f"({exact_text:.2e} against exact GELU), UNet {unet:.2e}/{unet_scale:.2f}")
-    assert text < 2e-4 * text_scale and unet < 2e-4 * unet_scale
+        print("\nSD 2.x parity (max |diff| / max |ref|): " + ", ".join(f"{k} {d:.2e}/{m:.2f}" for k, (d, m) in gaps.items())
+              + f" (text encoder {_max_diff(ours['text'], exact_text):.2e} against exact GELU)")
+    for k, (d, m) in gaps.items():
+        assert d < 2e-4 * m, (k, d, m)
 
-    # A mis-shaped tensor: one error naming it, and nothing assigned.
-    import dataclasses
-
-    from sdanim.checkpoints import CheckpointError, LazyTensor
-
-    before = [np.array(v) for v in Parts.text_encoder.weights]
+    # 3. A mis-shaped tensor: one error naming it, and nothing assigned.
+    checkpoint = inspect_checkpoint(single)
+    before = [np.array(v) for v in model.text_encoder.weights]
     bad = dict(checkpoint.tensors)
     bad["cond_stage_model.model.ln_final.weight"] = LazyTensor((5, 5), lambda: np.zeros((5, 5), np.float32))
     with pytest.raises(CheckpointError, match=r"1 tensors of the wrong shape \(cond_stage_model\.model\.ln_final"
                        r"\.weight \(5, 5\) \(expected \(1024,\)\)\)"):
-        bind(Parts.text_encoder, dataclasses.replace(checkpoint, tensors=bad), "text_encoder")
-    for a, b in zip(Parts.text_encoder.weights, before):
+        bind(model.text_encoder, dataclasses.replace(checkpoint, tensors=bad), "text_encoder")
+    for a, b in zip(model.text_encoder.weights, before):
         np.testing.assert_array_equal(np.array(a), b)

@@ -18,12 +18,23 @@ def _photo():
     return (rgb * 255).astype(np.uint8)
 
 
-def test_real_vae_encoder_shapes(sd_model):
+def test_real_vae_encoder_input_range_and_batching(sd_model):
+    """sdanim hands KerasCV's VAE encoder pixels in [-1, 1] (0 -> -1, 255 -> 1), and the
+    batch size does not change a latent. (Its numerics against diffusers' VAE are in
+    test_heavy_checkpoints.)"""
     from sdanim.edits import encode_images
 
-    latents = encode_images(sd_model, np.stack([_photo(), _photo()[::-1]]))
-    assert latents.shape == (2, 16, 16, 4) and np.isfinite(latents).all()
-    assert np.abs(latents[0] - latents[1]).max() > 1e-3
+    photos = np.stack([_photo(), _photo()[::-1]])
+    together = encode_images(sd_model, photos, batch_size=2)
+    alone = np.concatenate([encode_images(sd_model, photos[k : k + 1]) for k in range(2)])
+    assert together.shape == (2, 16, 16, 4)
+    scale = np.abs(alone).max()
+    assert np.abs(together - alone).max() <= 1e-5 * scale
+    assert np.abs(alone[0] - alone[1]).max() > 1e-2 * scale  # the two pictures differ
+    for level, value in ((255, 1.0), (0, -1.0)):
+        flat = np.full((1, 128, 128, 3), level, np.uint8)
+        direct = np.asarray(sd_model.image_encoder(np.full((1, 128, 128, 3), value, np.float32)))
+        np.testing.assert_allclose(encode_images(sd_model, flat), direct, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_inpaint_keeps_unmasked_pixels_on_the_real_architecture(sd_model):

@@ -97,8 +97,56 @@ def test_keras_cv_weights_offline_gives_one_clear_error(tmp_path, monkeypatch):
     assert "--weights random" in message
 
 
+def _keras_cv_downloads(cls) -> tuple:
+    """(origin, file_hash) that KerasCV's class asks keras.utils.get_file for, read
+    from the class's own __init__ source (building the 860M-parameter UNet just to
+    watch the call would cost a minute)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "get_file"]
+    assert len(calls) == 1, cls
+    kw = {k.arg: ast.literal_eval(k.value) for k in calls[0].keywords}
+    return kw["origin"], kw["file_hash"]
+
+
+@pytest.mark.parametrize("version", ["1.4", "2.1"])
+def test_weight_files_are_what_keras_cv_downloads(version, monkeypatch):
+    """sdanim's table of weight files (name, URL, sha256) equals what the KerasCV class
+    that sdanim builds for each part would download itself, so a cached KerasCV file is
+    found and a wrong name, URL or hash cannot pass."""
+    from keras_cv.src.models.stable_diffusion import decoder, diffusion_model, image_encoder, text_encoder
+
+    from sdanim import models
+
+    built = {}
+    for module in (decoder, diffusion_model, image_encoder, text_encoder):
+        for name, cls in list(vars(module).items()):
+            if isinstance(cls, type) and cls.__module__ == module.__name__ and "download_weights" in inspect_params(cls):
+                monkeypatch.setattr(module, name, lambda *a, _cls=cls, **k: _cls)  # hand back the class, build nothing
+    for part, make in models._builders(version, 64, 64).items():
+        built[part] = make()
+    for part, cls in built.items():
+        assert WEIGHT_FILES[version][part] == _keras_cv_downloads(cls), (version, part, cls.__name__)
+        assert file_name(version, part) == _keras_cv_downloads(cls)[0].rsplit("/", 1)[-1]
+    assert built["text_encoder"].__name__ == ("TextEncoderV2" if version == "2.1" else "TextEncoder")
+    assert built["diffusion_model"].__name__ == ("DiffusionModelV2" if version == "2.1" else "DiffusionModel")
+
+
+def inspect_params(cls) -> tuple:
+    import inspect
+
+    try:
+        return tuple(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
 def test_keras_cv_weights_use_get_file_with_keras_cv_hashes(monkeypatch):
-    """Online/cached path: the same origin and hash KerasCV itself passes."""
+    """Online/cached path: load_model asks keras.utils.get_file for the table's files."""
     import keras
 
     seen = []
@@ -110,8 +158,7 @@ def test_keras_cv_weights_use_get_file_with_keras_cv_hashes(monkeypatch):
     monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
     with pytest.raises(SdanimError):
         load_model(weights="keras-cv", version="2.1", height=64, width=64)
-    assert (WEIGHT_FILES["2.1"]["diffusion_model"]) in seen
-    assert seen[0][0].endswith("text_encoder_v2_1.h5")
+    assert seen == [WEIGHT_FILES["2.1"][part] for part in ("text_encoder", "diffusion_model", "decoder")]
 
 
 def test_bad_version_and_precision():

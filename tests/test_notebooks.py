@@ -1,29 +1,69 @@
-"""Both notebooks execute headless with random weights at 128x128 and 2 steps."""
+"""Both notebooks execute headless with random weights at 128x128 and 2 steps.
+
+They run one after the other in one Jupyter kernel, as a user who opens both in one
+session would: the second notebook's `load_model` cell gets the model the first one
+built (load_model hands back a live model loaded with the same arguments), so the
+pair costs one model build, not two. Each notebook's outputs go to its own folder.
+"""
 
 import os
 
 import pytest
 from PIL import Image
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+from conftest import require
+
+nbformat = require("nbformat")
+nbclient = require("nbclient")
+require("ipykernel")
 
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
-pytestmark = pytest.mark.heavy
+NAMES = ["sdanim_colab.ipynb", "sdanim_apple_silicon.ipynb"]
+pytestmark = [pytest.mark.heavy, pytest.mark.own_process]
 
 
-@pytest.mark.parametrize("name", ["sdanim_colab.ipynb", "sdanim_apple_silicon.ipynb"])
-def test_notebook_runs_headless(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("SDANIM_SMOKE", "1")
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    with Image.open(tmp_path / "outputs" / "morph.gif") as im:
+def _check_outputs(nb, folder):
+    with Image.open(folder / "outputs" / "morph.gif") as im:
         assert im.n_frames == 4 and im.size == (128, 128)
-    assert (tmp_path / "outputs" / "truck.png").is_file()
+    assert (folder / "outputs" / "truck.png").is_file()
     for made in ("grid.png", "image_morph.gif", "steps.gif", "steps_strip.png"):
-        assert (tmp_path / "outputs" / made).is_file(), made
-    assert len(list((tmp_path / "outputs").glob("inpaint-*.png"))) == 1
+        assert (folder / "outputs" / made).is_file(), made
+    assert len(list((folder / "outputs").glob("inpaint-*.png"))) == 1
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/gif" in o.get("data", {}) for o in outputs)
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    return "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+
+
+def test_notebooks_run_headless_in_one_kernel(tmp_path, monkeypatch):
+    from jupyter_client.manager import KernelManager
+
+    monkeypatch.setenv("SDANIM_SMOKE", "1")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(tmp_path))
+    try:
+        streams = {}
+        for name in NAMES:
+            folder = tmp_path / name.removesuffix(".ipynb")
+            folder.mkdir()
+            nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+            # Each notebook starts in its own folder (the kernel's working directory).
+            nb.cells.insert(0, nbformat.v4.new_code_cell(f"import os; os.chdir({str(folder)!r})\n" + COUNT_BUILDS))
+            nb.cells.append(nbformat.v4.new_code_cell('print(f"model builds so far: {len(_sdanim_builds)}")'))
+            nbclient.NotebookClient(nb, km=km, timeout=900).execute()
+            streams[name] = _check_outputs(nb, folder)
+    finally:
+        km.shutdown_kernel(now=True)
+    # One build for both: the second notebook's load_model handed back the first's model.
+    assert "model builds so far: 1" in streams[NAMES[0]]
+    assert "model builds so far: 1" in streams[NAMES[1]]
+
+
+# Test instrumentation (not part of the notebooks): counts load_model's builds.
+COUNT_BUILDS = """
+import sdanim.models as _m
+if "_sdanim_builds" not in globals():
+    _sdanim_builds, _sdanim_builders = [], _m._builders
+    _m._builders = lambda *a: (_sdanim_builds.append(a), _sdanim_builders(*a))[1]
+"""

@@ -12,9 +12,9 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run(out, slow="0"):
+def _run(out, mode="0"):  # mode: morph_tiny.py's MODE
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "morph_tiny.py"), str(out), slow],
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "morph_tiny.py"), str(out), mode],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -31,23 +31,22 @@ def test_killed_render_resumes_to_the_same_frames(tmp_path):
     reference = _frames(tmp_path / "ref_frames")
     assert len(reference) == 9
 
-    # Interrupted run: killed once at least one batch is on disk.
-    proc = _run(tmp_path / "cut.gif", slow="1.5")
+    # Interrupted run: killed while frame 4 (first of the third batch) is being written.
+    proc = _run(tmp_path / "cut.gif", mode="hold-write")
     folder = tmp_path / "cut_frames"
+    marker = tmp_path / "cut.gif.writing"
     deadline = time.time() + 240
-    while time.time() < deadline:
-        if folder.is_dir() and any(n.startswith("frame_") for n in os.listdir(folder)):
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "the run never reached frame 4's write"
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     kept = _frames(folder)
-    assert 0 < len(kept) < 9, f"kill came too late or too early: {len(kept)} frames"
+    assert sorted(kept) == [f"frame_{i:05d}.png" for i in range(4)]  # two whole batches
     assert not (tmp_path / "cut.gif").exists()  # no export of a half-done run
     leftovers = [n for n in os.listdir(folder) if not (n.startswith("frame_") or n == "manifest.json")]
-    for name in leftovers:  # a write cut mid-way stays under a temporary name
-        assert name.startswith(".") and ".partial" in name, name
+    # The write cut short stays under its temporary name: never taken for a finished frame.
+    assert len(leftovers) == 1 and leftovers[0].startswith(".frame_00004.") and ".partial" in leftovers[0], leftovers
 
     # Rerun: only the missing frames, and the same frames as the uninterrupted run.
     again = _run(tmp_path / "cut.gif")

@@ -1,15 +1,20 @@
 """Each sampler against the diffusers scheduler users trust, step by step.
 
 A deterministic stand-in model gives both loops the same noise predictions; the
-latents must agree within 1e-4 after every step. Ancestral samplers get the same
-per-step noise (diffusers' randn_tensor is patched to hand it over).
+latents must agree after every step within 2e-5 of their scale (max |latent|, at least
+1): float32 rounding relative to the values compared, whatever torch version computes
+the reference (an absolute 1e-4 failed on latents of scale 10 with torch 2.14).
+Ancestral samplers get the same per-step noise (diffusers' randn_tensor is patched to
+hand it over).
 """
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+from conftest import require  # noqa: E402
+
+torch = require("torch")
+diffusers = require("diffusers")
 
 from sdanim.schedulers import DDIM, alphas_cumprod, keras_cv_timesteps, make_scheduler  # noqa: E402
 
@@ -73,7 +78,8 @@ def test_matches_diffusers_step_by_step(name, num_steps, monkeypatch):
         eps = _model(x_ours * ours.input_scale(i), ours.timesteps[i]).astype(np.float32)
         x_ours, prev = ours.step(i, x_ours, eps, prev, step_noises[i] if ours.needs_noise else None)
         diff = np.abs(x_ref.numpy() - x_ours).max()
-        assert diff < 1e-4, f"{name}: step {i} (t={float(t)}) differs by {diff}"
+        scale = max(1.0, float(np.abs(x_ref.numpy()).max()))
+        assert diff < 2e-5 * scale, f"{name}: step {i} (t={float(t)}) differs by {diff} (scale {scale:.2f})"
     # The run went somewhere: the last latent is far from the starting noise.
     assert np.abs(x_ours - noise * ours.init_noise_sigma).max() > 0.1
 

@@ -136,9 +136,10 @@ def test_cli_walk_bad_file_is_one_line(capsys, tmp_path):
 
 
 def test_cli_morph_rejects_unknown_easing(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["morph", "a", "b", "--easing", "wobble"])
-    assert info.value.code == 2
+    assert main(["morph", "a", "b", "--easing", "wobble"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdanim: error: argument --easing: invalid choice: 'wobble'") and err.count("\n") == 1
+    assert err.endswith("(see 'python -m sdanim morph --help')\n")
 
 
 def test_circle_noise_has_unit_variance_and_closes():
@@ -206,13 +207,22 @@ def test_uniform_positions_keep_keyframes_and_handle_no_motion():
     assert np.all(np.diff(new) > 0)
 
 
-def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path):
-    """Uniform spacing lowers the spread of consecutive-frame distances (both printed)."""
-    s = RenderSettings(height=64, width=64, num_steps=3, batch_size=4, guidance_scale=7.5)
+def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path, monkeypatch):
+    """Uniform spacing lowers the spread of consecutive-frame distances (both printed),
+    with the default preview: a quarter of the render's steps."""
+    from sdanim import api
+
+    steps_used = []
+    renderer = api._renderer
+    monkeypatch.setattr(api, "_renderer", lambda model, settings, *a, **k: (
+        steps_used.append(settings.num_steps), renderer(model, settings, *a, **k))[1])
+    s = RenderSettings(height=64, width=64, num_steps=12, batch_size=4, guidance_scale=7.5)
     prompts = ["a red cube on a table", "a blue sphere in the sky"]
     lin = sdanim.morph(prompts, out=str(tmp_path / "lin.gif"), frames=9, settings=s, model=tiny, progress=False)
+    assert steps_used == [12]
     uni = sdanim.morph(prompts, out=str(tmp_path / "uni.gif"), frames=9, settings=s, model=tiny, progress=False,
-                       spacing="uniform", preview_steps=3)
+                       spacing="uniform")
+    assert steps_used == [12, 3, 12]  # the preview ran at 12 / 4 steps, the frames at 12
     print(f"linear: 1-Gini {lin.smoothness['one_minus_gini']:.3f} var {lin.smoothness['variance']:.3e}; "
           f"uniform: 1-Gini {uni.smoothness['one_minus_gini']:.3f} var {uni.smoothness['variance']:.3e}")
     assert uni.smoothness["variance"] < lin.smoothness["variance"]
@@ -221,6 +231,9 @@ def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path):
     np.testing.assert_array_equal(uni.frames[-1], lin.frames[-1])
     manifest = json.load(open(os.path.join(uni.frames_dir, "manifest.json")))
     assert manifest["timing"] == {"spacing": "uniform", "preview_steps": 3, "audio": None}
+    explicit = sdanim.morph(prompts, out=str(tmp_path / "explicit.gif"), frames=9, settings=s, model=tiny,
+                            progress=False, spacing="uniform", preview_steps=5)
+    assert steps_used[-2:] == [5, 12] and explicit.frames.shape == uni.frames.shape
     assert len(manifest["positions"]) == 9
 
 
