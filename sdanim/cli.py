@@ -50,9 +50,12 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_defaul
     from sdanim.settings import SCHEDULERS
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    g.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampler (default: ddim, as KerasCV)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25; 4 for lcm and tcd)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1 = one UNet pass per step (default: 7.5; 1 for lcm and tcd)")
+    g.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
+                   help="sampler (default: ddim, as KerasCV); lcm and tcd are for step-distilled weights "
+                   "(LCM-LoRA, TCD-LoRA)")
     g.add_argument("--negative", default=None, metavar="PROMPT", help="negative prompt")
     if size_default is None:
         g.add_argument("--size", default=None, metavar="WxH",
@@ -67,7 +70,8 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_defaul
                    help="weight source: KerasCV's download/cache, seeded random weights, a folder of .h5 files, "
                    "or an SD 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder)")
     m.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="dtype policy (default: auto = mixed_float16 on CUDA, float32 elsewhere)")
+                   help="dtype policy (default: auto = mixed_float16 on CUDA, mixed_bfloat16 on CPUs with "
+                   "native bfloat16 (AVX512_BF16/AMX) under TensorFlow, float32 elsewhere)")
     m.add_argument("--jit", default="auto", choices=("auto", "on", "off"),
                    help="XLA-compile the sampling step (default: auto = on for CUDA only)")
     m.add_argument("--attention", default="auto", choices=ATTENTIONS,

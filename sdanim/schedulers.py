@@ -263,18 +263,118 @@ class DPMSolverPP2M(Scheduler):
         return x_next - (0.5 * alpha_t * phi) * d1, denoised
 
 
+def consistency_timesteps(num_steps: int, original_steps: int = 50) -> np.ndarray:
+    """LCM's and TCD's schedule (diffusers' LCMScheduler.set_timesteps): every k-th
+    training timestep of the `original_steps`-step distillation schedule (k = 1000 //
+    original_steps: 999, 979, ..., 19), then `num_steps` of them taken evenly by index
+    ("skipping steps"). Descending."""
+    check(
+        isinstance(num_steps, int) and 1 <= num_steps <= original_steps,
+        f"steps must be from 1 to {original_steps} with the lcm and tcd samplers (their "
+        f"{original_steps}-step distillation schedule). Received: steps={num_steps}",
+    )
+    k = NUM_TRAIN_TIMESTEPS // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]  # (50,) 999 ... 19
+    index = np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)
+    return origin[index].copy()
+
+
+class LCM(Scheduler):
+    """Latent Consistency Model sampling (Luo et al. 2023, Alg. 1; diffusers'
+    LCMScheduler): at each step the consistency function's answer
+    f(x, t) = c_skip(t) x + c_out(t) x0(x, eps) (Song et al. 2023, eq. 7, sigma_data 0.5,
+    t scaled by 10), then fresh noise back up to the next timestep; the last step's
+    answer is the sample. Made for LCM-distilled weights (LCM-LoRA), 2-8 steps.
+    """
+
+    name = "lcm"
+    needs_noise = True
+    SIGMA_DATA = 0.5
+    TIMESTEP_SCALING = 10.0
+
+    def __init__(self, num_steps: int):
+        super().__init__(num_steps)
+        ac = self.alphas_cumprod
+        self.timesteps = consistency_timesteps(num_steps)
+        self.alphas = np.array([ac[t] for t in self.timesteps])
+
+    noise_levels = DDIM.noise_levels
+
+    def boundary_scalings(self, i: int) -> tuple[float, float]:
+        """(c_skip, c_out) at step i: c_skip -> 1 and c_out -> 0 as t -> 0 (eq. 7)."""
+        st = float(self.timesteps[i]) * self.TIMESTEP_SCALING
+        c_skip = self.SIGMA_DATA**2 / (st**2 + self.SIGMA_DATA**2)
+        c_out = st / math.sqrt(st**2 + self.SIGMA_DATA**2)
+        return c_skip, c_out
+
+    def step(self, i, x, eps, prev_denoised=None, noise=None):
+        a = float(self.alphas[i])
+        x0 = (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)  # DDIM eq. 12's x0
+        c_skip, c_out = self.boundary_scalings(i)
+        denoised = c_out * x0 + c_skip * x
+        if i == self.num_steps - 1:
+            return denoised, denoised
+        check(noise is not None, "the lcm sampler needs each step's noise")
+        a_next = float(self.alphas[i + 1])  # forward process to the next timestep (DDPM eq. 4)
+        return math.sqrt(a_next) * denoised + math.sqrt(1.0 - a_next) * noise, denoised
+
+
+class TCD(Scheduler):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al.
+    2024, eq. 11; diffusers' TCDScheduler): predict x0, go back along the trajectory to
+    s = floor((1 - gamma) t_next) with the predicted noise, then forward to t_next with
+    fresh noise. gamma = 0 is deterministic; diffusers' and the TCD authors' default is
+    0.3. Made for TCD-distilled weights (TCD-LoRA), 2-8 steps.
+
+    Args:
+        num_steps: int. Number of steps (at most 50).
+        gamma: float in [0, 1]. Stochasticity (diffusers' `eta`). Defaults to 0.3.
+    """
+
+    name = "tcd"
+    needs_noise = True
+
+    def __init__(self, num_steps: int, gamma: float = 0.3):
+        super().__init__(num_steps)
+        check(0.0 <= gamma <= 1.0, f"gamma must be in [0, 1]. Received: gamma={gamma!r}")
+        self.gamma = float(gamma)
+        ac = self.alphas_cumprod
+        self.timesteps = consistency_timesteps(num_steps)
+        self.alphas = np.array([ac[t] for t in self.timesteps])
+        nxt = np.append(self.timesteps[1:], 0)  # t_{i+1}; 0 after the last step
+        # floor((1 - gamma) t_next), computed in float32 as diffusers computes it.
+        self.s = np.floor(np.float32(1.0 - self.gamma) * nxt.astype(np.float32)).astype(np.int64)
+        self.alphas_next = np.array([ac[t] for t in nxt])
+        self.alphas_s = np.array([ac[t] for t in self.s])
+
+    noise_levels = DDIM.noise_levels
+
+    def step(self, i, x, eps, prev_denoised=None, noise=None):
+        a, a_s, a_next = float(self.alphas[i]), float(self.alphas_s[i]), float(self.alphas_next[i])
+        x0 = (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)
+        noised = math.sqrt(a_s) * x0 + math.sqrt(1.0 - a_s) * eps  # back to s along the trajectory
+        if self.gamma == 0.0 or i == self.num_steps - 1:
+            return noised, x0
+        check(noise is not None, "the tcd sampler needs each step's noise")
+        ratio = a_next / a_s
+        return math.sqrt(ratio) * noised + math.sqrt(1.0 - ratio) * noise, x0
+
+
 _REGISTRY = {
     "ddim": DDIM,
     "ddpm": DDPM,
     "euler": Euler,
     "euler_a": EulerAncestral,
     "dpmpp_2m": DPMSolverPP2M,
+    "lcm": LCM,
+    "tcd": TCD,
 }
 assert tuple(_REGISTRY) == SCHEDULERS
 
 
 def make_scheduler(name: str, num_steps: int) -> Scheduler:
-    """The scheduler called `name` ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")."""
+    """The scheduler called `name` ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m",
+    "lcm", "tcd")."""
     check(
         name in _REGISTRY,
         f"scheduler must be one of {', '.join(SCHEDULERS)}. Received: scheduler={name!r}",

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from sdanim.errors import check
 
-SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
+SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd")
+
+# (steps, guidance) when the caller leaves them out. The consistency samplers run
+# step-distilled weights (LCM-LoRA, TCD-LoRA): a few steps, no unconditional pass.
+DEFAULT_STEPS_AND_GUIDANCE = (25, 7.5)
+SAMPLER_DEFAULTS = {"lcm": (4, 1.0), "tcd": (4, 1.0)}
+
+
+def sampler_defaults(scheduler: str) -> tuple[int, float]:
+    """(num_steps, guidance_scale) used for `scheduler` when not given."""
+    return SAMPLER_DEFAULTS.get(scheduler, DEFAULT_STEPS_AND_GUIDANCE)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -41,35 +52,49 @@ class RenderSettings:
     Args:
         height: int. Image height in pixels, a multiple of 64. Defaults to 512.
         width: int. Image width in pixels, a multiple of 64. Defaults to 512.
-        num_steps: int. Number of denoising steps. Defaults to 25.
+        num_steps: int. Number of denoising steps. Defaults to 25, or 4 for the
+            "lcm" and "tcd" samplers.
         guidance_scale: float. Classifier-free guidance scale; 1 disables the
-            unconditional pass. Defaults to 7.5.
-        scheduler: str. One of "ddim", "ddpm", "euler", "euler_a", "dpmpp_2m".
-            Defaults to "ddim" (KerasCV's sampler and timestep spacing).
+            unconditional pass (one UNet pass per step). Defaults to 7.5, or 1 for
+            "lcm" and "tcd".
+        scheduler: str. One of "ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm"
+            (Latent Consistency Models, for LCM-LoRA weights), "tcd" (Trajectory
+            Consistency Distillation, gamma 0.3). Defaults to "ddim" (KerasCV's
+            sampler and timestep spacing).
         batch_size: int. Frames rendered per model call. Defaults to 4.
     """
 
     height: int = 512
     width: int = 512
-    num_steps: int = 25
-    guidance_scale: float = 7.5
+    num_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
     scheduler: str = "ddim"
     batch_size: int = 4
 
     def __post_init__(self):
         check_image_size(self.height, self.width)
         check(
+            self.scheduler in SCHEDULERS,
+            f"scheduler must be one of {', '.join(SCHEDULERS)}. "
+            f"Received: scheduler={self.scheduler!r}",
+        )
+        steps, guidance = sampler_defaults(self.scheduler)
+        if self.num_steps is None:
+            object.__setattr__(self, "num_steps", steps)
+        if self.guidance_scale is None:
+            object.__setattr__(self, "guidance_scale", guidance)
+        check(
             isinstance(self.num_steps, int) and self.num_steps >= 1,
             f"steps must be at least 1. Received: steps={self.num_steps}",
         )
         check(
-            self.guidance_scale >= 0,
-            f"guidance must be >= 0. Received: guidance={self.guidance_scale}",
+            self.scheduler not in SAMPLER_DEFAULTS or self.num_steps <= 50,
+            f"steps must be from 1 to 50 with the {self.scheduler} sampler (its 50-step "
+            f"distillation schedule). Received: steps={self.num_steps}",
         )
         check(
-            self.scheduler in SCHEDULERS,
-            f"scheduler must be one of {', '.join(SCHEDULERS)}. "
-            f"Received: scheduler={self.scheduler!r}",
+            self.guidance_scale >= 0,
+            f"guidance must be >= 0. Received: guidance={self.guidance_scale}",
         )
         check(
             isinstance(self.batch_size, int) and self.batch_size >= 1,

@@ -47,9 +47,27 @@ def test_prompt_of_exactly_75_tokens_is_not_truncated(tokenizer, recwarn):
 
 
 def test_device_defaults():
-    assert device_defaults("cpu") == ("float32", False)
+    assert device_defaults("cpu", native_bfloat16=False) == ("float32", False)
+    assert device_defaults("cpu", native_bfloat16=True) == ("mixed_bfloat16", False)
+    assert device_defaults("cpu", native_bfloat16=True, backend="jax") == ("float32", False)  # not measured there
     assert device_defaults("cuda") == ("mixed_float16", True)
-    assert device_defaults("metal") == ("float32", False)
+    assert device_defaults("metal", native_bfloat16=True) == ("float32", False)
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags():
+    from sdanim.models import cpu_flags, cpu_has_native_bfloat16
+
+    sapphire = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    epyc_zen2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    assert {"avx512_bf16", "amx_bf16"} <= cpu_flags(sapphire)
+    assert not cpu_flags(epyc_zen2) & {"avx512_bf16", "amx_bf16", "bf16"}
+    assert "bf16" in cpu_flags(graviton3)
+    # This machine: the answer agrees with its own /proc/cpuinfo (where there is one).
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = cpu_flags(f.read())
+        assert cpu_has_native_bfloat16() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def test_weights_dir_missing_files_named(tmp_path):

@@ -37,7 +37,7 @@ def test_batches_keep_the_last_short_batch():
     assert batches(range(7), 3) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m", "lcm", "tcd"])
 def test_frames_do_not_depend_on_batch_size(tiny, scheduler):
     plan = _plan(7)
     one = render_frames(_renderer(tiny, scheduler=scheduler), plan, range(7), 1, progress=False)
@@ -47,6 +47,35 @@ def test_frames_do_not_depend_on_batch_size(tiny, scheduler):
         assert diff <= 1, f"frame {i} differs by {diff} levels between batch 1 and 4"
     # Different frames are different images (the test would pass on a constant model).
     assert np.abs(one[0].astype(int) - one[6].astype(int)).max() > 5
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "tcd"])
+def test_consistency_samplers_default_to_four_conditional_passes(tiny, scheduler):
+    """lcm/tcd without steps or guidance: 4 steps at guidance 1, i.e. 4 UNet calls on
+    the batch itself (no unconditional half), and the sampler's noise changes the image."""
+    from sdanim.settings import RenderSettings
+
+    settings = RenderSettings(height=64, width=64, scheduler=scheduler)
+    assert (settings.num_steps, settings.guidance_scale) == (4, 1.0)
+    batches_seen = []
+    unet = tiny.diffusion_model
+    original = unet.call
+
+    def spy(inputs, *args, **kwargs):
+        batches_seen.append(int(inputs[0].shape[0]))
+        return original(inputs, *args, **kwargs)
+
+    unet.call = spy
+    try:
+        contexts, noises = random_inputs(3, 64, 64)
+        uncond = np.zeros((77, CONTEXT_DIM), np.float32)
+        images = Renderer(unet, tiny.decoder, settings, uncond).render(contexts, noises, [0, 1, 2])
+    finally:
+        unet.call = original
+    assert batches_seen and set(batches_seen) == {3}  # (B, ...), never (2B, ...)
+    assert images.shape == (3, 64, 64, 3)
+    ddim = Renderer(unet, tiny.decoder, RenderSettings(height=64, width=64, num_steps=4, guidance_scale=1.0), uncond)
+    assert np.abs(ddim.render(contexts, noises, [0, 1, 2]).astype(int) - images.astype(int)).max() > 5
 
 
 def test_same_seed_same_frames(tiny):

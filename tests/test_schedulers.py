@@ -32,6 +32,10 @@ def _reference(name):
         return d.EulerDiscreteScheduler(**SD, timestep_spacing="linspace")
     if name == "euler_a":
         return d.EulerAncestralDiscreteScheduler(**SD, timestep_spacing="linspace")
+    if name == "lcm":  # LCMScheduler.from_config(SD's scheduler config), as LCM-LoRA's card loads it
+        return d.LCMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if name == "tcd":
+        return d.TCDScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if name == "dpmpp_2m":
         return d.DPMSolverMultistepScheduler(
             **SD, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
@@ -50,7 +54,7 @@ def _model(x, t):
     return 0.3 * x * np.cos(t / 250.0) + 0.2 * np.sin(x + t / 100.0)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd"])
 @pytest.mark.parametrize("num_steps", [4, 20])
 def test_matches_diffusers_step_by_step(name, num_steps, monkeypatch):
     rng = np.random.default_rng(0)
@@ -105,7 +109,7 @@ def test_unknown_scheduler():
         make_scheduler("lms", 10)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd"])
 def test_noised_matches_diffusers_add_noise(name):
     """Where image-to-image starts and what inpainting restores: x0 noised to step i,
     as diffusers' add_noise puts it (img2img/inpaint pipelines call exactly that)."""
