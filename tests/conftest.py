@@ -22,6 +22,8 @@ import gc
 import importlib
 import os
 import sys
+import warnings
+import weakref
 
 import pytest
 
@@ -85,11 +87,14 @@ def _free(name: str) -> None:
     model = _MODELS.pop(name, None)
     if model is None:
         return
+    alive = weakref.ref(model)
     del model
     import keras
 
     keras.backend.clear_session()
     gc.collect()
+    if alive() is not None:
+        warnings.warn(f"{name} is still referenced after its last test: its memory stays in use")
     try:  # hand freed heap pages back to the OS, so the next phase starts low
         import ctypes
 
@@ -98,7 +103,9 @@ def _free(name: str) -> None:
         pass
 
 
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
+    yield  # after the test's own fixtures have let go of the model
     if not _MODELS:
         return
     items = item.session.items

@@ -160,15 +160,18 @@ def test_fused_attention_matches_keras_cv_attention(sd_model):
 
 
 def test_uniform_spacing_on_the_real_architecture(sd_model, tmp_path):
-    """Issue 5: uniform spacing lowers the spread of consecutive-frame distances on the
-    random-weight model compared with linear spacing (both figures printed)."""
+    """Uniform spacing, with its default preview (a quarter of the steps, at least 2),
+    lowers the spread of consecutive-frame distances on the random-weight model
+    compared with linear spacing (both figures printed)."""
     import sdanim
 
-    s = RenderSettings(height=128, width=128, num_steps=2, batch_size=4)
+    s = RenderSettings(height=128, width=128, num_steps=4, batch_size=4)
     prompts = ["a ford truck on a dirt road", "an electric car in a city"]
     kw = dict(frames=8, settings=s, model=sd_model, progress=False, noise="slerp", seeds=[1, 2])
     lin = sdanim.morph(prompts, out=str(tmp_path / "lin.gif"), **kw)
-    uni = sdanim.morph(prompts, out=str(tmp_path / "uni.gif"), spacing="uniform", preview_steps=2, **kw)
+    uni = sdanim.morph(prompts, out=str(tmp_path / "uni.gif"), spacing="uniform", **kw)  # preview: 2 of 4 steps
+    with open(os.path.join(uni.frames_dir, "manifest.json")) as f:
+        assert json.load(f)["timing"]["preview_steps"] == 2
     print(f"\nreal architecture, 8 frames: linear 1-Gini {lin.smoothness['one_minus_gini']:.3f} "
           f"variance {lin.smoothness['variance']:.3e}; uniform 1-Gini {uni.smoothness['one_minus_gini']:.3f} "
           f"variance {uni.smoothness['variance']:.3e}")
