@@ -1,7 +1,16 @@
-"""Renderer benchmark: KerasCV's own loop vs sdanim's, same frames, one process.
+"""Renderer benchmark: KerasCV's own loop, sdanim's and diffusers', same walk, one process.
 
     python benchmarks/render.py                 # CPU preset: 128x128, 8 frames, batch 4, 10 steps
     python benchmarks/render.py --preset gpu    # 512x512, 25 steps, batch 1 and 8
+    python benchmarks/render.py --diffusers     # also diffusers' StableDiffusionPipeline
+
+diffusers (with --diffusers; torch, diffusers and transformers are test extras) renders
+the same walk the way a diffusers user would: `StableDiffusionPipeline` with the walk's
+embeddings as `prompt_embeds`, the unconditional ones as `negative_prompt_embeds` and the
+fixed noise as `latents`, in the same batches, DDIM at the same steps and guidance, on an
+SD 1.5-configuration UNet and VAE with random weights (tests/sd_reference.py). On CPU it
+runs float32 and, with --diffusers-bf16, under torch's CPU bfloat16 autocast; on CUDA
+float16 with PyTorch's scaled-dot-product attention (diffusers' default).
 
 Both loops get the same random weights (the exact SD 1.4 architecture), the same text
 embeddings (a slerp between two random "prompt" embeddings) and the same noise. KerasCV
@@ -72,6 +81,8 @@ def main(argv=None):
     ap.add_argument("--keras-cv-defaults", action="store_true",
                     help="also time KerasCV's loop with its default jit_compile=True")
     ap.add_argument("--skip-keras-cv", action="store_true")
+    ap.add_argument("--diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline")
+    ap.add_argument("--diffusers-bf16", action="store_true", help="CPU: also diffusers under bfloat16 autocast")
     args = ap.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     for key in ("size", "frames", "steps", "batch_sizes", "precision"):
@@ -131,6 +142,9 @@ def main(argv=None):
         out = render_frames(renderer, plan, range(frames), bs, progress=False)
         return (time.perf_counter() - start) / frames, np.stack([out[i] for i in range(frames)]), mem.peak
 
+    def time_diffusers(bs, bf16=False):
+        return diffusers_walk(encodings, uncond, noise, steps, bs, bf16=bf16)
+
     gib = 1024**3
     rows = []
     for bs in cfg["batch_sizes"]:
@@ -146,6 +160,13 @@ def main(argv=None):
             use_fused_attention(model.decoder, enabled=False)
             print(f"sdanim (fused attention)     {fused_s:7.3f} s/frame  peak RSS {fused_mem / gib:5.2f} GiB  "
                   f"max diff vs keras-cv attention {np.abs(fused_img.astype(int) - ours_img.astype(int)).max()} levels")
+        if args.diffusers:
+            diff_s = time_diffusers(bs)
+            print(f"diffusers ({diff_s[1]:9s})        {diff_s[0]:7.3f} s/frame  sdanim is "
+                  f"{diff_s[0] / min(s for s in (ours_s, fused_s) if s is not None):.2f}x faster")
+            if args.diffusers_bf16:
+                bf_s = time_diffusers(bs, bf16=True)
+                print(f"diffusers ({bf_s[1]:9s})        {bf_s[0]:7.3f} s/frame")
         if args.skip_keras_cv:
             continue
         kcv_jit = cfg["jit"]  # CPU: KerasCV's fastest setting (no XLA); GPU: its default (XLA)
@@ -160,6 +181,55 @@ def main(argv=None):
             print(f"KerasCV loop (defaults, jit) {dflt_s:7.3f} s/frame  peak RSS {dflt_mem / gib:5.2f} GiB")
             print(f"speed-up vs KerasCV defaults: {dflt_s / best:.2f}x")
     return rows
+
+
+def diffusers_walk(encodings, uncond, noise, steps, bs, bf16=False):
+    """Seconds per frame of diffusers' StableDiffusionPipeline on the same walk, and a
+    label of how it ran. One warm-up batch first, as for the other loops."""
+    import contextlib
+
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import sd_reference
+
+    cuda = torch.cuda.is_available()
+    parts = sd_reference.build("1.4", parts=("unet", "vae"), seed=0)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=None, tokenizer=None, unet=parts["unet"],
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    dtype = torch.float16 if cuda else torch.float32
+    device = "cuda" if cuda else "cpu"
+    pipe = pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    label = "cuda fp16" if cuda else ("cpu bf16" if bf16 else "cpu fp32")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if (bf16 and not cuda) else contextlib.nullcontext()
+    frames = len(encodings)
+    latent = torch.from_numpy(noise).permute(2, 0, 1)[None]  # (h, w, 4) -> (1, 4, h, w)
+    neg = torch.from_numpy(np.repeat(uncond[None], bs, 0)).to(device, dtype)
+
+    def run(batch):
+        n = len(batch)
+        with torch.no_grad(), autocast:
+            pipe(prompt_embeds=torch.from_numpy(batch).to(device, dtype), negative_prompt_embeds=neg[:n],
+                 latents=latent.repeat(n, 1, 1, 1).to(device, dtype), num_inference_steps=steps,
+                 guidance_scale=7.5, output_type="np")
+
+    batches = [encodings[i : i + bs] for i in range(0, frames, bs)]
+    run(batches[0])  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / frames
+    del pipe, parts
+    return seconds, label
 
 
 if __name__ == "__main__":

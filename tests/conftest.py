@@ -1,17 +1,19 @@
 """Shared fixtures, and the order and memory plan of the heavy tests.
 
 Real architectures (random weights) are the expensive part of the suite: building the
-SD 1.4 UNet takes 30-90 s and ~5.5 GB. Each is built once per run, and freed as soon
-as the last test that needs it has run, so that the suite's process tree stays under
-12 GB (a 16 GB laptop). The heavy tests run after the quick ones, in phases:
+SD 1.4 UNet takes 30-90 s and ~5.5 GB. Each is built once per run and dropped after the
+last test that needs it. TensorFlow keeps the weights its traced functions captured
+(about 3.5 GB of the SD 1.4 UNet) after the model is dropped, so the heavy tests run
+in an order that keeps the suite's process tree under 12 GB (a 16 GB laptop):
 
-    1. tests on the shared SD 1.4 model (`sd_model`): first the checkpoint test, which
+    1. tests that start a process of their own that builds a model (the real CLI, the
+       notebooks' kernel, the SD 2.1 tests in a child pytest), while this process
+       holds nothing big;
+    2. tests on the shared SD 1.4 model (`sd_model`): first the checkpoint test, which
        builds its torch reference before the model exists and gives the model its own
-       weights back afterwards; then the rest; then it is freed;
-    2. tests that start a process of their own that builds a model (the real CLI,
-       the notebooks' kernel), while this process holds none;
-    3. tests on the shared SD 2.1 model (`sd21_model`), the checkpoint test first; then
-       it is freed.
+       weights back afterwards; then the rest.
+
+(`sd21_model` is the same arrangement inside the SD 2.1 child, tests/heavy_sd21.py.)
 
 Reference libraries (torch, diffusers, transformers, JAX, nbclient) are test
 dependencies: with CI=true or SDANIM_STRICT=1 a missing one fails the run instead of
@@ -71,12 +73,12 @@ def _phase(item) -> tuple:
     if item.get_closest_marker("heavy") is None:
         return (0, 0)
     names = getattr(item, "fixturenames", ())
-    for phase, name in ((1, "sd_model"), (3, "sd21_model")):
+    if item.get_closest_marker("own_process"):
+        return (1, 0)
+    for phase, name in ((2, "sd_model"), (3, "sd21_model")):
         if _uses(item, name):
             return (phase, 0 if name + "_later" in names else 1)  # lazy users first
-    if item.get_closest_marker("own_process"):
-        return (2, 0)
-    return (1, 0)
+    return (2, 0)
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -89,6 +91,11 @@ def _free(name: str) -> None:
         return
     alive = weakref.ref(model)
     del model
+    # A failed test's traceback (kept by pytest for post-mortem debugging) holds its
+    # frames, and so the model: let it go.
+    for attr in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, attr):
+            setattr(sys, attr, None)
     import keras
 
     keras.backend.clear_session()
@@ -104,8 +111,8 @@ def _free(name: str) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    yield  # after the test's own fixtures have let go of the model
+def pytest_runtest_protocol(item, nextitem):
+    yield  # the test is done: setup, call, teardown, and pytest has dropped its fixture values
     if not _MODELS:
         return
     items = item.session.items

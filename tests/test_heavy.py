@@ -178,17 +178,17 @@ def test_uniform_spacing_on_the_real_architecture(sd_model, tmp_path):
     assert uni.smoothness["variance"] < lin.smoothness["variance"]
 
 
-def test_sd21_architecture_matches_keras_cv_v2_loop(sd21_model):
-    """SD 2.1 (OpenCLIP text encoder, 1024-wide context) renders like KerasCV's V2 loop."""
-    from sdanim.models import keras_cv_pipeline
-
-    encoder = prompt_encoder(sd21_model)
-    contexts = encoder.encode(["a lighthouse in a storm"])  # (1, 77, 1024)
-    assert contexts.shape == (1, 77, 1024)
-    noise = seeded_noise(3, (16, 16, 4))[None]
-    settings = RenderSettings(height=128, width=128, num_steps=2, batch_size=1)
-    ours = Renderer(sd21_model.diffusion_model, sd21_model.decoder, settings, encoder.encode_one("")).render(contexts, noise, [3])
-    theirs = keras_cv_pipeline(sd21_model).generate_image(contexts, batch_size=1, num_steps=2, diffusion_noise=noise)
-    diff = int(np.abs(ours.astype(int) - np.asarray(theirs).astype(int)).max())
-    print(f"sd2.1 max pixel diff {diff}, image std {ours.std():.1f}")
-    assert diff <= 2 and ours.std() > 1
+@pytest.mark.own_process
+def test_sd21_in_its_own_process():
+    """The SD 2.1 tests (tests/heavy_sd21.py: KerasCV V2 loop parity, checkpoint import)
+    run in a child pytest. TensorFlow keeps the weights that traced functions captured
+    after a model is dropped (about 3.5 GB of the SD 1.4 UNet here), so a second
+    architecture in this process would push the suite past 12 GB; the child's memory
+    goes back when it exits."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(here, "heavy_sd21.py"), "-p", "no:cacheprovider",
+                           "-q", "-s"], capture_output=True, text=True)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout and "SD 2.x parity" in proc.stdout and "sd2.1 max pixel diff" in proc.stdout
+    assert "still referenced" not in proc.stdout

@@ -29,7 +29,7 @@ def test_real_vae_encoder_input_range_and_batching(sd_model):
     alone = np.concatenate([encode_images(sd_model, photos[k : k + 1]) for k in range(2)])
     assert together.shape == (2, 16, 16, 4)
     scale = np.abs(alone).max()
-    assert np.abs(together - alone).max() <= 1e-5 * scale
+    assert np.abs(together - alone).max() <= 1e-4 * scale  # float32 rounding of batched convolutions
     assert np.abs(alone[0] - alone[1]).max() > 1e-2 * scale  # the two pictures differ
     for level, value in ((255, 1.0), (0, -1.0)):
         flat = np.full((1, 128, 128, 3), level, np.uint8)
