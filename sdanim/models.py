@@ -548,13 +548,12 @@ def _source_stamp(weights: str, kind: str):
 def _bind_checkpoint(model: StableDiffusionModel, checkpoint) -> None:
     """Copies a checked checkpoint's tensors into the model's four parts (in place)."""
     from sdanim.checkpoints import looks_like_v_prediction, refuse_v_prediction
-    from sdanim.sampling import forget_compiled
     from sdanim.weight_map import bind
 
+    # Values are assigned into the existing variables: compiled steps stay valid.
     for part in _PART_ORDER:
         sub = getattr(model, part)
         bind(sub, checkpoint, part)
-        forget_compiled(sub)
         # An SD 2.x single file does not say whether it predicts v (768-v) or noise.
         if part == "diffusion_model" and not checkpoint.prediction_known and looks_like_v_prediction(sub):
             refuse_v_prediction(checkpoint, "its UNet answers AUTOMATIC1111's v-prediction test")
@@ -568,7 +567,9 @@ def load_checkpoint_weights(model: StableDiffusionModel, checkpoint: str) -> Sta
 
     The weights do not depend on the image size, so a model built once (at any size)
     takes another checkpoint without a minute of rebuilding. Every tensor is checked
-    (names and shapes) before the first weight changes.
+    (names and shapes) before the first weight changes. An SD 2.x single file with no
+    config beside it is tested for v-prediction after its UNet is bound (the test needs
+    it); if it is refused, the model holds a partly bound checkpoint: load another.
 
     Args:
         model: a `StableDiffusionModel` of the checkpoint's version.

@@ -19,6 +19,8 @@ M = ["morph", "a cat", "a dog"]
         (M + ["--steps", "0"], "steps must be at least 1. Received: steps=0"),
         (M + ["--guidance", "-1"], "guidance must be >= 0. Received: guidance=-1.0"),
         (M + ["--batch-size", "0"], "batch_size must be at least 1. Received: batch_size=0"),
+        (M + ["--scheduler", "lcm", "--steps", "60"],
+         "steps must be from 1 to 50 with the lcm sampler (its 50-step distillation schedule). Received: steps=60"),
         (M + ["--size", "500x512"], "width must be a positive multiple of 64"),
         (M + ["--size", "huge"], "size must look like 512x512 (WIDTHxHEIGHT). Received: size='huge'"),
         (M + ["--out", "outputs/x.avi"], "out must end in .gif, .mp4, .webm. Received: out='outputs/x.avi'"),
