@@ -89,6 +89,11 @@ def main(argv=None):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
 
+    if args.diffusers:
+        try:  # torch's CUDA wheels bring triton, which segfaults if it loads after TensorFlow
+            import triton  # noqa: F401
+        except ImportError:
+            pass
     import kcv_shim
 
     shimmed = kcv_shim.install()
