@@ -13,7 +13,7 @@ import pytest
 
 from conftest import require
 from test_heavy_checkpoints import (
-    _check_names, _exact_and_tanh_geglu, _inputs, _max_diff, _ours, _reference_text, _reference_unet,
+    _assert_parity, _check_names, _exact_and_tanh_geglu, _inputs, _max_diff, _ours, _reference_text, _reference_unet,
     _reference_vae, _round_parameters, ref, torch,
 )
 
@@ -64,12 +64,8 @@ def test_sd2_checkpoint_loads_like_diffusers(sd21_model_later, tmp_path, monkeyp
     model = sd21_model_later()
     load_checkpoint_weights(model, single)
     ours = _ours(model, x, parts=("text", "unet", "decode"))
-    gaps = {k: (_max_diff(ours[k], expected[k]), float(np.abs(expected[k]).max())) for k in ours}
-    with capsys.disabled():
-        print("\nSD 2.x parity (max |diff| / max |ref|): " + ", ".join(f"{k} {d:.2e}/{m:.2f}" for k, (d, m) in gaps.items())
-              + f" (text encoder {_max_diff(ours['text'], exact_text):.2e} against exact GELU)")
-    for k, (d, m) in gaps.items():
-        assert d < 2e-4 * m, (k, d, m)
+    _assert_parity("SD 2.x", ours, expected, capsys,
+                   f"text encoder {_max_diff(ours['text'], exact_text):.2e} against exact GELU")
 
     # 3. A mis-shaped tensor: one error naming it, and nothing assigned.
     checkpoint = inspect_checkpoint(single)

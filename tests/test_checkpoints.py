@@ -313,3 +313,11 @@ def test_convert_refuses_an_output_folder_it_cannot_create(tmp_path, capsys):
     assert main(["convert", probe, "--out", str(tmp_path / "taken" / "out")]) == 2
     err = capsys.readouterr().err
     assert "the output folder cannot be created" in err and "Received: out=" in err and err.count("\n") == 1
+
+
+def test_load_checkpoint_weights_refuses_what_is_not_a_checkpoint(tmp_path):
+    from sdanim.models import load_checkpoint_weights
+
+    with pytest.raises(SdanimError, match=r"checkpoint must be a \.safetensors/\.ckpt file or a diffusers folder\. "
+                       r"Received: checkpoint='random'"):
+        load_checkpoint_weights(None, "random")

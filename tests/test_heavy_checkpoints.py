@@ -98,6 +98,16 @@ def _ours(model, x, parts=("text", "unet", "decode", "encode")) -> dict:
     return out
 
 
+def _assert_parity(label: str, ours: dict, expected: dict, capsys, note: str) -> None:
+    """Prints each part's max |diff| / max |ref| and asserts it under 2e-4 of the scale."""
+    gaps = {k: (_max_diff(ours[k], expected[k]), float(np.abs(expected[k]).max())) for k in ours}
+    with capsys.disabled():
+        print(f"\n{label} parity (max |diff| / max |ref|): "
+              + ", ".join(f"{k} {d:.2e}/{m:.2f}" for k, (d, m) in gaps.items()) + f" ({note})")
+    for k, (d, m) in gaps.items():
+        assert d < 2e-4 * m, (k, d, m)
+
+
 def _round_parameters(models: dict, dtype) -> None:
     """Rounds every parameter to `dtype` (in float32), as the written file holds them."""
     with torch.no_grad():
@@ -178,13 +188,8 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
     load_checkpoint_weights(model, single)
     assert model.weights == single
     ours = _ours(model, x)
-    gaps = {k: (_max_diff(ours[k], expected[k]), float(np.abs(expected[k]).max())) for k in ours}
-    unet_exact = _max_diff(ours["unet"], expected["unet_exact"])
-    with capsys.disabled():
-        print("\nSD 1.x parity (max |diff| / max |ref|): " + ", ".join(f"{k} {d:.2e}/{m:.2f}" for k, (d, m) in gaps.items())
-              + f" (UNet {unet_exact:.2e} against exact GELU)")
-    for k, (d, m) in gaps.items():
-        assert d < 2e-4 * m, (k, d, m)
+    _assert_parity("SD 1.x", ours, expected, capsys,
+                   f"UNet {_max_diff(ours['unet'], expected['unet_exact']):.2e} against exact GELU")
     from_single = _fingerprint(model)
     assert from_single != before
 

@@ -138,3 +138,18 @@ def test_steps_for_strength():
     for bad in (-0.1, 1.5, "0.5", True):
         with pytest.raises(SdanimError, match="strength must be in"):
             steps_for_strength(bad, 10)
+
+
+def test_consistency_sampler_errors():
+    from sdanim.errors import SdanimError
+    from sdanim.schedulers import LCM, TCD
+
+    with pytest.raises(SdanimError, match=r"steps must be from 1 to 50 with the lcm and tcd samplers.*Received: steps=60"):
+        make_scheduler("lcm", 60)
+    with pytest.raises(SdanimError, match=r"gamma must be in \[0, 1\]\. Received: gamma=1\.5"):
+        TCD(4, gamma=1.5)
+    x = np.ones(SHAPE, np.float32)
+    with pytest.raises(SdanimError, match="the lcm sampler needs each step's noise"):
+        LCM(4).step(0, x, x, None, None)
+    with pytest.raises(SdanimError, match="the tcd sampler needs each step's noise"):
+        TCD(4).step(0, x, x, None, None)
