@@ -7,7 +7,7 @@ Example:
 ```python
 import sdanim
 result = sdanim.morph(["a ford truck on a dirt road", "an electric car in a city"],
-                      frames=24, fps=12, seed=42)
+                      frames=24, seed=42, export=sdanim.ExportSettings(fps=12))
 ```
 """
 
@@ -35,6 +35,8 @@ _EXPORTS = {
     "inspect_checkpoint": "sdanim.checkpoints",
     "StableDiffusionModel": "sdanim.models",
     "RenderSettings": "sdanim.settings",
+    "ExportSettings": "sdanim.run",
+    "ModelSpec": "sdanim.run",
     "SdanimError": "sdanim.errors",
     "plot_images": "sdanim.notebook",
     "save_image": "sdanim.notebook",

@@ -332,14 +332,27 @@ def _settings(args, image=None):
     )
 
 
-def _load(args, settings):
-    from sdanim.models import clip_vocab_path, load_model
+def _spec(args):
+    from sdanim.run import ModelSpec
 
-    clip_vocab_path()  # fail before a minute of model building if the vocab is missing
     jit = {"auto": None, "on": True, "off": False}[args.jit]
-    return load_model(
-        version=args.model, weights=args.weights, height=settings.height, width=settings.width,
-        precision=args.precision, jit_compile=jit, attention=args.attention,
+    return ModelSpec(version=args.model, weights=args.weights, precision=args.precision, jit_compile=jit,
+                     attention=args.attention)
+
+
+def _load(args, settings):
+    from sdanim.run import get_model
+
+    return get_model(_spec(args), settings)
+
+
+def _export(args):
+    from sdanim.run import ExportSettings
+
+    return ExportSettings(
+        fps=args.fps, ping_pong=getattr(args, "ping_pong", False), double=getattr(args, "double", False),
+        quality=getattr(args, "quality", 8.0), sheet=getattr(args, "sheet", False),
+        audio=getattr(args, "audio", None), audio_mode=getattr(args, "audio_mode", "loudness"),
     )
 
 
@@ -419,11 +432,12 @@ def _run_edit(args, progress: bool) -> int:
                                 model=_load(args, settings), **common)
     elif args.command == "image-morph":
         image_b = load_image(args.image_b, "image_b")
-        edits.check_image_morph_args(prompt, args.out, args.frames, args.fps, args.seed, args.strength,
-                                     args.interpolation, settings)
-        result = edits.image_morph(image, image_b, prompt, out=args.out, frames=args.frames, fps=args.fps,
+        export = _export(args)
+        edits.check_image_morph_args(prompt, args.out, args.frames, args.seed, args.strength,
+                                     args.interpolation, settings, export)
+        result = edits.image_morph(image, image_b, prompt, out=args.out, frames=args.frames, export=export,
                                    seed=args.seed, strength=args.strength, interpolation=args.interpolation,
-                                   fit=args.fit, ping_pong=args.ping_pong, model=_load(args, settings), **common)
+                                   fit=args.fit, model=_load(args, settings), **common)
         print(f"wrote {result.out} ({len(result.frames)} frames at {args.fps:g} fps)")
         print(f"frames: {result.frames_dir}")
         return 0
@@ -466,16 +480,14 @@ def _run(args) -> int:
 
         args.prompts = [parse_prompt_text(p, "prompts") for p in args.prompts]
         # Cheap checks first: a typo must not cost a model build.
-        api.check_morph_args(args.prompts, args.out, args.frames, args.fps, args.seed,
-                             args.interpolation, args.noise, args.seeds, args.audio)
-        model = _load(args, settings)
+        export = _export(args)
+        api.check_morph_args(args.prompts, args.out, args.frames, args.seed, args.interpolation, args.noise,
+                             args.seeds, export)
         result = api.morph(
-            args.prompts, out=args.out, frames=args.frames, fps=args.fps, seed=args.seed,
-            settings=settings, negative_prompt=args.negative, interpolation=args.interpolation,
-            noise=args.noise, seeds=args.seeds, easing=args.easing, spacing=args.spacing,
-            preview_steps=args.preview_steps, audio=args.audio, audio_mode=args.audio_mode,
-            double=args.double, quality=args.quality, ping_pong=args.ping_pong,
-            sheet=args.sheet, model=model, overwrite=args.overwrite, progress=progress,
+            args.prompts, out=args.out, frames=args.frames, seed=args.seed, settings=settings, export=export,
+            model=_load(args, settings), negative_prompt=args.negative,
+            interpolation=args.interpolation, noise=args.noise, seeds=args.seeds, easing=args.easing,
+            spacing=args.spacing, preview_steps=args.preview_steps, overwrite=args.overwrite, progress=progress,
         )
         _report(result, args.fps)
         return 0
@@ -483,14 +495,13 @@ def _run(args) -> int:
         from sdanim.keyframes import circle_walk, load_walk
 
         walk = load_walk(args.file) if args.command == "walk" else circle_walk(args.prompt, args.seed, args.frames)
-        api.check_output_args(args.out, args.fps, args.audio)
-        model = _load(args, settings)
+        export = _export(args)
+        export.check_output(args.out)
         result = api.animate(
-            walk, out=args.out, fps=args.fps, settings=settings, negative_prompt=args.negative,
-            ping_pong=args.ping_pong, sheet=args.sheet, model=model, overwrite=args.overwrite,
-            progress=progress, spacing=getattr(args, "spacing", "linear"),
-            preview_steps=getattr(args, "preview_steps", None), audio=args.audio,
-            audio_mode=args.audio_mode, double=args.double, quality=args.quality,
+            walk, out=args.out, settings=settings, export=export,
+            model=_load(args, settings), negative_prompt=args.negative,
+            spacing=getattr(args, "spacing", "linear"), preview_steps=getattr(args, "preview_steps", None),
+            overwrite=args.overwrite, progress=progress,
         )
         _report(result, args.fps)
         return 0

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sdanim.api import GenerateResult, _get_model, _prompt_record, _renderer, embed_prompt, slugify
+from sdanim.api import GenerateResult, slugify
 from sdanim.errors import check
 from sdanim.export import write_video
 from sdanim.frames import FrameStore, ensure_folder, write_png
@@ -30,6 +30,7 @@ from sdanim.interpolation import METHODS, interpolate, split_frames
 from sdanim.keyframes import normalize_prompt
 from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import FrameInputs, step_seed
+from sdanim.run import ExportSettings, embed_prompt, get_model, make_renderer, prompt_record
 from sdanim.sampling import render_frames
 from sdanim.schedulers import steps_for_strength
 from sdanim.settings import RenderSettings
@@ -118,7 +119,7 @@ def _render_from(model, settings, prompt, negative_prompt, latents, seeds, stren
         context=embed_prompt(model, prompt), latents=latents, seeds=tuple(seeds),
         positions=np.zeros(len(seeds)), mask=mask,
     )
-    renderer = _renderer(model, settings, negative_prompt, strength=strength)
+    renderer = make_renderer(model, settings, negative_prompt, strength=strength)
     images = render_frames(renderer, plan, range(len(plan)), settings.batch_size, progress=progress)
     return np.stack([images[k] for k in range(len(plan))])
 
@@ -134,8 +135,6 @@ def img2img(
     fit: str = "crop",
     out_dir: Optional[str] = "outputs",
     model=None,
-    version: Optional[str] = None,
-    weights: str = "keras-cv",
     progress: bool = True,
 ) -> GenerateResult:
     """Image to image: the image, noised to `strength`, redrawn with the prompt.
@@ -151,8 +150,8 @@ def img2img(
         strength: float in [0, 1]. 0 returns the (fitted) image unchanged, no model
             call; 1 ignores it (the same image as `generate` with that seed).
             Defaults to 0.6.
-        num_images, seed, settings, negative_prompt, out_dir, model, version,
-            weights, progress: as in `sdanim.generate`; image k uses seed + k.
+        num_images, seed, settings, negative_prompt, out_dir, model,
+            progress: as in `sdanim.generate`; image k uses seed + k.
         fit: "crop" or "resize". Defaults to "crop".
 
     Example:
@@ -168,10 +167,10 @@ def img2img(
     if strength == 0:
         images = np.repeat(pixels[None], num_images, axis=0)
     else:
-        model = _get_model(model, settings, version, weights)
+        model = get_model(model, settings)
         latent = encode_images(model, pixels[None])  # (1, h, w, 4)
         images = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, None, progress)
-    record = {"tool": "img2img", "prompt": _prompt_record(prompt), "strength": strength,
+    record = {"tool": "img2img", "prompt": prompt_record(prompt), "strength": strength,
               "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings)}
     return GenerateResult(images, seeds, _save(out_dir, f"img2img-{slugify(prompt)}", seeds, images, record))
 
@@ -198,8 +197,6 @@ def inpaint(
     fit: str = "crop",
     out_dir: Optional[str] = "outputs",
     model=None,
-    version: Optional[str] = None,
-    weights: str = "keras-cv",
     progress: bool = True,
 ) -> InpaintResult:
     """Redraws the white part of `mask` with the prompt; the rest of the image stays.
@@ -231,17 +228,17 @@ def inpaint(
     pixels = fit_image(original, settings.height, settings.width, fit)
     hard = fit_image(hard.astype(np.uint8) * 255, settings.height, settings.width, fit, nearest=True) >= 128
     return _inpaint_fitted(pixels, hard, prompt, seeds, strength, feather, settings, negative_prompt, out_dir,
-                           model, version, weights, progress, "inpaint")
+                           model, progress, "inpaint")
 
 
 def _inpaint_fitted(pixels, hard, prompt, seeds, strength, feather, settings, negative_prompt, out_dir,
-                    model, version, weights, progress, tool) -> InpaintResult:
+                    model, progress, tool) -> InpaintResult:
     weight = soft_mask(hard, feather)  # (H, W), 0 outside the mask
-    model = _get_model(model, settings, version, weights)
+    model = get_model(model, settings)
     latent = encode_images(model, pixels[None])  # (1, h, w, 4)
     generated = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, latent_mask(hard), progress)
     images = np.stack([composite(g, pixels, weight) for g in generated])
-    record = {"tool": tool, "prompt": _prompt_record(prompt), "strength": strength, "feather": feather,
+    record = {"tool": tool, "prompt": prompt_record(prompt), "strength": strength, "feather": feather,
               "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings)}
     paths = _save(out_dir, f"{tool}-{slugify(prompt)}", seeds, images, record)
     return InpaintResult(images, seeds, paths, mask=hard, image=pixels)
@@ -261,8 +258,6 @@ def outpaint(
     negative_prompt: Optional[str] = None,
     out_dir: Optional[str] = "outputs",
     model=None,
-    version: Optional[str] = None,
-    weights: str = "keras-cv",
     progress: bool = True,
 ) -> InpaintResult:
     """Extends the image by `left`/`right`/`top`/`bottom` pixels, painting the new
@@ -277,19 +272,18 @@ def outpaint(
     normalize_prompt(prompt)
     seeds = _seeds(seed, num_images, out_dir)
     return _inpaint_fitted(canvas, hard, prompt, seeds, 1.0, feather, settings, negative_prompt, out_dir,
-                           model, version, weights, progress, "outpaint")
+                           model, progress, "outpaint")
 
 
-def check_image_morph_args(prompt, out, frames, fps, seed, strength, interpolation, settings: RenderSettings):
-    """Checks image_morph's arguments (cheap). Returns (frames - 1, fps, seed)."""
-    from sdanim.api import check_output_args
-
+def check_image_morph_args(prompt, out, frames, seed, strength, interpolation, settings: RenderSettings,
+                           export: Optional[ExportSettings] = None):
+    """Checks image_morph's arguments (cheap). Returns (frames - 1, seed)."""
     normalize_prompt(prompt)
     (count,) = split_frames(frames, 1)
-    fps = check_output_args(out, fps)
+    (export or ExportSettings()).check_output(out)
     check(interpolation in METHODS, f"interpolation must be one of {', '.join(METHODS)}. Received: interpolation={interpolation!r}")
     check(steps_for_strength(strength, settings.num_steps) > 0, f"image morph strength must be above 0. Received: strength={strength}")
-    return count, fps, check_seed(seed)
+    return count, check_seed(seed)
 
 
 @dataclasses.dataclass
@@ -306,17 +300,14 @@ def image_morph(
     prompt="",
     out: str = "outputs/image_morph.gif",
     frames: int = 24,
-    fps: float = 12,
     seed: int = 42,
     strength: float = 0.5,
     interpolation: str = "slerp",
     settings: Optional[RenderSettings] = None,
     negative_prompt: Optional[str] = None,
     fit: str = "crop",
-    ping_pong: bool = False,
+    export: Optional[ExportSettings] = None,
     model=None,
-    version: Optional[str] = None,
-    weights: str = "keras-cv",
     progress: bool = True,
 ) -> ImageMorphResult:
     """A morph between two of your own images: both are encoded, their latents
@@ -330,13 +321,16 @@ def image_morph(
             blend of the two images, high lets the model make each in-between a
             clean image. Defaults to 0.5.
         interpolation: "slerp" or "linear", between the latents. Defaults to "slerp".
-        out, frames, fps, seed, settings, negative_prompt, fit, ping_pong, model,
-            version, weights, progress: as in `morph` and `img2img`.
+        export: `ExportSettings`; fps, ping_pong and quality apply. Defaults to
+            ExportSettings().
+        out, frames, seed, settings, negative_prompt, fit, model, progress: as in
+            `morph` and `img2img`.
     """
     settings = settings or RenderSettings()
-    count, fps, seed = check_image_morph_args(prompt, out, frames, fps, seed, strength, interpolation, settings)
+    export = export or ExportSettings()
+    count, seed = check_image_morph_args(prompt, out, frames, seed, strength, interpolation, settings, export)
     pixels = np.stack([_prepare_image(image_a, settings, fit, "image_a"), _prepare_image(image_b, settings, fit, "image_b")])
-    model = _get_model(model, settings, version, weights)
+    model = get_model(model, settings)
     start = time.perf_counter()
     latents = encode_images(model, pixels)  # (2, h, w, 4)
     positions = np.linspace(0.0, 1.0, count + 1)
@@ -349,10 +343,10 @@ def image_morph(
         for index, image in zip(indices, batch_images):
             store.write(index, image, {"sdanim": {"tool": "image_morph", "frame": index, "position": float(positions[index])}})
 
-    renderer = _renderer(model, settings, negative_prompt, strength=strength)
+    renderer = make_renderer(model, settings, negative_prompt, strength=strength)
     images = render_frames(renderer, plan, range(len(plan)), settings.batch_size, on_batch=save, progress=progress)
     all_frames = np.stack([images[i] for i in range(len(plan))])
-    write_video(out, list(all_frames), fps, ping_pong=ping_pong)
+    write_video(out, list(all_frames), export.fps, ping_pong=export.ping_pong, quality=export.quality)
     return ImageMorphResult(all_frames, out, folder, time.perf_counter() - start)
 
 
@@ -394,8 +388,6 @@ def grid(
     negative_prompt: Optional[str] = None,
     out: Optional[str] = "outputs/grid.png",
     model=None,
-    version: Optional[str] = None,
-    weights: str = "keras-cv",
     progress: bool = True,
 ) -> GridResult:
     """A labelled comparison grid: one row per prompt, one column per combination of
@@ -413,7 +405,7 @@ def grid(
     """
     settings = settings or RenderSettings()
     prompts, seeds, variants = check_grid_args(prompts, seeds, guidance_scales, steps, settings, out)
-    model = _get_model(model, settings, version, weights)
+    model = get_model(model, settings)
     contexts = [embed_prompt(model, p) for p in prompts]
     n_scales = len({v.guidance_scale for v in variants})
     n_counts = len({v.num_steps for v in variants})
@@ -427,7 +419,7 @@ def grid(
             for k, (r, c) in enumerate(pairs)
         ]
         plan = _ListPlan(frames)
-        renderer = _renderer(model, variant, negative_prompt)
+        renderer = make_renderer(model, variant, negative_prompt)
         images = render_frames(renderer, plan, range(len(frames)), settings.batch_size, progress=progress)
         for k, (r, c) in enumerate(pairs):
             cells[r, v_index * len(seeds) + c] = images[k]
@@ -444,7 +436,7 @@ def grid(
     row_labels = [p if isinstance(p, str) else " + ".join(f"{w:g} {t}" for t, w in p) for p in prompts]
     sheet = labelled_grid([list(row) for row in cells], row_labels, labels)
     if out is not None:
-        write_png(out, sheet, {"sdanim": {"tool": "grid", "prompts": [_prompt_record(p) for p in prompts],
+        write_png(out, sheet, {"sdanim": {"tool": "grid", "prompts": [prompt_record(p) for p in prompts],
                                          "columns": columns, "render": dataclasses.asdict(settings)}})
     return GridResult(sheet, cells, columns, out)
 
@@ -462,8 +454,6 @@ class _ListPlan:
 
 def check_steps_args(prompt, seed, show, settings: RenderSettings, out, fps):
     """Checks denoising_steps' arguments (cheap). Returns (steps to show, seed)."""
-    from sdanim.api import check_output_args
-
     normalize_prompt(prompt)
     n = settings.num_steps
     if show is None:
@@ -474,7 +464,7 @@ def check_steps_args(prompt, seed, show, settings: RenderSettings, out, fps):
         f"show must list step numbers from 1 to {n} (the steps). Received: show={list(show)}",
     )
     if out is not None:
-        check_output_args(out, fps)
+        ExportSettings(fps=fps).check_output(out)
     return show, check_seed(seed)
 
 
@@ -495,8 +485,6 @@ def denoising_steps(
     out: Optional[str] = "outputs/steps.gif",
     fps: float = 4,
     model=None,
-    version: Optional[str] = None,
-    weights: str = "keras-cv",
     progress: bool = True,
 ) -> StepsResult:
     """How the picture emerges: the decoded predicted clean image (x0) after chosen
@@ -514,8 +502,8 @@ def denoising_steps(
     settings = settings or RenderSettings()
     n = settings.num_steps
     show, seed = check_steps_args(prompt, seed, show, settings, out, fps)
-    model = _get_model(model, settings, version, weights)
-    renderer = _renderer(model, settings, negative_prompt)
+    model = get_model(model, settings)
+    renderer = make_renderer(model, settings, negative_prompt)
     context = embed_prompt(model, prompt)[None]  # (1, 77, D)
     noise = seeded_noise(seed, settings.latent_shape)[None]
     captured = {}

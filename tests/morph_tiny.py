@@ -32,7 +32,7 @@ def main(out, mode="0"):
 
         frames.atomic_write = held_write
     settings = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
-    result = sdanim.morph(["a red cube", "a blue sphere"], out=out, frames=9, fps=5, seed=1,
+    result = sdanim.morph(["a red cube", "a blue sphere"], out=out, frames=9, export=sdanim.ExportSettings(fps=5), seed=1,
                           settings=settings, model=make_tiny_model(), progress=False)
     print("rendered", result.rendered)
 

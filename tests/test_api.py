@@ -14,8 +14,9 @@ from sdanim.settings import RenderSettings
 S = RenderSettings(height=64, width=64, num_steps=2, batch_size=3)
 
 
-def _morph(tiny, out, **kw):
-    args = dict(frames=7, fps=5, seed=3, settings=S, model=tiny, progress=False)
+def _morph(tiny, out, fps=5, sheet=False, **kw):
+    args = dict(frames=7, seed=3, settings=S, model=tiny, progress=False,
+                export=sdanim.ExportSettings(fps=fps, sheet=sheet))
     args.update(kw)
     return sdanim.morph(["a red cube", "a blue sphere", "a green cone"], out=str(out), **args)
 
@@ -114,7 +115,7 @@ def test_negative_prompt_changes_the_image(tiny):
 
 
 def test_prompts_are_encoded_once(tiny):
-    from sdanim.api import prompt_encoder
+    from sdanim.run import prompt_encoder
 
     calls = []
     real = tiny.text_encoder

@@ -60,7 +60,7 @@ def _count_unet_calls(monkeypatch):
 def test_img2img_strength_0_returns_the_image_without_a_model(tmp_path):
     image = _image(h=80, w=100)
     result = sdanim.img2img(image, "a cat", strength=0, seed=1, settings=S, out_dir=str(tmp_path),
-                            weights=str(tmp_path / "no-weights-here"), progress=False)
+                            model=sdanim.ModelSpec(weights=str(tmp_path / "no-weights-here")), progress=False)
     # fit="crop": centre 80x80 of the 80x100 image, resized to 64x64
     expected = np.asarray(Image.fromarray(image[:, 10:90]).resize((64, 64), Image.LANCZOS))
     assert np.array_equal(result.images[0], expected)
@@ -115,7 +115,7 @@ def test_img2img_fit_resize_and_bad_input(tiny, tmp_path):
 def test_renderer_keeps_the_unmasked_latent_exactly(tiny):
     """The sampler-level invariant: after the last step, the latent outside the mask
     is the image's latent itself, for every scheduler."""
-    from sdanim.api import _renderer
+    from sdanim.run import make_renderer as _renderer
     from sdanim.edits import encode_images
     from sdanim.images import latent_mask
     from tiny import random_inputs
@@ -191,7 +191,7 @@ def test_image_morph_frames_are_pure_and_end_at_the_images(tiny, tmp_path):
 
 
 def test_mix_is_the_weighted_mean_of_embeddings(tiny):
-    from sdanim.api import embed_prompt
+    from sdanim.run import embed_prompt
 
     mixed = embed_prompt(tiny, {"a rabbit": 3.0, "a frog": 1.0})
     expected = 0.75 * embed_prompt(tiny, "a rabbit") + 0.25 * embed_prompt(tiny, "a frog")

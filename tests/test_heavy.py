@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdanim.api import prompt_encoder
+from sdanim.run import prompt_encoder
 from sdanim.noise import seeded_noise
 from sdanim.sampling import Renderer
 from sdanim.settings import RenderSettings

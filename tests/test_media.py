@@ -84,15 +84,15 @@ def test_not_audio_is_refused(tmp_path):
 
 def test_audio_synced_morph_is_muxed(tiny, tmp_path):
     wav = _wav(tmp_path / "beat.wav", seconds=2.0, bursts=((0.5, 0.75), (1.25, 1.5)))
-    result = sdanim.morph(["a red cube", "a blue sphere"], out=str(tmp_path / "m.mp4"), frames=8, fps=4,
-                          settings=S, model=tiny, progress=False, audio=wav)
+    result = sdanim.morph(["a red cube", "a blue sphere"], out=str(tmp_path / "m.mp4"), frames=8,
+                          export=sdanim.ExportSettings(fps=4, audio=wav), settings=S, model=tiny, progress=False)
     streams = _streams(result.out)
     assert any("Video: h264" in s for s in streams) and any("Audio: aac" in s for s in streams)
     reader = imageio.get_reader(result.out, format="FFMPEG")
     assert sum(1 for _ in reader) == 8
     reader.close()
     with pytest.raises(SdanimError, match=r"a GIF cannot carry audio; write \.mp4 or \.webm\. Received: out='.*g\.gif'"):
-        sdanim.morph(["a", "b"], out=str(tmp_path / "g.gif"), frames=8, fps=4, settings=S, model=tiny, audio=wav, progress=False)
+        sdanim.morph(["a", "b"], out=str(tmp_path / "g.gif"), frames=8, export=sdanim.ExportSettings(fps=4, audio=wav), settings=S, model=tiny, progress=False)
     assert not (tmp_path / "g_frames").exists()  # refused before anything was rendered
 
 
@@ -107,8 +107,8 @@ def test_cli_bad_audio_is_one_line_before_model_build(capsys, tmp_path):
 
 
 def test_doubled_video_has_twice_the_frames_and_fps(tiny, tmp_path):
-    result = sdanim.morph(["a", "b"], out=str(tmp_path / "d.mp4"), frames=5, fps=5, settings=S, model=tiny,
-                          progress=False, double=True)
+    result = sdanim.morph(["a", "b"], out=str(tmp_path / "d.mp4"), frames=5, export=sdanim.ExportSettings(fps=5, double=True),
+                          settings=S, model=tiny, progress=False)
     reader = imageio.get_reader(result.out, format="FFMPEG")
     assert sum(1 for _ in reader) == 9 and abs(reader.get_meta_data()["fps"] - 10) < 1e-6
     reader.close()

@@ -120,7 +120,7 @@ def test_gini_and_report():
 
 def test_animate_loop_walk_with_tiny_model(tiny, tmp_path):
     walk = Walk((make_keyframe(0, "a red cube", 1, 3), make_keyframe(1, {"a cat": 1, "a dog": 1}, 2, 2)), loop=True)
-    result = sdanim.animate(walk, out=str(tmp_path / "w.gif"), fps=5, settings=S, model=tiny, progress=False)
+    result = sdanim.animate(walk, out=str(tmp_path / "w.gif"), export=sdanim.ExportSettings(fps=5), settings=S, model=tiny, progress=False)
     assert result.frames.shape[0] == 5
     assert len(result.smoothness["distances"]) == 5  # includes the wrap-around step back to frame 0
     manifest = json.load(open(os.path.join(result.frames_dir, "manifest.json")))
@@ -165,7 +165,7 @@ def test_circle_noise_has_unit_variance_and_closes():
 def test_circle_walk_render_first_and_last_frames_are_adjacent(tiny, tmp_path):
     from sdanim.keyframes import circle_walk
 
-    result = sdanim.animate(circle_walk("a red cube", 3, 8), out=str(tmp_path / "c.gif"), fps=8, settings=S, model=tiny, progress=False)
+    result = sdanim.animate(circle_walk("a red cube", 3, 8), out=str(tmp_path / "c.gif"), export=sdanim.ExportSettings(fps=8), settings=S, model=tiny, progress=False)
     d = np.array(result.smoothness["distances"])  # 8 steps, the last one wraps back to frame 0
     assert len(d) == 8 and d.max() > 0
     assert d[-1] <= 2 * np.median(d[:-1])
@@ -210,11 +210,11 @@ def test_uniform_positions_keep_keyframes_and_handle_no_motion():
 def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path, monkeypatch):
     """Uniform spacing lowers the spread of consecutive-frame distances (both printed),
     with the default preview: a quarter of the render's steps."""
-    from sdanim import api
+    from sdanim import run
 
     steps_used = []
-    renderer = api._renderer
-    monkeypatch.setattr(api, "_renderer", lambda model, settings, *a, **k: (
+    renderer = run.make_renderer
+    monkeypatch.setattr(run, "make_renderer", lambda model, settings, *a, **k: (
         steps_used.append(settings.num_steps), renderer(model, settings, *a, **k))[1])
     s = RenderSettings(height=64, width=64, num_steps=12, batch_size=4, guidance_scale=7.5)
     prompts = ["a red cube on a table", "a blue sphere in the sky"]
