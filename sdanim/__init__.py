@@ -37,6 +37,8 @@ _EXPORTS = {
     "RenderSettings": "sdanim.settings",
     "ExportSettings": "sdanim.run",
     "ModelSpec": "sdanim.run",
+    "Workers": "sdanim.distributed",
+    "FailedFrames": "sdanim.distributed",
     "SdanimError": "sdanim.errors",
     "plot_images": "sdanim.notebook",
     "save_image": "sdanim.notebook",

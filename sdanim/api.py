@@ -111,6 +111,7 @@ def morph(
     easing: str = "linear",
     spacing: str = "linear",
     preview_steps: Optional[int] = None,
+    workers=None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> MorphResult:
@@ -131,7 +132,8 @@ def morph(
         export: `ExportSettings`. fps, ping-pong, frame doubling, quality, contact
             sheet, audio. Defaults to ExportSettings() (12 fps).
         model: a loaded `StableDiffusionModel` (reused across calls), a `ModelSpec`
-            to load from, or None (KerasCV's weights).
+            to load from, or None (KerasCV's weights). With `workers`, a `ModelSpec`
+            or a function that builds a model.
         negative_prompt: str. Steers away from this text. Defaults to None.
         interpolation: str. "slerp" or "linear", for text embeddings. Defaults to "slerp".
         noise: str. "fixed" (one noise for all frames) or "slerp" (between per-prompt
@@ -140,7 +142,7 @@ def morph(
             seed, seed + 1, ...
         easing: str. Easing of every transition ("linear", "ease-in-out", ...).
             Defaults to "linear".
-        spacing, preview_steps, overwrite, progress: as in `animate`.
+        spacing, preview_steps, workers, overwrite, progress: as in `animate`.
 
     Example:
     ```python
@@ -155,7 +157,7 @@ def morph(
     walk = walk_from_prompts(list(prompts), keyframe_seeds, intervals, easing, False, interpolation)
     return animate(
         walk, out=out, settings=settings, export=export, model=model, negative_prompt=negative_prompt,
-        spacing=spacing, preview_steps=preview_steps, overwrite=overwrite, progress=progress,
+        spacing=spacing, preview_steps=preview_steps, workers=workers, overwrite=overwrite, progress=progress,
     )
 
 
@@ -169,6 +171,7 @@ def animate(
     spacing: str = "linear",
     preview_steps: Optional[int] = None,
     distance=None,
+    workers=None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> MorphResult:
@@ -187,6 +190,9 @@ def animate(
         distance: callable (image, image) -> float. The frame distance used by
             uniform spacing and the smoothness report, e.g. a perceptual metric where
             its weights are available. Defaults to mean absolute pixel difference.
+        workers: int or `sdanim.distributed.Workers` or None. Render on this many Ray
+            workers (one model each; `pip install "sdanim[ray]"`); None renders in
+            this process and never imports Ray. Defaults to None.
         overwrite: bool. Replace frames of a different run in the frames folder.
         progress: bool. Show a progress bar. Defaults to True.
 
@@ -217,10 +223,14 @@ def animate(
             isinstance(preview_steps, int) and preview_steps >= 1,
             f"preview_steps must be at least 1. Received: preview_steps={preview_steps}",
         )
+    if workers is not None:
+        from sdanim.distributed import check_workers_args
+
+        check_workers_args(model, workers)
     stem = os.path.splitext(out)[0]
     folder = stem + "_frames"
 
-    with frame_source(model, settings) as source:
+    with frame_source(model, settings, workers) as source:
         # 2. Model; run folder (refuses another run's frames).
         manifest = {
             "walk": walk.record(),

@@ -106,6 +106,18 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace frames of a different run in the frames folder")
 
 
+def _add_workers_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several devices (Ray; pip install \"sdanim[ray]\")")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="render on N Ray workers, one model each (default: this process, no Ray)")
+    g.add_argument("--ray-address", default=None, metavar="auto|ray://HOST:PORT",
+                   help="join an existing Ray cluster (default: start one on this machine)")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs each worker holds (default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--max-attempts", type=int, default=3,
+                   help="tries per frame before it is reported as failed (default: 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdanim.interpolation import EASINGS
 
@@ -138,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timing_args(m)
     _add_output_args(m)
     _add_render_args(m, batch_default=4)
+    _add_workers_args(m)
 
     w = sub.add_parser(
         "walk", help="animate through the keyframes of a YAML/JSON walk file",
@@ -152,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default="outputs/walk.gif", help="output .gif, .mp4 or .webm (default: outputs/walk.gif)")
     _add_output_args(w)
     _add_render_args(w, batch_default=4)
+    _add_workers_args(w)
 
     c = sub.add_parser(
         "circle", help="a seamless loop in noise space around one prompt",
@@ -167,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="outputs/circle.gif", help="output .gif, .mp4 or .webm (default: outputs/circle.gif)")
     _add_output_args(c)
     _add_render_args(c, batch_default=4)
+    _add_workers_args(c)
 
     g = sub.add_parser(
         "generate", help="text to image: a batch of seeded images",
@@ -356,6 +371,19 @@ def _export(args):
     )
 
 
+def _workers(args):
+    """Ray workers from --workers and friends, or None (Ray is then never imported)."""
+    if getattr(args, "workers", None) is None:
+        for flag in ("ray_address", "gpus_per_worker"):
+            if getattr(args, flag, None) is not None:
+                raise SdanimError(f"--{flag.replace('_', '-')} needs --workers N. Received: --workers not given")
+        return None
+    from sdanim.distributed import Workers
+
+    return Workers(count=args.workers, address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
+                   max_attempts=args.max_attempts)
+
+
 def _report(result, fps: float) -> None:
     per_frame = result.seconds / max(result.rendered, 1)
     print(f"wrote {result.out} ({len(result.frames)} frames at {fps:g} fps; "
@@ -483,11 +511,13 @@ def _run(args) -> int:
         export = _export(args)
         api.check_morph_args(args.prompts, args.out, args.frames, args.seed, args.interpolation, args.noise,
                              args.seeds, export)
+        workers = _workers(args)
         result = api.morph(
             args.prompts, out=args.out, frames=args.frames, seed=args.seed, settings=settings, export=export,
-            model=_load(args, settings), negative_prompt=args.negative,
+            model=_spec(args) if workers else _load(args, settings), negative_prompt=args.negative,
             interpolation=args.interpolation, noise=args.noise, seeds=args.seeds, easing=args.easing,
-            spacing=args.spacing, preview_steps=args.preview_steps, overwrite=args.overwrite, progress=progress,
+            spacing=args.spacing, preview_steps=args.preview_steps, workers=workers,
+            overwrite=args.overwrite, progress=progress,
         )
         _report(result, args.fps)
         return 0
@@ -497,11 +527,12 @@ def _run(args) -> int:
         walk = load_walk(args.file) if args.command == "walk" else circle_walk(args.prompt, args.seed, args.frames)
         export = _export(args)
         export.check_output(args.out)
+        workers = _workers(args)
         result = api.animate(
             walk, out=args.out, settings=settings, export=export,
-            model=_load(args, settings), negative_prompt=args.negative,
+            model=_spec(args) if workers else _load(args, settings), negative_prompt=args.negative,
             spacing=getattr(args, "spacing", "linear"), preview_steps=getattr(args, "preview_steps", None),
-            overwrite=args.overwrite, progress=progress,
+            workers=workers, overwrite=args.overwrite, progress=progress,
         )
         _report(result, args.fps)
         return 0
@@ -541,8 +572,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except SdanimError as error:
+        from sdanim.distributed import FailedFrames  # does not import Ray
+
         print(f"sdanim: error: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, FailedFrames) else 2  # failed frames: the input was fine
     except KeyboardInterrupt:
         print("sdanim: interrupted; frames already rendered are kept in the frames folder "
               "and the same command resumes", file=sys.stderr)

@@ -17,6 +17,8 @@ import numpy as np
 from sdanim.errors import SdanimError
 
 MANIFEST = "manifest.json"
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -80,7 +82,19 @@ class FrameStore:
         return os.path.join(self.folder, f"frame_{index:05d}.png")
 
     def has(self, index: int) -> bool:
-        return os.path.isfile(self.path(index))
+        """Whether frame `index` is on disk as a complete PNG (a file cut short, say by
+        a full disk or a partial copy, counts as missing and is rendered again)."""
+        path = self.path(index)
+        try:
+            with open(path, "rb") as f:
+                start = f.read(8)
+                f.seek(0, os.SEEK_END)
+                if f.tell() < 8 + len(_PNG_END):
+                    return False
+                f.seek(-len(_PNG_END), os.SEEK_END)
+                return start == _PNG_START and f.read() == _PNG_END
+        except OSError:
+            return False
 
     def missing(self, indices: Iterable[int]) -> list[int]:
         return [i for i in indices if not self.has(i)]

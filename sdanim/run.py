@@ -2,8 +2,8 @@
 the Ray driver all call these, none of them another front-end's helpers.
 
     ModelSpec -> model;  walk + RenderSettings -> FrameJob -> FramePlan (prompts encoded
-    once per model) -> a frame source renders frame indices (LocalFrames: this process)
-    -> run folder (frames + manifest) -> export
+    once per model) -> a frame source renders frame indices (this process: LocalFrames;
+    Ray workers: sdanim.distributed.RayFrames) -> run folder (frames + manifest) -> export
     (ExportSettings)
 
 A `FrameJob` is small and picklable (walk, settings, negative prompt, frame positions):
@@ -142,9 +142,11 @@ class ExportSettings:
 def get_model(model, settings: RenderSettings):
     """The model to render `settings` with: `model` itself if it is a loaded model
     (checked against the size), loaded from it if it is a `ModelSpec`, or the default
-    `ModelSpec()` (KerasCV's weights) if None."""
+    `ModelSpec()` (KerasCV's weights) if None; a function is called to build one."""
     if model is None or isinstance(model, ModelSpec):
         return (model or ModelSpec()).load(settings.height, settings.width)
+    if callable(model) and not hasattr(model, "diffusion_model"):
+        model = model()
     check(
         (model.height, model.width) == (settings.height, settings.width),
         f"the model was built for {model.width}x{model.height}; load one for the requested "
@@ -296,9 +298,16 @@ class LocalFrames:
         self.close()
 
 
-def frame_source(model, settings: RenderSettings):
-    """Where a run's frames are rendered: in this process, with `get_model(model, settings)`."""
-    return LocalFrames(get_model(model, settings))
+def frame_source(model, settings: RenderSettings, workers=None):
+    """Where a run's frames are rendered: in this process (`workers` None) with
+    `get_model(model, settings)`, or on Ray workers (`workers`: a count or a
+    `sdanim.distributed.Workers`), each loading its own model from `model` (a
+    `ModelSpec`, None for the default, or a function that builds a model)."""
+    if workers is None:
+        return LocalFrames(get_model(model, settings))
+    from sdanim.distributed import RayFrames, Workers
+
+    return RayFrames(model, settings, workers if isinstance(workers, Workers) else Workers(count=workers))
 
 
 def open_run_folder(folder: str, manifest: dict, overwrite: bool):

@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import require
 from PIL import Image
 
 from sdanim.run import prompt_encoder
@@ -94,6 +96,32 @@ def test_cli_morph_gif_end_to_end(tmp_path):
     assert (tmp_path / "outputs" / "morph_sheet.png").is_file()
     assert not list((tmp_path / "outputs").glob(".*partial*"))
     assert "wrote outputs/morph.gif (8 frames at 4 fps" in proc.stdout
+
+
+@pytest.mark.own_process
+def test_cli_morph_on_two_ray_workers(tmp_path):
+    """`--workers 2` end to end as a user runs it: the CLI starts Ray, two workers build
+    the real architecture (random weights) and render; the driver builds no model."""
+    psutil = pytest.importorskip("psutil")
+    require("ray")
+    total = psutil.virtual_memory().total / 2**30
+    if total < 20:
+        pytest.skip(f"two real models need about 13 GB with the test process; this machine has {total:.0f} GB")
+    out = tmp_path / "ray.gif"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdanim", "morph", *PROMPTS, "--frames", "6", "--seed", "42", "--out", str(out),
+         "--workers", "2", *SMOKE],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with Image.open(out) as im:
+        assert im.n_frames == 6 and im.size == (128, 128)
+    frames = [np.asarray(Image.open(tmp_path / "ray_frames" / f"frame_{i:05d}.png")) for i in range(6)]
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).max() > 0
+    manifest = json.loads((tmp_path / "ray_frames" / "manifest.json").read_text())
+    assert manifest["model"]["weights"] == "random" and manifest["model"]["version"] == "1.4"
+    assert sorted(p.name for p in (tmp_path / "ray_frames").iterdir()) == [f"frame_{i:05d}.png" for i in range(6)] + ["manifest.json"]
+    assert "wrote " in proc.stdout and "(6 frames at 12 fps" in proc.stdout
 
 
 @pytest.fixture

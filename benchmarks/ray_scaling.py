@@ -1,0 +1,125 @@
+"""How well sdanim's Ray driver scales: seconds and efficiency at 1, 2, 4, 8 workers.
+
+Stand-in mode (default) measures the coordination itself: each worker is a simulated
+GPU with a fixed cost per frame (time.sleep, so 8 of them fit on 2 cores) that writes
+a real 64x64 PNG per frame through the same FrameStore; the driver is the real one
+(ray.wait, two batches in flight per worker, the manifest-free part of a run).
+Efficiency at N workers = T(1) / (N x T(N)).
+
+--real measures the real architecture (random weights) on CPU workers instead:
+1 worker with every core vs 2 workers sharing them, at 128x128.
+
+    python benchmarks/ray_scaling.py                      # stand-in, 512 frames, 50 ms/frame
+    python benchmarks/ray_scaling.py --real --frames 8    # SD 1.4, random weights (2 x 6 GB)
+
+Figures go to docs/benchmarks.md. Times exclude starting the workers (model builds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def stand_in(cost: float):
+    """A worker-side model whose rendering is `cost` seconds per frame, then a PNG."""
+    import numpy as np
+
+    from sdanim import run
+
+    def render(self, job, indices, store=None, progress=True, on_batch=None):
+        indices = list(indices)
+        time.sleep(cost * len(indices))
+        images = {i: np.full((64, 64, 3), i % 256, np.uint8) for i in indices}
+        if store is not None:
+            for i in indices:
+                store.write(i, images[i], {"sdanim": job.frame_text(i)})
+        return images
+
+    run.LocalFrames.render = render
+
+    class Model:
+        height = width = 64
+
+        def describe(self):
+            return {"version": "stand-in", "cost": cost}
+
+    return Model()
+
+
+def _job(frames: int, height: int, steps: int, batch: int):
+    from sdanim.keyframes import walk_from_prompts
+    from sdanim.run import FrameJob
+    from sdanim.settings import RenderSettings
+
+    walk = walk_from_prompts(["a red barn at dawn", "a snowy forest"], [42, 42], [frames - 1], "linear", False, "slerp")
+    return FrameJob(walk, RenderSettings(height=height, width=height, num_steps=steps, batch_size=batch))
+
+
+def time_render(model, job, workers, out_dir: str) -> float:
+    import ray
+
+    from sdanim.distributed import RayFrames
+    from sdanim.frames import FrameStore
+
+    with RayFrames(model, job.settings, workers) as source:
+        ray.get([a.describe.remote() for a in source.actors])  # every worker up (model built)
+        folder = tempfile.mkdtemp(dir=out_dir)
+        start = time.perf_counter()
+        source.render(job, range(len(job)), store=FrameStore(folder), progress=False)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real", action="store_true", help="the real SD 1.4 architecture on CPU workers")
+    parser.add_argument("--frames", type=int, default=512)
+    parser.add_argument("--cost", type=float, default=0.05, help="stand-in seconds per frame (default: 0.05)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--workers", default="1,2,4,8")
+    args = parser.parse_args()
+
+    import functools
+
+    import ray
+
+    from sdanim.distributed import Workers
+    from sdanim.run import ModelSpec
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])}})
+    counts = [int(n) for n in args.workers.split(",")]
+    out_dir = tempfile.mkdtemp(prefix="sdanim-ray-bench-")
+    cpus = os.cpu_count()
+    if args.real:
+        counts = [n for n in counts if n <= cpus]
+        job = _job(args.frames, 128, 4, args.batch)
+        model = ModelSpec(weights="random")
+        make = lambda n: Workers(count=n, cpus_per_worker=cpus // n)  # noqa: E731
+        what = f"SD 1.4 random weights, 128x128, 4 DDIM steps, guidance 7.5, batch {args.batch}, {cpus} cores shared"
+    else:
+        job = _job(args.frames, 64, 1, args.batch)
+        from ray_scaling import stand_in as _stand_in
+
+        model = functools.partial(_stand_in, args.cost)
+        make = lambda n: Workers(count=n, cpus_per_worker=min(1.0, cpus / n) / 4)  # noqa: E731  threads: none set
+        what = f"stand-in {args.cost * 1000:.0f} ms/frame, batch {args.batch}"
+    print(f"{args.frames} frames; {what}; Ray {ray.__version__}")
+    base = None
+    for n in counts:
+        seconds = time_render(model, job, make(n), out_dir)
+        base = base or seconds
+        print(f"workers {n}: {seconds:7.2f} s  {seconds / args.frames:.4f} s/frame  "
+              f"speed-up {base / seconds:5.2f}x  efficiency {base / (n * seconds):6.1%}", flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Rendering on Ray workers (sdanim.distributed): one shared local Ray instance, tiny
+models built inside the workers by functions of this module.
+
+The workers import this module (and tests/tiny.py) by name: the Ray instance is
+started with tests/ on their PYTHONPATH. Functions that misbehave on purpose (a
+worker killed mid-write, a frame that always fails, slow early frames) run inside the
+worker process, where they patch sdanim for that process only.
+"""
+
+import functools
+import glob
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdanim
+from sdanim.cli import main
+from sdanim.errors import SdanimError
+
+from conftest import require
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+S = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
+PROMPTS = ["a red cube", "a blue sphere", "a green cone"]
+FRAMES = 9
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = require("ray")
+    started = not ray.is_initialized()
+    if started:
+        path = os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+# Model functions run inside the workers ------------------------------------------------
+
+
+def tiny_model():
+    from tiny import make_tiny_model
+
+    return make_tiny_model()
+
+
+def killed_mid_write(marker: str):
+    """The first worker to write frame 3 dies (os._exit) half-way through writing it,
+    leaving its temporary file; the restarted worker (marker present) behaves."""
+    from sdanim import frames
+
+    real = frames.atomic_write
+
+    def write(path, fn):
+        if path.endswith("frame_00003.png") and not os.path.exists(marker):
+            def half(tmp):
+                fn(tmp)
+                open(marker, "w").close()
+                os._exit(1)  # the frame only ever existed under its temporary name
+
+            return real(path, half)
+        return real(path, fn)
+
+    frames.atomic_write = write
+    return tiny_model()
+
+
+def poisoned(index: int):
+    """Frame `index` fails in every worker, on every attempt."""
+    from sdanim.plan import FramePlan
+
+    real = FramePlan.batch
+
+    def batch(self, indices):
+        if index in indices:
+            raise ValueError(f"frame {index} is poisoned")
+        return real(self, indices)
+
+    FramePlan.batch = batch
+    return tiny_model()
+
+
+def slow_early_frames():
+    """Lower frame indices take longer, so batches finish out of order (batch [0, 1]
+    last of the first four)."""
+    from sdanim.plan import FramePlan
+
+    real = FramePlan.batch
+
+    def batch(self, indices):
+        time.sleep(0.4 * max(0, 4 - min(indices)))
+        return real(self, indices)
+
+    FramePlan.batch = batch
+    return tiny_model()
+
+
+# Tests -------------------------------------------------------------------------------------
+
+
+def _morph(tmp_path, name, workers=None, model=tiny_model, **kw):
+    return sdanim.morph(PROMPTS, out=str(tmp_path / f"{name}.gif"), frames=FRAMES, seed=3, settings=S,
+                        model=model, workers=workers, progress=False, **kw)
+
+
+def _gif_frames(path):
+    with Image.open(path) as im:
+        out = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            out.append(np.asarray(im.convert("RGB")))
+    return out
+
+
+def _temp_files(folder):
+    return glob.glob(os.path.join(folder, ".*"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The frames rendered in this process, no Ray."""
+    from tiny import make_tiny_model
+
+    tmp = tmp_path_factory.mktemp("reference")
+    return _morph(tmp, "ref", model=make_tiny_model())
+
+
+def test_two_workers_and_one_give_the_frames_of_one_process(ray_local, reference, tmp_path):
+    one = _morph(tmp_path, "one", workers=1)
+    two = _morph(tmp_path, "two", workers=sdanim.Workers(count=2, cpus_per_worker=1))
+    assert one.rendered == two.rendered == FRAMES
+    np.testing.assert_array_equal(one.frames, reference.frames)
+    np.testing.assert_array_equal(two.frames, reference.frames)
+    names = sorted(os.listdir(two.frames_dir))
+    assert names == [f"frame_{i:05d}.png" for i in range(FRAMES)] + ["manifest.json"]  # no probe, no temp file
+    assert len(_gif_frames(two.out)) == FRAMES
+
+
+def test_resume_with_more_workers_renders_only_missing_and_truncated_frames(ray_local, reference, tmp_path):
+    first = _morph(tmp_path, "r", workers=1)
+    folder = first.frames_dir
+    os.remove(os.path.join(folder, "frame_00002.png"))
+    os.remove(os.path.join(folder, "frame_00007.png"))
+    with open(os.path.join(folder, "frame_00005.png"), "r+b") as f:  # a copy cut short
+        f.truncate(200)
+    second = _morph(tmp_path, "r", workers=sdanim.Workers(count=3, cpus_per_worker=0.5))
+    assert second.rendered == 3  # 2, 5 and 7
+    np.testing.assert_array_equal(second.frames, reference.frames)
+
+
+def test_worker_killed_mid_write_loses_no_frame(ray_local, reference, tmp_path):
+    marker = str(tmp_path / "killed")
+    result = _morph(tmp_path, "k", workers=sdanim.Workers(count=2, cpus_per_worker=1),
+                    model=functools.partial(killed_mid_write, marker))
+    assert os.path.exists(marker)  # a worker did die mid-write
+    np.testing.assert_array_equal(result.frames, reference.frames)
+    assert len(_gif_frames(result.out)) == FRAMES  # every frame once, none duplicated
+    assert _temp_files(result.frames_dir) == []
+
+
+def test_poisoned_frame_is_reported_and_the_rest_are_rendered(ray_local, reference, tmp_path):
+    with pytest.raises(sdanim.FailedFrames, match=r"1 frame\(s\) failed on every attempt \(2\): frames 4 "
+                       r"\(first error: ValueError: frame 4 is poisoned\).*Received: max_attempts=2") as info:
+        _morph(tmp_path, "p", workers=sdanim.Workers(count=2, cpus_per_worker=1, max_attempts=2),
+               model=functools.partial(poisoned, 4))
+    assert info.value.indices == [4]
+    folder = tmp_path / "p_frames"
+    on_disk = sorted(os.listdir(folder))
+    assert on_disk == [f"frame_{i:05d}.png" for i in range(FRAMES) if i != 4] + ["manifest.json"]
+    assert not (tmp_path / "p.gif").exists()  # no export with a hole in it
+    again = _morph(tmp_path, "p", workers=1)  # a healthy re-run renders only frame 4
+    assert again.rendered == 1
+    np.testing.assert_array_equal(again.frames, reference.frames)
+
+
+def test_export_is_in_frame_order_whatever_the_completion_order(ray_local, reference, tmp_path):
+    workers = sdanim.Workers(count=2, cpus_per_worker=1, shared_storage=False)  # images come back to the driver
+    result = _morph(tmp_path, "o", workers=workers, model=slow_early_frames)
+    np.testing.assert_array_equal(result.frames, reference.frames)
+    # The GIF is palette-quantized: compare it with the one-process run's GIF.
+    np.testing.assert_array_equal(np.stack(_gif_frames(result.out)), np.stack(_gif_frames(reference.out)))
+
+
+def test_a_loaded_model_cannot_go_to_workers(tiny, tmp_path):
+    with pytest.raises(SdanimError, match=r"workers load their own model: pass a ModelSpec.*Received: model=TinyModel"):
+        _morph(tmp_path, "x", workers=2, model=tiny)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"count": 0}, r"workers must be at least 1\. Received: workers=0"),
+    ({"max_attempts": 0}, r"max_attempts must be at least 1\. Received: max_attempts=0"),
+    ({"gpus_per_worker": -1}, r"gpus_per_worker must be a number >= 0\. Received: gpus_per_worker=-1"),
+])
+def test_workers_bad_input(kw, match):
+    with pytest.raises(SdanimError, match=match):
+        sdanim.Workers(**kw)
+
+
+def test_cluster_too_small_is_refused_before_any_worker_starts(ray_local, tmp_path):
+    with pytest.raises(SdanimError, match=r"the Ray cluster cannot hold 3 workers: they need CPU 3 \(the cluster has 2\)"
+                       r".*Received: workers=3"):
+        _morph(tmp_path, "big", workers=3)
+    assert not (tmp_path / "big_frames").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--workers", "0"], "workers must be at least 1. Received: workers=0"),
+    (["--ray-address", "auto"], "--ray-address needs --workers N. Received: --workers not given"),
+    (["--workers", "2", "--max-attempts", "0"], "max_attempts must be at least 1. Received: max_attempts=0"),
+])
+def test_cli_workers_bad_input(tmp_path, capsys, argv, match):
+    out = str(tmp_path / "m.gif")
+    assert main(["morph", "a", "b", "--out", out, "--weights", "random", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sdanim: error: {match}\n"
+    assert not os.path.exists(tmp_path / "m_frames")
+
+
+def test_cli_exits_1_naming_failed_frames(tmp_path, capsys, monkeypatch):
+    from sdanim import api
+    from sdanim.distributed import FailedFrames
+
+    def morph(*a, **k):
+        raise FailedFrames({7: "ValueError: bad", 3: "ValueError: bad"}, 3, str(tmp_path / "m_frames"))
+
+    monkeypatch.setattr(api, "morph", morph)
+    assert main(["morph", "a", "b", "--out", str(tmp_path / "m.gif"), "--weights", "random", "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sdanim: error: 2 frame(s) failed on every attempt (3): frames 3, 7 (first error: ValueError: bad)")
+    assert err.count("\n") == 1
