@@ -25,7 +25,7 @@ from sdanim.keyframes import Walk, normalize_prompt, prompt_texts, walk_from_pro
 from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import NOISE_MODES, FramePlan
 from sdanim.run import (
-    ExportSettings, FrameJob, embed_prompt, frame_source, get_model, make_renderer, open_run_folder,
+    ExportSettings, FrameJob, embed_prompt, frame_source, get_model, make_renderer, model_text, open_run_folder,
     prompt_record, render_record, versions,
 )
 from sdanim.sampling import render_frames
@@ -114,6 +114,7 @@ def morph(
     workers=None,
     overwrite: bool = False,
     progress: bool = True,
+    on_batch=None,
 ) -> MorphResult:
     """Renders a prompt-to-prompt morph A -> B (-> C ...) and exports it.
 
@@ -142,7 +143,7 @@ def morph(
             seed, seed + 1, ...
         easing: str. Easing of every transition ("linear", "ease-in-out", ...).
             Defaults to "linear".
-        spacing, preview_steps, workers, overwrite, progress: as in `animate`.
+        spacing, preview_steps, workers, overwrite, progress, on_batch: as in `animate`.
 
     Example:
     ```python
@@ -158,6 +159,7 @@ def morph(
     return animate(
         walk, out=out, settings=settings, export=export, model=model, negative_prompt=negative_prompt,
         spacing=spacing, preview_steps=preview_steps, workers=workers, overwrite=overwrite, progress=progress,
+        on_batch=on_batch,
     )
 
 
@@ -174,6 +176,7 @@ def animate(
     workers=None,
     overwrite: bool = False,
     progress: bool = True,
+    on_batch=None,
 ) -> MorphResult:
     """Renders a keyframe walk (see `sdanim.keyframes`) and exports it.
 
@@ -195,6 +198,9 @@ def animate(
             this process and never imports Ray. Defaults to None.
         overwrite: bool. Replace frames of a different run in the frames folder.
         progress: bool. Show a progress bar. Defaults to True.
+        on_batch: callable (frame indices, images) or None. Called after each batch is
+            saved (live previews); an exception it raises stops the render, keeping
+            every frame already saved (the same call resumes). Defaults to None.
 
     Example:
     ```python
@@ -267,7 +273,7 @@ def animate(
 
         # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
         todo = store.missing(range(len(job)))
-        images = source.render(job, todo, store=store, progress=progress) if todo else {}
+        images = source.render(job, todo, store=store, progress=progress, on_batch=on_batch) if todo else {}
     all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(job))])
 
     # 5. Export, and how evenly it moves.
@@ -354,6 +360,6 @@ def generate(
     if out_dir is not None:
         for s, image in zip(seeds, stacked):
             path = os.path.join(out_dir, f"{slugify(prompt)}-seed{s}.png")
-            write_png(path, image, {"sdanim": {"prompt": prompt_record(prompt), "negative_prompt": negative_prompt, "seed": s, "render": dataclasses.asdict(settings)}})
+            write_png(path, image, {"sdanim": {"prompt": prompt_record(prompt), "negative_prompt": negative_prompt, "seed": s, "render": dataclasses.asdict(settings), **model_text(model)}})
             paths.append(path)
     return GenerateResult(stacked, seeds, paths)

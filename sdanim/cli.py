@@ -69,6 +69,9 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_defaul
     m.add_argument("--weights", default="keras-cv", metavar="keras-cv|random|DIR|CHECKPOINT",
                    help="weight source: KerasCV's download/cache, seeded random weights, a folder of .h5 files, "
                    "or an SD 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder)")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA file (kohya/AUTOMATIC1111 or diffusers/PEFT .safetensors) into the weights, "
+                   "scaled by SCALE (default 1); repeat to stack several")
     m.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="dtype policy (default: auto = mixed_float16 on CUDA, mixed_bfloat16 on CPUs with "
                    "native bfloat16 (AVX512_BF16/AMX) under TensorFlow, float32 elsewhere)")
@@ -352,7 +355,7 @@ def _spec(args):
 
     jit = {"auto": None, "on": True, "off": False}[args.jit]
     return ModelSpec(version=args.model, weights=args.weights, precision=args.precision, jit_compile=jit,
-                     attention=args.attention)
+                     attention=args.attention, loras=tuple(args.lora))
 
 
 def _load(args, settings):

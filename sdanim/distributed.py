@@ -239,7 +239,8 @@ class RayFrames:
         import ray
 
         try:
-            return ray.get(self.actors[0].describe.remote())
+            self._record = ray.get(self.actors[0].describe.remote())
+            return self._record
         except ray.exceptions.RayError as error:
             raise SdanimError(f"a worker could not load the model ({_one_line(error)}). "
                               f"Received: workers={self.workers.count}") from None
@@ -317,7 +318,8 @@ class RayFrames:
                     if image is None:
                         continue  # written by the worker
                     if store is not None:
-                        store.write(i, image, {"sdanim": job.frame_text(i)})
+                        loras = getattr(self, "_record", {}).get("loras")
+                        store.write(i, image, {"sdanim": {**job.frame_text(i), **({"loras": loras} if loras else {})}})
                     written[i] = image
                 out.update(written)
                 if on_batch is not None and written:

@@ -30,7 +30,7 @@ from sdanim.interpolation import METHODS, interpolate, split_frames
 from sdanim.keyframes import normalize_prompt
 from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import FrameInputs, step_seed
-from sdanim.run import ExportSettings, embed_prompt, get_model, make_renderer, prompt_record
+from sdanim.run import ExportSettings, embed_prompt, get_model, make_renderer, model_text, prompt_record
 from sdanim.sampling import render_frames
 from sdanim.schedulers import steps_for_strength
 from sdanim.settings import RenderSettings
@@ -171,7 +171,8 @@ def img2img(
         latent = encode_images(model, pixels[None])  # (1, h, w, 4)
         images = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, None, progress)
     record = {"tool": "img2img", "prompt": prompt_record(prompt), "strength": strength,
-              "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings)}
+              "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings),
+              **(model_text(model) if strength > 0 else {})}
     return GenerateResult(images, seeds, _save(out_dir, f"img2img-{slugify(prompt)}", seeds, images, record))
 
 
@@ -239,7 +240,7 @@ def _inpaint_fitted(pixels, hard, prompt, seeds, strength, feather, settings, ne
     generated = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, latent_mask(hard), progress)
     images = np.stack([composite(g, pixels, weight) for g in generated])
     record = {"tool": tool, "prompt": prompt_record(prompt), "strength": strength, "feather": feather,
-              "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings)}
+              "negative_prompt": negative_prompt, "render": dataclasses.asdict(settings), **model_text(model)}
     paths = _save(out_dir, f"{tool}-{slugify(prompt)}", seeds, images, record)
     return InpaintResult(images, seeds, paths, mask=hard, image=pixels)
 
@@ -341,7 +342,8 @@ def image_morph(
 
     def save(indices, batch_images):
         for index, image in zip(indices, batch_images):
-            store.write(index, image, {"sdanim": {"tool": "image_morph", "frame": index, "position": float(positions[index])}})
+            store.write(index, image, {"sdanim": {"tool": "image_morph", "frame": index, "position": float(positions[index]),
+                                               **model_text(model)}})
 
     renderer = make_renderer(model, settings, negative_prompt, strength=strength)
     images = render_frames(renderer, plan, range(len(plan)), settings.batch_size, on_batch=save, progress=progress)
@@ -437,7 +439,8 @@ def grid(
     sheet = labelled_grid([list(row) for row in cells], row_labels, labels)
     if out is not None:
         write_png(out, sheet, {"sdanim": {"tool": "grid", "prompts": [prompt_record(p) for p in prompts],
-                                         "columns": columns, "render": dataclasses.asdict(settings)}})
+                                         "columns": columns, "render": dataclasses.asdict(settings),
+                                         **model_text(model)}})
     return GridResult(sheet, cells, columns, out)
 
 

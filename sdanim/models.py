@@ -116,6 +116,28 @@ class StableDiffusionModel:
     _image_encoder_factory: Optional[Callable[[], Any]] = None
     _image_encoder: Any = None
     _tokenizer: Any = None
+    loras: tuple = ()  # sdanim.lora.Lora, merged into the weights in this order
+    lora_records: list = dataclasses.field(default_factory=list)  # file, size, sha256, scale of each
+
+    def set_loras(self, loras) -> "StableDiffusionModel":
+        """Makes `loras` the model's LoRAs (files, "FILE:SCALE", (file, scale) pairs or
+        `sdanim.Lora`), in place: the weights earlier LoRAs touched go back to their base
+        values bit for bit, then these are merged in order. Every file is checked first;
+        if one fails nothing changes. Returns the model."""
+        from sdanim.lora import set_loras
+
+        set_loras(self, loras)
+        return self
+
+    def add_lora(self, path: str, scale: float = 1.0) -> "StableDiffusionModel":
+        """Merges one more LoRA on top of the current ones (see `set_loras`)."""
+        from sdanim.lora import Lora
+
+        return self.set_loras(self.loras + (Lora(path, scale),))
+
+    def remove_loras(self) -> "StableDiffusionModel":
+        """Restores the base weights exactly (no rebuild)."""
+        return self.set_loras(())
 
     @property
     def tokenizer(self):
@@ -145,6 +167,7 @@ class StableDiffusionModel:
             "precision": self.precision,
             "jit_compile": self.jit_compile,
             "attention": self.attention,
+            **({"loras": list(self.lora_records)} if self.lora_records else {}),
         }
 
 
@@ -394,6 +417,7 @@ def load_model(
     jit_compile: Optional[bool] = None,
     attention: str = "auto",
     seed: int = 0,
+    loras=None,
 ) -> StableDiffusionModel:
     """Builds KerasCV's Stable Diffusion sub-models for one image size.
 
@@ -417,6 +441,10 @@ def load_model(
             has them), "keras-cv" keeps KerasCV's matmul-softmax-matmul, "auto" picks
             fused on CUDA only. Defaults to "auto".
         seed: int. Seed of the random weights when weights="random". Defaults to 0.
+        loras: LoRA files merged into the weights: paths, "FILE:SCALE" strings,
+            (path, scale) pairs or `sdanim.Lora` (kohya/AUTOMATIC1111 and diffusers/PEFT
+            formats; see `sdanim.lora`). Change them later with `model.set_loras`,
+            `model.add_lora`, `model.remove_loras` (no rebuild). Defaults to None.
 
     Returns:
         A `StableDiffusionModel`. While a model loaded with the same arguments is
@@ -442,6 +470,9 @@ def load_model(
         f"attention must be one of {', '.join(ATTENTIONS)}. Received: attention={attention!r}",
     )
     weights = str(weights)
+    from sdanim.lora import check_lora_files
+
+    loras = check_lora_files(loras)  # a missing or malformed LoRA fails before the build
     kind = weight_source_kind(weights)
     parts = _PART_ORDER[:3]
     checkpoint = None
@@ -463,6 +494,8 @@ def load_model(
     key = (version, weights, _source_stamp(weights, kind), height, width, precision, jit_compile, fused, seed)
     alive = _LIVE.get(key)
     if alive is not None:
+        if alive.loras != loras:
+            alive.set_loras(loras)
         return alive
 
     # 2. Build each part (random weights, seeded per part), then load its weights.
@@ -504,6 +537,8 @@ def load_model(
     if checkpoint is not None:
         # A checkpoint's VAE encoder is bound and checked now, not at the first img2img.
         _bind_checkpoint(model, checkpoint)
+    if loras:
+        model.set_loras(loras)
     _LIVE[key] = model
     return model
 
@@ -558,6 +593,9 @@ def _bind_checkpoint(model: StableDiffusionModel, checkpoint) -> None:
         if part == "diffusion_model" and not checkpoint.prediction_known and looks_like_v_prediction(sub):
             refuse_v_prediction(checkpoint, "its UNet answers AUTOMATIC1111's v-prediction test")
     model.__dict__.pop("_sdanim_prompt_encoder", None)  # cached embeddings of the old text encoder
+    model.__dict__.pop("_sdanim_lora_originals", None)  # every weight now holds the new base
+    if model.loras:
+        model.set_loras(model.loras)  # merged again, into the new base weights
     model.weights = checkpoint.path
     model._image_encoder_factory = None  # bound above; the model keeps no handle on the file
 

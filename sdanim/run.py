@@ -53,6 +53,7 @@ class ModelSpec:
         jit_compile: bool or None. XLA for the sampling step; None picks by device.
         attention: str. "auto", "fused" or "keras-cv". Defaults to "auto".
         seed: int. Seed of random weights. Defaults to 0.
+        loras: LoRA files merged into the weights (see `load_model`). Defaults to ().
 
     Example:
     ```python
@@ -67,9 +68,13 @@ class ModelSpec:
     jit_compile: Optional[bool] = None
     attention: str = "auto"
     seed: int = 0
+    loras: tuple = ()
 
     def __post_init__(self):
+        from sdanim.lora import as_loras
         from sdanim.models import ATTENTIONS, PRECISIONS, VERSIONS
+
+        object.__setattr__(self, "loras", as_loras(self.loras))
 
         check(
             self.version is None or self.version in VERSIONS,
@@ -93,6 +98,7 @@ class ModelSpec:
         return load_model(
             version=self.version, weights=self.weights, height=height, width=width,
             precision=self.precision, jit_compile=self.jit_compile, attention=self.attention, seed=self.seed,
+            loras=self.loras,
         )
 
 
@@ -173,6 +179,12 @@ def prompt_record(prompt):
     """A prompt or mix as JSON-friendly data (manifests, PNG metadata)."""
     prompt = normalize_prompt(prompt)
     return prompt if isinstance(prompt, str) else [list(p) for p in prompt]
+
+
+def model_text(model) -> dict:
+    """What PNG metadata records about the model: its LoRAs, where it has any."""
+    records = getattr(model, "lora_records", None)
+    return {"loras": list(records)} if records else {}
 
 
 def make_renderer(model, settings: RenderSettings, negative_prompt: Optional[str] = None, strength: float = 1.0) -> Renderer:
@@ -282,7 +294,7 @@ class LocalFrames:
         def save(batch, images):
             if store is not None:
                 for index, image in zip(batch, images):
-                    store.write(index, image, {"sdanim": job.frame_text(index)})
+                    store.write(index, image, {"sdanim": {**job.frame_text(index), **model_text(self.model)}})
             if on_batch is not None:
                 on_batch(batch, images)
 

@@ -121,3 +121,101 @@ def save_safetensors(state: dict, path: str, dtype=None) -> None:
             t = t.to(dtype)
         tensors[k] = t.contiguous()
     save_file(tensors, path)
+
+
+# LoRA files, written the way the community's tools write them ----------------------------
+
+LORA_UNET = (  # attention, feed-forward, a 1x1 projection and LoCon 3x3 convolutions
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_v",
+    "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0",
+    "up_blocks.2.attentions.0.transformer_blocks.0.ff.net.2",
+    "mid_block.attentions.0.proj_in",
+    "down_blocks.1.resnets.0.conv1",
+    "up_blocks.0.resnets.1.conv2",
+)
+LORA_TEXT = (
+    "text_model.encoder.layers.0.self_attn.q_proj",
+    "text_model.encoder.layers.5.self_attn.out_proj",
+    "text_model.encoder.layers.11.mlp.fc1",
+)
+
+
+def _lora_pair(weight, rank: int, rng, std: float):
+    import torch
+
+    out, inn = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    down = rng.normal(0, std, (rank, inn) + kernel).astype("float32")
+    up = rng.normal(0, std, (out, rank) + ((1, 1) if kernel else ())).astype("float32")
+    return torch.from_numpy(down), torch.from_numpy(up)
+
+
+def random_lora(models: dict, style: str, seed: int, rank: int = 4, std: float = 0.15,
+                unet_modules=LORA_UNET, text_modules=LORA_TEXT) -> dict:
+    """A random LoRA over `models`' layers: style "kohya" (lora_unet_/lora_te_ names,
+    lora_down/lora_up, alpha; LoCon for the convolutions) or "peft" (diffusers' unet./
+    text_encoder. names with lora_A/lora_B, no alpha; linear layers only)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    modules = {"unet": dict(models["unet"].named_modules()), "text_encoder": dict(models["text_encoder"].named_modules())}
+    state = {}
+    for part, names in (("unet", unet_modules), ("text_encoder", text_modules)):
+        for name in names:
+            found = modules[part]
+            module = found.get(name) or found[name.removeprefix("text_model.")]  # transformers 5 drops text_model.
+            weight = module.weight
+            if style == "peft" and weight.ndim == 4:
+                continue
+            down, up = _lora_pair(weight, rank, rng, std)
+            if style == "kohya":
+                key = ("lora_unet_" if part == "unet" else "lora_te_") + name.replace(".", "_")
+                state[key + ".lora_down.weight"], state[key + ".lora_up.weight"] = down, up
+                state[key + ".alpha"] = torch.tensor(float(rank) / 2)
+            else:
+                state[f"{part}.{name}.lora_A.weight"], state[f"{part}.{name}.lora_B.weight"] = down, up
+    return state
+
+
+def fused_outputs(models: dict, lora_path: str, scale: float, run) -> dict:
+    """run(pipeline) with the LoRA loaded and fused by diffusers (PEFT) into a
+    StableDiffusionPipeline over `models`, then taken out again."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=None, unet=models["unet"],
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(lora_path, adapter_name="test")
+    pipe.fuse_lora(lora_scale=scale)
+    try:
+        return run(pipe)
+    finally:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+
+def lcm_latents(pipe, context, noise, step_noises, num_steps: int = 4):
+    """diffusers' StableDiffusionPipeline with LCMScheduler (as LCM-LoRA's card loads it),
+    guidance 1, from `context` (1, 77, D) and `noise` (1, h, w, 4); the fresh noise
+    between steps is `step_noises[i]` (h, w, 4) instead of torch's generator, so the
+    two implementations can be compared. Returns the final latents (1, h, w, 4)."""
+    import torch
+    from diffusers import LCMScheduler
+    from diffusers.schedulers import scheduling_lcm
+
+    pipe.scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    drawn = iter(step_noises)
+    real = scheduling_lcm.randn_tensor
+    scheduling_lcm.randn_tensor = lambda shape, **k: torch.from_numpy(next(drawn)).permute(2, 0, 1)[None].to(k.get("dtype"))
+    try:
+        with torch.no_grad():
+            out = pipe(prompt_embeds=torch.from_numpy(context), latents=torch.from_numpy(noise).permute(0, 3, 1, 2),
+                       num_inference_steps=num_steps, guidance_scale=1.0, output_type="latent").images
+    finally:
+        scheduling_lcm.randn_tensor = real
+    return out.permute(0, 2, 3, 1).numpy()

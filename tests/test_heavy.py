@@ -220,3 +220,37 @@ def test_sd21_in_its_own_process():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "2 passed" in proc.stdout and "SD 2.x parity" in proc.stdout and "sd2.1 max pixel diff" in proc.stdout
     assert "still referenced" not in proc.stdout
+
+
+def test_lora_for_another_architecture_is_refused_untouched(sd_model, tmp_path):
+    """An SD 2.x LoRA (1024-wide text and cross-attention) and an SDXL one (other names)
+    on the SD 1.4 layers: refused by name with the count, no weight changed, not even
+    the layer the file does fit."""
+    from safetensors.numpy import save_file
+
+    from sdanim.lora import LoraError, _targets
+
+    rng = np.random.default_rng(0)
+
+    def pair(name, down, up):
+        return {f"{name}.lora_down.weight": rng.normal(size=down).astype(np.float32),
+                f"{name}.lora_up.weight": rng.normal(size=up).astype(np.float32)}
+
+    fits = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    _, layer = _targets(sd_model)[fits]
+    before = np.array(layer.kernel.numpy())
+    sd2 = {**pair(fits, (4, 320), (320, 4)),
+           **pair("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k", (4, 1024), (1280, 4)),
+           **pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (4, 1024), (1024, 4))}
+    save_file(sd2, str(tmp_path / "sd2.safetensors"))
+    with pytest.raises(LoraError, match=r"the LoRA does not fit this Stable Diffusion 1\.x model: of its 3 modules, "
+                       r"2 of the wrong shape \(.*attn2_to_k \(1280, 1024\).*another architecture.*Received: lora='.*sd2\.safetensors'"):
+        sd_model.set_loras([str(tmp_path / "sd2.safetensors")])
+    sdxl = {**pair(fits, (4, 320), (320, 4)),
+            **pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (4, 768), (768, 4)),
+            **pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", (4, 640), (640, 4))}
+    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(LoraError, match=r"of its 3 modules, 2 with no matching layer \(.*lora_te1_.*SDXL\?\)"):
+        sd_model.set_loras([str(tmp_path / "sdxl.safetensors")])
+    np.testing.assert_array_equal(layer.kernel.numpy(), before)
+    assert sd_model.loras == () and "loras" not in sd_model.describe()

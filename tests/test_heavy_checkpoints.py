@@ -30,10 +30,12 @@ pytestmark = pytest.mark.heavy
 torch = require("torch")
 require("diffusers")
 require("transformers")
+require("peft")  # diffusers' LoRA loading (the LoRA reference)
 
 import sd_reference as ref  # noqa: E402
 
 SIZE = HEAVY_SIZE  # the shared models' size
+LCM_SEED = 11
 
 
 def _tokens(seed: int):
@@ -157,6 +159,9 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
     .ckpt: the same weights, and outputs that match diffusers/transformers; the model's
     own weights come back through KerasCV's load_weights from sdanim's .h5 files."""
     from sdanim.models import _h5_dir_version, file_name, load_checkpoint_weights, weight_source_kind, write_keras_weights
+    from sdanim.noise import step_noise
+    from sdanim.sampling import Renderer
+    from sdanim.settings import RenderSettings
 
     # 1. The reference: names, fp16-rounded weights, outputs, files; then freed.
     models = ref.build("1.4", seed=1)
@@ -174,6 +179,16 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
     torch.save({"state_dict": {k: v.half() for k, v in original.items()}, "global_step": 7}, ckpt)
     folder = str(tmp_path / "diffusers")
     ref.save_diffusers_folder({k: m.half() for k, m in models.items()}, folder)
+    for m in models.values():
+        m.float()  # exact: the weights were rounded to float16 above
+    # LoRA files in both formats, merged by diffusers + PEFT into the same weights
+    # (last: unfusing in torch does not give the weights back bit for bit).
+    loras = {"kohya": (str(tmp_path / "kohya.safetensors"), 0.8), "peft": (str(tmp_path / "peft.safetensors"), 1.0)}
+    for style, (path, scale) in loras.items():
+        ref.save_safetensors(ref.random_lora(models, style, seed=5 if style == "kohya" else 6), path)
+        expected[style] = ref.fused_outputs(models, path, scale, lambda pipe: {
+            "text": _reference_text(pipe.text_encoder, x), "unet": _reference_unet(pipe.unet, x),
+            "lcm": ref.lcm_latents(pipe, x["context"], x["latent"], step_noise(LCM_SEED, 4, x["latent"].shape[1:]))})
     del models, original
     gc.collect()
 
@@ -193,12 +208,34 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
     from_single = _fingerprint(model)
     assert from_single != before
 
-    # 3. The diffusers folder and the .ckpt give bit-identical weights.
+    # 3. LoRAs merged by sdanim match diffusers' fused ones; removing them restores the
+    #    checkpoint's weights bit for bit, without a rebuild.
+    for style, (path, scale) in loras.items():
+        model.set_loras([(path, scale)])
+        ours = _ours(model, x, parts=("text", "unet"))
+        # End to end: 4 LCM steps at guidance 1 from the same embeddings, noise and step noise.
+        lcm = RenderSettings(height=SIZE, width=SIZE, scheduler="lcm")
+        ours["lcm"] = np.asarray(Renderer(model.diffusion_model, model.decoder, lcm, np.zeros((77, 768), np.float32))
+                                 .sample_latents(x["context"], x["latent"], [LCM_SEED]))
+        changed = {k: _max_diff(expected[style][k], expected[k]) for k in ("text", "unet")}  # LoRA vs none
+        _assert_parity(f"SD 1.x + {style} LoRA", ours, expected[style], capsys,
+                       "the LoRA moved text {text:.2e}, UNet {unet:.2e}".format(**changed))
+        assert min(changed.values()) > 1e-2  # the LoRA changes the outputs far beyond the tolerance
+        assert model.describe()["loras"] == [{"file": os.path.basename(path), "size": os.path.getsize(path),
+                                              "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest(),
+                                              "scale": scale}]
+    model.set_loras([loras["kohya"], loras["peft"]])  # stacked
+    stacked = _ours(model, x, parts=("unet",))["unet"]
+    assert _max_diff(stacked, expected["kohya"]["unet"]) > 1e-2 and _max_diff(stacked, expected["peft"]["unet"]) > 1e-2
+    model.remove_loras()
+    assert _fingerprint(model) == from_single and "loras" not in model.describe()
+
+    # 4. The diffusers folder and the .ckpt give bit-identical weights.
     for source in (folder, ckpt):
         load_checkpoint_weights(model, source)
         assert _fingerprint(model) == from_single, source
 
-    # 4. KerasCV's own load_weights reads sdanim's .h5 files: the random weights return.
+    # 5. KerasCV's own load_weights reads sdanim's .h5 files: the random weights return.
     for part, path in written.items():
         getattr(model, part).load_weights(path)
     assert _fingerprint(model) == before
