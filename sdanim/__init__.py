@@ -37,6 +37,7 @@ _EXPORTS = {
     "RenderSettings": "sdanim.settings",
     "ExportSettings": "sdanim.run",
     "ModelSpec": "sdanim.run",
+    "Lora": "sdanim.lora",
     "Workers": "sdanim.distributed",
     "FailedFrames": "sdanim.distributed",
     "SdanimError": "sdanim.errors",
@@ -49,6 +50,10 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name):
+    if name == "ui":  # sdanim.ui.launch(...): imports Gradio only when used
+        import importlib
+
+        return importlib.import_module("sdanim.ui")
     if name in _EXPORTS:
         import importlib
 

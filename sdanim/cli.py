@@ -46,7 +46,6 @@ def _int_list(text: str):
 
 
 def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_default: Optional[str] = "512x512") -> None:
-    from sdanim.models import ATTENTIONS, PRECISIONS, VERSIONS
     from sdanim.settings import SCHEDULERS
 
     g = p.add_argument_group("sampling")
@@ -63,6 +62,13 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_defaul
     else:
         g.add_argument("--size", default=size_default, metavar="WxH", help=f"image size, multiples of 64 (default: {size_default})")
     g.add_argument("--batch-size", type=int, default=batch_default, help=f"images per model call (default: {batch_default})")
+    _add_model_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from sdanim.models import ATTENTIONS, PRECISIONS, VERSIONS
+
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, choices=VERSIONS,
                    help="KerasCV architecture: 1.4 (SD 1.x) or 2.1 (SD 2.x) (default: what --weights holds, else 1.4)")
@@ -80,7 +86,6 @@ def _add_render_args(p: argparse.ArgumentParser, batch_default: int, size_defaul
     m.add_argument("--attention", default="auto", choices=ATTENTIONS,
                    help="fused: keras.ops.dot_product_attention (flash kernels where available); "
                    "keras-cv: KerasCV's own (default: auto = fused on CUDA only)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 WALK_EXAMPLE = """\
@@ -299,6 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="outputs/steps.gif", help="output .gif or .mp4 (default: outputs/steps.gif)")
     _add_render_args(st, batch_default=1)
 
+    ui = sub.add_parser(
+        "ui", help="the browser app: animate and the image tools (Gradio; pip install \"sdanim[ui]\")",
+        description="Start the browser app. The model is loaded on the first render (another only for "
+        "another size) and reused; renders queue one at a time. Binds 127.0.0.1 unless --listen or --share.",
+        epilog="example:\n  python -m sdanim ui --weights keras-cv --port 7860\n\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ui.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
+    ui.add_argument("--share", action="store_true", help="also a public gradio.live link (needs the internet)")
+    ui.add_argument("--listen", action="store_true", help="bind 0.0.0.0: reachable from other machines")
+    ui.add_argument("--auth", default=None, metavar="USER:PASS", help="ask for this user name and password")
+    ui.add_argument("--out-dir", default="outputs/ui", help="where renders go (default: outputs/ui)")
+    _add_model_args(ui)
+
     cv = sub.add_parser(
         "convert", help="write a checkpoint as KerasCV .h5 files, for fast --weights DIR loads",
         description="Map an SD 1.x/2.x checkpoint (.safetensors or .ckpt in the original layout, or a "
@@ -489,9 +508,31 @@ def _run_edit(args, progress: bool) -> int:
     return 0
 
 
+def _run_ui(args) -> int:
+    import importlib.util
+
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not (sep and user and password):
+            raise SdanimError(f"auth must be USER:PASS. Received: auth={args.auth!r}")
+        auth = (user, password)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise SdanimError(f"port must be from 1 to 65535. Received: port={args.port}")
+    if importlib.util.find_spec("gradio") is None:
+        raise SdanimError('the app needs Gradio: pip install "sdanim[ui]". Received: command=ui')
+    from sdanim import ui
+
+    ui.launch(spec=_spec(args), out_dir=args.out_dir, port=args.port, share=args.share, listen=args.listen,
+              auth=auth, inline=False, prevent_thread_lock=False)
+    return 0
+
+
 def _run(args) -> int:
     from sdanim import api
 
+    if args.command == "ui":
+        return _run_ui(args)
     if args.command == "convert":
         import time
 

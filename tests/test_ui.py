@@ -1,0 +1,164 @@
+"""The browser app (sdanim.ui) on a tiny model: through its API with gradio_client, in a
+real headless Chromium (Debian's package; every non-local request blocked), and launched
+inside a notebook kernel."""
+
+import io
+import os
+import shutil
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEYFRAMES = "a red cube [seed=1 frames=4]\na blue sphere"
+# render's inputs, in the Animate tab's order
+ARGS = dict(kf=KEYFRAMES, neg="", seed=42, frames=4, fps=8, interp="slerp", noise="fixed", easing="linear",
+            spacing="linear", loop=False, pp=False, fmt="gif", size="64x64", sampler="ddim", steps=2, guidance=0, batch=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    require("gradio")
+    from tiny import make_tiny_model
+
+    import sdanim.ui as ui
+
+    out = tmp_path_factory.mktemp("ui")
+    app = ui.launch(model=make_tiny_model(), out_dir=str(out), port=_free_port(), inline=False, prevent_thread_lock=True)
+    yield app
+    app.close()
+
+
+def _frames_of(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.n_frames
+
+
+def test_api_renders_resumes_and_explains_bad_input(app):
+    client_lib = require("gradio_client")
+    client = client_lib.Client(app.local_url, verbose=False)
+    args = dict(ARGS, kf="a green cone [seed=3 frames=3]\na yellow star")
+    first = client.predict(*args.values(), api_name="/render")
+    assert first[-1].startswith("Done: 4 frames rendered, 0 already on disk")
+    with open(first[1]["value"], "rb") as f:
+        assert _frames_of(f.read()) == 4
+    again = client.predict(*args.values(), api_name="/render")
+    assert again[-1].startswith("Done: 0 frames rendered, 4 already on disk")
+    with pytest.raises(Exception, match=r"keyframes needs at least 2 lines \(one prompt each\)\. Received: 1 line\(s\)"):
+        client.predict(*dict(args, kf="only one").values(), api_name="/render")
+    with pytest.raises(Exception, match=r"this app's model is built for 64x64; choose that size\. Received: size=128x128"):
+        client.predict(*dict(args, size="128x128").values(), api_name="/render")
+    images = client.predict("a cat", "", 4, 3, "64x64", "ddim", 2, 0, 2, api_name="/generate")
+    assert len(images) == 3
+
+
+def _chromium() -> str:
+    for name in ("chromium-headless-shell", "chromium"):
+        path = shutil.which(name) or f"/usr/lib/chromium/{name}"
+        if os.path.exists(path):
+            return path
+    if os.environ.get("CI") or os.environ.get("SDANIM_STRICT"):
+        pytest.fail("Chromium is missing: .ci/run installs Debian's chromium-headless-shell")
+    pytest.skip("no Chromium (apt-get install chromium-headless-shell)")
+
+
+def test_in_a_real_browser_offline(app, tmp_path):
+    """Type two prompts, Render, check the GIF's frame count; Render again resumes (no
+    frame rendered); a bad value shows its message and the page stays usable. Every
+    request that is not to the app itself is blocked (and must not be needed)."""
+    playwright = require("playwright.sync_api")
+    executable = _chromium()
+    outside = []
+
+    def route(r):
+        url = r.request.url
+        if url.startswith(app.local_url.rstrip("/")) or url.startswith(("data:", "blob:")):
+            r.continue_()
+        else:
+            outside.append(url)
+            r.abort()
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.route("**/*", route)
+        page.goto(app.local_url)
+        page.locator("#keyframes textarea").fill(KEYFRAMES)
+        page.locator("#frames input").fill("4")
+        page.locator("#render").click()
+        status = page.locator("#status")
+        status.get_by_text("Done: 5 frames rendered, 0 already on disk").wait_for(timeout=120_000)
+        src = page.locator("#animation img").get_attribute("src")
+        with urllib.request.urlopen(src if src.startswith("http") else app.local_url.rstrip("/") + src) as r:
+            assert _frames_of(r.read()) == 5
+        page.screenshot(path=str(tmp_path / "animate.png"), full_page=True)
+        if os.environ.get("SDANIM_UI_SCREENSHOT"):  # the README's screenshot
+            page.screenshot(path=os.environ["SDANIM_UI_SCREENSHOT"], full_page=False)
+
+        page.locator("#render").click()  # the same settings: resumes, renders nothing
+        status.get_by_text("Done: 0 frames rendered, 5 already on disk").wait_for(timeout=60_000)
+
+        page.locator("#keyframes textarea").fill("a red cube [seed=1]\na blue sphere")
+        page.locator("#frames input").fill("0")
+        page.locator("#render").click()
+        page.get_by_text("keyframes[0].frames must be a whole number >= 1. Received: frames=0").first.wait_for(timeout=30_000)
+        page.locator("#keyframes textarea").fill("a red cube [seed=1]\na blue sphere")  # frames from the field
+        page.locator("#frames input").fill("3")
+        page.locator("#render").click()
+        status.get_by_text("Done: 4 frames rendered, 0 already on disk").wait_for(timeout=60_000)
+        browser.close()
+    assert (tmp_path / "animate.png").stat().st_size > 10_000
+    assert outside == [], outside[:5]  # nothing fetched from a CDN, no analytics
+
+
+def test_launch_inside_a_notebook_kernel(tmp_path):
+    """sdanim.ui.launch() in a Jupyter kernel: shown inline, returns at once, serves."""
+    nbformat = require("nbformat")
+    nbclient = require("nbclient")
+    require("gradio")
+    port = _free_port()
+    cells = [
+        f"import sys; sys.path.insert(0, {HERE!r})\nfrom tiny import make_tiny_model\nimport sdanim.ui",
+        f"app = sdanim.ui.launch(model=make_tiny_model(), out_dir={str(tmp_path / 'out')!r}, port={port})",
+        "import urllib.request\nprint('status', urllib.request.urlopen(app.local_url).status)\napp.close()",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    shown = str(nb.cells[1].outputs)
+    assert "iframe" in shown.lower() or "IFrame" in shown, shown[:500]  # inline in the notebook
+    assert "status 200" in str(nb.cells[2].outputs)
+
+
+def test_cli_ui_bad_input(capsys):
+    from sdanim.cli import main
+
+    assert main(["ui", "--auth", "nopassword"]) == 2
+    assert capsys.readouterr().err == "sdanim: error: auth must be USER:PASS. Received: auth='nopassword'\n"
+    assert main(["ui", "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "sdanim: error: port must be from 1 to 65535. Received: port=70000\n"
+
+
+def test_keyframe_lines_round_trip():
+    from sdanim.ui import parse_keyframes, walk_to_text
+
+    walk = parse_keyframes("a barn [seed=3 frames=5 easing=ease-in]\na rabbit:0.5 | a frog:0.5\na forest", 42, 7,
+                           "linear", True, "slerp", "per keyframe")
+    assert [k.seed for k in walk.keyframes] == [3, 43, 44] and [k.frames for k in walk.keyframes] == [5, 7, 7]
+    assert walk.keyframes[1].prompt == (("a rabbit", 0.5), ("a frog", 0.5)) and walk.loop
+    again = parse_keyframes(walk_to_text(walk), 0, 1, "linear", True, "slerp", "per keyframe")
+    assert again.record() == walk.record()
+    fixed = parse_keyframes("a [seed=3]\nb", 9, 2, "linear", False, "slerp", "fixed")
+    assert [k.seed for k in fixed.keyframes] == [9, 9]  # fixed noise: one seed for all
+    with pytest.raises(Exception, match=r"keyframe line 1: options are seed=N frames=N easing=NAME\. Received: 'speed=2'"):
+        parse_keyframes("a [speed=2]\nb", 1, 2, "linear", False, "slerp", "fixed")
