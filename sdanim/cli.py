@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     imx.add_argument("--ping-pong", action="store_true", help="play forward, then back")
     _add_fit_arg(imx)
     _add_render_args(imx, batch_default=4, size_default=None)
+    _add_workers_args(imx)
 
     gr = sub.add_parser(
         "grid", help="labelled comparison grid: prompts x seeds x guidance x steps",
@@ -485,9 +486,11 @@ def _run_edit(args, progress: bool) -> int:
         export = _export(args)
         edits.check_image_morph_args(prompt, args.out, args.frames, args.seed, args.strength,
                                      args.interpolation, settings, export)
+        workers = _workers(args)
         result = edits.image_morph(image, image_b, prompt, out=args.out, frames=args.frames, export=export,
                                    seed=args.seed, strength=args.strength, interpolation=args.interpolation,
-                                   fit=args.fit, model=_load(args, settings), **common)
+                                   fit=args.fit, model=_spec(args) if workers else _load(args, settings),
+                                   workers=workers, **common)
         print(f"wrote {result.out} ({len(result.frames)} frames at {args.fps:g} fps)")
         print(f"frames: {result.frames_dir}")
         return 0

@@ -30,7 +30,7 @@ from sdanim.interpolation import METHODS, interpolate, split_frames
 from sdanim.keyframes import normalize_prompt
 from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import FrameInputs, step_seed
-from sdanim.run import ExportSettings, embed_prompt, get_model, make_renderer, model_text, prompt_record
+from sdanim.run import ExportSettings, embed_prompt, frame_source, get_model, make_renderer, model_text, prompt_record
 from sdanim.sampling import render_frames
 from sdanim.schedulers import steps_for_strength
 from sdanim.settings import RenderSettings
@@ -72,6 +72,57 @@ class ImagePlan:
 
     def batch(self, indices: Sequence[int]) -> list:
         return [self.frame(i) for i in indices]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageMorphJob:
+    """An image morph's frames, everything but the model: small enough to send to Ray
+    workers, each of which turns it into the same `ImagePlan` (see `sdanim.run.FrameJob`).
+
+    Args:
+        pixels: (2, H, W, 3) uint8, the two images fitted to the settings' size.
+        prompt: str or mix guiding the redraw.
+        seed: int. The one noise seed of every frame.
+        positions: F floats in [0, 1], frame i's place between the images.
+        strength: float in (0, 1].
+        interpolation: "slerp" or "linear", between the latents.
+        settings: `RenderSettings`.
+        negative_prompt: str or None.
+    """
+
+    pixels: np.ndarray
+    prompt: object
+    seed: int
+    positions: tuple
+    strength: float
+    interpolation: str
+    settings: RenderSettings
+    negative_prompt: Optional[str] = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def key(self) -> str:
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(np.ascontiguousarray(self.pixels).tobytes())
+        digest.update(json.dumps([prompt_record(self.prompt), self.seed, list(self.positions), self.strength,
+                                  self.interpolation, dataclasses.asdict(self.settings), self.negative_prompt],
+                                 sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def plan(self, model) -> ImagePlan:
+        latents = encode_images(model, self.pixels)  # (2, h, w, 4)
+        return ImagePlan(embed_prompt(model, self.prompt), latents, tuple([self.seed] * len(self)),
+                         np.asarray(self.positions, dtype=np.float64), interpolation=self.interpolation)
+
+    def renderer(self, model):
+        return make_renderer(model, self.settings, self.negative_prompt, strength=self.strength)
+
+    def frame_text(self, index: int) -> dict:
+        return {"tool": "image_morph", "frame": index, "position": float(self.positions[index])}
 
 
 def encode_images(model, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
@@ -309,6 +360,7 @@ def image_morph(
     fit: str = "crop",
     export: Optional[ExportSettings] = None,
     model=None,
+    workers=None,
     progress: bool = True,
 ) -> ImageMorphResult:
     """A morph between two of your own images: both are encoded, their latents
@@ -324,6 +376,7 @@ def image_morph(
         interpolation: "slerp" or "linear", between the latents. Defaults to "slerp".
         export: `ExportSettings`; fps, ping_pong and quality apply. Defaults to
             ExportSettings().
+        workers: int or `sdanim.Workers`: render on Ray workers, as `animate`.
         out, frames, seed, settings, negative_prompt, fit, model, progress: as in
             `morph` and `img2img`.
     """
@@ -331,23 +384,18 @@ def image_morph(
     export = export or ExportSettings()
     count, seed = check_image_morph_args(prompt, out, frames, seed, strength, interpolation, settings, export)
     pixels = np.stack([_prepare_image(image_a, settings, fit, "image_a"), _prepare_image(image_b, settings, fit, "image_b")])
-    model = get_model(model, settings)
-    start = time.perf_counter()
-    latents = encode_images(model, pixels)  # (2, h, w, 4)
-    positions = np.linspace(0.0, 1.0, count + 1)
-    plan = ImagePlan(embed_prompt(model, prompt), latents, tuple([seed] * len(positions)), positions,
-                     interpolation=interpolation)
+    if workers is not None:
+        from sdanim.distributed import check_workers_args
+
+        check_workers_args(model, workers)
+    job = ImageMorphJob(pixels, normalize_prompt(prompt), seed, tuple(float(u) for u in np.linspace(0.0, 1.0, count + 1)),
+                        float(strength), interpolation, settings, negative_prompt)
     folder = os.path.splitext(out)[0] + "_frames"
-    store = FrameStore(ensure_folder(folder, "out"))
-
-    def save(indices, batch_images):
-        for index, image in zip(indices, batch_images):
-            store.write(index, image, {"sdanim": {"tool": "image_morph", "frame": index, "position": float(positions[index]),
-                                               **model_text(model)}})
-
-    renderer = make_renderer(model, settings, negative_prompt, strength=strength)
-    images = render_frames(renderer, plan, range(len(plan)), settings.batch_size, on_batch=save, progress=progress)
-    all_frames = np.stack([images[i] for i in range(len(plan))])
+    with frame_source(model, settings, workers) as source:
+        start = time.perf_counter()
+        store = FrameStore(ensure_folder(folder, "out"))
+        images = source.render(job, range(len(job)), store=store, progress=progress)
+    all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(job))])
     write_video(out, list(all_frames), export.fps, ping_pong=export.ping_pong, quality=export.quality)
     return ImageMorphResult(all_frames, out, folder, time.perf_counter() - start)
 
@@ -529,6 +577,6 @@ def denoising_steps(
 
 
 __all__ = [
-    "ImagePlan", "encode_images", "img2img", "inpaint", "outpaint", "image_morph", "grid",
+    "ImagePlan", "ImageMorphJob", "encode_images", "img2img", "inpaint", "outpaint", "image_morph", "grid",
     "denoising_steps", "InpaintResult", "ImageMorphResult", "GridResult", "StepsResult",
 ]

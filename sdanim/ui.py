@@ -197,7 +197,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
                 stop_btn = gr.Button("Stop", elem_id="stop")
             status = gr.Markdown("", elem_id="status")
             with gr.Row():
-                newest = gr.Gallery(label="Newest frames", columns=4, height=260, elem_id="newest")
+                newest = gr.Gallery(label="Newest frames", columns=4, height=260, elem_id="newest", format="png")
                 gif = gr.Image(label="Animation", type="filepath", elem_id="animation", visible=True)
                 video = gr.Video(label="Animation", elem_id="video", visible=False)
             with gr.Row():
@@ -302,7 +302,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
                 g_count = gr.Number(value=4, precision=0, label="Images", minimum=1)
             g_size, g_sampler, g_steps, g_guidance, g_batch = sampling_inputs()
             g_btn = gr.Button("Generate", variant="primary")
-            g_out = gr.Gallery(label="Images", columns=4)
+            g_out = gr.Gallery(label="Images", columns=4, format="png")  # lossless (Gradio's default is WebP)
 
             @friendly
             def generate(prompt, neg, seed_, count, size_, sampler_, steps_, guidance_, batch_):
@@ -332,7 +332,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
                 i2i_btn = gr.Button("Image to image", variant="primary")
                 inpaint_btn = gr.Button("Inpaint")
                 outpaint_btn = gr.Button("Outpaint")
-            i_out = gr.Gallery(label="Result", columns=2)
+            i_out = gr.Gallery(label="Result", columns=2, format="png")
 
             def _fitted_settings(image, size_, sampler_, steps_, guidance_, batch_):
                 check(image is not None, "upload an image first. Received: image=None")

@@ -233,3 +233,16 @@ def test_cli_exits_1_naming_failed_frames(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("sdanim: error: 2 frame(s) failed on every attempt (3): frames 3, 7 (first error: ValueError: bad)")
     assert err.count("\n") == 1
+
+
+def test_image_morph_on_workers_gives_the_frames_of_one_process(ray_local, tmp_path):
+    from tiny import make_tiny_model
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    kw = dict(frames=5, strength=0.6, settings=S, progress=False)
+    here = sdanim.image_morph(a, b, "a cat", out=str(tmp_path / "here.gif"), model=make_tiny_model(), **kw)
+    there = sdanim.image_morph(a, b, "a cat", out=str(tmp_path / "there.gif"), model=tiny_model,
+                               workers=sdanim.Workers(count=2, cpus_per_worker=1), **kw)
+    np.testing.assert_array_equal(there.frames, here.frames)
+    assert sorted(os.listdir(there.frames_dir)) == [f"frame_{i:05d}.png" for i in range(5)]

@@ -159,3 +159,15 @@ def test_every_tool_runs_with_the_few_step_samplers(tiny, tmp_path, scheduler):
         assert images.dtype == np.uint8 and images.shape[1:] == (64, 64, 3) and images.std() > 0
     assert len(grid.cells) == 2 and st.steps == [1, 2, 3, 4]
     np.testing.assert_array_equal(inp.images[0][:32], image[:32])  # the kept half is the image itself
+
+
+def test_pt_lora_is_read_through_the_restricted_unpickler(tmp_path):
+    from conftest import require
+
+    torch = require("torch")
+    state = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in _kohya().items()}
+    torch.save(state, str(tmp_path / "k.pt"))
+    lora = read_lora(str(tmp_path / "k.pt"))
+    assert lora.format == "kohya" and len(lora.modules) == 1
+    np.testing.assert_allclose(next(iter(lora.modules.values())).delta(), read_lora(_save(tmp_path / "k.safetensors", _kohya()))
+                               .modules[next(iter(lora.modules))].delta(), rtol=1e-6)

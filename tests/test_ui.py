@@ -162,3 +162,54 @@ def test_keyframe_lines_round_trip():
     assert [k.seed for k in fixed.keyframes] == [9, 9]  # fixed noise: one seed for all
     with pytest.raises(Exception, match=r"keyframe line 1: options are seed=N frames=N easing=NAME\. Received: 'speed=2'"):
         parse_keyframes("a [speed=2]\nb", 1, 2, "linear", False, "slerp", "fixed")
+
+
+def test_stop_keeps_frames_and_render_resumes(app):
+    import re
+    import time
+
+    client_lib = require("gradio_client")
+    client = client_lib.Client(app.local_url, verbose=False)
+    args = dict(ARGS, kf="a slow walk [seed=5 frames=300]\nits end", batch=1)
+    job = client.submit(*args.values(), api_name="/render")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        statuses = [out[-1] for out in job.outputs()]
+        if any(re.match(r"Rendering: [1-9]", s or "") for s in statuses):
+            break
+        time.sleep(0.1)
+    client.predict(api_name="/stop_render")
+    final = job.result()[-1]
+    match = re.match(r"Stopped: (\d+) of 301 frames kept\. Press Render with the same settings to resume\.", final)
+    assert match, final
+    kept = int(match.group(1))
+    assert 0 < kept < 301
+    again = client.predict(*args.values(), api_name="/render")[-1]
+    assert again.startswith(f"Done: {301 - kept} frames rendered, {kept} already on disk")
+
+
+def test_image_tabs_through_the_api(app, tmp_path):
+    client_lib = require("gradio_client")
+    client = client_lib.Client(app.local_url, verbose=False)
+    rng = np.random.default_rng(0)
+    image = tmp_path / "image.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    other = tmp_path / "other.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(other)
+    mask = np.zeros((64, 64, 4), np.uint8)
+    mask[32:, :, :] = 255  # the painted stroke: the lower half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    f = client_lib.handle_file
+    common = ("64x64", "ddim", 2, 0, 1)
+    assert len(client.predict(f(str(image)), "a carving", 0.6, 1, *common, api_name="/img2img")) == 1
+    painted = client.predict({"background": f(str(image)), "layers": [f(str(tmp_path / "mask.png"))], "composite": None},
+                             "a cat", 1, *common, api_name="/inpaint")
+    with Image.open(painted[0]["image"]) as im:
+        result = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(result[:32], np.asarray(Image.open(image))[:32])  # unpainted half kept
+    # Outpainting grows the canvas (64 + 2 x 64): this app's one tiny model cannot, and says so.
+    with pytest.raises(client_lib.exceptions.AppError, match=r"built for 64x64; choose that size\. Received: size=192x192"):
+        client.predict(f(str(image)), "a field", 1, 64, "64x64", "ddim", 2, 0, 1, api_name="/outpaint")
+    with open(client.predict(f(str(image)), f(str(other)), "", 4, 0.5, *common, api_name="/image_morph"), "rb") as g:
+        assert _frames_of(g.read()) == 4
+    assert os.path.exists(client.predict("a lighthouse", 4, *common, api_name="/steps_view"))
