@@ -26,7 +26,7 @@ from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import NOISE_MODES, FramePlan
 from sdanim.run import (
     ExportSettings, FrameJob, embed_prompt, frame_source, get_model, make_renderer, model_text, open_run_folder,
-    prompt_record, render_record, versions,
+    prompt_encoder, prompt_record, render_record, versions,
 )
 from sdanim.sampling import render_frames
 from sdanim.settings import RenderSettings

@@ -17,7 +17,7 @@ from test_heavy_checkpoints import (
     _reference_vae, _round_parameters, ref, torch,
 )
 
-from sdanim.api import prompt_encoder
+from sdanim.run import prompt_encoder
 from sdanim.noise import seeded_noise
 from sdanim.sampling import Renderer
 from sdanim.settings import RenderSettings
