@@ -134,10 +134,10 @@ def test_loras_gate_resume_and_name_themselves_in_each_png(tiny, tmp_path, monke
         sdanim.morph(["a", "b"], out=out, frames=3, settings=settings, model=tiny, progress=False)
 
 
-@pytest.mark.parametrize("scheduler", ["lcm", "tcd"])
+@pytest.mark.parametrize("scheduler", ["lcm"])  # tcd differs only in its step, tested against diffusers
 def test_every_tool_runs_with_the_few_step_samplers(tiny, tmp_path, scheduler):
     """morph, walk/circle, generate, grid, img2img, inpaint, outpaint, image-morph and the
-    step view with the consistency samplers (their defaults: 4 steps, guidance 1)."""
+    step view with the consistency sampler (its defaults: 4 steps, guidance 1)."""
     import sdanim
 
     s = sdanim.RenderSettings(height=64, width=64, scheduler=scheduler, batch_size=2)

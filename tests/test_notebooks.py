@@ -4,6 +4,11 @@ They run one after the other in one Jupyter kernel, as a user who opens both in 
 session would: the second notebook's `load_model` cell gets the model the first one
 built (load_model hands back a live model loaded with the same arguments), so the
 pair costs one model build, not two. Each notebook's outputs go to its own folder.
+
+The toolbox part ("## The rest of the toolbox" onwards) is the same code in both
+notebooks (asserted cell by cell): it runs once, in the Colab notebook; the Apple
+notebook runs everything before it (its install and device cells, its own load_model,
+generate, the morph and the few-step morph).
 """
 
 import os
@@ -35,6 +40,21 @@ def _check_outputs(nb, folder):
     return "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
 
 
+TOOLBOX = "## The rest of the toolbox"
+
+
+def _toolbox_start(nb) -> int:
+    return next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith(TOOLBOX))
+
+
+def _check_head_outputs(folder):
+    with Image.open(folder / "outputs" / "morph.gif") as im:
+        assert im.n_frames == 4 and im.size == (128, 128)
+    with Image.open(folder / "outputs" / "morph_lcm.gif") as im:
+        assert im.n_frames == 4
+    assert (folder / "outputs" / "truck.png").is_file()
+
+
 def test_notebooks_run_headless_in_one_kernel(tmp_path, monkeypatch):
     from jupyter_client.manager import KernelManager
 
@@ -44,15 +64,23 @@ def test_notebooks_run_headless_in_one_kernel(tmp_path, monkeypatch):
     km.start_kernel(cwd=str(tmp_path))
     try:
         streams = {}
+        notebooks = {name: nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4) for name in NAMES}
+        colab, apple = (notebooks[n] for n in NAMES)
+        same = [c.source for c in colab.cells[_toolbox_start(colab):]]
+        assert [c.source for c in apple.cells[_toolbox_start(apple):]] == same  # the same toolbox code
+        apple.cells = apple.cells[:_toolbox_start(apple)]
         for name in NAMES:
             folder = tmp_path / name.removesuffix(".ipynb")
             folder.mkdir()
-            nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+            nb = notebooks[name]
             # Each notebook starts in its own folder (the kernel's working directory).
             nb.cells.insert(0, nbformat.v4.new_code_cell(f"import os; os.chdir({str(folder)!r})\n" + COUNT_BUILDS))
             nb.cells.append(nbformat.v4.new_code_cell('print(f"model builds so far: {len(_sdanim_builds)}")'))
             nbclient.NotebookClient(nb, km=km, timeout=900).execute()
-            streams[name] = _check_outputs(nb, folder)
+            _check_head_outputs(folder)
+            streams[name] = _check_outputs(nb, folder) if name == NAMES[0] else "\n".join(
+                o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                if o.get("output_type") == "stream")
     finally:
         km.shutdown_kernel(now=True)
     # One build for both: the second notebook's load_model handed back the first's model.
