@@ -265,7 +265,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
             inputs = [keyframes, negative, seed, frames, fps, interpolation, noise, easing, spacing, loop, ping_pong,
                       fmt, size, sampler, steps, guidance, batch]
             event = render_btn.click(render, inputs, [newest, gif, video, sheet, smooth, files, status],
-                                     api_name="render", concurrency_limit=1)
+                                     api_name="render", concurrency_limit=1, concurrency_id="model")
 
             def stop_render():
                 stop.set()
@@ -315,7 +315,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
                 return [(img, f"seed {s}") for img, s in zip(result.images, result.seeds)]
 
             g_btn.click(generate, [g_prompt, g_negative, g_seed, g_count, g_size, g_sampler, g_steps, g_guidance, g_batch],
-                        g_out, api_name="generate", concurrency_limit=1)
+                        g_out, api_name="generate", concurrency_limit=1, concurrency_id="model")
 
         with gr.Tab("Image to image"):
             with gr.Row():
@@ -374,9 +374,9 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
                 return list(result.images)
 
             common = [i_size, i_sampler, i_steps, i_guidance, i_batch]
-            i2i_btn.click(img2img, [i_image, i_prompt, i_strength, i_seed, *common], i_out, concurrency_limit=1)
-            inpaint_btn.click(inpaint, [i_mask, i_prompt, i_seed, *common], i_out, concurrency_limit=1)
-            outpaint_btn.click(outpaint, [i_image, i_prompt, i_seed, i_border, *common], i_out, concurrency_limit=1)
+            i2i_btn.click(img2img, [i_image, i_prompt, i_strength, i_seed, *common], i_out, concurrency_limit=1, concurrency_id="model")
+            inpaint_btn.click(inpaint, [i_mask, i_prompt, i_seed, *common], i_out, concurrency_limit=1, concurrency_id="model")
+            outpaint_btn.click(outpaint, [i_image, i_prompt, i_seed, i_border, *common], i_out, concurrency_limit=1, concurrency_id="model")
 
         with gr.Tab("Image morph"):
             with gr.Row():
@@ -400,7 +400,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
                 return result.out
 
             m_btn.click(image_morph, [m_a, m_b, m_prompt, m_frames, m_strength, m_size, m_sampler, m_steps, m_guidance,
-                                      m_batch], m_out, concurrency_limit=1)
+                                      m_batch], m_out, concurrency_limit=1, concurrency_id="model")
 
         with gr.Tab("Steps"):
             s_prompt = gr.Textbox("a lighthouse in a storm", label="Prompt")
@@ -418,8 +418,9 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
                 return result.strip
 
             s_btn.click(steps_view, [s_prompt, s_seed, s_size, s_sampler, s_steps, s_guidance, s_batch], s_out,
-                        concurrency_limit=1)
+                        concurrency_limit=1, concurrency_id="model")
 
+    # Every event that uses the model shares one queue ("model"): one render at a time.
     app.queue(default_concurrency_limit=1)
     app.sdanim_out_dir = out_dir
     app.sdanim_render_event = event
