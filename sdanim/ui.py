@@ -108,6 +108,34 @@ class ModelHolder:
             self.model = self.spec.load(settings.height, settings.width)
             return self.model
 
+    def use(self, weights: str, loras: str) -> str:
+        """Switches the weight source and/or LoRAs (comma-separated FILE[:SCALE]). Checked
+        first; LoRAs alone change in place (no rebuild), new weights load at the next render."""
+        import dataclasses
+
+        from sdanim.lora import as_loras, check_lora_files
+        from sdanim.models import weight_source_kind
+
+        weights = str(weights or "").strip()
+        check(self.spec is not None,
+              "this app was started with a model object of its own; start it with --weights "
+              f"(or launch(spec=...)) to switch weights. Received: weights={weights!r}")
+        weights = weights or self.spec.weights
+        check(weight_source_kind(weights) in ("keras-cv", "random") or os.path.exists(weights),
+              "weights must be keras-cv, random, a folder of .h5 files or a checkpoint that exists. "
+              f"Received: weights={weights!r}")  # here, not a minute into the next render
+        wanted = check_lora_files(as_loras([x.strip() for x in str(loras or "").split(",") if x.strip()]))
+        with self.lock:
+            if weights == self.spec.weights:
+                self.spec = dataclasses.replace(self.spec, loras=wanted)
+                if self.model is not None and self.model.loras != wanted:
+                    self.model.set_loras(wanted)
+                return f"Using {weights} with {len(wanted)} LoRA(s); the loaded model was changed in place."
+            self.spec = dataclasses.replace(self.spec, weights=weights, version=None, loras=wanted)
+            self.model = None
+            gc.collect()
+            return f"Using {weights} with {len(wanted)} LoRA(s): the model loads at the next render."
+
 
 def _settings(size: str, steps, guidance, sampler: str, batch):
     from sdanim.settings import RenderSettings, parse_size
@@ -171,6 +199,21 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
 
     with gr.Blocks(title="sdanim", analytics_enabled=False) as app:
         gr.Markdown("# sdanim: Stable Diffusion latent walks")
+        with gr.Accordion("Model", open=False):
+            with gr.Row():
+                weights_box = gr.Textbox(holder.spec.weights if holder.spec else "the model given to launch()",
+                                         label="Weights: keras-cv, random, a folder of .h5 files or a checkpoint")
+                loras_box = gr.Textbox(", ".join(f"{x.path}:{x.scale:g}" for x in (holder.spec.loras if holder.spec else ())),
+                                       label="LoRAs: FILE[:SCALE], comma-separated")
+                use_btn = gr.Button("Use")
+            model_status = gr.Markdown("")
+
+            @friendly
+            def use_model(weights, loras):
+                return holder.use(weights, loras)
+
+            use_btn.click(use_model, [weights_box, loras_box], model_status, api_name="use_model",
+                          concurrency_limit=1, concurrency_id="model")
         with gr.Tab("Animate"):
             with gr.Row():
                 with gr.Column(scale=3):

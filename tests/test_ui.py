@@ -213,3 +213,22 @@ def test_image_tabs_through_the_api(app, tmp_path):
     with open(client.predict(f(str(image)), f(str(other)), "", 4, 0.5, *common, api_name="/image_morph"), "rb") as g:
         assert _frames_of(g.read()) == 4
     assert os.path.exists(client.predict("a lighthouse", 4, *common, api_name="/steps_view"))
+
+
+def test_switching_weights_and_loras_is_checked_first(app, tmp_path):
+    from sdanim.errors import SdanimError
+    from sdanim.run import ModelSpec
+    from sdanim.ui import ModelHolder
+
+    client_lib = require("gradio_client")
+    client = client_lib.Client(app.local_url, verbose=False)
+    with pytest.raises(client_lib.exceptions.AppError, match=r"started with a model object of its own.*Received: weights='random'"):
+        client.predict("random", "", api_name="/use_model")
+    holder = ModelHolder(spec=ModelSpec(weights="random"))
+    with pytest.raises(SdanimError, match=r"weights must be keras-cv, random, a folder of \.h5 files or a checkpoint that exists\. Received: weights='.*nowhere'"):
+        holder.use(str(tmp_path / "nowhere"), "")
+    with pytest.raises(SdanimError, match=r"lora must be FILE or FILE:SCALE.*Received: lora='x.safetensors:abc'"):
+        holder.use("random", "x.safetensors:abc")
+    assert holder.spec.weights == "random" and holder.spec.loras == ()  # nothing changed
+    assert holder.use("keras-cv", "") == "Using keras-cv with 0 LoRA(s): the model loads at the next render."
+    assert holder.spec.weights == "keras-cv" and holder.model is None
