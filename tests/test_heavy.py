@@ -131,13 +131,13 @@ def test_cli_morph_mp4_and_generate(cli_on_shared_model, tmp_path, monkeypatch, 
     from sdanim.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["morph", *PROMPTS, "a bicycle", "--frames", "5", "--fps", "10", "--out", "outputs/walk.mp4", *SMOKE]) == 0
+    assert main(["morph", *PROMPTS, "a bicycle", "--frames", "4", "--fps", "10", "--out", "outputs/walk.mp4", *SMOKE]) == 0
     reader = imageio.get_reader(str(tmp_path / "outputs" / "walk.mp4"), format="FFMPEG")
     assert abs(reader.get_meta_data()["fps"] - 10) < 1e-6
     frames = [f for f in reader]
     reader.close()
-    assert len(frames) == 5 and frames[0].shape == (128, 128, 3)
-    assert "wrote outputs/walk.mp4 (5 frames at 10 fps; 5 rendered" in capsys.readouterr().out
+    assert len(frames) == 4 and frames[0].shape == (128, 128, 3)  # one batch of 4
+    assert "wrote outputs/walk.mp4 (4 frames at 10 fps; 4 rendered" in capsys.readouterr().out
 
     assert main(["generate", PROMPTS[0], "--num-images", "3", "--seed", "4", "--out", "outputs/gen", *SMOKE[:-3],
                  "--batch-size", "3", "--quiet"]) == 0
@@ -177,14 +177,14 @@ def test_uniform_spacing_on_the_real_architecture(sd_model, tmp_path):
     compared with linear spacing (both figures printed)."""
     import sdanim
 
-    s = RenderSettings(height=128, width=128, num_steps=4, batch_size=4)
+    s = RenderSettings(height=128, width=128, num_steps=4, batch_size=6)  # one batch per pass
     prompts = ["a ford truck on a dirt road", "an electric car in a city"]
-    kw = dict(frames=8, settings=s, model=sd_model, progress=False, noise="slerp", seeds=[1, 2])
+    kw = dict(frames=6, settings=s, model=sd_model, progress=False, noise="slerp", seeds=[1, 2])
     lin = sdanim.morph(prompts, out=str(tmp_path / "lin.gif"), **kw)
     uni = sdanim.morph(prompts, out=str(tmp_path / "uni.gif"), spacing="uniform", **kw)  # preview: 2 of 4 steps
     with open(os.path.join(uni.frames_dir, "manifest.json")) as f:
         assert json.load(f)["timing"]["preview_steps"] == 2
-    print(f"\nreal architecture, 8 frames: linear 1-Gini {lin.smoothness['one_minus_gini']:.3f} "
+    print(f"\nreal architecture, 6 frames: linear 1-Gini {lin.smoothness['one_minus_gini']:.3f} "
           f"variance {lin.smoothness['variance']:.3e}; uniform 1-Gini {uni.smoothness['one_minus_gini']:.3f} "
           f"variance {uni.smoothness['variance']:.3e}")
     assert uni.smoothness["variance"] < lin.smoothness["variance"]
