@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 import time
@@ -26,7 +25,7 @@ from sdanim.noise import check_seed, seeded_noise
 from sdanim.plan import NOISE_MODES, FramePlan
 from sdanim.run import (
     ExportSettings, FrameJob, embed_prompt, frame_source, get_model, make_renderer, model_text, open_run_folder,
-    prompt_encoder, prompt_record, render_record, versions,
+    prompt_encoder, prompt_record, render_record, versions,  # noqa: F401  (prompt_encoder: kept importable here)
 )
 from sdanim.sampling import render_frames
 from sdanim.settings import RenderSettings

@@ -32,7 +32,7 @@ from typing import Optional
 
 from sdanim.errors import SdanimError, check
 from sdanim.frames import FrameStore
-from sdanim.run import FrameJob, LocalFrames, ModelSpec
+from sdanim.run import FrameJob, LocalFrames, ModelSpec, lora_text
 from sdanim.settings import RenderSettings
 
 # Host memory one worker declares to Ray for a real SD 1.x/2.x model (weights in
@@ -318,8 +318,8 @@ class RayFrames:
                     if image is None:
                         continue  # written by the worker
                     if store is not None:
-                        loras = getattr(self, "_record", {}).get("loras")
-                        store.write(i, image, {"sdanim": {**job.frame_text(i), **({"loras": loras} if loras else {})}})
+                        loras = lora_text(getattr(self, "_record", {}).get("loras"))
+                        store.write(i, image, {"sdanim": {**job.frame_text(i), **loras}})
                     written[i] = image
                 out.update(written)
                 if on_batch is not None and written:

@@ -31,7 +31,7 @@ import hashlib
 import math
 import os
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -168,12 +168,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _kohya_module(name: str) -> Optional[str]:
-    """A kohya module name ("lora_unet_down_blocks_0_..."), kept as it is: the layer
-    table resolves it (SDXL's "lora_te1_", "lora_unet_input_blocks_" resolve to nothing)."""
-    return name or None
-
-
 def _diffusers_module(base: str) -> str:
     """A diffusers/PEFT module path -> the canonical "unet."/"text_encoder." name."""
     for prefix in ("base_model.model.",):
@@ -216,11 +210,10 @@ def read_lora(path: str) -> LoraFile:
         for suffix, role in _KINDS:
             if key.endswith(suffix):
                 base = key[: -len(suffix)]
-                module = _kohya_module(base) if fmt == "kohya" else _diffusers_module(base)
-                if module is None:
-                    unknown.append(key)
-                else:
-                    parts.setdefault(module, {})[role] = tensors[key]
+                # A kohya name ("lora_unet_down_blocks_0_...") stays as it is: the layer table
+                # resolves it (SDXL's "lora_te1_", "lora_unet_input_blocks_" resolve to nothing).
+                module = base if fmt == "kohya" else _diffusers_module(base)
+                parts.setdefault(module, {})[role] = tensors[key]
                 break
         else:
             unknown.append(key)

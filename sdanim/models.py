@@ -159,6 +159,8 @@ class StableDiffusionModel:
 
     def describe(self) -> dict:
         """What a manifest records about the model."""
+        from sdanim.run import lora_text
+
         return {
             "version": self.version,
             "weights": self.weights,
@@ -167,7 +169,7 @@ class StableDiffusionModel:
             "precision": self.precision,
             "jit_compile": self.jit_compile,
             "attention": self.attention,
-            **({"loras": list(self.lora_records)} if self.lora_records else {}),
+            **lora_text(self.lora_records),
         }
 
 

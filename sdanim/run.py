@@ -183,7 +183,11 @@ def prompt_record(prompt):
 
 def model_text(model) -> dict:
     """What PNG metadata records about the model: its LoRAs, where it has any."""
-    records = getattr(model, "lora_records", None)
+    return lora_text(getattr(model, "lora_records", None))
+
+
+def lora_text(records) -> dict:
+    """{"loras": records} where there are any, else {} (PNG metadata, manifests)."""
     return {"loras": list(records)} if records else {}
 
 
