@@ -195,6 +195,8 @@ def test_a_loaded_model_cannot_go_to_workers(tiny, tmp_path):
     ({"count": 0}, r"workers must be at least 1\. Received: workers=0"),
     ({"max_attempts": 0}, r"max_attempts must be at least 1\. Received: max_attempts=0"),
     ({"gpus_per_worker": -1}, r"gpus_per_worker must be a number >= 0\. Received: gpus_per_worker=-1"),
+    ({"cpus_per_worker": 0}, r"cpus_per_worker must be > 0\. Received: cpus_per_worker=0"),
+    ({"in_flight": 0}, r"in_flight must be at least 1\. Received: in_flight=0"),
 ])
 def test_workers_bad_input(kw, match):
     with pytest.raises(SdanimError, match=match):
@@ -246,3 +248,14 @@ def test_image_morph_on_workers_gives_the_frames_of_one_process(ray_local, tmp_p
                                workers=sdanim.Workers(count=2, cpus_per_worker=1), **kw)
     np.testing.assert_array_equal(there.frames, here.frames)
     assert sorted(os.listdir(there.frames_dir)) == [f"frame_{i:05d}.png" for i in range(5)]
+
+
+def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    from sdanim.distributed import check_workers_args
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(SdanimError, match=r'rendering on workers needs Ray: pip install "sdanim\[ray\]"\. Received: workers=2'):
+        check_workers_args(None, 2)

@@ -36,6 +36,8 @@ def test_parse_lora_arg():
         parse_lora_arg("x.safetensors:abc")
     with pytest.raises(LoraError, match=r"a LoRA scale \(of x\.safetensors\) must be a finite number\. Received: scale=nan"):
         Lora("x.safetensors", float("nan"))
+    with pytest.raises(LoraError, match=r"loras must be files, 'FILE:SCALE' strings or \(file, scale\) pairs\. Received: 3"):
+        as_loras([3])
     assert as_loras([("a.safetensors", 0.5), "b.safetensors:2", Lora("c.safetensors")]) == (
         Lora("a.safetensors", 0.5), Lora("b.safetensors", 2.0), Lora("c.safetensors", 1.0))
 
