@@ -3,6 +3,7 @@
     python benchmarks/render.py                 # CPU preset: 128x128, 8 frames, batch 4, 10 steps
     python benchmarks/render.py --preset gpu    # 512x512, 25 steps, batch 1 and 8
     python benchmarks/render.py --diffusers     # also diffusers' StableDiffusionPipeline
+    python benchmarks/render.py --both-loops    # sdanim's one compiled program vs its step loop
 
 diffusers (with --diffusers; torch, diffusers and transformers are test extras) renders
 the same walk the way a diffusers user would: `StableDiffusionPipeline` with the walk's
@@ -81,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--keras-cv-defaults", action="store_true",
                     help="also time KerasCV's loop with its default jit_compile=True")
     ap.add_argument("--skip-keras-cv", action="store_true")
+    ap.add_argument("--both-loops", action="store_true",
+                    help="also time sdanim's one compiled program against its step-at-a-time loop")
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline")
     ap.add_argument("--diffusers-bf16", action="store_true", help="CPU: also diffusers under bfloat16 autocast")
     args = ap.parse_args(argv)
@@ -105,7 +108,7 @@ def main(argv=None):
     from sdanim.models import keras_cv_pipeline, load_model, use_fused_attention
     from sdanim.noise import seeded_noise
     from sdanim.plan import FramePlan
-    from sdanim.sampling import Renderer, render_frames
+    from sdanim.sampling import Renderer, default_loop, render_frames
     from sdanim.settings import RenderSettings
 
     mem = PeakRSS()
@@ -139,8 +142,9 @@ def main(argv=None):
             out.extend(np.asarray(pipeline.generate_image(batch, batch_size=bs, num_steps=steps, diffusion_noise=noise)))
         return (time.perf_counter() - start) / frames, np.stack(out), mem.peak
 
-    def time_sdanim(bs):
-        renderer = Renderer(model.diffusion_model, model.decoder, settings_for(bs), uncond, jit_compile=model.jit_compile)
+    def time_sdanim(bs, loop="auto"):
+        renderer = Renderer(model.diffusion_model, model.decoder, settings_for(bs), uncond,
+                            jit_compile=model.jit_compile, loop=loop)
         render_frames(renderer, plan, range(bs), bs, progress=False)  # warm-up
         mem.reset()
         start = time.perf_counter()
@@ -155,7 +159,19 @@ def main(argv=None):
     for bs in cfg["batch_sizes"]:
         print(f"\n== batch {bs} ==")
         ours_s, ours_img, ours_mem = time_sdanim(bs)
-        print(f"sdanim (keras-cv attention)  {ours_s:7.3f} s/frame  peak RSS {ours_mem / gib:5.2f} GiB  device peak {device_peak_bytes()}")
+        print(f"sdanim (keras-cv attention)  {ours_s:7.3f} s/frame  peak RSS {ours_mem / gib:5.2f} GiB  "
+              f"device peak {device_peak_bytes()}  loop={default_loop(model.jit_compile)}")
+        if args.both_loops:
+            # Interleaved: program, steps, program, steps (this machine's speed drifts).
+            times = {"program": [], "steps": []}
+            images = {}
+            for loop in ("program", "steps", "program", "steps"):
+                loop_s, images[loop], loop_mem = time_sdanim(bs, loop=loop)
+                times[loop].append(loop_s)
+                print(f"  loop={loop:8s}              {loop_s:7.3f} s/frame  peak RSS {loop_mem / gib:5.2f} GiB")
+            best = {loop: min(t) for loop, t in times.items()}
+            print(f"  one program vs step loop: {best['steps'] / best['program']:.2f}x (best of two each), "
+                  f"max diff {np.abs(images['program'].astype(int) - images['steps'].astype(int)).max()} levels")
         fused_s = None
         if args.attention in ("auto", "fused"):
             use_fused_attention(model.diffusion_model)

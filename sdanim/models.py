@@ -24,10 +24,12 @@ Weight sources:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import platform
+import threading
 import weakref
 from typing import Any, Callable, Optional
 
@@ -372,6 +374,40 @@ def _set_precision(precision: str) -> None:
         keras.mixed_precision.set_dtype_policy(precision)
 
 
+# Held while a part is built: `_weights_loaded_later` changes how every Keras layer
+# creates its weights, which must not leak into a build of random weights elsewhere.
+_BUILD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _weights_loaded_later():
+    """Builds layers without drawing their initial values: every weight starts as zeros.
+
+    For parts whose weights are loaded right after the build (KerasCV files, a folder
+    of .h5 files, a checkpoint): both loaders refuse a file that does not hold every
+    weight, so no zero survives, and the frames are those of the loaded weights. The
+    initializers' random draws were a third of the UNet's build time
+    (benchmarks/build_time.py). Random weights (weights="random") never go through here.
+    """
+    from keras.src.layers.layer import Layer
+
+    original = Layer.add_weight
+
+    def add_weight(self, *args, **kwargs):
+        if len(args) >= 2:  # Keras's legacy positional (shape, initializer, ...)
+            args = (args[0], "zeros", *args[2:])
+        else:
+            kwargs["initializer"] = "zeros"
+        return original(self, *args, **kwargs)
+
+    with _BUILD_LOCK:
+        Layer.add_weight = add_weight
+        try:
+            yield
+        finally:
+            Layer.add_weight = original
+
+
 def _builders(version: str, height: int, width: int) -> dict:
     from keras_cv.src.models.stable_diffusion import decoder as dec
     from keras_cv.src.models.stable_diffusion import diffusion_model as unet
@@ -506,10 +542,14 @@ def load_model(
     builders = _builders(version, height, width)
 
     def build(part: str):
-        if files is None:
+        if kind == "random":
             # Seed per part so a part's random weights do not depend on build order.
-            keras.utils.set_random_seed(seed * 10 + _PART_ORDER.index(part))
-        model = builders[part]()
+            with _BUILD_LOCK:
+                keras.utils.set_random_seed(seed * 10 + _PART_ORDER.index(part))
+                model = builders[part]()
+        else:
+            with _weights_loaded_later():  # overwritten next: skip the random draws
+                model = builders[part]()
         if files is not None:
             model.load_weights(files[part])
         if fused:

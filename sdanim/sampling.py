@@ -5,10 +5,14 @@ conditional, each at batch B) through predict_on_batch. Here:
 
 1. the unconditional (or negative-prompt) context is encoded once per run;
 2. the timestep embeddings of every step are computed once, on the host;
-3. each step makes one UNet call on the concatenated (uncond, cond) batch of 2B,
-   compiled once per batch shape (tf.function / jax.jit, XLA where asked);
+3. each step makes one UNet call on the concatenated (uncond, cond) batch of 2B;
 4. ancestral noise for all steps is drawn from each frame's own seed before the loop;
-5. the decoder runs once per batch.
+5. the decoder runs once per batch;
+6. all of it -- every step's UNet call, guidance, the sampler's update (as a table of
+   coefficients, `Scheduler.coefficients`), inpainting's reset and the decode -- is one
+   compiled program per batch shape: a `fori_loop` inside one tf.function (TensorFlow)
+   or one jax.jit (JAX), XLA where asked; torch runs the same loop eagerly. The
+   step-at-a-time loop (`sample_latents`) stays for callers that look at every step.
 
 Shapes stay constant: the caller pads the last short batch (see `render_frames`).
 """
@@ -37,34 +41,39 @@ def timestep_embedding(timestep: float, dim: int = 320, max_period: float = 1000
     return np.concatenate([np.cos(args), np.sin(args)]).astype(np.float32)
 
 
-def _compile(fn: Callable, model, jit_compile: bool) -> Callable:
-    """Compiles fn(call, *tensors) for the Keras backend, where call(inputs) runs `model`.
+def _compile(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
+    """Compiles fn(calls, *tensors) for the Keras backend, where calls[k](inputs) runs
+    models[k].
 
     TensorFlow: one tf.function (XLA if jit_compile), traced once per input shape.
-    JAX: jax.jit over model.stateless_call, the weights passed as arguments (not baked
-    in as constants). torch: eager under no_grad. The function holds the model weakly,
-    so it can be cached per model (see `_compiled`) without keeping the model alive.
+    JAX: jax.jit over each model's stateless_call, the weights passed as arguments (not
+    baked in as constants). torch: eager under no_grad. The function holds the models
+    weakly, so it can be cached per model (see `_compiled`) without keeping them alive.
     """
     import keras
 
-    ref = weakref.ref(model)
+    refs = [weakref.ref(m) for m in models]
     backend = keras.backend.backend()
+
+    def direct(ref):
+        return lambda inputs: ref()(inputs, training=False)
+
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(
-            lambda *args: fn(lambda inputs: ref()(inputs, training=False), *args),
-            jit_compile=jit_compile,
-        )
+        return tf.function(lambda *args: fn([direct(r) for r in refs], *args), jit_compile=jit_compile)
     if backend == "jax":
         import jax
 
-        def pure(tv, ntv, *args):
+        def stateless(ref, weights):
             def call(inputs):
-                out, _ = ref().stateless_call(tv, ntv, inputs, training=False)
+                out, _ = ref().stateless_call(weights[0], weights[1], inputs, training=False)
                 return out
 
-            return fn(call, *args)
+            return call
+
+        def pure(weights, *args):
+            return fn([stateless(r, w) for r, w in zip(refs, weights)], *args)
 
         return jax.jit(pure)  # takes the weights first; `_compiled` binds them
     if backend == "torch":
@@ -72,53 +81,65 @@ def _compile(fn: Callable, model, jit_compile: bool) -> Callable:
 
         def run(*args):
             with torch.no_grad():
-                return fn(lambda inputs: ref()(inputs, training=False), *args)
+                return fn([direct(r) for r in refs], *args)
 
         return run
     raise RuntimeError(f"unsupported Keras backend: {backend}")
 
 
-# model -> {(step function, jit_compile): compiled}. Every Renderer of a model shares
-# one compiled step, so a second `generate`, a grid column or an image-to-image call
-# reuses the traced graph instead of tracing the UNet again.
+# first model -> {(function, jit_compile, backend, other models' ids): (compiled, other
+# models' weak references)}. Every Renderer of a model shares one compiled function, so
+# a second `generate`, a grid column or an image-to-image call reuses the traced graph
+# instead of tracing the UNet again.
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def forget_compiled(model) -> None:
-    """Drops the compiled steps of `model` (after its layers' calls were changed)."""
+    """Drops the compiled functions of `model` (after its layers' calls were changed),
+    including the programs it shares with another model."""
     try:
         _COMPILED.pop(model, None)
     except TypeError:
         pass
+    for cache in list(_COMPILED.values()):
+        for key, (_, others) in list(cache.items()):
+            if any(r() is model for r in others):
+                del cache[key]
 
 
-def _compiled(fn: Callable, model, jit_compile: bool) -> Callable:
-    """`_compile(fn, model, jit_compile)`, made once per model and reused."""
+def _compiled(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
+    """`_compile(fn, models, jit_compile)`, made once per models and reused."""
     import keras
 
     backend = keras.backend.backend()
-    key = (fn.__name__, bool(jit_compile), backend)
+    first, others = models[0], models[1:]
+    key = (fn.__name__, bool(jit_compile), backend, tuple(id(m) for m in others))
     try:
-        cache = _COMPILED.setdefault(model, {})
+        cache = _COMPILED.setdefault(first, {})
     except TypeError:  # not weak-referenceable
         cache = {}
-    if key not in cache:
-        cache[key] = _compile(fn, model, jit_compile)
-    compiled = cache[key]
+    entry = cache.get(key)
+    if entry is None or any(r() is not m for r, m in zip(entry[1], others)):
+        entry = cache[key] = (_compile(fn, models, jit_compile), [weakref.ref(m) for m in others])
+    compiled = entry[0]
     if backend == "jax":
         # The weights as they are now, read once per renderer (not per call).
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        return lambda *args: compiled(trainable, non_trainable, *args)
+        weights = [
+            ([v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables])
+            for m in models
+        ]
+        return lambda *args: compiled(weights, *args)
     return compiled
 
 
-def _guided_eps(call, latent, t_emb, context, uncond, guidance):
+def _guided_eps(calls, latent, t_emb, context, uncond, guidance):
     """One UNet call on the concatenated batch, then classifier-free guidance.
 
     latent (B, h, w, 4), t_emb (B, 320), context and uncond (B, 77, D), guidance ().
     """
     from keras import ops
+
+    call = calls[0]
 
     x2 = ops.concatenate([latent, latent], axis=0)  # (B, h, w, 4) -> (2B, h, w, 4)
     t2 = ops.concatenate([t_emb, t_emb], axis=0)  # (B, 320) -> (2B, 320)
@@ -129,18 +150,71 @@ def _guided_eps(call, latent, t_emb, context, uncond, guidance):
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
-def _cond_eps(call, latent, t_emb, context):
+def _cond_eps(calls, latent, t_emb, context, uncond=None, guidance=None):
     """guidance == 1: the guided prediction is the conditional one; skip the other half."""
     from keras import ops
 
-    return ops.cast(call([latent, t_emb, context]), "float32")
+    return ops.cast(calls[0]([latent, t_emb, context]), "float32")
 
 
-def _decode(call, latent):
+def _decode(calls, latent):
     """(B, h, w, 4) latent -> (B, 8h, 8w, 3) float in [-1, 1]."""
     from keras import ops
 
-    return ops.cast(call(latent), "float32")
+    return ops.cast(calls[0](latent), "float32")
+
+
+def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
+    """The whole sampling loop and the decode as one function of tensors, for one kind
+    of batch (with or without guidance, per-step noise, a kept region). Compiled once
+    per kind and batch shape (`_compiled`); its tables are inputs, so the step count,
+    the sampler and the strength change no trace.
+
+    calls: (UNet, decoder). latent (B, h, w, 4): the state before step `start`.
+    context, uncond (B, 77, D); guidance (); t_embs (N, B, 320); scales (N,): the UNet
+    sees x * scales[i]; coefs (N, 6): `Scheduler.coefficients`; start (): the first step.
+    noises (N, B, h, w, 4): each step's fresh noise (if noisy). known, noise (B, h, w, 4),
+    paint (B, h, w, 1), kept (N, 2): after step i the region where paint is 0 is reset to
+    kept[i, 0] * known + kept[i, 1] * noise (if masked).
+    Returns (B, 8h, 8w, 3) float32 images in [-1, 1].
+    """
+    eps_fn = _guided_eps if guided else _cond_eps
+
+    def program(calls, latent, context, uncond, guidance, t_embs, scales, coefs, start,
+                noises=None, known=None, noise=None, paint=None, kept=None):
+        from keras import ops
+
+        num_steps = int(coefs.shape[0])
+
+        def step(i, carry):
+            latent, prev = carry
+            row = ops.take(coefs, i, axis=0)  # (6,)
+            model_in = latent * ops.take(scales, i, axis=0)
+            eps = eps_fn(calls, model_in, ops.take(t_embs, i, axis=0), context, uncond, guidance)
+            denoised = row[0] * latent + row[1] * eps
+            latent = row[2] * latent + row[3] * eps + row[4] * prev
+            if noisy:
+                latent = latent + row[5] * ops.take(noises, i, axis=0)
+            if masked:
+                level = ops.take(kept, i, axis=0)  # (2,)
+                latent = paint * latent + (1.0 - paint) * (level[0] * known + level[1] * noise)
+            return latent, denoised
+
+        latent, _ = ops.fori_loop(start, num_steps, step, (latent, ops.zeros_like(latent)))
+        return _decode(calls[1:], latent)
+
+    program.__name__ = f"program_{int(guided)}{int(noisy)}{int(masked)}"
+    return program
+
+
+LOOPS = ("auto", "program", "steps")
+
+
+def default_loop(jit_compile: bool) -> str:
+    """What loop="auto" runs: "program" on JAX and under XLA, else "steps"."""
+    import keras
+
+    return "program" if keras.backend.backend() == "jax" or jit_compile else "steps"
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:
@@ -161,6 +235,13 @@ class Renderer:
             of the schedule is run: the latents are noised to step N - round(strength N)
             and denoised from there; 1 ignores them (pure noise, as text-to-image).
             Defaults to 1.
+        loop: str. "program" (the whole loop and the decode compiled as one program
+            per batch shape), "steps" (one compiled UNet call per step, the sampler's
+            update between them in Python, as `sample_latents` runs it) or "auto": the
+            program on JAX and under XLA, the steps on TensorFlow without XLA (where
+            the program measured 7% slower on CPU: docs/benchmarks.md) and on torch
+            (eager either way). Frames are within 1 uint8 level of each other.
+            Defaults to "auto".
 
     Example:
     ```python
@@ -177,7 +258,10 @@ class Renderer:
         unconditional_context: np.ndarray,
         jit_compile: bool = False,
         strength: float = 1.0,
+        loop: str = "auto",
     ):
+        check(loop in LOOPS, f"loop must be one of {', '.join(LOOPS)}. Received: loop={loop!r}")
+        self.loop = default_loop(jit_compile) if loop == "auto" else loop
         self.settings = settings
         self.scheduler = make_scheduler(settings.scheduler, settings.num_steps)
         # Image-to-image starts here; 0 = from pure noise.
@@ -186,16 +270,60 @@ class Renderer:
         self.guidance = float(settings.guidance_scale)
         # (N, 320): every step's timestep embedding, once.
         self._t_embs = np.stack([timestep_embedding(t) for t in self.scheduler.timesteps])
+        sched = self.scheduler
+        self._coefs = sched.coefficients(self.start_step).astype(np.float32)  # (N, 6)
+        self._scales = np.array([sched.input_scale(i) for i in range(sched.num_steps)], np.float32)  # (N,)
+        # (N, 2): the kept region's (a, b) after step i, x = a * x0 + b * noise.
+        self._kept = np.array([sched.noise_levels(i + 1) for i in range(sched.num_steps)], np.float32)
+        self._models = (diffusion_model, decoder)
+        self._programs: dict = {}
+        self._jit_compile = jit_compile
         if self.guidance == 1.0:
-            self._eps_fn = _compiled(_cond_eps, diffusion_model, jit_compile)
+            self._eps_fn = _compiled(_cond_eps, (diffusion_model,), jit_compile)
         else:
-            self._eps_fn = _compiled(_guided_eps, diffusion_model, jit_compile)
-        self._decode_fn = _compiled(_decode, decoder, jit_compile)
+            self._eps_fn = _compiled(_guided_eps, (diffusion_model,), jit_compile)
+        self._decode_fn = _compiled(_decode, (decoder,), jit_compile)
 
     def _eps(self, latent, t_emb, context, uncond, guidance):
         if self.guidance == 1.0:
             return self._eps_fn(latent, t_emb, context)
         return self._eps_fn(latent, t_emb, context, uncond, guidance)
+
+    def _inputs(self, contexts, noises, seeds, init_latents, masks) -> dict:
+        """The loop's tensors, on the device once (both loops share them)."""
+        from keras import ops
+
+        sched = self.scheduler
+        batch = len(contexts)
+        check(masks is None or init_latents is not None, "masks need init_latents (the image to keep)")
+        out = {
+            "context": ops.convert_to_tensor(np.asarray(contexts, np.float32)),  # (B, 77, D)
+            "uncond": ops.convert_to_tensor(
+                np.repeat(self.unconditional_context[None], batch, axis=0)
+            ),  # (77, D) -> (B, 77, D)
+            "guidance": ops.convert_to_tensor(np.float32(self.guidance)),
+            # (N, 320) -> (N, B, 320)
+            "t_embs": ops.convert_to_tensor(np.repeat(self._t_embs[:, None], batch, axis=1)),
+            "noise": ops.convert_to_tensor(np.asarray(noises, np.float32)),  # (B, h, w, 4)
+            "noises": None,
+            "known": None,
+            "paint": None,
+            "start": 0,
+        }
+        if sched.needs_noise:
+            # (B, N, h, w, 4) -> (N, B, h, w, 4): each frame's own stream.
+            per_frame = [step_noise(s, sched.num_steps, noises.shape[1:]) for s in seeds]
+            out["noises"] = ops.convert_to_tensor(np.stack(per_frame, axis=1))
+        if init_latents is not None:
+            out["known"] = ops.convert_to_tensor(np.asarray(init_latents, np.float32))  # (B, h, w, 4)
+            out["start"] = self.start_step
+        if out["start"] == 0:
+            out["latent"] = out["noise"] * sched.init_noise_sigma
+        else:
+            out["latent"] = sched.noised(out["start"], out["known"], out["noise"])
+        if masks is not None:
+            out["paint"] = ops.convert_to_tensor(np.asarray(masks, np.float32))  # (B, h, w, 1)
+        return out
 
     def sample_latents(
         self,
@@ -217,39 +345,16 @@ class Renderer:
         on_step: called as on_step(i, denoised) after step i with the predicted clean
             latent (B, h, w, 4) (step views).
         """
-        from keras import ops
-
         sched = self.scheduler
-        batch = len(contexts)
-        check(masks is None or init_latents is not None, "masks need init_latents (the image to keep)")
-        # 1. Inputs, on the device once.
-        context = ops.convert_to_tensor(np.asarray(contexts, np.float32))  # (B, 77, D)
-        uncond = ops.convert_to_tensor(
-            np.repeat(self.unconditional_context[None], batch, axis=0)
-        )  # (77, D) -> (B, 77, D)
-        guidance = ops.convert_to_tensor(np.float32(self.guidance))
-        t_embs = np.repeat(self._t_embs[:, None], batch, axis=1)  # (N, 320) -> (N, B, 320)
-        step_noises = None
-        if sched.needs_noise:
-            # (B, N, h, w, 4) -> (N, B, h, w, 4): each frame's own stream.
-            per_frame = [step_noise(s, sched.num_steps, noises.shape[1:]) for s in seeds]
-            step_noises = ops.convert_to_tensor(np.stack(per_frame, axis=1))
-        noise = ops.convert_to_tensor(np.asarray(noises, np.float32))
-        start = 0
-        if init_latents is not None:
-            known = ops.convert_to_tensor(np.asarray(init_latents, np.float32))  # (B, h, w, 4)
-            start = self.start_step
-        if start == 0:
-            latent = noise * sched.init_noise_sigma
-        else:
-            latent = sched.noised(start, known, noise)
-        if masks is not None:
-            paint = ops.convert_to_tensor(np.asarray(masks, np.float32))  # (B, h, w, 1)
+        inputs = self._inputs(contexts, noises, seeds, init_latents, masks)
+        context, uncond, guidance = inputs["context"], inputs["uncond"], inputs["guidance"]
+        step_noises, noise, known, paint = inputs["noises"], inputs["noise"], inputs["known"], inputs["paint"]
+        latent, start = inputs["latent"], inputs["start"]
         denoised = None
         # 2. The loop: one fused UNet call and one scheduler update per step.
         for i in range(start, sched.num_steps):
             model_in = latent if sched.input_scale(i) == 1.0 else latent * sched.input_scale(i)
-            t_emb = ops.convert_to_tensor(t_embs[i])
+            t_emb = inputs["t_embs"][i]
             eps = self._eps(model_in, t_emb, context, uncond, guidance)
             fresh = step_noises[i] if step_noises is not None else None
             latent, denoised = sched.step(i, latent, eps, denoised, fresh)
@@ -267,8 +372,30 @@ class Renderer:
 
     def render(self, contexts, noises, seeds, init_latents=None, masks=None) -> np.ndarray:
         """(B, 77, D) contexts and (B, h, w, 4) noises -> (B, H, W, 3) uint8 images
-        (init_latents and masks as in `sample_latents`)."""
-        return self.decode(self.sample_latents(contexts, noises, seeds, init_latents, masks))
+        (init_latents and masks as in `sample_latents`), by the renderer's `loop`."""
+        if self.loop == "steps":
+            return self.decode(self.sample_latents(contexts, noises, seeds, init_latents, masks))
+        import keras
+        from keras import ops
+
+        inputs = self._inputs(contexts, noises, seeds, init_latents, masks)
+        noisy, masked = inputs["noises"] is not None, inputs["paint"] is not None
+        kind = (self.guidance != 1.0, noisy, masked)
+        if kind not in self._programs:
+            self._programs[kind] = _compiled(_program(*kind), self._models, self._jit_compile)
+        program = self._programs[kind]
+        start = inputs["start"]
+        if keras.backend.backend() != "torch":
+            start = ops.convert_to_tensor(np.int32(start))  # an input, not a constant: no retrace
+        args = [
+            inputs["latent"], inputs["context"], inputs["uncond"], inputs["guidance"], inputs["t_embs"],
+            ops.convert_to_tensor(self._scales), ops.convert_to_tensor(self._coefs), start,
+        ]
+        if noisy or masked:
+            args.append(inputs["noises"] if noisy else None)
+        if masked:
+            args += [inputs["known"], inputs["noise"], inputs["paint"], ops.convert_to_tensor(self._kept)]
+        return to_uint8(ops.convert_to_numpy(program(*args)))
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -81,6 +81,28 @@ class Scheduler:
         a, b = self.noise_levels(i)
         return x0 if b == 0.0 else a * x0 + b * noise
 
+    def coefficients(self, start: int = 0) -> np.ndarray:
+        """Every step as a table, for loops compiled as one program: (N, 6) float64 rows
+        (d_x, d_eps, n_x, n_eps, n_prev, n_noise) with
+
+            denoised = d_x * x + d_eps * eps
+            x_next   = n_x * x + n_eps * eps + n_prev * prev_denoised + n_noise * noise
+
+        Every sampler's step is linear in (x, eps, prev_denoised, noise), so the rows are
+        read off `step` itself by feeding it unit inputs: the table cannot drift from
+        the step it stands for. Row `start` is the first step a loop runs (image-to-image
+        starts later), taken without a previous prediction as the loop's first step is.
+        """
+        rows = np.zeros((self.num_steps, 6))
+        for i in range(self.num_steps):
+            first = i == start
+            x_only = self.step(i, 1.0, 0.0, None if first else 0.0, 0.0)
+            eps_only = self.step(i, 0.0, 1.0, None if first else 0.0, 0.0)
+            prev_only = (0.0, 0.0) if first else self.step(i, 0.0, 0.0, 1.0, 0.0)
+            noise_only = self.step(i, 0.0, 0.0, None if first else 0.0, 1.0)
+            rows[i] = (x_only[1], eps_only[1], x_only[0], eps_only[0], prev_only[0], noise_only[0])
+        return rows
+
 
 def steps_for_strength(strength: float, num_steps: int) -> int:
     """How many of `num_steps` an image-to-image run at `strength` takes: none at 0,

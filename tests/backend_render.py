@@ -24,15 +24,21 @@ def main(weights_path, out_path, scheduler="ddim"):
     contexts, noises = random_inputs(3, 64, 64)
     settings = RenderSettings(height=64, width=64, num_steps=4, batch_size=3, scheduler=scheduler)
     uncond = np.zeros((77, CONTEXT_DIM), np.float32)
-    images = Renderer(model.diffusion_model, model.decoder, settings, uncond).render(contexts, noises, [0, 1, 2])
+    images = Renderer(model.diffusion_model, model.decoder, settings, uncond, loop="program").render(
+        contexts, noises, [0, 1, 2])
+    # The step-at-a-time loop, to compare with the one compiled program on this backend.
+    steps = Renderer(model.diffusion_model, model.decoder, settings, uncond, loop="steps").render(
+        contexts, noises, [0, 1, 2])
     # A second renderer of the same model (the compiled step is reused) on the
     # image-to-image + inpainting path: start half-way, keep the left half.
     init = np.random.default_rng(1).standard_normal(noises.shape).astype(np.float32)
     masks = np.zeros((*noises.shape[:3], 1), np.float32)
     masks[:, :, 4:] = 1.0
-    edited = Renderer(model.diffusion_model, model.decoder, settings, uncond, strength=0.5).render(
+    edited = Renderer(model.diffusion_model, model.decoder, settings, uncond, strength=0.5, loop="program").render(
         contexts, noises, [0, 1, 2], init_latents=init, masks=masks)
-    np.save(out_path, np.concatenate([images, edited]))
+    edited_steps = Renderer(model.diffusion_model, model.decoder, settings, uncond, strength=0.5, loop="steps").render(
+        contexts, noises, [0, 1, 2], init_latents=init, masks=masks)
+    np.save(out_path, np.stack([np.concatenate([images, edited]), np.concatenate([steps, edited_steps])]))
 
 
 if __name__ == "__main__":

@@ -41,16 +41,24 @@ def _max_diff(a, b):
 
 
 def _count_unet_calls(monkeypatch):
+    """Counts UNet passes. Renderers run the step-at-a-time loop here, whose passes
+    Python sees (the compiled program runs the same steps: tests/test_sampling.py
+    checks that both loops give the same frames, image-to-image's included)."""
     from sdanim.sampling import Renderer
 
     calls = []
-    original = Renderer._eps
+    original_eps, original_render = Renderer._eps, Renderer.render
 
     def counting(self, *args):
         calls.append(1)
-        return original(self, *args)
+        return original_eps(self, *args)
+
+    def stepwise(self, *args, **kwargs):
+        self.loop = "steps"
+        return original_render(self, *args, **kwargs)
 
     monkeypatch.setattr(Renderer, "_eps", counting)
+    monkeypatch.setattr(Renderer, "render", stepwise)
     return calls
 
 

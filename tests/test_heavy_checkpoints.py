@@ -119,8 +119,11 @@ def _round_parameters(models: dict, dtype) -> None:
 
 
 def _fingerprint(model) -> list:
-    """One digest per weight of the four parts: equal lists = bit-identical weights."""
-    return [hashlib.blake2b(np.ascontiguousarray(np.array(v)).tobytes(), digest_size=16).hexdigest()
+    """One digest per weight of the four parts: equal lists = bit-identical weights.
+    (sha256 of the array's own buffer: hardware-accelerated, no extra copy; 4.3 GB a call.)"""
+    import keras
+
+    return [hashlib.sha256(np.ascontiguousarray(keras.ops.convert_to_numpy(v))).digest()
             for part in ("text_encoder", "diffusion_model", "decoder", "image_encoder")
             for v in getattr(model, part).weights]
 

@@ -206,7 +206,49 @@ def test_weights_dir_loads_h5_files(tmp_path):
     dec = Decoder(64, 64, download_weights=False)
     save_legacy_h5(dec, file_name("1.4", "decoder"))
     files = models._resolve_weight_files("1.4", str(tmp_path), ["text_encoder", "decoder"])
-    built = models._builders("1.4", 64, 64)["decoder"]()
+    with models._weights_loaded_later():  # as load_model builds it: no random draws
+        built = models._builders("1.4", 64, 64)["decoder"]()
+    assert not any(np.any(w) for w in built.get_weights())
     built.load_weights(files["decoder"])
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype("float32")
     np.testing.assert_allclose(np.asarray(built(x)), np.asarray(dec(x)), atol=1e-6)
+
+
+def test_loaded_weights_are_not_drawn_first(tmp_path, monkeypatch):
+    """Parts whose weights are loaded right after the build skip the initializers'
+    random draws (a third of the UNet's build time), hold exactly the files' weights,
+    and weights="random" still draws them."""
+    import types
+
+    from keras.src.backend import random as backend_random
+    from keras.src.layers.layer import Layer
+
+    from sdanim import models
+    from tiny import make_tiny_model, tiny_decoder, tiny_image_encoder, tiny_text_encoder, tiny_unet
+
+    source = make_tiny_model(seed=5)
+    models.write_keras_weights(types.SimpleNamespace(version="1.4", **{p: getattr(source, p) for p in models._PART_ORDER}),
+                               str(tmp_path))
+    monkeypatch.setattr(models, "_builders", lambda version, h, w: {
+        "text_encoder": tiny_text_encoder, "diffusion_model": lambda: tiny_unet(h, w),
+        "decoder": lambda: tiny_decoder(h, w), "image_encoder": tiny_image_encoder})
+    draws = []
+    original = backend_random.uniform
+
+    def counting(*args, **kwargs):
+        draws.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend_random, "uniform", counting)
+    add_weight = Layer.add_weight
+    loaded = load_model(weights=str(tmp_path), height=64, width=64, precision="float32", attention="keras-cv")
+    loaded.image_encoder  # built lazily, loaded too
+    assert draws == []
+    for part in models._PART_ORDER:
+        ours, theirs = getattr(loaded, part).get_weights(), getattr(source, part).get_weights()
+        assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs)), part
+    random_model = load_model(weights="random", seed=3, height=64, width=64, precision="float32", attention="keras-cv")
+    assert len(draws) > 0
+    kernel = random_model.diffusion_model.get_weights()[0]
+    assert np.abs(kernel).max() > 0 and np.unique(kernel).size > 100  # drawn, not zeros
+    assert Layer.add_weight is add_weight  # the build's patch is gone

@@ -33,6 +33,97 @@ def test_timestep_embedding_matches_keras_cv_formula():
     np.testing.assert_allclose(emb[160:], np.sin(999 * freqs), atol=2e-4)
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd"])
+@pytest.mark.parametrize("start", [0, 2])
+def test_coefficient_tables_are_the_samplers_steps(scheduler, start):
+    """The compiled loop updates x with `Scheduler.coefficients`; every row must be the
+    step itself (the first step run taken without a previous prediction)."""
+    from sdanim.schedulers import make_scheduler
+
+    sched = make_scheduler(scheduler, 6)
+    table = sched.coefficients(start)
+    rng = np.random.default_rng(0)
+    prev = None
+    for i in range(start, 6):
+        x, eps, noise = rng.standard_normal((3, 8))
+        x_next, denoised = sched.step(i, x, eps, prev, noise)
+        d_x, d_eps, n_x, n_eps, n_prev, n_noise = table[i]
+        np.testing.assert_allclose(d_x * x + d_eps * eps, denoised, rtol=1e-9, atol=1e-9)
+        kept = 0.0 if prev is None else n_prev * prev
+        np.testing.assert_allclose(n_x * x + n_eps * eps + kept + n_noise * noise, x_next, rtol=1e-9, atol=1e-9)
+        prev = denoised
+    assert np.any(table[:, 5] != 0) == sched.needs_noise
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd"])
+def test_one_compiled_program_gives_the_step_loops_frames(tiny, scheduler):
+    """render() runs the loop and the decode as one program; its frames are the
+    step-at-a-time loop's within 1 uint8 level, guided or not, from noise, from an
+    image (a later first step) and with a kept region (inpainting)."""
+    contexts, noises = random_inputs(3, 64, 64)
+    init = np.random.default_rng(1).standard_normal(noises.shape).astype(np.float32)
+    masks = np.zeros((*noises.shape[:3], 1), np.float32)
+    masks[:, :, 4:] = 1.0
+    uncond = np.zeros((77, CONTEXT_DIM), np.float32)
+    cases = [(7.5, 1.0, {}), (1.0, 1.0, {}), (7.5, 0.5, {"init_latents": init}),
+             (7.5, 0.6, {"init_latents": init, "masks": masks})]
+    for guidance, strength, extra in cases:
+        settings = _settings(num_steps=5, guidance_scale=guidance, scheduler=scheduler)
+        args = (tiny.diffusion_model, tiny.decoder, settings, uncond)
+        program = Renderer(*args, strength=strength, loop="program").render(contexts, noises, [0, 1, 2], **extra)
+        steps = Renderer(*args, strength=strength, loop="steps").render(contexts, noises, [0, 1, 2], **extra)
+        diff = np.abs(program.astype(int) - steps.astype(int)).max()
+        assert diff <= 1, f"{guidance=} {strength=} {list(extra)}: the loops differ by {diff} levels"
+        assert program.std() > 20 and np.abs(program[0].astype(int) - program[1].astype(int)).max() > 5
+
+
+def test_one_program_under_xla(tiny):
+    """loop="auto" with XLA (the CUDA default) runs the program compiled by XLA as a
+    whole: the same frames as the step loop without XLA, inpainting included."""
+    contexts, noises = random_inputs(2, 64, 64)
+    init = np.random.default_rng(1).standard_normal(noises.shape).astype(np.float32)
+    masks = np.zeros((*noises.shape[:3], 1), np.float32)
+    masks[:, :, 4:] = 1.0
+    uncond = np.zeros((77, CONTEXT_DIM), np.float32)
+    settings = _settings(num_steps=4, scheduler="dpmpp_2m", batch_size=2)
+    xla = Renderer(tiny.diffusion_model, tiny.decoder, settings, uncond, jit_compile=True, strength=0.5)
+    assert xla.loop == "program"
+    ours = xla.render(contexts, noises, [0, 1], init_latents=init, masks=masks)
+    steps = Renderer(tiny.diffusion_model, tiny.decoder, settings, uncond, strength=0.5, loop="steps").render(
+        contexts, noises, [0, 1], init_latents=init, masks=masks)
+    assert np.abs(ours.astype(int) - steps.astype(int)).max() <= 1 and ours.std() > 20
+
+
+def test_one_program_per_kind_of_batch(tiny):
+    """The sampler's tables and the first step are inputs of the program, not constants
+    in it: renderers that differ only in sampler or strength reuse one trace
+    (TensorFlow's count)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("counts TensorFlow traces")
+    from sdanim.sampling import _COMPILED, forget_compiled
+
+    forget_compiled(tiny.diffusion_model)
+    contexts, noises = random_inputs(2, 64, 64)
+    uncond = np.zeros((77, CONTEXT_DIM), np.float32)
+    for scheduler in ("ddim", "euler", "dpmpp_2m"):
+        Renderer(tiny.diffusion_model, tiny.decoder, _settings(num_steps=4, scheduler=scheduler), uncond,
+                 loop="program").render(contexts, noises, [0, 1])
+    init = np.zeros_like(noises)
+    for strength in (0.25, 0.75):
+        Renderer(tiny.diffusion_model, tiny.decoder, _settings(num_steps=4), uncond, strength=strength,
+                 loop="program").render(contexts, noises, [0, 1], init_latents=init)
+    programs = {key[0]: compiled for key, (compiled, _) in _COMPILED[tiny.diffusion_model].items()
+                if key[0].startswith("program")}
+    assert programs["program_100"].experimental_get_tracing_count() == 1
+    with pytest.raises(ValueError, match=r"loop must be one of auto, program, steps\. Received: loop='fast'"):
+        Renderer(tiny.diffusion_model, tiny.decoder, _settings(), uncond, loop="fast")
+    # auto: the program under XLA (and on JAX), the step loop on TensorFlow without XLA.
+    assert Renderer(tiny.diffusion_model, tiny.decoder, _settings(), uncond, jit_compile=True).loop == "program"
+    assert Renderer(tiny.diffusion_model, tiny.decoder, _settings(), uncond).loop == "steps"
+
+
 def test_batches_keep_the_last_short_batch():
     assert batches(range(7), 3) == [[0, 1, 2], [3, 4, 5], [6]]
 
