@@ -271,7 +271,7 @@ class Renderer:
         # (N, 320): every step's timestep embedding, once.
         self._t_embs = np.stack([timestep_embedding(t) for t in self.scheduler.timesteps])
         sched = self.scheduler
-        self._coefs = sched.coefficients(self.start_step).astype(np.float32)  # (N, 6)
+        self._coefs: dict = {}  # first step run -> (N, 6) `Scheduler.coefficients`
         self._scales = np.array([sched.input_scale(i) for i in range(sched.num_steps)], np.float32)  # (N,)
         # (N, 2): the kept region's (a, b) after step i, x = a * x0 + b * noise.
         self._kept = np.array([sched.noise_levels(i + 1) for i in range(sched.num_steps)], np.float32)
@@ -288,6 +288,13 @@ class Renderer:
         if self.guidance == 1.0:
             return self._eps_fn(latent, t_emb, context)
         return self._eps_fn(latent, t_emb, context, uncond, guidance)
+
+    def _coef_table(self, start: int) -> np.ndarray:
+        """The sampler's steps as (N, 6) float32 rows, the first one run from `start`
+        (image-to-image starts later; without init latents every batch starts at 0)."""
+        if start not in self._coefs:
+            self._coefs[start] = self.scheduler.coefficients(start).astype(np.float32)
+        return self._coefs[start]
 
     def _inputs(self, contexts, noises, seeds, init_latents, masks) -> dict:
         """The loop's tensors, on the device once (both loops share them)."""
@@ -389,7 +396,7 @@ class Renderer:
             start = ops.convert_to_tensor(np.int32(start))  # an input, not a constant: no retrace
         args = [
             inputs["latent"], inputs["context"], inputs["uncond"], inputs["guidance"], inputs["t_embs"],
-            ops.convert_to_tensor(self._scales), ops.convert_to_tensor(self._coefs), start,
+            ops.convert_to_tensor(self._scales), ops.convert_to_tensor(self._coef_table(inputs["start"])), start,
         ]
         if noisy or masked:
             args.append(inputs["noises"] if noisy else None)

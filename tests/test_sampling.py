@@ -66,7 +66,8 @@ def test_one_compiled_program_gives_the_step_loops_frames(tiny, scheduler):
     masks[:, :, 4:] = 1.0
     uncond = np.zeros((77, CONTEXT_DIM), np.float32)
     cases = [(7.5, 1.0, {}), (1.0, 1.0, {}), (7.5, 0.5, {"init_latents": init}),
-             (7.5, 0.6, {"init_latents": init, "masks": masks})]
+             (7.5, 0.6, {"init_latents": init, "masks": masks}),
+             (7.5, 0.5, {})]  # a renderer with a strength but no image starts from noise
     for guidance, strength, extra in cases:
         settings = _settings(num_steps=5, guidance_scale=guidance, scheduler=scheduler)
         args = (tiny.diffusion_model, tiny.decoder, settings, uncond)
