@@ -167,8 +167,8 @@ def _decode(calls, latent):
 def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
     """The whole sampling loop and the decode as one function of tensors, for one kind
     of batch (with or without guidance, per-step noise, a kept region). Compiled once
-    per kind and batch shape (`_compiled`); its tables are inputs, so the step count,
-    the sampler and the strength change no trace.
+    per kind and shape (`_compiled`); its tables and first step are inputs, so another
+    sampler or strength at the same step count changes no trace.
 
     calls: (UNet, decoder). latent (B, h, w, 4): the state before step `start`.
     context, uncond (B, 77, D); guidance (); t_embs (N, B, 320); scales (N,): the UNet
