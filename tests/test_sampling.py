@@ -15,9 +15,9 @@ def _settings(**kw):
     return RenderSettings(**base)
 
 
-def _renderer(tiny, **kw):
+def _renderer(tiny, loop="auto", **kw):
     uncond = np.zeros((77, CONTEXT_DIM), np.float32)
-    return Renderer(tiny.diffusion_model, tiny.decoder, _settings(**kw), uncond)
+    return Renderer(tiny.diffusion_model, tiny.decoder, _settings(**kw), uncond, loop=loop)
 
 
 def _plan(n=7):
@@ -129,11 +129,12 @@ def test_batches_keep_the_last_short_batch():
     assert batches(range(7), 3) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
+@pytest.mark.parametrize("loop", ["steps", "program"])
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m", "lcm", "tcd"])
-def test_frames_do_not_depend_on_batch_size(tiny, scheduler):
+def test_frames_do_not_depend_on_batch_size(tiny, scheduler, loop):
     plan = _plan(7)
-    one = render_frames(_renderer(tiny, scheduler=scheduler), plan, range(7), 1, progress=False)
-    four = render_frames(_renderer(tiny, scheduler=scheduler), plan, range(7), 4, progress=False)
+    one = render_frames(_renderer(tiny, scheduler=scheduler, loop=loop), plan, range(7), 1, progress=False)
+    four = render_frames(_renderer(tiny, scheduler=scheduler, loop=loop), plan, range(7), 4, progress=False)
     for i in range(7):
         diff = np.abs(one[i].astype(int) - four[i].astype(int)).max()
         assert diff <= 1, f"frame {i} differs by {diff} levels between batch 1 and 4"
