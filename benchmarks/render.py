@@ -4,6 +4,7 @@
     python benchmarks/render.py --preset gpu    # 512x512, 25 steps, batch 1 and 8
     python benchmarks/render.py --diffusers     # also diffusers' StableDiffusionPipeline
     python benchmarks/render.py --both-loops    # sdanim's one compiled program vs its step loop
+    python benchmarks/render.py --plain-layers  # also sdanim on KerasCV's own layers, every step
 
 diffusers (with --diffusers; torch, diffusers and transformers are test extras) renders
 the same walk the way a diffusers user would: `StableDiffusionPipeline` with the walk's
@@ -84,6 +85,9 @@ def main(argv=None):
     ap.add_argument("--skip-keras-cv", action="store_true")
     ap.add_argument("--both-loops", action="store_true",
                     help="also time sdanim's one compiled program against its step-at-a-time loop")
+    ap.add_argument("--plain-layers", action="store_true",
+                    help="also time sdanim on KerasCV's own layers (no CPU layer forms, the context "
+                         "projected at every step), interleaved with its own")
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline")
     ap.add_argument("--diffusers-bf16", action="store_true", help="CPU: also diffusers under bfloat16 autocast")
     args = ap.parse_args(argv)
@@ -105,7 +109,9 @@ def main(argv=None):
     keras.config.disable_interactive_logging()  # KerasCV's per-step progress bar
 
     from sdanim.interpolation import slerp
-    from sdanim.models import keras_cv_pipeline, load_model, use_fused_attention
+    from sdanim import context_cache
+    from sdanim.models import (attach_context_cache, detect_device, keras_cv_pipeline, load_model,
+                               use_fast_layers, use_fused_attention)
     from sdanim.noise import seeded_noise
     from sdanim.plan import FramePlan
     from sdanim.sampling import Renderer, default_loop, render_frames
@@ -117,6 +123,20 @@ def main(argv=None):
     model = load_model(weights="random", height=size, width=size, precision=cfg["precision"],
                        jit_compile=cfg["jit"], attention="keras-cv")
     build_s = time.perf_counter() - t0
+    # load_model gives TensorFlow-on-CPU models GroupNormalization and padded convolutions
+    # in their faster form, and every UNet a context model (the projections once per batch).
+    fast_layers = keras.backend.backend() == "tensorflow" and detect_device() == "cpu"
+
+    def sdanim_layers(on: bool):
+        """on: as load_model left the model; off: KerasCV's own layers, projecting the
+        context at every step (what KerasCV's loop runs)."""
+        if fast_layers:
+            use_fast_layers(model.diffusion_model, on)
+            use_fast_layers(model.decoder, on)
+        if on:
+            attach_context_cache(model.diffusion_model)
+        else:
+            context_cache.detach(model.diffusion_model)
     print(f"backend={keras.backend.backend()} shim={shimmed} size={size} steps={steps} frames={frames} "
           f"precision={model.precision} jit={model.jit_compile} build={build_s:.1f}s")
 
@@ -172,6 +192,18 @@ def main(argv=None):
             best = {loop: min(t) for loop, t in times.items()}
             print(f"  one program vs step loop: {best['steps'] / best['program']:.2f}x (best of two each), "
                   f"max diff {np.abs(images['program'].astype(int) - images['steps'].astype(int)).max()} levels")
+        if args.plain_layers:
+            # Interleaved: plain, sdanim's, plain, sdanim's (this machine's speed drifts).
+            times = {"plain": [], "sdanim": []}
+            images = {}
+            for kind in ("plain", "sdanim", "plain", "sdanim"):
+                sdanim_layers(kind == "sdanim")
+                kind_s, images[kind], kind_mem = time_sdanim(bs)
+                times[kind].append(kind_s)
+                print(f"  layers={kind:7s}              {kind_s:7.3f} s/frame  peak RSS {kind_mem / gib:5.2f} GiB")
+            best = {kind: min(t) for kind, t in times.items()}
+            print(f"  sdanim's layers vs KerasCV's: {best['plain'] / best['sdanim']:.2f}x (best of two each), "
+                  f"max diff {np.abs(images['plain'].astype(int) - images['sdanim'].astype(int)).max()} levels")
         fused_s = None
         if args.attention in ("auto", "fused"):
             use_fused_attention(model.diffusion_model)
@@ -191,14 +223,18 @@ def main(argv=None):
         if args.skip_keras_cv:
             continue
         kcv_jit = cfg["jit"]  # CPU: KerasCV's fastest setting (no XLA); GPU: its default (XLA)
+        sdanim_layers(False)  # KerasCV's loop on KerasCV's own layers
         kcv_s, kcv_img, kcv_mem = time_keras_cv(keras_cv_pipeline(model, jit_compile=kcv_jit), bs)
+        sdanim_layers(True)
         diff = np.abs(kcv_img.astype(int) - ours_img.astype(int)).max()
         print(f"KerasCV loop (jit={kcv_jit!s:5})    {kcv_s:7.3f} s/frame  peak RSS {kcv_mem / gib:5.2f} GiB  device peak {device_peak_bytes()}")
         best = min(s for s in (ours_s, fused_s) if s is not None)
         print(f"speed-up vs KerasCV loop: {kcv_s / best:.2f}x   max pixel diff sdanim vs KerasCV: {diff} levels")
         rows.append((bs, kcv_s, ours_s, fused_s))
         if args.keras_cv_defaults and not kcv_jit:
+            sdanim_layers(False)
             dflt_s, _, dflt_mem = time_keras_cv(keras_cv_pipeline(model, jit_compile=True), bs)
+            sdanim_layers(True)
             print(f"KerasCV loop (defaults, jit) {dflt_s:7.3f} s/frame  peak RSS {dflt_mem / gib:5.2f} GiB")
             print(f"speed-up vs KerasCV defaults: {dflt_s / best:.2f}x")
     return rows

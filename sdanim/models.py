@@ -522,10 +522,14 @@ def load_model(
     files = None if kind in ("random", "checkpoint") else _resolve_weight_files(version, weights, parts)
 
     device = detect_device()
-    default_precision, default_jit = device_defaults(device, backend=import_keras().backend.backend())
+    backend = import_keras().backend.backend()
+    default_precision, default_jit = device_defaults(device, backend=backend)
     precision = default_precision if precision == "auto" else precision
     jit_compile = default_jit if jit_compile is None else bool(jit_compile)
     fused = device == "cuda" if attention == "auto" else attention == "fused"
+    # GroupNormalization and padded convolutions in their faster CPU form: measured
+    # under TensorFlow on a CPU only (docs/benchmarks.md), so only there.
+    fast_layers = device == "cpu" and backend == "tensorflow"
 
     # 1. A model built with the same arguments that is still alive (re-running a
     #    notebook cell, a second notebook in the same kernel) is handed back as it is.
@@ -554,6 +558,10 @@ def load_model(
             model.load_weights(files[part])
         if fused:
             use_fused_attention(model)
+        if fast_layers:
+            use_fast_layers(model)
+        if part == "diffusion_model":
+            attach_context_cache(model)  # the text's keys and values once per batch
         return model
 
     def image_encoder_factory():
@@ -741,6 +749,9 @@ def keras_cv_pipeline(model: StableDiffusionModel, jit_compile: bool = False):
 
     For parity tests and benchmarks against KerasCV's `generate_image` loop. KerasCV
     only accepts multiples of 128 (it rounds others), so `model` must be built at one.
+    The sub-models are shared as they are: on a CPU under TensorFlow they run sdanim's
+    layer forms (`use_fast_layers`); call `use_fast_layers(part, enabled=False)` first
+    for KerasCV's own computation.
     """
     check(
         model.height % 128 == 0 and model.width % 128 == 0,
@@ -826,3 +837,124 @@ def use_fused_attention(keras_model, enabled: bool = True) -> int:
         count += 1
     forget_compiled(keras_model)
     return count
+
+
+def _group_norm_call(self, inputs):
+    """keras.layers.GroupNormalization.call (channels last) with the group statistics
+    reduced in two stages: over the pixels (a reduction over one outer axis, which
+    TensorFlow's CPU kernels vectorize), then over each group's channels. The same
+    two-pass mean and variance in float32; only the summation order differs (about
+    4e-6 on unit-scale activations). Half the time of the reduction over (h, w,
+    channels-in-group) of a 5-D reshape on a CPU (docs/benchmarks.md)."""
+    from keras import ops
+
+    shape = inputs.shape
+    channels, groups = shape[-1], self.groups
+    per_group = channels // groups
+    pixels = 1
+    for size in shape[1:-1]:
+        pixels *= size
+    count = float(pixels * per_group)
+    x = ops.reshape(ops.cast(inputs, "float32"), (-1, pixels, channels))  # (B, ..., C) -> (B, P, C)
+
+    def group_mean(t):  # (B, P, C) -> (B, 1, C): the mean of each channel's group
+        sums = ops.sum(t, axis=1)  # (B, C)
+        sums = ops.sum(ops.reshape(sums, (-1, groups, per_group)), axis=2, keepdims=True)  # (B, G, 1)
+        means = ops.repeat(sums / count, per_group, axis=2)  # (B, G, C/G)
+        return ops.reshape(means, (-1, 1, channels))
+
+    mean = group_mean(x)
+    inv = ops.rsqrt(group_mean(ops.square(x - mean)) + self.epsilon)  # (B, 1, C)
+    if self.scale:
+        inv = inv * ops.cast(self.gamma, "float32")
+    shift = -mean * inv
+    if self.center:
+        shift = shift + ops.cast(self.beta, "float32")
+    out = ops.cast(x * inv + shift, inputs.dtype)
+    return ops.cast(ops.reshape(out, ops.shape(inputs)), self.compute_dtype)
+
+
+def _same_padded_conv_call(self, inputs):
+    """KerasCV PaddedConv2D.call for a stride-1 convolution padded by (k - 1) / 2: the
+    convolution pads itself ("same"), so the zero-padded copy of the input is not
+    made. The same sums in the same order (bit-identical on TensorFlow's CPU kernels)."""
+    return self.conv2d(inputs)
+
+
+def _pads_like_same(layer) -> bool:
+    """Whether a PaddedConv2D is a stride-1 convolution padded by (k - 1) / 2 on each side."""
+    conv, pad = layer.conv2d, layer.padding2d.padding
+    kh, kw = conv.kernel_size
+    return (
+        tuple(conv.strides) == (1, 1)
+        and kh % 2 == 1 and kw % 2 == 1
+        and tuple(pad) == (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
+        and conv.padding == "valid"
+    )
+
+
+def use_fast_layers(keras_model, enabled: bool = True) -> int:
+    """Swaps two of a KerasCV model's layer kinds for faster equivalents on a CPU:
+    GroupNormalization with its statistics reduced in two stages (`_group_norm_call`),
+    and PaddedConv2D at stride 1 with the padding done inside the convolution instead
+    of by a zero-padded copy (`_same_padded_conv_call`). Only the given model's layer
+    instances change, not the classes; weights are untouched. `enabled=False` restores
+    KerasCV's layers. Compiled sampling functions of the model are dropped (they retrace).
+    Returns the number of layers switched.
+
+    Frames move by float32 rounding only: the convolution is bit-identical, the group
+    statistics sum in another order (tests/test_heavy.py holds both against KerasCV's).
+    """
+    import types
+
+    import keras
+
+    from sdanim.sampling import forget_compiled
+
+    from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
+
+    count = 0
+    for layer in keras_model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.GroupNormalization):
+            if enabled and layer.axis != -1:
+                continue
+            fast = _group_norm_call
+        elif isinstance(layer, PaddedConv2D):
+            if enabled and not _pads_like_same(layer):
+                continue
+            fast = _same_padded_conv_call
+        else:
+            continue
+        if enabled:
+            if isinstance(layer, PaddedConv2D):
+                layer.conv2d.padding = "same"
+            object.__setattr__(layer, "call", types.MethodType(fast, layer))
+            count += 1
+        elif "call" in layer.__dict__:
+            if isinstance(layer, PaddedConv2D):
+                layer.conv2d.padding = "valid"
+            del layer.__dict__["call"]
+            count += 1
+    forget_compiled(keras_model)
+    if hasattr(keras_model, "predict_function"):
+        keras_model.predict_function = None  # KerasCV's loop retraces too
+    return count
+
+
+
+def attach_context_cache(unet) -> int:
+    """Gives a KerasCV UNet a context model (`sdanim.context_cache`): every
+    cross-attention's keys and values of the text context, made once per batch by the
+    samplers instead of at every step. Returns the number of projections (32 for SD 1.x
+    and 2.x: 16 transformer blocks x keys, values)."""
+    from sdanim import context_cache
+
+    from keras_cv.src.models.stable_diffusion.diffusion_model import BasicTransformerBlock
+
+    layers = []
+    for layer in unet._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, BasicTransformerBlock):
+            layers += [layer.attn2.to_k, layer.attn2.to_v]
+    if not layers:
+        return 0
+    return context_cache.attach(unet, layers, tuple(unet.inputs[2].shape[1:]))

@@ -7,8 +7,11 @@ conditional, each at batch B) through predict_on_batch. Here:
 2. the timestep embeddings of every step are computed once, on the host;
 3. each step makes one UNet call on the concatenated (uncond, cond) batch of 2B;
 4. ancestral noise for all steps is drawn from each frame's own seed before the loop;
-5. the decoder runs once per batch;
-6. all of it -- every step's UNet call, guidance, the sampler's update (as a table of
+5. every cross-attention's projections of the text context (keys, values) are made
+   once per batch, not at every step, where the UNet has a context model
+   (`sdanim.context_cache`);
+6. the decoder runs once per batch;
+7. all of it -- every step's UNet call, guidance, the sampler's update (as a table of
    coefficients, `Scheduler.coefficients`), inpainting's reset and the decode -- is one
    compiled program per batch shape: a `fori_loop` inside one tf.function (TensorFlow)
    or one jax.jit (JAX), XLA where asked; torch runs the same loop eagerly. The
@@ -26,6 +29,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from sdanim import context_cache
 from sdanim.errors import check
 from sdanim.noise import step_noise
 from sdanim.schedulers import make_scheduler, steps_for_strength
@@ -48,7 +52,8 @@ def _compile(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
     TensorFlow: one tf.function (XLA if jit_compile), traced once per input shape.
     JAX: jax.jit over each model's stateless_call, the weights passed as arguments (not
     baked in as constants). torch: eager under no_grad. The function holds the models
-    weakly, so it can be cached per model (see `_compiled`) without keeping them alive.
+    weakly, so it can be cached per model (see `_compiled`) without keeping them alive;
+    calls[k].model_ref() is models[k] (for `context_cache.reuse`).
     """
     import keras
 
@@ -56,7 +61,9 @@ def _compile(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
     backend = keras.backend.backend()
 
     def direct(ref):
-        return lambda inputs: ref()(inputs, training=False)
+        call = lambda inputs: ref()(inputs, training=False)  # noqa: E731
+        call.model_ref = ref
+        return call
 
     if backend == "tensorflow":
         import tensorflow as tf
@@ -70,6 +77,7 @@ def _compile(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
                 out, _ = ref().stateless_call(weights[0], weights[1], inputs, training=False)
                 return out
 
+            call.model_ref = ref
             return call
 
         def pure(weights, *args):
@@ -132,10 +140,22 @@ def _compiled(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
     return compiled
 
 
-def _guided_eps(calls, latent, t_emb, context, uncond, guidance):
+def _context_kv(calls, context, uncond=None):
+    """The UNet's context projections (`context_cache`) for the context it will see:
+    (uncond, context) concatenated when guided, else the context. calls: (context model,)."""
+    from keras import ops
+
+    if uncond is not None:
+        context = ops.concatenate([uncond, context], axis=0)  # (B, 77, D) -> (2B, 77, D)
+    projections = calls[0](context)
+    return list(projections) if isinstance(projections, (list, tuple)) else [projections]
+
+
+def _guided_eps(calls, latent, t_emb, context, uncond, guidance, kv=None):
     """One UNet call on the concatenated batch, then classifier-free guidance.
 
-    latent (B, h, w, 4), t_emb (B, 320), context and uncond (B, 77, D), guidance ().
+    latent (B, h, w, 4), t_emb (B, 320), context and uncond (B, 77, D), guidance ();
+    kv: `_context_kv(..., context, uncond)`, or None to project the context here.
     """
     from keras import ops
 
@@ -144,17 +164,20 @@ def _guided_eps(calls, latent, t_emb, context, uncond, guidance):
     x2 = ops.concatenate([latent, latent], axis=0)  # (B, h, w, 4) -> (2B, h, w, 4)
     t2 = ops.concatenate([t_emb, t_emb], axis=0)  # (B, 320) -> (2B, 320)
     c2 = ops.concatenate([uncond, context], axis=0)  # (B, 77, D) -> (2B, 77, D)
-    eps = ops.cast(call([x2, t2, c2]), "float32")  # (2B, h, w, 4)
+    with context_cache.reuse(call.model_ref(), kv):
+        eps = ops.cast(call([x2, t2, c2]), "float32")  # (2B, h, w, 4)
     eps_uncond, eps_cond = ops.split(eps, 2, axis=0)  # 2 x (B, h, w, 4)
     # Classifier-free guidance (Ho & Salimans 2022, eq. 6).
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
-def _cond_eps(calls, latent, t_emb, context, uncond=None, guidance=None):
-    """guidance == 1: the guided prediction is the conditional one; skip the other half."""
+def _cond_eps(calls, latent, t_emb, context, uncond=None, guidance=None, kv=None):
+    """guidance == 1: the guided prediction is the conditional one; skip the other half.
+    kv: `_context_kv(..., context)` or None."""
     from keras import ops
 
-    return ops.cast(calls[0]([latent, t_emb, context]), "float32")
+    with context_cache.reuse(calls[0].model_ref(), kv):
+        return ops.cast(calls[0]([latent, t_emb, context]), "float32")
 
 
 def _decode(calls, latent):
@@ -170,7 +193,9 @@ def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
     per kind and shape (`_compiled`); its tables and first step are inputs, so another
     sampler or strength at the same step count changes no trace.
 
-    calls: (UNet, decoder). latent (B, h, w, 4): the state before step `start`.
+    calls: (UNet, decoder) or (UNet, decoder, the UNet's context model): with the
+    context model, the context's projections are made once, before the loop.
+    latent (B, h, w, 4): the state before step `start`.
     context, uncond (B, 77, D); guidance (); t_embs (N, B, 320); scales (N,): the UNet
     sees x * scales[i]; coefs (N, 6): `Scheduler.coefficients`; start (): the first step.
     noises (N, B, h, w, 4): each step's fresh noise (if noisy). known, noise (B, h, w, 4),
@@ -185,12 +210,13 @@ def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
         from keras import ops
 
         num_steps = int(coefs.shape[0])
+        kv = _context_kv(calls[2:], context, uncond if guided else None) if len(calls) > 2 else None
 
         def step(i, carry):
             latent, prev = carry
             row = ops.take(coefs, i, axis=0)  # (6,)
             model_in = latent * ops.take(scales, i, axis=0)
-            eps = eps_fn(calls, model_in, ops.take(t_embs, i, axis=0), context, uncond, guidance)
+            eps = eps_fn(calls, model_in, ops.take(t_embs, i, axis=0), context, uncond, guidance, kv)
             denoised = row[0] * latent + row[1] * eps
             latent = row[2] * latent + row[3] * eps + row[4] * prev
             if noisy:
@@ -201,7 +227,7 @@ def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
             return latent, denoised
 
         latent, _ = ops.fori_loop(start, num_steps, step, (latent, ops.zeros_like(latent)))
-        return _decode(calls[1:], latent)
+        return _decode(calls[1:2], latent)
 
     program.__name__ = f"program_{int(guided)}{int(noisy)}{int(masked)}"
     return program
@@ -275,7 +301,9 @@ class Renderer:
         self._scales = np.array([sched.input_scale(i) for i in range(sched.num_steps)], np.float32)  # (N,)
         # (N, 2): the kept region's (a, b) after step i, x = a * x0 + b * noise.
         self._kept = np.array([sched.noise_levels(i + 1) for i in range(sched.num_steps)], np.float32)
-        self._models = (diffusion_model, decoder)
+        # The UNet's context model, if it has one: the context's projections once per batch.
+        context_model = context_cache.context_model(diffusion_model)
+        self._models = (diffusion_model, decoder) + ((context_model,) if context_model is not None else ())
         self._programs: dict = {}
         self._jit_compile = jit_compile
         if self.guidance == 1.0:
@@ -283,11 +311,18 @@ class Renderer:
         else:
             self._eps_fn = _compiled(_guided_eps, (diffusion_model,), jit_compile)
         self._decode_fn = _compiled(_decode, (decoder,), jit_compile)
+        self._kv_fn = None if context_model is None else _compiled(_context_kv, (context_model,), jit_compile)
 
-    def _eps(self, latent, t_emb, context, uncond, guidance):
+    def _kv(self, context, uncond):
+        """The context's projections for every step of this batch (None: no context model)."""
+        if self._kv_fn is None:
+            return None
+        return self._kv_fn(context) if self.guidance == 1.0 else self._kv_fn(context, uncond)
+
+    def _eps(self, latent, t_emb, context, uncond, guidance, kv=None):
         if self.guidance == 1.0:
-            return self._eps_fn(latent, t_emb, context)
-        return self._eps_fn(latent, t_emb, context, uncond, guidance)
+            return self._eps_fn(latent, t_emb, context, None, None, kv)
+        return self._eps_fn(latent, t_emb, context, uncond, guidance, kv)
 
     def _coef_table(self, start: int) -> np.ndarray:
         """The sampler's steps as (N, 6) float32 rows, the first one run from `start`
@@ -357,12 +392,13 @@ class Renderer:
         context, uncond, guidance = inputs["context"], inputs["uncond"], inputs["guidance"]
         step_noises, noise, known, paint = inputs["noises"], inputs["noise"], inputs["known"], inputs["paint"]
         latent, start = inputs["latent"], inputs["start"]
+        kv = self._kv(context, uncond)
         denoised = None
         # 2. The loop: one fused UNet call and one scheduler update per step.
         for i in range(start, sched.num_steps):
             model_in = latent if sched.input_scale(i) == 1.0 else latent * sched.input_scale(i)
             t_emb = inputs["t_embs"][i]
-            eps = self._eps(model_in, t_emb, context, uncond, guidance)
+            eps = self._eps(model_in, t_emb, context, uncond, guidance, kv)
             fresh = step_noises[i] if step_noises is not None else None
             latent, denoised = sched.step(i, latent, eps, denoised, fresh)
             if masks is not None:

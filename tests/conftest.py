@@ -20,6 +20,7 @@ dependencies: with CI=true or SDANIM_STRICT=1 a missing one fails the run instea
 skipping its tests (see `require`).
 """
 
+import contextlib
 import gc
 import importlib
 import os
@@ -53,6 +54,21 @@ def require(name: str):
     if STRICT:
         return importlib.import_module(name)  # ImportError: the test (or module) fails
     return pytest.importorskip(name)
+
+
+@contextlib.contextmanager
+def keras_cv_layers(model):
+    """Within this block the model runs KerasCV's own layers (load_model gives
+    TensorFlow-on-CPU models faster GroupNormalization and padded-convolution forms,
+    `sdanim.models.use_fast_layers`): for reference runs of KerasCV's loop."""
+    from sdanim.models import use_fast_layers
+
+    switched = [m for m in (model.diffusion_model, model.decoder) if use_fast_layers(m, enabled=False)]
+    try:
+        yield
+    finally:
+        for m in switched:
+            use_fast_layers(m)
 
 
 def pytest_configure(config):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import keras_cv_layers, require
 from PIL import Image
 
 from sdanim.run import prompt_encoder
@@ -34,7 +34,8 @@ def test_text_embeddings_match_keras_cv(sd_model):
 
 
 def test_frames_match_keras_cv_generate_image(sd_model):
-    """Same weights, embeddings and noise: sdanim's fused loop == KerasCV's loop. Run
+    """Same weights, embeddings and noise: sdanim's fused loop (its CPU layer forms, the
+    context projected once per batch) == KerasCV's loop on KerasCV's layers. Run
     as one compiled program (the step loop, TensorFlow's default on CPU, renders every
     other real-architecture test)."""
     from sdanim.models import keras_cv_pipeline
@@ -43,9 +44,10 @@ def test_frames_match_keras_cv_generate_image(sd_model):
     encoder = prompt_encoder(sd_model)
     contexts = encoder.encode(PROMPTS)  # (2, 77, 768)
     noises = np.stack([seeded_noise(s, (16, 16, 4)) for s in (1, 2)])  # (2, 16, 16, 4)
-    theirs = pipeline.generate_image(
-        contexts, batch_size=2, num_steps=3, unconditional_guidance_scale=7.5, diffusion_noise=noises
-    )
+    with keras_cv_layers(sd_model):  # the reference: KerasCV's loop on KerasCV's own layers
+        theirs = pipeline.generate_image(
+            contexts, batch_size=2, num_steps=3, unconditional_guidance_scale=7.5, diffusion_noise=noises
+        )
     settings = RenderSettings(height=128, width=128, num_steps=3, guidance_scale=7.5, batch_size=2)
     ours = Renderer(sd_model.diffusion_model, sd_model.decoder, settings, encoder.encode_one(""),
                     loop="program").render(contexts, noises, [1, 2])
@@ -241,3 +243,35 @@ def test_lora_for_another_architecture_is_refused_untouched(sd_model, tmp_path):
         sd_model.set_loras([str(tmp_path / "sdxl.safetensors")])
     np.testing.assert_array_equal(layer.kernel.numpy(), before)
     assert sd_model.loras == () and "loras" not in sd_model.describe()
+
+
+def test_cpu_layer_forms_and_context_cache_match_keras_cv_layers(sd_model):
+    """load_model's GroupNormalization and padded-convolution forms (TensorFlow on a CPU)
+    and the UNet's context model (the cross-attentions' keys and values once per batch)
+    compute what KerasCV's layers compute."""
+    from sdanim import context_cache
+    from sdanim.models import use_fast_layers
+
+    rng = np.random.default_rng(1)
+    latent = rng.standard_normal((2, 16, 16, 4)).astype("float32")
+    t_emb = np.stack([np.full(320, 0.3, "float32"), np.full(320, -0.2, "float32")])
+    context = rng.standard_normal((2, 77, 768)).astype("float32")
+    unet, dec = sd_model.diffusion_model, sd_model.decoder
+    fast_eps = np.asarray(unet([latent, t_emb, context]))
+    fast_img = np.asarray(dec(latent))
+    projections = context_cache.context_model(unet)(context)
+    assert len(projections) == 32  # 16 transformer blocks x (keys, values)
+    with context_cache.reuse(unet, projections):
+        reused_eps = np.asarray(unet([latent, t_emb, context]))
+    restored = (use_fast_layers(unet, enabled=False), use_fast_layers(dec, enabled=False))
+    try:
+        assert restored == (156, 70), restored  # what load_model switched on this CPU
+        ref_eps = np.asarray(unet([latent, t_emb, context]))
+        ref_img = np.asarray(dec(latent))
+    finally:
+        use_fast_layers(unet)
+        use_fast_layers(dec)
+    scale = np.abs(ref_eps).max()
+    assert np.abs(fast_eps - ref_eps).max() < 1e-4 * max(scale, 1)
+    assert np.abs(fast_img - ref_img).max() < 1e-4
+    np.testing.assert_allclose(reused_eps, fast_eps, atol=1e-6 * max(scale, 1))

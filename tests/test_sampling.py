@@ -265,3 +265,50 @@ def test_renderers_of_one_model_share_the_compiled_step(tiny):
     del other, r
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("loop", ["steps", "program"])
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_context_projections_made_once_give_the_same_frames(loop, guidance):
+    """With a context model (sdanim.context_cache) the context's projections are made
+    once per batch instead of at every step; the frames must be those of the UNet
+    projecting the context itself at every step."""
+    from sdanim import context_cache
+    from tiny import attach_context_cache, make_tiny_model
+
+    model = make_tiny_model(context_cache=False)
+    contexts, noises = random_inputs(2, 64, 64)
+    uncond = np.random.default_rng(5).standard_normal((77, CONTEXT_DIM)).astype(np.float32)
+    settings = _settings(guidance_scale=guidance, num_steps=4, scheduler="euler_a")
+    plain = Renderer(model.diffusion_model, model.decoder, settings, uncond, loop=loop)
+    assert plain._kv_fn is None
+    expected = plain.render(contexts, noises, [3, 4])
+    attach_context_cache(model.diffusion_model)
+    cached = Renderer(model.diffusion_model, model.decoder, settings, uncond, loop=loop)
+    assert cached._kv_fn is not None and context_cache.context_model(model.diffusion_model) is not None
+    assert np.abs(cached.render(contexts, noises, [3, 4]).astype(int) - expected).max() <= 1
+    if loop == "steps":
+        np.testing.assert_allclose(
+            np.asarray(cached.sample_latents(contexts, noises, [3, 4])),
+            np.asarray(plain.sample_latents(contexts, noises, [3, 4])), atol=1e-5)
+
+
+def test_a_unet_call_in_reuse_reads_the_given_projections(tiny):
+    """Inside `reuse` the UNet takes its context projections from the tensors given (so
+    a render that passed stale ones would show); outside it projects again."""
+    from keras import ops
+
+    from sdanim import context_cache
+
+    unet = tiny.diffusion_model
+    contexts, noises = random_inputs(2, 64, 64)
+    inputs = [noises, np.ones((2, 320), np.float32), contexts]
+    own = ops.convert_to_numpy(unet(inputs))
+    projections = [context_cache.context_model(unet)(contexts)]  # one projection layer
+    with context_cache.reuse(unet, projections):
+        same = ops.convert_to_numpy(unet(inputs))
+    with context_cache.reuse(unet, [ops.zeros_like(p) for p in projections]):
+        zeroed = ops.convert_to_numpy(unet(inputs))
+    np.testing.assert_allclose(same, own, atol=1e-6)
+    assert np.abs(zeroed - own).max() > 1e-3
+    np.testing.assert_allclose(ops.convert_to_numpy(unet(inputs)), own, atol=1e-6)  # not left behind

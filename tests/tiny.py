@@ -34,7 +34,10 @@ def tiny_unet(height: int, width: int, dim: int = CONTEXT_DIM):
     context = keras.Input((77, dim), name="context")
     x = keras.layers.Conv2D(8, 3, padding="same")(latent)
     t = keras.layers.Dense(8)(t_emb)[:, None, None, :]  # (B, 1, 1, 8)
-    c = keras.layers.Dense(8)(keras.ops.mean(context, axis=1))[:, None, None, :]
+    # Each token projected, as a cross-attention's keys and values are (the layer a
+    # context model reuses: `attach_context_cache`), then pooled.
+    projection = keras.layers.Dense(8, name="context_projection")
+    c = keras.ops.mean(projection(context), axis=1)[:, None, None, :]  # (B, 77, 8) -> (B, 1, 1, 8)
     x = keras.activations.tanh(x + t + c)
     out = keras.layers.Conv2D(4, 3, padding="same")(x)
     return keras.Model([latent, t_emb, context], out, name="tiny_unet")
@@ -69,10 +72,22 @@ class TinyModel:
         return {"version": "tiny", "weights": "tiny", "height": self.height, "width": self.width, "precision": "float32"}
 
 
-def make_tiny_model(height: int = 64, width: int = 64, seed: int = 0) -> TinyModel:
+def attach_context_cache(unet) -> int:
+    """The tiny UNet's context projection made once per batch, as `load_model` does for
+    KerasCV's cross-attentions (sdanim.context_cache)."""
+    from sdanim import context_cache
+
+    layer = unet.get_layer("context_projection")
+    return context_cache.attach(unet, [layer], tuple(unet.inputs[2].shape[1:]))
+
+
+def make_tiny_model(height: int = 64, width: int = 64, seed: int = 0, context_cache: bool = True) -> TinyModel:
     keras.utils.set_random_seed(seed)
+    unet = tiny_unet(height, width)
+    if context_cache:
+        attach_context_cache(unet)
     return TinyModel(
-        height, width, TinyTokenizer(), tiny_text_encoder(), tiny_unet(height, width),
+        height, width, TinyTokenizer(), tiny_text_encoder(), unet,
         tiny_decoder(height, width), tiny_image_encoder(),
     )
 
