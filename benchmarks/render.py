@@ -90,6 +90,9 @@ def main(argv=None):
                          "projected at every step), interleaved with its own")
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline")
     ap.add_argument("--diffusers-bf16", action="store_true", help="CPU: also diffusers under bfloat16 autocast")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="with --diffusers: run sdanim and diffusers alternately this many times each "
+                         "and compare the best of each (this machine's speed drifts)")
     args = ap.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     for key in ("size", "frames", "steps", "batch_sizes", "precision"):
@@ -214,9 +217,17 @@ def main(argv=None):
             print(f"sdanim (fused attention)     {fused_s:7.3f} s/frame  peak RSS {fused_mem / gib:5.2f} GiB  "
                   f"max diff vs keras-cv attention {np.abs(fused_img.astype(int) - ours_img.astype(int)).max()} levels")
         if args.diffusers:
-            diff_s = time_diffusers(bs)
-            print(f"diffusers ({diff_s[1]:9s})        {diff_s[0]:7.3f} s/frame  sdanim is "
-                  f"{diff_s[0] / min(s for s in (ours_s, fused_s) if s is not None):.2f}x faster")
+            ours_runs, diff_runs = [ours_s], []
+            for r in range(max(1, args.repeat)):
+                if r:
+                    ours_runs.append(time_sdanim(bs)[0])
+                    print(f"sdanim (again)               {ours_runs[-1]:7.3f} s/frame")
+                diff_s = time_diffusers(bs)
+                diff_runs.append(diff_s[0])
+                print(f"diffusers ({diff_s[1]:9s})        {diff_s[0]:7.3f} s/frame")
+            print(f"race, best of {len(diff_runs)} each: sdanim {min(ours_runs):.3f}, diffusers "
+                  f"{min(diff_runs):.3f} s/frame: sdanim is {min(diff_runs) / min(ours_runs):.2f}x faster"
+                  + (f" ({min(diff_runs) / fused_s:.2f}x with fused attention)" if fused_s else ""))
             if args.diffusers_bf16:
                 bf_s = time_diffusers(bs, bf16=True)
                 print(f"diffusers ({bf_s[1]:9s})        {bf_s[0]:7.3f} s/frame")
