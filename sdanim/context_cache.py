@@ -71,11 +71,13 @@ def context_model(unet):
 def reuse(unet, values: Optional[Sequence]):
     """Within this block, a call of `unet` takes its context projections from `values`
     (the context model's outputs for the very context the UNet is called with) instead
-    of computing them. values=None: a no-op."""
-    if values is None:
+    of computing them. values=None, or a UNet whose context model was detached since
+    the values were made: a no-op (the UNet projects the context itself)."""
+    entry = None if values is None else _CONTEXT_MODELS.get(unet)
+    if entry is None:
         yield
         return
-    _, layers = _CONTEXT_MODELS[unet]
+    layers = entry[1]
     previous = getattr(_STATE, "values", None)
     _STATE.values = {id(layer): value for layer, value in zip(layers, values)}
     try:

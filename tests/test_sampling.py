@@ -291,6 +291,9 @@ def test_context_projections_made_once_give_the_same_frames(loop, guidance):
         np.testing.assert_allclose(
             np.asarray(cached.sample_latents(contexts, noises, [3, 4])),
             np.asarray(plain.sample_latents(contexts, noises, [3, 4])), atol=1e-5)
+    context_cache.detach(model.diffusion_model)  # a renderer made before still renders right
+    assert context_cache.context_model(model.diffusion_model) is None
+    assert np.abs(cached.render(contexts, noises, [3, 4]).astype(int) - expected).max() <= 1
 
 
 def test_a_unet_call_in_reuse_reads_the_given_projections(tiny):
