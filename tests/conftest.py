@@ -61,14 +61,23 @@ def keras_cv_layers(model):
     """Within this block the model runs KerasCV's own layers (load_model gives
     TensorFlow-on-CPU models faster GroupNormalization and padded-convolution forms,
     `sdanim.models.use_fast_layers`): for reference runs of KerasCV's loop."""
+    from sdanim import sampling
     from sdanim.models import use_fast_layers
 
-    switched = [m for m in (model.diffusion_model, model.decoder) if use_fast_layers(m, enabled=False)]
+    parts = (model.diffusion_model, model.decoder)
+    # Switching layers drops the parts' compiled sampling functions; switching back
+    # restores exactly the layers they were traced with, so they are put back after
+    # (every later test would otherwise trace the real UNet again).
+    saved = {m: dict(sampling._COMPILED.get(m, {})) for m in parts}
+    counts = tuple(use_fast_layers(m, enabled=False) for m in parts)
     try:
-        yield
+        yield counts
     finally:
-        for m in switched:
-            use_fast_layers(m)
+        for m, count in zip(parts, counts):
+            if count:
+                use_fast_layers(m)
+        for m, entries in saved.items():
+            sampling._COMPILED.setdefault(m, {}).update(entries)
 
 
 def pytest_configure(config):

@@ -250,8 +250,6 @@ def test_cpu_layer_forms_and_context_cache_match_keras_cv_layers(sd_model):
     and the UNet's context model (the cross-attentions' keys and values once per batch)
     compute what KerasCV's layers compute."""
     from sdanim import context_cache
-    from sdanim.models import use_fast_layers
-
     rng = np.random.default_rng(1)
     latent = rng.standard_normal((2, 16, 16, 4)).astype("float32")
     t_emb = np.stack([np.full(320, 0.3, "float32"), np.full(320, -0.2, "float32")])
@@ -263,14 +261,11 @@ def test_cpu_layer_forms_and_context_cache_match_keras_cv_layers(sd_model):
     assert len(projections) == 32  # 16 transformer blocks x (keys, values)
     with context_cache.reuse(unet, projections):
         reused_eps = np.asarray(unet([latent, t_emb, context]))
-    restored = (use_fast_layers(unet, enabled=False), use_fast_layers(dec, enabled=False))
-    try:
+    with keras_cv_layers(sd_model) as restored:
         assert restored == (156, 70), restored  # what load_model switched on this CPU
         ref_eps = np.asarray(unet([latent, t_emb, context]))
         ref_img = np.asarray(dec(latent))
-    finally:
-        use_fast_layers(unet)
-        use_fast_layers(dec)
+    np.testing.assert_array_equal(np.asarray(unet([latent, t_emb, context])), fast_eps)  # switched back
     scale = np.abs(ref_eps).max()
     assert np.abs(fast_eps - ref_eps).max() < 1e-4 * max(scale, 1)
     assert np.abs(fast_img - ref_img).max() < 1e-4
