@@ -184,29 +184,29 @@ def main(argv=None):
         ours_s, ours_img, ours_mem = time_sdanim(bs)
         print(f"sdanim (keras-cv attention)  {ours_s:7.3f} s/frame  peak RSS {ours_mem / gib:5.2f} GiB  "
               f"device peak {device_peak_bytes()}  loop={default_loop(model.jit_compile)}")
-        if args.both_loops:
-            # Interleaved: program, steps, program, steps (this machine's speed drifts).
-            times = {"program": [], "steps": []}
-            images = {}
-            for loop in ("program", "steps", "program", "steps"):
-                loop_s, images[loop], loop_mem = time_sdanim(bs, loop=loop)
-                times[loop].append(loop_s)
-                print(f"  loop={loop:8s}              {loop_s:7.3f} s/frame  peak RSS {loop_mem / gib:5.2f} GiB")
-            best = {loop: min(t) for loop, t in times.items()}
-            print(f"  one program vs step loop: {best['steps'] / best['program']:.2f}x (best of two each), "
-                  f"max diff {np.abs(images['program'].astype(int) - images['steps'].astype(int)).max()} levels")
-        if args.plain_layers:
-            # Interleaved: plain, sdanim's, plain, sdanim's (this machine's speed drifts).
-            times = {"plain": [], "sdanim": []}
-            images = {}
-            for kind in ("plain", "sdanim", "plain", "sdanim"):
-                sdanim_layers(kind == "sdanim")
-                kind_s, images[kind], kind_mem = time_sdanim(bs)
+        def interleaved(label, kinds, run):
+            """run(kind) -> (s/frame, images, peak) for kinds a, b, a, b (this machine's
+            speed drifts); prints each and b's time over a's, best of two each."""
+            times, images = {k: [] for k in kinds}, {}
+            for kind in kinds * 2:
+                kind_s, images[kind], kind_mem = run(kind)
                 times[kind].append(kind_s)
-                print(f"  layers={kind:7s}              {kind_s:7.3f} s/frame  peak RSS {kind_mem / gib:5.2f} GiB")
-            best = {kind: min(t) for kind, t in times.items()}
-            print(f"  sdanim's layers vs KerasCV's: {best['plain'] / best['sdanim']:.2f}x (best of two each), "
-                  f"max diff {np.abs(images['plain'].astype(int) - images['sdanim'].astype(int)).max()} levels")
+                print(f"  {label}={kind:8s}             {kind_s:7.3f} s/frame  peak RSS {kind_mem / gib:5.2f} GiB")
+            a, b = kinds
+            diff = np.abs(images[a].astype(int) - images[b].astype(int)).max()
+            return min(times[b]) / min(times[a]), diff
+
+        if args.both_loops:
+            ratio, diff = interleaved("loop", ("program", "steps"), lambda loop: time_sdanim(bs, loop=loop))
+            print(f"  one program vs step loop: {ratio:.2f}x (best of two each), max diff {diff} levels")
+        if args.plain_layers:
+            def with_layers(kind):
+                sdanim_layers(kind == "sdanim")
+                return time_sdanim(bs)
+
+            ratio, diff = interleaved("layers", ("sdanim", "plain"), with_layers)
+            sdanim_layers(True)
+            print(f"  sdanim's layers vs KerasCV's: {ratio:.2f}x (best of two each), max diff {diff} levels")
         fused_s = None
         if args.attention in ("auto", "fused"):
             use_fused_attention(model.diffusion_model)

@@ -152,13 +152,19 @@ def test_cli_morph_mp4_and_generate(cli_on_shared_model, tmp_path, monkeypatch, 
     assert len(cli_on_shared_model) == 2  # each command loaded (was handed) the model once
 
 
-def test_fused_attention_matches_keras_cv_attention(sd_model):
-    from sdanim.models import use_fused_attention
-
-    rng = np.random.default_rng(0)
+def _unet_inputs(seed: int):
+    """A UNet call's inputs at 128x128, batch 2: latent, timestep embeddings, context."""
+    rng = np.random.default_rng(seed)
     latent = rng.standard_normal((2, 16, 16, 4)).astype("float32")
     t_emb = np.stack([np.full(320, 0.3, "float32"), np.full(320, -0.2, "float32")])
     context = rng.standard_normal((2, 77, 768)).astype("float32")
+    return latent, t_emb, context
+
+
+def test_fused_attention_matches_keras_cv_attention(sd_model):
+    from sdanim.models import use_fused_attention
+
+    latent, t_emb, context = _unet_inputs(seed=0)
     unet, dec = sd_model.diffusion_model, sd_model.decoder
     ref_eps = np.asarray(unet([latent, t_emb, context]))
     ref_img = np.asarray(dec(latent))
@@ -250,10 +256,8 @@ def test_cpu_layer_forms_and_context_cache_match_keras_cv_layers(sd_model):
     and the UNet's context model (the cross-attentions' keys and values once per batch)
     compute what KerasCV's layers compute."""
     from sdanim import context_cache
-    rng = np.random.default_rng(1)
-    latent = rng.standard_normal((2, 16, 16, 4)).astype("float32")
-    t_emb = np.stack([np.full(320, 0.3, "float32"), np.full(320, -0.2, "float32")])
-    context = rng.standard_normal((2, 77, 768)).astype("float32")
+
+    latent, t_emb, context = _unet_inputs(seed=1)
     unet, dec = sd_model.diffusion_model, sd_model.decoder
     fast_eps = np.asarray(unet([latent, t_emb, context]))
     fast_img = np.asarray(dec(latent))
