@@ -91,7 +91,7 @@ def main(argv=None):
     import keras_cv  # noqa: F401 - its import is part of the first frame's cost
 
     import_s = time.perf_counter() - t0
-    from sdanim.models import _builders
+    from sdanim.model.loading import _builders
 
     builders = _builders(args.version, args.size, args.size)
     print(f"backend={keras.backend.backend()} keras={keras.__version__} version={args.version} "
@@ -113,7 +113,7 @@ def main(argv=None):
               f"{init.total:5.1f} s ({init.total / total:4.0%}), the rest (layers, functional graph) "
               f"{total - init.total:5.1f} s")
         built[part] = model
-        from sdanim.models import _weights_loaded_later
+        from sdanim.model.loading import _weights_loaded_later
 
         start = time.perf_counter()
         with _weights_loaded_later():

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(HERE)
 CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
-from sdanim.models import convert_checkpoint, load_model
+from sdanim.model.loading import convert_checkpoint, load_model
 kind, source, out = sys.argv[1], sys.argv[2], sys.argv[3]
 if kind == "convert":
     convert_checkpoint(source, out)

@@ -53,12 +53,12 @@ def main(argv=None):
     kcv_shim.install()
     import keras
 
-    from sdanim.interpolation import slerp
-    from sdanim.models import load_model
-    from sdanim.noise import seeded_noise
-    from sdanim.plan import FramePlan
-    from sdanim.sampling import Renderer, render_frames
-    from sdanim.settings import RenderSettings
+    from sdanim.core.interpolation import slerp
+    from sdanim.model.loading import load_model
+    from sdanim.core.noise import seeded_noise
+    from sdanim.core.plan import FramePlan
+    from sdanim.render.sampling import Renderer, render_frames
+    from sdanim.config.settings import RenderSettings
 
     size, frames, batch = cfg["size"], cfg["frames"], cfg["batch"]
     t0 = time.perf_counter()

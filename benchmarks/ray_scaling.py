@@ -31,7 +31,7 @@ def stand_in(cost: float):
     """A worker-side model whose rendering is `cost` seconds per frame, then a PNG."""
     import numpy as np
 
-    from sdanim import run
+    from sdanim.render import local as run
 
     def render(self, job, indices, store=None, progress=True, on_batch=None):
         indices = list(indices)
@@ -54,9 +54,9 @@ def stand_in(cost: float):
 
 
 def _job(frames: int, height: int, steps: int, batch: int):
-    from sdanim.keyframes import walk_from_prompts
-    from sdanim.run import FrameJob
-    from sdanim.settings import RenderSettings
+    from sdanim.core.keyframes import walk_from_prompts
+    from sdanim.render.jobs import FrameJob
+    from sdanim.config.settings import RenderSettings
 
     walk = walk_from_prompts(["a red barn at dawn", "a snowy forest"], [42, 42], [frames - 1], "linear", False, "slerp")
     return FrameJob(walk, RenderSettings(height=height, width=height, num_steps=steps, batch_size=batch))
@@ -65,8 +65,8 @@ def _job(frames: int, height: int, steps: int, batch: int):
 def time_render(model, job, workers, out_dir: str) -> float:
     import ray
 
-    from sdanim.distributed import RayFrames
-    from sdanim.frames import FrameStore
+    from sdanim.render.ray import RayFrames
+    from sdanim.render.store import FrameStore
 
     with RayFrames(model, job.settings, workers) as source:
         ray.get([a.describe.remote() for a in source.actors])  # every worker up (model built)
@@ -89,8 +89,8 @@ def main() -> None:
 
     import ray
 
-    from sdanim.distributed import Workers
-    from sdanim.run import ModelSpec
+    from sdanim.render.ray import Workers
+    from sdanim.model.spec import ModelSpec
 
     here = os.path.dirname(os.path.abspath(__file__))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",

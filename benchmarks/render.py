@@ -111,14 +111,16 @@ def main(argv=None):
 
     keras.config.disable_interactive_logging()  # KerasCV's per-step progress bar
 
-    from sdanim.interpolation import slerp
-    from sdanim import context_cache
-    from sdanim.models import (attach_context_cache, detect_device, keras_cv_pipeline, load_model,
-                               use_fast_layers, use_fused_attention)
-    from sdanim.noise import seeded_noise
-    from sdanim.plan import FramePlan
-    from sdanim.sampling import Renderer, default_loop, render_frames
-    from sdanim.settings import RenderSettings
+    from sdanim.core.interpolation import slerp
+    from sdanim.model import context_cache
+    from sdanim.model.device import detect_device
+    from sdanim.model.layers import attach_context_cache, use_fast_layers, use_fused_attention
+    from sdanim.model.loading import load_model
+    from sdanim.model.reference import keras_cv_pipeline
+    from sdanim.core.noise import seeded_noise
+    from sdanim.core.plan import FramePlan
+    from sdanim.render.sampling import Renderer, default_loop, render_frames
+    from sdanim.config.settings import RenderSettings
 
     mem = PeakRSS()
     size, steps, frames = cfg["size"], cfg["steps"], cfg["frames"]

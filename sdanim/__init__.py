@@ -11,46 +11,46 @@ result = sdanim.morph(["a ford truck on a dirt road", "an electric car in a city
 ```
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # also in sdanim.config and pyproject.toml
 
 _EXPORTS = {
-    "morph": "sdanim.api",
-    "animate": "sdanim.api",
-    "Walk": "sdanim.keyframes",
-    "Keyframe": "sdanim.keyframes",
-    "load_walk": "sdanim.keyframes",
-    "circle_walk": "sdanim.keyframes",
-    "generate": "sdanim.api",
-    "MorphResult": "sdanim.api",
-    "GenerateResult": "sdanim.api",
-    "img2img": "sdanim.edits",
-    "inpaint": "sdanim.edits",
-    "outpaint": "sdanim.edits",
-    "image_morph": "sdanim.edits",
-    "grid": "sdanim.edits",
-    "denoising_steps": "sdanim.edits",
-    "load_model": "sdanim.models",
-    "convert_checkpoint": "sdanim.models",
-    "load_checkpoint_weights": "sdanim.models",
-    "inspect_checkpoint": "sdanim.checkpoints",
-    "StableDiffusionModel": "sdanim.models",
-    "RenderSettings": "sdanim.settings",
-    "ExportSettings": "sdanim.run",
-    "ModelSpec": "sdanim.run",
-    "Lora": "sdanim.lora",
-    "Workers": "sdanim.distributed",
-    "FailedFrames": "sdanim.distributed",
-    "SdanimError": "sdanim.errors",
-    "plot_images": "sdanim.notebook",
-    "save_image": "sdanim.notebook",
-    "show_gif": "sdanim.notebook",
+    "morph": "sdanim.tasks.walks",
+    "animate": "sdanim.tasks.walks",
+    "image_morph": "sdanim.tasks.walks",
+    "MorphResult": "sdanim.tasks.walks",
+    "generate": "sdanim.tasks.images",
+    "GenerateResult": "sdanim.tasks.images",
+    "img2img": "sdanim.tasks.images",
+    "inpaint": "sdanim.tasks.images",
+    "outpaint": "sdanim.tasks.images",
+    "grid": "sdanim.tasks.images",
+    "denoising_steps": "sdanim.tasks.images",
+    "Walk": "sdanim.core.keyframes",
+    "Keyframe": "sdanim.core.keyframes",
+    "load_walk": "sdanim.core.keyframes",
+    "circle_walk": "sdanim.core.keyframes",
+    "load_model": "sdanim.model.loading",
+    "convert_checkpoint": "sdanim.model.loading",
+    "load_checkpoint_weights": "sdanim.model.loading",
+    "inspect_checkpoint": "sdanim.formats.checkpoints",
+    "StableDiffusionModel": "sdanim.model.stable_diffusion",
+    "RenderSettings": "sdanim.config.settings",
+    "ExportSettings": "sdanim.config.export",
+    "ModelSpec": "sdanim.model.spec",
+    "Lora": "sdanim.formats.lora_files",
+    "Workers": "sdanim.render.ray",
+    "FailedFrames": "sdanim.render.ray",
+    "SdanimError": "sdanim.config.errors",
+    "plot_images": "sdanim.frontends.notebook",
+    "save_image": "sdanim.frontends.notebook",
+    "show_gif": "sdanim.frontends.notebook",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name):
-    if name == "ui":  # sdanim.ui.launch(...): imports Gradio only when used
+    if name == "ui":  # sdanim.ui.launch(...): Gradio is imported when the app is built
         import importlib
 
         return importlib.import_module("sdanim.ui")

@@ -1,5 +1,5 @@
 import sys
 
-from sdanim.cli import main
+from sdanim.frontends.cli import main
 
 sys.exit(main())

@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main(weights_path, out_path, scheduler="ddim"):
-    from sdanim.sampling import Renderer
-    from sdanim.settings import RenderSettings
+    from sdanim.render.sampling import Renderer
+    from sdanim.config.settings import RenderSettings
     from tiny import CONTEXT_DIM, make_tiny_model, random_inputs
 
     model = make_tiny_model()

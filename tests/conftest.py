@@ -60,15 +60,15 @@ def require(name: str):
 def keras_cv_layers(model):
     """Within this block the model runs KerasCV's own layers (load_model gives
     TensorFlow-on-CPU models faster GroupNormalization and padded-convolution forms,
-    `sdanim.models.use_fast_layers`): for reference runs of KerasCV's loop."""
-    from sdanim import sampling
-    from sdanim.models import use_fast_layers
+    `sdanim.model.layers.use_fast_layers`): for reference runs of KerasCV's loop."""
+    from sdanim.model.compiled import compiled_entries, restore_compiled
+    from sdanim.model.layers import use_fast_layers
 
     parts = (model.diffusion_model, model.decoder)
     # Switching layers drops the parts' compiled sampling functions; switching back
     # restores exactly the layers they were traced with, so they are put back after
     # (every later test would otherwise trace the real UNet again).
-    saved = {m: dict(sampling._COMPILED.get(m, {})) for m in parts}
+    saved = {m: compiled_entries(m) for m in parts}
     counts = tuple(use_fast_layers(m, enabled=False) for m in parts)
     try:
         yield counts
@@ -77,7 +77,7 @@ def keras_cv_layers(model):
             if count:
                 use_fast_layers(m)
         for m, entries in saved.items():
-            sampling._COMPILED.setdefault(m, {}).update(entries)
+            restore_compiled(m, entries)
 
 
 def pytest_configure(config):
@@ -149,7 +149,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 def _shared(name: str, version: str):
     if name not in _MODELS:
-        from sdanim.models import load_model
+        from sdanim.model.loading import load_model
 
         _MODELS[name] = load_model(version=version, weights="random", height=HEAVY_SIZE, width=HEAVY_SIZE,
                                    precision="float32", jit_compile=False, attention="keras-cv")

@@ -17,10 +17,10 @@ from test_heavy_checkpoints import (
     _reference_vae, _round_parameters, ref, torch,
 )
 
-from sdanim.run import prompt_encoder
-from sdanim.noise import seeded_noise
-from sdanim.sampling import Renderer
-from sdanim.settings import RenderSettings
+from sdanim.model.stable_diffusion import prompt_encoder
+from sdanim.core.noise import seeded_noise
+from sdanim.render.sampling import Renderer
+from sdanim.config.settings import RenderSettings
 
 pytestmark = pytest.mark.heavy
 require("diffusers")
@@ -29,9 +29,10 @@ require("diffusers")
 def test_sd2_checkpoint_loads_like_diffusers(sd21_model_later, tmp_path, monkeypatch, capsys):
     """SD 2.x: OpenCLIP text encoder (fused q/k/v in the original layout, penultimate
     layer) and the UNet with linear projections, from a bf16 original-layout file."""
-    from sdanim.checkpoints import CheckpointError, LazyTensor, inspect_checkpoint
-    from sdanim.models import load_checkpoint_weights
-    from sdanim.weight_map import bind
+    from sdanim.formats.tensors import CheckpointError, LazyTensor
+    from sdanim.formats.checkpoints import inspect_checkpoint
+    from sdanim.model.loading import load_checkpoint_weights
+    from sdanim.formats.weight_map import bind
     from transformers.activations import ACT2FN
 
     # 1. The reference: names, bf16-rounded weights, outputs, the file; then freed.
@@ -81,7 +82,7 @@ def test_sd2_checkpoint_loads_like_diffusers(sd21_model_later, tmp_path, monkeyp
 
 def test_sd21_architecture_matches_keras_cv_v2_loop(sd21_model):
     """SD 2.1 (OpenCLIP text encoder, 1024-wide context) renders like KerasCV's V2 loop."""
-    from sdanim.models import keras_cv_pipeline
+    from sdanim.model.reference import keras_cv_pipeline
 
     encoder = prompt_encoder(sd21_model)
     contexts = encoder.encode(["a lighthouse in a storm"])  # (1, 77, 1024)

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def main(out, mode="0"):
     import sdanim
-    from sdanim import frames
+    from sdanim.render import store as frames
     from tiny import make_tiny_model
 
     if mode == "hold-write":

@@ -87,7 +87,7 @@ def to_original(state: dict, version: str) -> dict:
     this against diffusers' own single-file conversion."""
     import torch
 
-    from sdanim.weight_map import PARTS, spec
+    from sdanim.formats.weight_map import PARTS, spec
 
     out = {}
     fused: dict = {}

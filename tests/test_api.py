@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import sdanim
-from sdanim.errors import SdanimError
-from sdanim.settings import RenderSettings
+from sdanim.config.errors import SdanimError
+from sdanim.config.settings import RenderSettings
 
 S = RenderSettings(height=64, width=64, num_steps=2, batch_size=3)
 
@@ -115,7 +115,7 @@ def test_negative_prompt_changes_the_image(tiny):
 
 
 def test_prompts_are_encoded_once(tiny):
-    from sdanim.run import prompt_encoder
+    from sdanim.model.stable_diffusion import prompt_encoder
 
     calls = []
     real = tiny.text_encoder

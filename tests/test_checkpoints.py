@@ -11,8 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from sdanim.checkpoints import Checkpoint, CheckpointError, LazyTensor, inspect_checkpoint, read_tensors
-from sdanim.errors import SdanimError
+from sdanim.formats.checkpoints import Checkpoint, inspect_checkpoint
+from sdanim.formats.tensors import CheckpointError, LazyTensor, read_tensors
+from sdanim.config.errors import SdanimError
 
 from conftest import require  # noqa: E402
 
@@ -189,7 +190,7 @@ def test_diffusers_folders(tmp_path):
 
 
 def _full_original(version: str) -> dict:
-    from sdanim.weight_map import PARTS, spec
+    from sdanim.formats.weight_map import PARTS, spec
 
     tensors = {}
     for part in PARTS:
@@ -202,7 +203,7 @@ def _full_original(version: str) -> dict:
 
 @pytest.mark.parametrize("version", ["1.4", "2.1"])
 def test_every_tensor_accounted_for(version):
-    from sdanim.weight_map import check_keys
+    from sdanim.formats.weight_map import check_keys
 
     tensors = _full_original(version)
     # What full training checkpoints carry beside the model is not an error.
@@ -223,7 +224,7 @@ def test_every_tensor_accounted_for(version):
 
 
 def test_weight_source_kinds(tmp_path):
-    from sdanim.models import weight_source_kind
+    from sdanim.model.loading import weight_source_kind
 
     assert weight_source_kind("random") == "random"
     assert weight_source_kind(str(tmp_path / "x.safetensors")) == "checkpoint"
@@ -232,7 +233,7 @@ def test_weight_source_kinds(tmp_path):
 
 
 def test_cli_bad_checkpoints_exit_2_without_traceback(tmp_path, capsys):
-    from sdanim.cli import main
+    from sdanim.frontends.cli import main
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_text("not a model")
@@ -254,7 +255,7 @@ def test_cli_bad_checkpoints_exit_2_without_traceback(tmp_path, capsys):
 
 
 def test_model_version_mismatch_is_named(tmp_path):
-    from sdanim.models import load_model
+    from sdanim.model.loading import load_model
 
     with pytest.raises(SdanimError, match=r"holds a Stable Diffusion 1\.x model.*Received: model='2\.1'"):
         load_model(version="2.1", weights=_write_unet_probe(tmp_path / "v1.safetensors"), height=64, width=64)
@@ -266,7 +267,7 @@ def test_sd2_single_files_without_config_are_tested_for_v_prediction(tmp_path):
     config decides instead."""
     import keras
 
-    from sdanim.checkpoints import looks_like_v_prediction
+    from sdanim.model.convert import looks_like_v_prediction
 
     v2 = _write_unet_probe(tmp_path / "v2.safetensors", context=1024, linear=True)
     assert inspect_checkpoint(v2).prediction_known is False
@@ -306,7 +307,7 @@ def test_malformed_and_damaged_files_are_named(tmp_path):
 
 
 def test_convert_refuses_an_output_folder_it_cannot_create(tmp_path, capsys):
-    from sdanim.cli import main
+    from sdanim.frontends.cli import main
 
     (tmp_path / "taken").write_text("a file where the folder should go")
     probe = _write_unet_probe(tmp_path / "m.safetensors")
@@ -316,7 +317,7 @@ def test_convert_refuses_an_output_folder_it_cannot_create(tmp_path, capsys):
 
 
 def test_load_checkpoint_weights_refuses_what_is_not_a_checkpoint(tmp_path):
-    from sdanim.models import load_checkpoint_weights
+    from sdanim.model.loading import load_checkpoint_weights
 
     with pytest.raises(SdanimError, match=r"checkpoint must be a \.safetensors/\.ckpt file or a diffusers folder\. "
                        r"Received: checkpoint='random'"):

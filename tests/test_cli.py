@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sdanim.cli import main
+from sdanim.frontends.cli import main
 
 M = ["morph", "a cat", "a dog"]
 

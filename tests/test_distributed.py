@@ -1,4 +1,4 @@
-"""Rendering on Ray workers (sdanim.distributed): one shared local Ray instance, tiny
+"""Rendering on Ray workers (sdanim.render.ray): one shared local Ray instance, tiny
 models built inside the workers by functions of this module.
 
 The workers import this module (and tests/tiny.py) by name: the Ray instance is
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 import sdanim
-from sdanim.cli import main
-from sdanim.errors import SdanimError
+from sdanim.frontends.cli import main
+from sdanim.config.errors import SdanimError
 
 from conftest import require
 
@@ -53,7 +53,7 @@ def tiny_model():
 def killed_mid_write(marker: str):
     """The first worker to write frame 3 dies (os._exit) half-way through writing it,
     leaving its temporary file; the restarted worker (marker present) behaves."""
-    from sdanim import frames
+    from sdanim.render import store as frames
 
     real = frames.atomic_write
 
@@ -73,7 +73,7 @@ def killed_mid_write(marker: str):
 
 def poisoned(index: int):
     """Frame `index` fails in every worker, on every attempt."""
-    from sdanim.plan import FramePlan
+    from sdanim.core.plan import FramePlan
 
     real = FramePlan.batch
 
@@ -89,7 +89,7 @@ def poisoned(index: int):
 def slow_early_frames():
     """Lower frame indices take longer, so batches finish out of order (batch [0, 1]
     last of the first four)."""
-    from sdanim.plan import FramePlan
+    from sdanim.core.plan import FramePlan
 
     real = FramePlan.batch
 
@@ -224,8 +224,8 @@ def test_cli_workers_bad_input(tmp_path, capsys, argv, match):
 
 
 def test_cli_exits_1_naming_failed_frames(tmp_path, capsys, monkeypatch):
-    from sdanim import api
-    from sdanim.distributed import FailedFrames
+    from sdanim.tasks import walks as api
+    from sdanim.render.ray import FailedFrames
 
     def morph(*a, **k):
         raise FailedFrames({7: "ValueError: bad", 3: "ValueError: bad"}, 3, str(tmp_path / "m_frames"))
@@ -253,7 +253,7 @@ def test_image_morph_on_workers_gives_the_frames_of_one_process(ray_local, tmp_p
 def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):
     import importlib.util
 
-    from sdanim.distributed import check_workers_args
+    from sdanim.render.ray import check_workers_args
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))

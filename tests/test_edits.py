@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 import sdanim
-from sdanim.cli import main
-from sdanim.errors import SdanimError
-from sdanim.settings import SCHEDULERS, RenderSettings
+from sdanim.frontends.cli import main
+from sdanim.config.errors import SdanimError
+from sdanim.config.choices import SCHEDULERS
+from sdanim.config.settings import RenderSettings
 
 S = RenderSettings(height=64, width=64, num_steps=4, batch_size=2)
 
@@ -44,7 +45,7 @@ def _count_unet_calls(monkeypatch):
     """Counts UNet passes. Renderers run the step-at-a-time loop here, whose passes
     Python sees (the compiled program runs the same steps: tests/test_sampling.py
     checks that both loops give the same frames, image-to-image's included)."""
-    from sdanim.sampling import Renderer
+    from sdanim.render.sampling import Renderer
 
     calls = []
     original_eps, original_render = Renderer._eps, Renderer.render
@@ -123,9 +124,9 @@ def test_img2img_fit_resize_and_bad_input(tiny, tmp_path):
 def test_renderer_keeps_the_unmasked_latent_exactly(tiny):
     """The sampler-level invariant: after the last step, the latent outside the mask
     is the image's latent itself, for every scheduler."""
-    from sdanim.run import make_renderer as _renderer
-    from sdanim.edits import encode_images
-    from sdanim.images import latent_mask
+    from sdanim.render.jobs import make_renderer as _renderer
+    from sdanim.render.jobs import encode_images
+    from sdanim.core.pixels import latent_mask
     from tiny import random_inputs
 
     latent = encode_images(tiny, _image()[None])  # (1, 8, 8, 4)
@@ -199,7 +200,7 @@ def test_image_morph_frames_are_pure_and_end_at_the_images(tiny, tmp_path):
 
 
 def test_mix_is_the_weighted_mean_of_embeddings(tiny):
-    from sdanim.run import embed_prompt
+    from sdanim.render.jobs import embed_prompt
 
     mixed = embed_prompt(tiny, {"a rabbit": 3.0, "a frog": 1.0})
     expected = 0.75 * embed_prompt(tiny, "a rabbit") + 0.25 * embed_prompt(tiny, "a frog")
@@ -212,7 +213,7 @@ def test_mix_is_the_weighted_mean_of_embeddings(tiny):
 
 
 def test_prompt_mix_syntax():
-    from sdanim.keyframes import parse_prompt_text
+    from sdanim.core.keyframes import parse_prompt_text
 
     assert parse_prompt_text("a rabbit") == "a rabbit"
     assert parse_prompt_text("a rabbit:0.5 | a frog:0.5") == (("a rabbit", 0.5), ("a frog", 0.5))
@@ -259,10 +260,10 @@ def test_denoising_steps_end_at_the_image(tiny, tmp_path, scheduler):
 
 @pytest.fixture
 def cli_tiny(monkeypatch):
-    from sdanim import cli
+    from sdanim.frontends.cli import options as cli
     from tiny import make_tiny_model
 
-    monkeypatch.setattr(cli, "_load", lambda args, settings: make_tiny_model(settings.height, settings.width))
+    monkeypatch.setattr(cli, "model_for", lambda args, settings: make_tiny_model(settings.height, settings.width))
 
 
 def test_cli_edit_commands_succeed(cli_tiny, tmp_path, capsys):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdanim.errors import SdanimError
-from sdanim.export import boomerang, contact_sheet, output_format, write_gif, write_mp4, write_video
-from sdanim.frames import FrameStore, atomic_write
+from sdanim.config.errors import SdanimError
+from sdanim.render.export import boomerang, contact_sheet, write_gif, write_mp4, write_video
+from sdanim.config.export import output_format
+from sdanim.render.store import FrameStore, atomic_write
 
 
 def _frames(n=6, h=64, w=96):

@@ -14,17 +14,17 @@ import pytest
 from conftest import keras_cv_layers, require
 from PIL import Image
 
-from sdanim.run import prompt_encoder
-from sdanim.noise import seeded_noise
-from sdanim.sampling import Renderer
-from sdanim.settings import RenderSettings
+from sdanim.model.stable_diffusion import prompt_encoder
+from sdanim.core.noise import seeded_noise
+from sdanim.render.sampling import Renderer
+from sdanim.config.settings import RenderSettings
 
 pytestmark = pytest.mark.heavy
 PROMPTS = ["a ford truck on a dirt road", "an electric car in a city"]
 
 
 def test_text_embeddings_match_keras_cv(sd_model):
-    from sdanim.models import keras_cv_pipeline
+    from sdanim.model.reference import keras_cv_pipeline
 
     pipeline = keras_cv_pipeline(sd_model)
     ours = prompt_encoder(sd_model).encode(PROMPTS)
@@ -38,7 +38,7 @@ def test_frames_match_keras_cv_generate_image(sd_model):
     context projected once per batch) == KerasCV's loop on KerasCV's layers. Run
     as one compiled program (the step loop, TensorFlow's default on CPU, renders every
     other real-architecture test)."""
-    from sdanim.models import keras_cv_pipeline
+    from sdanim.model.reference import keras_cv_pipeline
 
     pipeline = keras_cv_pipeline(sd_model)
     encoder = prompt_encoder(sd_model)
@@ -117,7 +117,7 @@ def test_cli_morph_end_to_end(tmp_path, capsys):
 def cli_on_shared_model(sd_model, monkeypatch):
     """The CLI in this process, its model load answered by the shared model (after
     checking that the CLI asked for what the shared model is)."""
-    from sdanim import cli
+    from sdanim.frontends.cli import options as cli
 
     asked = []
 
@@ -126,14 +126,14 @@ def cli_on_shared_model(sd_model, monkeypatch):
         assert (args.weights, settings.height, settings.width) == ("random", 128, 128)
         return sd_model
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(cli, "model_for", load)
     return asked
 
 
 def test_cli_morph_mp4_and_generate(cli_on_shared_model, tmp_path, monkeypatch, capsys):
     import imageio.v2 as imageio
 
-    from sdanim.cli import main
+    from sdanim.frontends.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["morph", *PROMPTS, "a bicycle", "--frames", "4", "--fps", "10", "--out", "outputs/walk.mp4", *SMOKE]) == 0
@@ -162,7 +162,7 @@ def _unet_inputs(seed: int):
 
 
 def test_fused_attention_matches_keras_cv_attention(sd_model):
-    from sdanim.models import use_fused_attention
+    from sdanim.model.layers import use_fused_attention
 
     latent, t_emb, context = _unet_inputs(seed=0)
     unet, dec = sd_model.diffusion_model, sd_model.decoder
@@ -223,7 +223,8 @@ def test_lora_for_another_architecture_is_refused_untouched(sd_model, tmp_path):
     the layer the file does fit."""
     from safetensors.numpy import save_file
 
-    from sdanim.lora import LoraError, _targets
+    from sdanim.formats.lora_files import LoraError
+    from sdanim.model.lora import _targets
 
     rng = np.random.default_rng(0)
 
@@ -255,7 +256,7 @@ def test_cpu_layer_forms_and_context_cache_match_keras_cv_layers(sd_model):
     """load_model's GroupNormalization and padded-convolution forms (TensorFlow on a CPU)
     and the UNet's context model (the cross-attentions' keys and values once per batch)
     compute what KerasCV's layers compute."""
-    from sdanim import context_cache
+    from sdanim.model import context_cache
 
     latent, t_emb, context = _unet_inputs(seed=1)
     unet, dec = sd_model.diffusion_model, sd_model.decoder

@@ -85,7 +85,7 @@ def _reference_vae(vae, x) -> tuple:
 
 
 def _ours(model, x, parts=("text", "unet", "decode", "encode")) -> dict:
-    from sdanim.sampling import timestep_embedding
+    from sdanim.core.schedulers import timestep_embedding
 
     out = {}
     if "text" in parts:
@@ -161,10 +161,12 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
     """SD 1.x as a single original-layout .safetensors, a diffusers folder and an fp16
     .ckpt: the same weights, and outputs that match diffusers/transformers; the model's
     own weights come back through KerasCV's load_weights from sdanim's .h5 files."""
-    from sdanim.models import _h5_dir_version, file_name, load_checkpoint_weights, weight_source_kind, write_keras_weights
-    from sdanim.noise import step_noise
-    from sdanim.sampling import Renderer
-    from sdanim.settings import RenderSettings
+    from sdanim.model.loading import _h5_dir_version, load_checkpoint_weights, weight_source_kind
+    from sdanim.model.registry import file_name
+    from sdanim.model.convert import write_keras_weights
+    from sdanim.core.noise import step_noise
+    from sdanim.render.sampling import Renderer
+    from sdanim.config.settings import RenderSettings
 
     # 1. The reference: names, fp16-rounded weights, outputs, files; then freed.
     models = ref.build("1.4", seed=1)
@@ -243,4 +245,4 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
         getattr(model, part).load_weights(path)
     assert _fingerprint(model) == before
     model.weights = "random"  # what it holds again (for the tests that share it)
-    model.__dict__.pop("_sdanim_prompt_encoder", None)
+    model.invalidate()  # its embeddings were made with the checkpoint's text encoder

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import sdanim
-from sdanim.settings import RenderSettings
+from sdanim.config.settings import RenderSettings
 
 pytestmark = pytest.mark.heavy
 SETTINGS = RenderSettings(height=128, width=128, num_steps=2, batch_size=1)
@@ -22,7 +22,7 @@ def test_real_vae_encoder_input_range_and_batching(sd_model):
     """sdanim hands KerasCV's VAE encoder pixels in [-1, 1] (0 -> -1, 255 -> 1), and the
     batch size does not change a latent. (Its numerics against diffusers' VAE are in
     test_heavy_checkpoints.)"""
-    from sdanim.edits import encode_images
+    from sdanim.render.jobs import encode_images
 
     photos = np.stack([_photo(), _photo()[::-1]])
     together = encode_images(sd_model, photos, batch_size=2)

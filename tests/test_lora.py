@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from sdanim.cli import main
-from sdanim.lora import Lora, LoraError, as_loras, parse_lora_arg, read_lora
+from sdanim.frontends.cli import main
+from sdanim.formats.lora_files import Lora, LoraError, as_loras, parse_lora_arg, read_lora
 
 
 def _save(path, tensors):
@@ -103,7 +103,7 @@ def test_cli_bad_lora_is_one_line_before_any_build(tmp_path, capsys, lora, match
 
 def test_model_spec_hands_loras_to_load_model(monkeypatch):
     import sdanim
-    from sdanim import models
+    from sdanim.model import spec as models
 
     seen = {}
     monkeypatch.setattr(models, "load_model", lambda **kw: seen.update(kw) or "model")
@@ -120,7 +120,7 @@ def test_loras_gate_resume_and_name_themselves_in_each_png(tiny, tmp_path, monke
     from PIL import Image
 
     import sdanim
-    from sdanim.errors import SdanimError
+    from sdanim.config.errors import SdanimError
 
     settings = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
     record = {"file": "style.safetensors", "size": 10, "sha256": "ab" * 32, "scale": 0.7}

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from sdanim.errors import SdanimError
-from sdanim.interpolation import interpolate, lerp, path_positions, slerp, split_frames
-from sdanim.noise import seeded_noise, step_noise
-from sdanim.plan import FramePlan
-from sdanim.settings import RenderSettings, parse_size
+from sdanim.config.errors import SdanimError
+from sdanim.core.interpolation import interpolate, lerp, path_positions, slerp, split_frames
+from sdanim.core.noise import seeded_noise, step_noise
+from sdanim.core.plan import FramePlan
+from sdanim.config.settings import RenderSettings, parse_size
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import sdanim
-from sdanim.audio import audio_positions, frame_strength, read_wav
-from sdanim.errors import SdanimError
-from sdanim.export import blend_double, write_mp4
-from sdanim.settings import RenderSettings
+from sdanim.core.audio import audio_positions, frame_strength, read_wav
+from sdanim.config.errors import SdanimError
+from sdanim.render.export import blend_double, write_mp4
+from sdanim.config.settings import RenderSettings
 
 S = RenderSettings(height=64, width=64, num_steps=2, batch_size=4)
 
@@ -97,7 +97,7 @@ def test_audio_synced_morph_is_muxed(tiny, tmp_path):
 
 
 def test_cli_bad_audio_is_one_line_before_model_build(capsys, tmp_path):
-    from sdanim.cli import main
+    from sdanim.frontends.cli import main
 
     (tmp_path / "x.wav").write_text("not audio")
     assert main(["morph", "a", "b", "--out", str(tmp_path / "m.mp4"), "--audio", str(tmp_path / "x.wav"),

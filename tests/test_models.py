@@ -5,9 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from sdanim.errors import SdanimError
-from sdanim.models import WEIGHT_FILES, device_defaults, file_name, load_model, load_tokenizer
-from sdanim.prompts import PromptEncoder
+from sdanim.config.errors import SdanimError
+from sdanim.model.registry import WEIGHT_FILES, file_name
+from sdanim.model.device import device_defaults
+from sdanim.model.loading import load_model
+from sdanim.model.tokenizer import load_tokenizer
+from sdanim.core.prompts import PromptEncoder
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def tokenizer():
 def test_tokenizer_vocab_is_keras_cv_file(tokenizer):
     import hashlib
 
-    from sdanim.models import clip_vocab_path
+    from sdanim.model.tokenizer import clip_vocab_path
 
     digest = hashlib.sha256(open(clip_vocab_path(), "rb").read()).hexdigest()
     assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -55,7 +58,7 @@ def test_device_defaults():
 
 
 def test_native_bfloat16_is_read_from_the_cpu_flags():
-    from sdanim.models import cpu_flags, cpu_has_native_bfloat16
+    from sdanim.model.device import cpu_flags, cpu_has_native_bfloat16
 
     sapphire = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
     epyc_zen2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
@@ -88,7 +91,7 @@ def test_weights_not_a_directory(tmp_path):
 
 def test_weights_dir_unreadable(tmp_path, monkeypatch):
     # chmod does not stop root (CI runs as root), so deny access where the loader asks.
-    from sdanim import models
+    from sdanim.model import loading as models
 
     monkeypatch.setattr(models.os, "access", lambda path, mode: False)
     with pytest.raises(SdanimError, match=r"the weights directory cannot be read\. Received: weights='.*'"):
@@ -138,7 +141,7 @@ def test_weight_files_are_what_keras_cv_downloads(version, monkeypatch):
     found and a wrong name, URL or hash cannot pass."""
     from keras_cv.src.models.stable_diffusion import decoder, diffusion_model, image_encoder, text_encoder
 
-    from sdanim import models
+    from sdanim.model import loading as models
 
     built = {}
     for module in (decoder, diffusion_model, image_encoder, text_encoder):
@@ -192,7 +195,7 @@ def test_weights_dir_loads_h5_files(tmp_path):
     from keras_cv.src.models.stable_diffusion.decoder import Decoder
     from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
 
-    from sdanim import models
+    from sdanim.model import loading as models
 
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
@@ -223,11 +226,11 @@ def test_loaded_weights_are_not_drawn_first(tmp_path, monkeypatch):
     from keras.src.backend import random as backend_random
     from keras.src.layers.layer import Layer
 
-    from sdanim import models
+    from sdanim.model import loading as models
     from tiny import make_tiny_model, tiny_decoder, tiny_image_encoder, tiny_text_encoder, tiny_unet
 
     source = make_tiny_model(seed=5)
-    models.write_keras_weights(types.SimpleNamespace(version="1.4", **{p: getattr(source, p) for p in models._PART_ORDER}),
+    models.write_keras_weights(types.SimpleNamespace(version="1.4", **{p: getattr(source, p) for p in models.PART_ORDER}),
                                str(tmp_path))
     monkeypatch.setattr(models, "_builders", lambda version, h, w: {
         "text_encoder": tiny_text_encoder, "diffusion_model": lambda: tiny_unet(h, w),
@@ -244,7 +247,7 @@ def test_loaded_weights_are_not_drawn_first(tmp_path, monkeypatch):
     loaded = load_model(weights=str(tmp_path), height=64, width=64, precision="float32", attention="keras-cv")
     loaded.image_encoder  # built lazily, loaded too
     assert draws == []
-    for part in models._PART_ORDER:
+    for part in models.PART_ORDER:
         ours, theirs = getattr(loaded, part).get_weights(), getattr(source, part).get_weights()
         assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs)), part
     random_model = load_model(weights="random", seed=3, height=64, width=64, precision="float32", attention="keras-cv")

@@ -90,7 +90,7 @@ def test_notebooks_run_headless_in_one_kernel(tmp_path, monkeypatch):
 
 # Test instrumentation (not part of the notebooks): counts load_model's builds.
 COUNT_BUILDS = """
-import sdanim.models as _m
+import sdanim.model.loading as _m
 if "_sdanim_builds" not in globals():
     _sdanim_builds, _sdanim_builders = [], _m._builders
     _m._builders = lambda *a: (_sdanim_builds.append(a), _sdanim_builders(*a))[1]

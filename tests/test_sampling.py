@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from sdanim.plan import FramePlan
-from sdanim.sampling import Renderer, batches, render_frames, timestep_embedding
-from sdanim.settings import RenderSettings
+from sdanim.core.plan import FramePlan
+from sdanim.render.sampling import Renderer, batches, render_frames
+from sdanim.core.schedulers import timestep_embedding
+from sdanim.config.settings import RenderSettings
 from tiny import CONTEXT_DIM, random_inputs
 
 
@@ -38,7 +39,7 @@ def test_timestep_embedding_matches_keras_cv_formula():
 def test_coefficient_tables_are_the_samplers_steps(scheduler, start):
     """The compiled loop updates x with `Scheduler.coefficients`; every row must be the
     step itself (the first step run taken without a previous prediction)."""
-    from sdanim.schedulers import make_scheduler
+    from sdanim.core.schedulers import make_scheduler
 
     sched = make_scheduler(scheduler, 6)
     table = sched.coefficients(start)
@@ -103,7 +104,7 @@ def test_one_program_per_kind_of_batch(tiny):
 
     if keras.backend.backend() != "tensorflow":
         pytest.skip("counts TensorFlow traces")
-    from sdanim.sampling import _COMPILED, forget_compiled
+    from sdanim.model.compiled import _COMPILED, forget_compiled
 
     forget_compiled(tiny.diffusion_model)
     contexts, noises = random_inputs(2, 64, 64)
@@ -146,7 +147,7 @@ def test_frames_do_not_depend_on_batch_size(tiny, scheduler, loop):
 def test_consistency_samplers_default_to_four_conditional_passes(tiny, scheduler):
     """lcm/tcd without steps or guidance: 4 steps at guidance 1, i.e. 4 UNet calls on
     the batch itself (no unconditional half), and the sampler's noise changes the image."""
-    from sdanim.settings import RenderSettings
+    from sdanim.config.settings import RenderSettings
 
     settings = RenderSettings(height=64, width=64, scheduler=scheduler)
     assert (settings.num_steps, settings.guidance_scale) == (4, 1.0)
@@ -245,7 +246,7 @@ def test_renderers_of_one_model_share_the_compiled_step(tiny):
     import gc
     import weakref
 
-    from sdanim.sampling import forget_compiled
+    from sdanim.model.compiled import forget_compiled
 
     uncond = np.zeros((77, 16), np.float32)
     a = Renderer(tiny.diffusion_model, tiny.decoder, RenderSettings(height=64, width=64, num_steps=2), uncond)
@@ -273,7 +274,7 @@ def test_context_projections_made_once_give_the_same_frames(loop, guidance):
     """With a context model (sdanim.context_cache) the context's projections are made
     once per batch instead of at every step; the frames must be those of the UNet
     projecting the context itself at every step."""
-    from sdanim import context_cache
+    from sdanim.model import context_cache
     from tiny import attach_context_cache, make_tiny_model
 
     model = make_tiny_model(context_cache=False)
@@ -301,7 +302,7 @@ def test_a_unet_call_in_reuse_reads_the_given_projections(tiny):
     a render that passed stale ones would show); outside it projects again."""
     from keras import ops
 
-    from sdanim import context_cache
+    from sdanim.model import context_cache
 
     unet = tiny.diffusion_model
     contexts, noises = random_inputs(2, 64, 64)

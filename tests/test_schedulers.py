@@ -16,7 +16,7 @@ from conftest import require  # noqa: E402
 torch = require("torch")
 diffusers = require("diffusers")
 
-from sdanim.schedulers import DDIM, alphas_cumprod, keras_cv_timesteps, make_scheduler  # noqa: E402
+from sdanim.core.schedulers import DDIM, alphas_cumprod, keras_cv_timesteps, make_scheduler  # noqa: E402
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 SHAPE = (2, 4, 8, 8)
@@ -103,7 +103,7 @@ def test_keras_cv_ddim_spacing():
 
 
 def test_unknown_scheduler():
-    from sdanim.errors import SdanimError
+    from sdanim.config.errors import SdanimError
 
     with pytest.raises(SdanimError, match=r"scheduler must be one of .*Received: scheduler='lms'"):
         make_scheduler("lms", 10)
@@ -131,8 +131,8 @@ def test_noised_matches_diffusers_add_noise(name):
 
 
 def test_steps_for_strength():
-    from sdanim.errors import SdanimError
-    from sdanim.schedulers import steps_for_strength
+    from sdanim.config.errors import SdanimError
+    from sdanim.core.schedulers import steps_for_strength
 
     assert [steps_for_strength(s, 10) for s in (0, 0.01, 0.5, 0.74, 1)] == [0, 1, 5, 7, 10]
     for bad in (-0.1, 1.5, "0.5", True):
@@ -141,8 +141,8 @@ def test_steps_for_strength():
 
 
 def test_consistency_sampler_errors():
-    from sdanim.errors import SdanimError
-    from sdanim.schedulers import LCM, TCD
+    from sdanim.config.errors import SdanimError
+    from sdanim.core.schedulers import LCM, TCD
 
     with pytest.raises(SdanimError, match=r"steps must be from 1 to 50 with the lcm and tcd samplers.*Received: steps=60"):
         make_scheduler("lcm", 60)

@@ -141,7 +141,7 @@ def test_launch_inside_a_notebook_kernel(tmp_path):
 
 
 def test_cli_ui_bad_input(capsys):
-    from sdanim.cli import main
+    from sdanim.frontends.cli import main
 
     assert main(["ui", "--auth", "nopassword"]) == 2
     assert capsys.readouterr().err == "sdanim: error: auth must be USER:PASS. Received: auth='nopassword'\n"
@@ -150,7 +150,7 @@ def test_cli_ui_bad_input(capsys):
 
 
 def test_keyframe_lines_round_trip():
-    from sdanim.ui import parse_keyframes, walk_to_text
+    from sdanim.frontends.ui import parse_keyframes, walk_to_text
 
     walk = parse_keyframes("a barn [seed=3 frames=5 easing=ease-in]\na rabbit:0.5 | a frog:0.5\na forest", 42, 7,
                            "linear", True, "slerp", "per keyframe")
@@ -216,9 +216,9 @@ def test_image_tabs_through_the_api(app, tmp_path):
 
 
 def test_switching_weights_and_loras_is_checked_first(app, tmp_path):
-    from sdanim.errors import SdanimError
-    from sdanim.run import ModelSpec
-    from sdanim.ui import ModelHolder
+    from sdanim.config.errors import SdanimError
+    from sdanim.model.spec import ModelSpec
+    from sdanim.frontends.ui import ModelHolder
 
     client_lib = require("gradio_client")
     client = client_lib.Client(app.local_url, verbose=False)

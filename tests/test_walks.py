@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 import sdanim
-from sdanim.cli import main
-from sdanim.errors import SdanimError
-from sdanim.interpolation import EASINGS, path_positions
-from sdanim.keyframes import Walk, load_walk, make_keyframe, mix_embeddings, parse_walk
-from sdanim.settings import RenderSettings
-from sdanim.smoothness import gini, smoothness_report
+from sdanim.frontends.cli import main
+from sdanim.config.errors import SdanimError
+from sdanim.core.interpolation import EASINGS, path_positions
+from sdanim.core.keyframes import Walk, load_walk, make_keyframe, mix_embeddings, parse_walk
+from sdanim.config.settings import RenderSettings
+from sdanim.core.smoothness import gini, smoothness_report
 
 S = RenderSettings(height=64, width=64, num_steps=2, batch_size=4)
 
@@ -143,9 +143,9 @@ def test_cli_morph_rejects_unknown_easing(capsys):
 
 
 def test_circle_noise_has_unit_variance_and_closes():
-    from sdanim.keyframes import circle_walk
-    from sdanim.noise import seeded_noise
-    from sdanim.plan import FramePlan
+    from sdanim.core.keyframes import circle_walk
+    from sdanim.core.noise import seeded_noise
+    from sdanim.core.plan import FramePlan
 
     walk = circle_walk("a lighthouse", 5, 12)
     seeds = walk.noise_seeds()
@@ -163,7 +163,7 @@ def test_circle_noise_has_unit_variance_and_closes():
 
 
 def test_circle_walk_render_first_and_last_frames_are_adjacent(tiny, tmp_path):
-    from sdanim.keyframes import circle_walk
+    from sdanim.core.keyframes import circle_walk
 
     result = sdanim.animate(circle_walk("a red cube", 3, 8), out=str(tmp_path / "c.gif"), export=sdanim.ExportSettings(fps=8), settings=S, model=tiny, progress=False)
     d = np.array(result.smoothness["distances"])  # 8 steps, the last one wraps back to frame 0
@@ -174,7 +174,7 @@ def test_circle_walk_render_first_and_last_frames_are_adjacent(tiny, tmp_path):
 
 
 def test_circle_needs_loop_and_frames():
-    from sdanim.keyframes import circle_walk
+    from sdanim.core.keyframes import circle_walk
 
     with pytest.raises(SdanimError, match=r"a circle noise walk must loop\. Received: loop=False"):
         Walk((make_keyframe(0, "a", 1), make_keyframe(1, "b", 2)), loop=False, noise="circle")
@@ -183,7 +183,7 @@ def test_circle_needs_loop_and_frames():
 
 
 def test_uniform_positions_even_out_a_known_distance_curve():
-    from sdanim.spacing import uniform_positions
+    from sdanim.core.spacing import uniform_positions
 
     # The picture changes 9x faster in the first half of the transition than in the second.
     speed = lambda u: 9.0 if u < 0.5 else 1.0  # noqa: E731
@@ -197,7 +197,7 @@ def test_uniform_positions_even_out_a_known_distance_curve():
 
 
 def test_uniform_positions_keep_keyframes_and_handle_no_motion():
-    from sdanim.spacing import uniform_positions
+    from sdanim.core.spacing import uniform_positions
 
     pos = path_positions([3, 4])
     new = uniform_positions(pos, [0.0] * 7, [3, 4], ["linear", "linear"])
@@ -210,7 +210,7 @@ def test_uniform_positions_keep_keyframes_and_handle_no_motion():
 def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path, monkeypatch):
     """Uniform spacing lowers the spread of consecutive-frame distances (both printed),
     with the default preview: a quarter of the render's steps."""
-    from sdanim import run
+    from sdanim.render import jobs as run
 
     steps_used = []
     renderer = run.make_renderer
@@ -238,7 +238,7 @@ def test_uniform_spacing_evens_out_the_tiny_morph(tiny, tmp_path, monkeypatch):
 
 
 def test_uniform_spacing_resume_reuses_positions(tiny, tmp_path, monkeypatch):
-    from sdanim import api
+    from sdanim.tasks import walks as api
 
     s = RenderSettings(height=64, width=64, num_steps=2, batch_size=4)
     first = sdanim.morph(["a", "b"], out=str(tmp_path / "u.gif"), frames=6, settings=s, model=tiny, progress=False, spacing="uniform")
@@ -250,7 +250,7 @@ def test_uniform_spacing_resume_reuses_positions(tiny, tmp_path, monkeypatch):
 
 
 def test_bad_spacing(tiny, tmp_path):
-    from sdanim.keyframes import circle_walk
+    from sdanim.core.keyframes import circle_walk
 
     with pytest.raises(SdanimError, match=r"spacing must be one of linear, uniform\. Received: spacing='wavy'"):
         sdanim.morph(["a", "b"], out=str(tmp_path / "x.gif"), settings=S, model=tiny, spacing="wavy")
@@ -259,9 +259,9 @@ def test_bad_spacing(tiny, tmp_path):
 
 
 def test_cli_walk_and_circle_succeed(tiny, tmp_path, monkeypatch, capsys):
-    from sdanim import cli
+    from sdanim.frontends.cli import options as cli
 
-    monkeypatch.setattr(cli, "_load", lambda args, settings: tiny)
+    monkeypatch.setattr(cli, "model_for", lambda args, settings: tiny)
     path = tmp_path / "walk.yaml"
     path.write_text(WALK_YAML)
     common = ["--size", "64x64", "--steps", "2", "--quiet"]

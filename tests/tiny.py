@@ -75,7 +75,7 @@ class TinyModel:
 def attach_context_cache(unet) -> int:
     """The tiny UNet's context projection made once per batch, as `load_model` does for
     KerasCV's cross-attentions (sdanim.context_cache)."""
-    from sdanim import context_cache
+    from sdanim.model import context_cache
 
     layer = unet.get_layer("context_projection")
     return context_cache.attach(unet, [layer], tuple(unet.inputs[2].shape[1:]))

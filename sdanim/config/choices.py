@@ -1,0 +1,19 @@
+"""Every option's choices, in one place: the settings check against them and the
+front-ends offer them (argparse `choices=`, the UI's dropdowns)."""
+
+VERSIONS = ("1.4", "2.1")  # KerasCV's StableDiffusion (SD 1.x) and StableDiffusionV2 (SD 2.x)
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+ATTENTIONS = ("auto", "fused", "keras-cv")
+SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd")
+LOOPS = ("auto", "program", "steps")
+DECODERS = ("full", "tiny")  # the SD VAE decoder, or TAESD
+
+INTERPOLATIONS = ("slerp", "linear")  # between text embeddings (or image latents)
+MORPH_NOISES = ("fixed", "slerp")  # a morph: one noise, or slerped between per-prompt seeds
+WALK_NOISES = ("keyframes", "circle")  # a walk file's noise
+PLAN_NOISES = ("fixed", "slerp", "circle")  # what a frame plan does with its noises
+SPACINGS = ("linear", "uniform")
+AUDIO_MODES = ("loudness", "onsets")
+
+VIDEO_FORMATS = (".gif", ".mp4", ".webm")
+FITS = ("crop", "resize")

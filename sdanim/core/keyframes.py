@@ -1,0 +1,260 @@
+"""Keyframes: what a walk passes through, read from Python, the CLI, or a walk file.
+
+A keyframe is a prompt (or a weighted mix of prompts), a seed, the number of frames to
+the next keyframe, and the easing of that transition. A walk file is YAML or JSON,
+parsed as data only (yaml.safe_load / json), never executed:
+
+    loop: true                 # optional: walk back to the first keyframe
+    interpolation: slerp       # optional: slerp | linear
+    noise: keyframes           # optional: keyframes (each keyframe's seed, slerped)
+                               #   or circle (a seamless loop in noise space around
+                               #   the prompts, from the first seed and seed + 1)
+    keyframes:
+      - prompt: a red barn at dawn
+        seed: 1
+        frames: 24
+        easing: ease-in-out    # optional, default linear
+      - prompt: {a rabbit: 0.5, a frog: 0.5}
+        seed: 2
+        frames: 24
+      - prompt: a snowy forest
+        seed: 3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence, Union
+
+import numpy as np
+
+from sdanim.config.errors import SdanimError, check
+from sdanim.config.choices import INTERPOLATIONS, WALK_NOISES
+from sdanim.core.interpolation import check_easing, path_positions
+from sdanim.core.noise import check_seed
+
+Prompt = Union[str, tuple]  # "text" or (("text", weight), ...)
+
+
+def normalize_prompt(prompt, field: str = "prompt") -> Prompt:
+    """A prompt as "text" or a tuple of (text, weight) pairs with a non-zero sum."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict):
+        prompt = list(prompt.items())
+    ok = isinstance(prompt, (list, tuple)) and len(prompt) >= 1 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
+        and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
+        for p in prompt
+    )
+    check(ok, f"{field} must be a string or a mapping of prompt to weight. Received: {field}={prompt!r}")
+    pairs = tuple((str(text), float(weight)) for text, weight in prompt)
+    total = sum(w for _, w in pairs)
+    check(abs(total) > 1e-8, f"{field} weights must not sum to zero. Received: {field}={dict(pairs)!r}")
+    return pairs
+
+
+def parse_prompt_text(text: str, field: str = "prompt") -> Prompt:
+    """The command line's mix syntax: "a rabbit:0.5 | a frog:0.5" -> (("a rabbit", 0.5),
+    ("a frog", 0.5)). Text without "|" is a plain prompt; a part without ":weight"
+    weighs 1."""
+    if "|" not in text:
+        return text
+    pairs = []
+    for part in text.split("|"):
+        body, sep, weight = part.rpartition(":")
+        try:
+            pair = (body.strip(), float(weight)) if sep else (part.strip(), 1.0)
+        except ValueError:
+            pair = (part.strip(), 1.0)
+        check(pair[0] != "", f"{field} has an empty part in a '|' mix. Received: {field}={text!r}")
+        pairs.append(pair)
+    return normalize_prompt(pairs, field)
+
+
+def prompt_texts(prompt: Prompt) -> list:
+    return [prompt] if isinstance(prompt, str) else [text for text, _ in prompt]
+
+
+def mix_embeddings(prompt: Prompt, embed) -> np.ndarray:
+    """The (77, D) embedding of a prompt or weighted mix: sum_i w_i e_i / sum_i w_i.
+
+    `embed(texts) -> (N, 77, D)` encodes plain prompts.
+    """
+    if isinstance(prompt, str):
+        return embed([prompt])[0]
+    texts = [t for t, _ in prompt]
+    weights = np.array([w for _, w in prompt], dtype=np.float64)
+    embeddings = embed(texts).astype(np.float64)  # (N, 77, D)
+    mixed = np.tensordot(weights / weights.sum(), embeddings, axes=1)  # (77, D)
+    return mixed.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyframe:
+    """One stop of a walk.
+
+    Args:
+        prompt: str or mix. The text, or (text, weight) pairs to blend.
+        seed: int. Noise seed of this keyframe.
+        frames: int. Frames from this keyframe to the next (ignored on the last
+            keyframe unless the walk loops). Defaults to 24.
+        easing: str. Easing of the transition to the next keyframe. Defaults to
+            "linear".
+    """
+
+    prompt: Prompt
+    seed: int
+    frames: int = 24
+    easing: str = "linear"
+
+    def record(self) -> dict:
+        prompt = self.prompt if isinstance(self.prompt, str) else [list(p) for p in self.prompt]
+        return {"prompt": prompt, "seed": self.seed, "frames": self.frames, "easing": self.easing}
+
+
+def make_keyframe(index: int, prompt, seed, frames=24, easing="linear") -> Keyframe:
+    """A validated keyframe; errors name the field as keyframes[index].field."""
+    where = f"keyframes[{index}]"
+    check(prompt is not None, f"{where} has no prompt. Received: prompt=None")
+    prompt = normalize_prompt(prompt, f"{where}.prompt")
+    seed = check_seed(seed, f"{where}.seed")
+    check(
+        isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1,
+        f"{where}.frames must be a whole number >= 1. Received: frames={frames!r}",
+    )
+    check_easing(easing, f"{where}.easing")
+    return Keyframe(prompt, seed, frames, easing)
+
+
+@dataclasses.dataclass(frozen=True)
+class Walk:
+    """Keyframes plus how to move between them."""
+
+    keyframes: tuple
+    loop: bool = False
+    interpolation: str = "slerp"
+    noise: str = "keyframes"
+
+    def __post_init__(self):
+        check(
+            self.noise in WALK_NOISES,
+            f"noise must be one of {', '.join(WALK_NOISES)}. Received: noise={self.noise!r}",
+        )
+        check(self.noise != "circle" or self.loop, "a circle noise walk must loop. Received: loop=False")
+        need = 1 if self.loop else 2
+        check(
+            len(self.keyframes) >= need,
+            f"a walk needs at least 2 keyframes (1 with loop). Received: {len(self.keyframes)} keyframes",
+        )
+        check(
+            self.interpolation in INTERPOLATIONS,
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)}. Received: interpolation={self.interpolation!r}",
+        )
+
+    @property
+    def stops(self) -> list:
+        """The keyframes in path order; a loop walks back to the first."""
+        ks = list(self.keyframes)
+        return ks + [ks[0]] if self.loop else ks
+
+    @property
+    def intervals(self) -> list:
+        """Frames per transition, in path order."""
+        return [k.frames for k in self.stops[:-1]]
+
+    @property
+    def easings(self) -> list:
+        return [k.easing for k in self.stops[:-1]]
+
+    def positions(self, eased: bool = True) -> np.ndarray:
+        """Each frame's position along the path; a loop leaves out the final return
+        frame, which would repeat frame 0."""
+        easings = self.easings if eased else ["linear"] * len(self.intervals)
+        return path_positions(self.intervals, easings, include_end=not self.loop)
+
+    def __len__(self) -> int:
+        return len(self.positions())
+
+    def record(self) -> dict:
+        return {
+            "keyframes": [k.record() for k in self.keyframes],
+            "loop": self.loop,
+            "interpolation": self.interpolation,
+            "noise": self.noise,
+        }
+
+    def noise_seeds(self) -> tuple:
+        """The seeds noise is drawn from: one per stop, or the circle's two basis seeds."""
+        if self.noise == "circle":
+            first = self.keyframes[0].seed
+            return (first, first + 1)
+        return tuple(k.seed for k in self.stops)
+
+
+def circle_walk(prompt, seed: int, frames: int) -> Walk:
+    """A seamless loop of `frames` frames in noise space around one prompt."""
+    check(
+        isinstance(frames, int) and frames >= 2,
+        f"frames must be at least 2. Received: frames={frames}",
+    )
+    return Walk((make_keyframe(0, prompt, seed, frames),), loop=True, noise="circle")
+
+
+def walk_from_prompts(
+    prompts: Sequence, seeds: Sequence[int], intervals: Sequence[int], easing: str = "linear",
+    loop: bool = False, interpolation: str = "slerp",
+) -> Walk:
+    """A walk through `prompts` with intervals[k] frames from prompt k to k + 1."""
+    counts = list(intervals) + [1] * (len(prompts) - len(intervals))
+    keyframes = tuple(make_keyframe(i, p, s, n, easing) for i, (p, s, n) in enumerate(zip(prompts, seeds, counts)))
+    return Walk(keyframes, loop, interpolation)
+
+
+_FILE_KEYS = {"keyframes", "loop", "interpolation", "noise"}
+_KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing"}
+
+
+def parse_walk(data, default_seed: int = 42) -> Walk:
+    """A `Walk` from parsed walk-file data (see the module docstring)."""
+    check(isinstance(data, dict), f"a walk file must hold a mapping with 'keyframes'. Received: {type(data).__name__}")
+    unknown = sorted(set(data) - _FILE_KEYS)
+    check(not unknown, f"unknown walk-file field(s): {', '.join(map(str, unknown))}. Received: {unknown}")
+    raw = data.get("keyframes")
+    check(isinstance(raw, list), f"keyframes must be a list. Received: keyframes={raw!r}")
+    loop = data.get("loop", False)
+    check(isinstance(loop, bool), f"loop must be true or false. Received: loop={loop!r}")
+    keyframes = []
+    for i, item in enumerate(raw):
+        check(isinstance(item, dict), f"keyframes[{i}] must be a mapping. Received: {item!r}")
+        unknown = sorted(set(item) - _KEYFRAME_KEYS)
+        check(not unknown, f"keyframes[{i}] has unknown field(s): {', '.join(map(str, unknown))}. Received: {unknown}")
+        keyframes.append(make_keyframe(
+            i, item.get("prompt"), item.get("seed", default_seed + i), item.get("frames", 24), item.get("easing", "linear"),
+        ))
+    return Walk(tuple(keyframes), loop, data.get("interpolation", "slerp"), data.get("noise", "keyframes"))
+
+
+def load_walk(path: str, default_seed: int = 42) -> Walk:
+    """Reads a .yaml/.yml/.json walk file (data only; nothing in it is executed)."""
+    ext = os.path.splitext(path)[1].lower()
+    check(ext in (".yaml", ".yml", ".json"), f"walk file must be .yaml, .yml or .json. Received: file={path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise SdanimError(f"cannot read the walk file ({error.strerror}). Received: file={path!r}") from None
+    kind = "JSON" if ext == ".json" else "YAML"
+    try:
+        if ext == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as error:  # json.JSONDecodeError or yaml.YAMLError
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        raise SdanimError(f"the walk file is not valid {kind} ({reason}). Received: file={path!r}") from None
+    return parse_walk(data, default_seed)

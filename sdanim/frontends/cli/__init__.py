@@ -1,0 +1,57 @@
+"""Command line: `python -m sdanim COMMAND`, one module per command family, each
+registering its commands (`register(subparsers)`); `args.run(args)` runs the command.
+
+Bad input prints one line, `sdanim: error: ...`, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from sdanim.config.errors import SdanimError
+from sdanim.core.runtime import quiet_tensorflow_env
+from sdanim.frontends.cli import animations, app, images, tools
+from sdanim.frontends.cli.options import EPILOG, Parser, UsageError
+from sdanim.render.ray import FailedFrames
+
+# The command families, in the order `--help` lists them.
+COMMANDS = (animations, images, app, tools)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m sdanim",
+        description="Stable Diffusion latent-walk animations (KerasCV).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for family in COMMANDS:
+        family.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    quiet_tensorflow_env()
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named against the subcommand's help, not the top level's
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{parser.prog} {args.command} --help')")
+    except UsageError as error:
+        print(f"sdanim: error: {error}", file=sys.stderr)
+        return 2
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, category, *a, **k: f"sdanim: warning: {message}\n"
+    try:
+        return args.run(args)
+    except SdanimError as error:
+        print(f"sdanim: error: {error}", file=sys.stderr)
+        return 1 if isinstance(error, FailedFrames) else 2  # failed frames: the input was fine
+    except KeyboardInterrupt:
+        print("sdanim: interrupted; frames already rendered are kept in the frames folder "
+              "and the same command resumes", file=sys.stderr)
+        return 130

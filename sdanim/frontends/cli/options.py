@@ -1,0 +1,216 @@
+"""What every command shares: the parser whose errors are one line, the option groups
+(sampling, model, output, workers), and the settings and specs built from them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from sdanim.config.choices import (
+    ATTENTIONS, AUDIO_MODES, DECODERS, INTERPOLATIONS, PRECISIONS, SCHEDULERS, SPACINGS, VERSIONS,
+)
+from sdanim.config.errors import SdanimError
+from sdanim.config.export import ExportSettings
+from sdanim.config.settings import RenderSettings, render_settings
+from sdanim.core.pixels import auto_size
+from sdanim.model.spec import ModelSpec
+from sdanim.render.ray import Workers
+
+EPILOG = """\
+Real images need Stable Diffusion weights: with --weights keras-cv (the default) KerasCV
+downloads them once (about 4 GB) into ~/.keras/datasets. Offline, pass a folder that
+holds the .h5 files (--weights DIR) or try the pipeline with --weights random. Any SD
+1.x/2.x checkpoint works too: --weights model.safetensors, model.ckpt or a diffusers
+folder (sdanim convert writes it as .h5 files once, for faster loads).
+"""
+MIX_HELP = "'a rabbit:0.5 | a frog:0.5' blends prompts by weight"
+
+
+class UsageError(Exception):
+    """argparse's complaint, raised instead of printing usage and exiting."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like the rest of the CLI's.
+
+    argparse prints the whole usage block before its message; here `main` prints
+    `sdanim: error: <what> (see 'python -m sdanim morph --help')` and returns 2.
+    Subcommand parsers inherit the class (argparse builds them with type(parent)).
+    """
+
+    def error(self, message):  # noqa: D102 - argparse's hook
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def add_command(sub, name: str, run, help: str, description: str, example: str = "", epilog: str = EPILOG):
+    """A subcommand parser whose `args.run(args)` is `run`."""
+    parser = sub.add_parser(
+        name, help=help, description=description,
+        epilog=(f"example:\n{example}\n\n" if example else "") + epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def int_list(text: str):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str):
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_render_args(p: argparse.ArgumentParser, batch_default: int, size_default: Optional[str] = "512x512") -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25; 4 for lcm and tcd)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1 = one UNet pass per step (default: 7.5; 1 for lcm and tcd)")
+    g.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
+                   help="sampler (default: ddim, as KerasCV); lcm and tcd are for step-distilled weights "
+                   "(LCM-LoRA, TCD-LoRA)")
+    g.add_argument("--negative", default=None, metavar="PROMPT", help="negative prompt")
+    if size_default is None:
+        g.add_argument("--size", default=None, metavar="WxH",
+                       help="image size, multiples of 64 (default: the input image's, rounded down to multiples of 64)")
+    else:
+        g.add_argument("--size", default=size_default, metavar="WxH", help=f"image size, multiples of 64 (default: {size_default})")
+    g.add_argument("--batch-size", type=int, default=batch_default, help=f"images per model call (default: {batch_default})")
+    g.add_argument("--decoder", default="full", choices=DECODERS,
+                   help="full: the SD VAE decoder; tiny: TAESD, about 40x less decoding work, softer detail, for "
+                   "drafts (default: full)")
+    add_model_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, choices=VERSIONS,
+                   help="KerasCV architecture: 1.4 (SD 1.x) or 2.1 (SD 2.x) (default: what --weights holds, else 1.4)")
+    m.add_argument("--weights", default="keras-cv", metavar="keras-cv|random|DIR|CHECKPOINT",
+                   help="weight source: KerasCV's download/cache, seeded random weights, a folder of .h5 files, "
+                   "or an SD 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder)")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA file (kohya/AUTOMATIC1111 or diffusers/PEFT .safetensors) into the weights, "
+                   "scaled by SCALE (default 1); repeat to stack several")
+    m.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="dtype policy (default: auto = mixed_float16 on CUDA, mixed_bfloat16 on CPUs with "
+                   "native bfloat16 (AVX512_BF16/AMX) under TensorFlow, float32 elsewhere)")
+    m.add_argument("--jit", default="auto", choices=("auto", "on", "off"),
+                   help="XLA-compile the sampling step (default: auto = on for CUDA only)")
+    m.add_argument("--taesd", default=None, metavar="FILE|DIR",
+                   help="TAESD weights for --decoder tiny and previews: taesd_decoder.pth/.safetensors or a diffusers "
+                   "AutoencoderTiny folder (default: downloaded once from madebyollin/taesd)")
+    m.add_argument("--attention", default="auto", choices=ATTENTIONS,
+                   help="fused: keras.ops.dot_product_attention (flash kernels where available); "
+                   "keras-cv: KerasCV's own (default: auto = fused on CUDA only)")
+
+
+def add_timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spacing", default="linear", choices=SPACINGS,
+                   help="uniform: preview the frames, then re-place them so consecutive frames are "
+                   "equally far apart (default: linear)")
+    p.add_argument("--preview-steps", type=int, default=None, help="steps of the uniform-spacing preview (default: steps/4, at least 2)")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ping-pong", action="store_true", help="play forward, then back")
+    p.add_argument("--double", action="store_true", help="double the frames in the video by blending neighbours (plays at 2x fps)")
+    p.add_argument("--quality", type=float, default=8.0, help="MP4/WebM quality 0-10 (default: 8)")
+    p.add_argument("--audio", default=None, metavar="WAV", help="WAV whose loudness drives the walk's speed; muxed into MP4/WebM")
+    p.add_argument("--audio-mode", default="loudness", choices=AUDIO_MODES, help="what in the audio sets the speed (default: loudness)")
+    p.add_argument("--sheet", action="store_true", help="also write a contact sheet of all frames")
+    p.add_argument("--overwrite", action="store_true", help="replace frames of a different run in the frames folder")
+    add_post_args(p)
+
+
+def add_post_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("after rendering: in-betweens (RIFE) and upscaling (Real-ESRGAN)")
+    g.add_argument("--interpolate", type=int, default=1, metavar="N",
+                   help="video frames per rendered frame: N-1 RIFE in-betweens between neighbours (default: 1, none); "
+                   "--fps is the video's rate")
+    g.add_argument("--rife", default=None, metavar="FILE",
+                   help="RIFE weights (flownet.pkl of v4.22-v4.26; default: the pinned v4.26 heavy, downloaded once)")
+    g.add_argument("--upscale", type=int, default=None, choices=(2, 4), help="enlarge every video frame with Real-ESRGAN")
+    g.add_argument("--upscale-model", default=None, metavar="NAME|FILE",
+                   help="upscaler weights: a .pth/.safetensors, or realesrgan-x4plus, realesrgan-x2plus, "
+                   "realesrgan-x4plus-anime, realesr-general-x4v3, realesr-animevideov3 (downloaded once; "
+                   "default: realesrgan-x4plus or -x2plus for --upscale)")
+
+
+def add_workers_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several devices (Ray; pip install \"sdanim[ray]\")")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="render on N Ray workers, one model each (default: this process, no Ray)")
+    g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT|ray://HOST:PORT",
+                   help="join an existing Ray cluster (default: start one on this machine)")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs each worker holds (default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--max-attempts", type=int, default=3,
+                   help="tries per frame before it is reported as failed (default: 3)")
+
+
+def add_images_args(p: argparse.ArgumentParser, count: int) -> None:
+    p.add_argument("--num-images", type=int, default=count, help=f"how many images, image k from seed + k (default: {count})")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, printed)")
+    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+
+
+def add_fit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fit", default="crop", choices=("crop", "resize"),
+                   help="how the image meets --size: crop (centre-crop to the aspect ratio, then resize) "
+                   "or resize (stretch) (default: crop)")
+
+
+def add_interpolation_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--interpolation", default="slerp", choices=INTERPOLATIONS, help=f"{what} interpolation (default: slerp)")
+
+
+def settings(args, image=None) -> RenderSettings:
+    """The sampling settings of a command (an image tool's size defaults to the image's)."""
+    size = args.size
+    if size is None:
+        height, width = auto_size(image)
+        size = f"{width}x{height}"
+    return render_settings(size, args.steps, args.guidance, args.scheduler, args.batch_size, args.decoder)
+
+
+def spec(args) -> ModelSpec:
+    """The model a command asks for (loaded by the task, after its cheap checks)."""
+    jit = {"auto": None, "on": True, "off": False}[args.jit]
+    return ModelSpec(version=args.model, weights=args.weights, precision=args.precision, jit_compile=jit,
+                     attention=args.attention, loras=tuple(args.lora), taesd=args.taesd)
+
+
+def model_for(args, settings: RenderSettings):
+    """What a command hands the task as its model for `settings`: the `ModelSpec` of its
+    options (the task loads it after its cheap checks). Tests replace this to hand in a
+    model they already hold."""
+    return spec(args)
+
+
+def export(args) -> ExportSettings:
+    return ExportSettings(
+        fps=args.fps, ping_pong=getattr(args, "ping_pong", False), double=getattr(args, "double", False),
+        quality=getattr(args, "quality", 8.0), sheet=getattr(args, "sheet", False),
+        audio=getattr(args, "audio", None), audio_mode=getattr(args, "audio_mode", "loudness"),
+        interpolate=getattr(args, "interpolate", 1), rife=getattr(args, "rife", None),
+        upscale=getattr(args, "upscale", None), upscale_model=getattr(args, "upscale_model", None),
+    )
+
+
+def workers(args):
+    """Ray workers from --workers and friends, or None (Ray is then never imported)."""
+    if getattr(args, "workers", None) is None:
+        for flag in ("ray_address", "gpus_per_worker"):
+            if getattr(args, flag, None) is not None:
+                raise SdanimError(f"--{flag.replace('_', '-')} needs --workers N. Received: --workers not given")
+        return None
+    return Workers(count=args.workers, address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
+                   max_attempts=args.max_attempts)

@@ -1,0 +1,83 @@
+"""Commands for files: convert (a checkpoint to KerasCV .h5 files), interpolate (RIFE
+in-betweens for frames from anywhere), upscale (Real-ESRGAN for images)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from sdanim.config.choices import VERSIONS
+from sdanim.frontends.cli.options import add_command
+from sdanim.model.loading import convert_checkpoint
+from sdanim.tasks import tools
+
+
+def run_convert(args) -> int:
+    start = time.perf_counter()
+    written = convert_checkpoint(args.checkpoint, args.out, version=args.model)
+    print(f"wrote {', '.join(os.path.basename(p) for p in written.values())} to {args.out} "
+          f"in {time.perf_counter() - start:.0f} s; use --weights {args.out}")
+    return 0
+
+
+def run_interpolate(args) -> int:
+    result = tools.interpolate(args.source, times=args.times, out=args.out, fps=args.fps, rife=args.rife, loop=args.loop,
+                               batch_size=args.batch_size, progress=not args.quiet)
+    print(f"wrote {result.out} ({result.frames} frames from {result.rendered} at {args.fps:g} fps, "
+          f"in {result.seconds:.1f} s)")
+    return 0
+
+
+def run_upscale(args) -> int:
+    written = tools.upscale(args.images, out_dir=args.out, scale=args.scale, model=args.upscale_model, tile=args.tile,
+                            progress=not args.quiet)
+    print(f"wrote {len(written)} image(s) to {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    cv = add_command(
+        sub, "convert", run_convert, help="write a checkpoint as KerasCV .h5 files, for fast --weights DIR loads",
+        description="Map an SD 1.x/2.x checkpoint (.safetensors or .ckpt in the original layout, or a "
+        "diffusers folder) onto KerasCV's classes and write their weights under KerasCV's file names. "
+        ".ckpt pickles are read by a restricted unpickler that only rebuilds tensors.",
+        example="  python -m sdanim convert v1-5-pruned-emaonly.safetensors --out weights/sd15\n"
+        "  python -m sdanim morph \"a cat\" \"a dog\" --weights weights/sd15",
+        epilog="",
+    )
+    cv.add_argument("checkpoint", help="a .safetensors/.ckpt file or a diffusers folder")
+    cv.add_argument("--out", required=True, help="folder for the .h5 files (created)")
+    cv.add_argument("--model", default=None, choices=VERSIONS, help="expected architecture (default: detected)")
+
+    ip = add_command(
+        sub, "interpolate", run_interpolate, help="RIFE in-betweens for a folder of frames or a video",
+        description="Fill TIMES-1 in-betweens between every pair of neighbouring frames (RIFE v4.22-v4.26) and "
+        "write a video at --fps. The frames go to <out>_frames/ and each in-between is written as it is made, "
+        "so the same command resumes.",
+        example="  python -m sdanim interpolate outputs/walk_frames --times 4 --fps 24 --out outputs/smooth.mp4",
+        epilog="",
+    )
+    ip.add_argument("source", help="a folder of frames (sorted by name) or a video file")
+    ip.add_argument("--times", type=int, default=2, help="video frames per source frame, >= 2 (default: 2)")
+    ip.add_argument("--fps", type=float, default=24, help="the output's frame rate (default: 24)")
+    ip.add_argument("--out", default="outputs/interpolated.mp4", help="output .mp4, .webm or .gif (default: outputs/interpolated.mp4)")
+    ip.add_argument("--rife", default=None, metavar="FILE", help="RIFE weights (default: the pinned v4.26 heavy)")
+    ip.add_argument("--loop", action="store_true", help="also fill between the last frame and the first")
+    ip.add_argument("--batch-size", type=int, default=4, help="in-betweens per model call (default: 4)")
+    ip.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    up = add_command(
+        sub, "upscale", run_upscale, help="enlarge images 2x or 4x with Real-ESRGAN",
+        description="Enlarge images (files or folders of images) with Real-ESRGAN, in tiles so any size fits; "
+        "each result is written as PNG under its own name, and images already done are kept.",
+        example="  python -m sdanim upscale outputs/gen --scale 4 --out outputs/big",
+        epilog="",
+    )
+    up.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    up.add_argument("--scale", type=int, default=4, choices=(2, 4), help="enlargement (default: 4)")
+    up.add_argument("--upscale-model", default=None, metavar="NAME|FILE",
+                    help="weights: a file, or realesrgan-x4plus, realesrgan-x2plus, realesrgan-x4plus-anime, "
+                    "realesr-general-x4v3, realesr-animevideov3 (default: the pinned model for --scale)")
+    up.add_argument("--tile", type=int, default=256, help="input pixels per tile side (default: 256)")
+    up.add_argument("--out", default="outputs/upscaled", help="output folder (default: outputs/upscaled)")
+    up.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,130 @@
+"""What every tab shares: the app's context (model, limits, output folder), the sampling
+widgets, readable errors, and the keyframe lines of the Animate tab."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import threading
+
+from sdanim.config.choices import SCHEDULERS
+from sdanim.config.errors import SdanimError, check
+from sdanim.config.settings import RenderSettings, render_settings
+from sdanim.core.keyframes import parse_prompt_text, parse_walk
+from sdanim.frontends.ui.model import Limits, ModelHolder
+
+SIZES = ("512x512", "768x512", "512x768", "640x640", "384x384", "256x256", "128x128", "64x64")
+KEYFRAMES_HELP = (
+    "One keyframe per line: the prompt, then optionally [seed=1 frames=24 easing=ease-in-out] "
+    "(frames to the next keyframe). A weighted mix: a rabbit:0.5 | a frog:0.5"
+)
+EXAMPLE_KEYFRAMES = "a ford truck on a dirt road, mountains [seed=42 frames=12]\nan electric car in a city, skyline"
+
+
+class Stopped(Exception):
+    """Raised from a render's batch callback when the user pressed Stop."""
+
+
+@dataclasses.dataclass
+class AppContext:
+    """What the tabs share: the model holder, the limits, the output folder, Stop."""
+
+    holder: ModelHolder
+    limits: Limits
+    out_dir: str
+    default_size: str
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def settings(self, size: str, steps, guidance, sampler: str, batch) -> RenderSettings:
+        """The request's settings (0 in the steps or guidance field: the sampler's
+        default), checked against the limits."""
+        settings = render_settings(str(size), steps or None, guidance or None, sampler, batch)
+        self.limits.check_settings(settings)
+        return settings
+
+    def model(self, settings: RenderSettings, notify):
+        """The model for `settings`, after the output folder's limit is checked."""
+        self.limits.check_disk(self.out_dir)
+        return self.holder.get(settings, notify)
+
+
+def friendly(fn):
+    """Errors become one readable message in the page; the server keeps running."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+            if hasattr(result, "__next__"):
+                yield from result
+            else:
+                yield result
+        except SdanimError as error:
+            raise gr.Error(str(error)) from None
+    return wrapped
+
+
+def sampling_inputs(context: AppContext):
+    """The sampling row every tab has: size, sampler, steps, guidance, batch size."""
+    import gradio as gr
+
+    sizes = list(dict.fromkeys([context.default_size, *SIZES]))
+    with gr.Row():
+        size = gr.Dropdown(sizes, value=context.default_size, label="Size (WxH)", allow_custom_value=True)
+        sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler")
+        steps = gr.Number(value=0, precision=0, label="Steps (0 = the sampler's default)")
+        guidance = gr.Number(value=0, label="Guidance (0 = the sampler's default)")
+        batch = gr.Number(value=4, precision=0, label="Batch size", minimum=1)
+    return size, sampler, steps, guidance, batch
+
+
+def gallery(items) -> list:
+    """(image, frame index) pairs -> the gallery's (image, caption), in frame order."""
+    return [(image, f"frame {i}") for image, i in sorted(items, key=lambda item: item[1])]
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def parse_keyframes(text: str, seed: int, frames: int, easing: str, loop: bool, interpolation: str, noise: str):
+    """The Animate tab's keyframe lines -> a checked `Walk` (errors name the line)."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    keyframes = []
+    for i, line in enumerate(lines):
+        options = {}
+        match = re.match(r"^(.*?)\s*\[([^\[\]]*)\]\s*$", line)
+        if match:
+            line, body = match.group(1), match.group(2)
+            for token in body.replace(",", " ").split():
+                key, sep, value = token.partition("=")
+                check(sep and key in ("seed", "frames", "easing"),
+                      f"keyframe line {i + 1}: options are seed=N frames=N easing=NAME. Received: {token!r}")
+                if key == "easing":
+                    options[key] = value
+                else:
+                    check(value.lstrip("-").isdigit(), f"keyframe line {i + 1}: {key} must be a whole number. Received: {key}={value!r}")
+                    options[key] = int(value)
+        prompt = parse_prompt_text(line, f"keyframes[{i}].prompt")
+        keyframes.append({
+            "prompt": prompt if isinstance(prompt, str) else [list(p) for p in prompt],
+            "seed": int(seed) if noise == "fixed" else options.get("seed", int(seed) + i),
+            "frames": options.get("frames", int(frames)),
+            "easing": options.get("easing", easing),
+        })
+    check(len(keyframes) >= (1 if loop else 2),
+          f"keyframes needs at least {'1 line' if loop else '2 lines'} (one prompt each). Received: {len(keyframes)} line(s)")
+    return parse_walk({"keyframes": keyframes, "loop": bool(loop), "interpolation": interpolation})
+
+
+def walk_to_text(walk) -> str:
+    """A `Walk` as keyframe lines (the inverse of `parse_keyframes`)."""
+    lines = []
+    for k in walk.keyframes:
+        prompt = k.prompt if isinstance(k.prompt, str) else " | ".join(f"{t}:{w:g}" for t, w in k.prompt)
+        lines.append(f"{prompt} [seed={k.seed} frames={k.frames} easing={k.easing}]")
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""The app's one model and what visitors may ask of it.
+
+Two modes (`Access`): a local app (bound to 127.0.0.1) takes weights and LoRA paths typed
+in its Model section, as the person at the keyboard owns the machine; an app reachable
+from the network (`--listen`, `--share`) offers only the weights and LoRAs the operator
+named at start, by name, and no endpoint accepts a path. Server-side `Limits` bound
+every request whatever the widgets allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import threading
+from typing import Optional
+
+from sdanim.config.errors import SdanimError, check
+from sdanim.config.settings import RenderSettings
+from sdanim.formats.checkpoints import inspect_checkpoint
+from sdanim.formats.lora_files import Lora, as_loras, check_lora_files, read_lora
+from sdanim.model.loading import weight_source_kind
+from sdanim.model.spec import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, checked by every endpoint (None: no limit).
+
+    Args:
+        max_frames: int. Frames of one animation. Defaults to None.
+        max_size: int. Pixels on the longer side of an image. Defaults to None.
+        max_steps: int. Denoising steps. Defaults to None.
+        max_images: int. Images of one generate call. Defaults to None.
+        max_batch: int. Images per model call. Defaults to None.
+        max_output_gb: float. The output folder's size beyond which no render starts.
+            Defaults to None.
+    """
+
+    max_frames: Optional[int] = None
+    max_size: Optional[int] = None
+    max_steps: Optional[int] = None
+    max_images: Optional[int] = None
+    max_batch: Optional[int] = None
+    max_output_gb: Optional[float] = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                  f"{field.name} must be a number > 0. Received: {field.name}={value!r}")
+
+    def _within(self, name: str, value, what: str) -> None:
+        limit = getattr(self, name)
+        if limit is None:
+            return
+        check(value <= limit,
+              f"this app renders at most {limit:g} {what} per request (the operator's --{name.replace('_', '-')}). "
+              f"Received: {what}={value}")
+
+    def check_settings(self, settings: RenderSettings) -> None:
+        self._within("max_size", max(settings.height, settings.width), "pixels")
+        self._within("max_steps", settings.num_steps, "steps")
+        self._within("max_batch", settings.batch_size, "batch_size")
+
+    def check_frames(self, frames: int) -> None:
+        self._within("max_frames", frames, "frames")
+
+    def check_images(self, images: int) -> None:
+        self._within("max_images", images, "images")
+
+    def check_disk(self, folder: str) -> None:
+        if self.max_output_gb is None:
+            return
+        used = sum(os.path.getsize(os.path.join(root, f)) for root, _, names in os.walk(folder) for f in names
+                   if os.path.isfile(os.path.join(root, f)))
+        check(used < self.max_output_gb * 2**30,
+              f"the app's output folder holds {used / 2**30:.1f} GB, its limit (the operator's --max-output-gb); "
+              f"no new render starts until it is cleared. Received: output folder={folder!r}")
+
+
+# Defaults for an app reachable from the network: a GPU-sized request, not a day of rendering.
+NETWORK_LIMITS = Limits(max_frames=240, max_size=768, max_steps=50, max_images=8, max_batch=8, max_output_gb=20.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """What visitors may choose.
+
+    Args:
+        network: bool. Reachable from the network: choose among `weights` and `loras`
+            by name only. False: a local app, paths typed in the Model section.
+        weights: {name: weight source} offered (network mode).
+        loras: {name: LoRA file} offered (network mode).
+    """
+
+    network: bool = False
+    weights: dict = dataclasses.field(default_factory=dict)
+    loras: dict = dataclasses.field(default_factory=dict)
+
+
+def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None) -> Access:
+    """The network mode's offer: the weights and LoRAs named at start, and the files in
+    `models_dir` recognised by their headers (a checkpoint or a LoRA; anything else is
+    left out), listed by name. Nothing a visitor types is ever opened."""
+    weights, loras = {}, {}
+    if spec is not None:
+        weights[os.path.basename(spec.weights.rstrip("/")) or spec.weights] = spec.weights
+        for lora in spec.loras:
+            loras[os.path.basename(lora.path)] = lora.path
+    if models_dir is not None:
+        check(os.path.isdir(models_dir), f"models_dir must be a folder. Received: models_dir={models_dir!r}")
+        for name in sorted(os.listdir(models_dir)):
+            path = os.path.join(models_dir, name)
+            if weight_source_kind(path) == "checkpoint":
+                try:
+                    inspect_checkpoint(path)
+                    weights.setdefault(name, path)
+                    continue
+                except SdanimError:
+                    pass
+            if os.path.isfile(path):
+                try:
+                    read_lora(path)
+                    loras.setdefault(name, path)
+                except SdanimError:
+                    pass
+    return Access(network=True, weights=weights, loras=loras)
+
+
+class ModelHolder:
+    """One model for the app, reused; another is loaded (and the old one dropped) only
+    for another image size, with a message. A model handed in without a spec is the only one."""
+
+    def __init__(self, model=None, spec: Optional[ModelSpec] = None, access: Optional[Access] = None):
+        if spec is None and model is not None and hasattr(model, "weights") and hasattr(model, "version"):
+            spec = ModelSpec(version=model.version, weights=model.weights, precision=model.precision,
+                             loras=tuple(getattr(model, "loras", ())))
+        self.model = model
+        self.spec = spec if (spec is not None or model is not None) else ModelSpec()
+        self.access = access or Access()
+        self.lock = threading.Lock()
+
+    def get(self, settings, notify=print):
+        with self.lock:
+            if self.model is not None and (self.model.height, self.model.width) == (settings.height, settings.width):
+                return self.model
+            check(self.spec is not None,
+                  f"this app's model is built for {self.model.width}x{self.model.height}; choose that size. "
+                  f"Received: size={settings.width}x{settings.height}")
+            notify(f"Loading the model for {settings.width}x{settings.height} (about a minute on a GPU, "
+                   "more on a CPU); it is kept for the next renders.")
+            self.model = None
+            gc.collect()
+            self.model = self.spec.load(settings.height, settings.width)
+            return self.model
+
+    def _wanted(self, weights: str, loras) -> tuple:
+        """(weight source, LoRAs) a request asks for, checked before anything changes."""
+        if self.access.network:
+            check(weights in self.access.weights,
+                  f"choose weights from the list this app offers ({', '.join(self.access.weights) or 'none'}). "
+                  f"Received: weights={weights!r}")
+            names = [x for x in (loras if isinstance(loras, (list, tuple)) else [loras]) if x]
+            unknown = [x for x in names if x not in self.access.loras]
+            check(not unknown, f"choose LoRAs from the list this app offers ({', '.join(self.access.loras) or 'none'}). "
+                               f"Received: loras={unknown!r}")
+            return self.access.weights[weights], tuple(Lora(self.access.loras[x]) for x in names)
+        check(weight_source_kind(weights) in ("keras-cv", "random") or os.path.exists(weights),
+              "weights must be keras-cv, random, a folder of .h5 files or a checkpoint that exists. "
+              f"Received: weights={weights!r}")  # here, not a minute into the next render
+        return weights, check_lora_files(as_loras([x.strip() for x in str(loras or "").split(",") if x.strip()]))
+
+    def use(self, weights: str, loras) -> str:
+        """Switches the weight source and/or LoRAs (local: a path and comma-separated
+        FILE[:SCALE]; network: names from the offer). Checked first; LoRAs alone change
+        in place (no rebuild), new weights load at the next render."""
+        weights = str(weights or "").strip()
+        check(self.spec is not None,
+              "this app was started with a model object of its own; start it with --weights "
+              f"(or launch(spec=...)) to switch weights. Received: weights={weights!r}")
+        if not self.access.network:
+            weights = weights or self.spec.weights
+        source, wanted = self._wanted(weights, loras)
+        with self.lock:
+            if source == self.spec.weights:
+                self.spec = dataclasses.replace(self.spec, loras=wanted)
+                if self.model is not None and self.model.loras != wanted:
+                    self.model.set_loras(wanted)
+                return f"Using {weights} with {len(wanted)} LoRA(s); the loaded model was changed in place."
+            self.spec = dataclasses.replace(self.spec, weights=source, version=None, loras=wanted)
+            self.model = None
+            gc.collect()
+            return f"Using {weights} with {len(wanted)} LoRA(s): the model loads at the next render."

@@ -1,0 +1,199 @@
+"""KerasCV's layers, swapped per model instance for faster or extended forms. Only this
+module (with the loader) knows KerasCV's layer classes.
+
+- `use_fused_attention`: attention through keras.ops.dot_product_attention (flash /
+  cuDNN kernels where the backend has them).
+- `use_fast_layers`: GroupNormalization in two stages and stride-1 padded convolutions
+  padded inside the kernel (TensorFlow on a CPU).
+- `attach_context_cache`: every cross-attention's keys and values of the text context
+  made once per batch (`sdanim.model.context_cache`).
+
+Only the given model's layer instances change (their `call`), never KerasCV's classes;
+the weights are untouched. Each function drops the model's compiled functions, which
+were traced with the old calls.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+from sdanim.core.runtime import import_keras, import_keras_cv
+from sdanim.model import context_cache
+from sdanim.model.compiled import forget_compiled
+
+
+def _keras_cv_layers():
+    """KerasCV's layer classes sdanim swaps: (CrossAttention, AttentionBlock,
+    BasicTransformerBlock, PaddedConv2D)."""
+    import_keras_cv()
+    from keras_cv.src.models.stable_diffusion.attention_block import AttentionBlock
+    from keras_cv.src.models.stable_diffusion.diffusion_model import BasicTransformerBlock, CrossAttention
+    from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
+
+    return CrossAttention, AttentionBlock, BasicTransformerBlock, PaddedConv2D
+
+
+def _fused_cross_attention_call(self, inputs, context=None):
+    """KerasCV CrossAttention.call through keras.ops.dot_product_attention."""
+    ops = import_keras().ops
+    if context is None:
+        context = inputs
+    q, k, v = self.to_q(inputs), self.to_k(context), self.to_v(context)
+    q = ops.reshape(q, (-1, inputs.shape[1], self.num_heads, self.head_size))  # (B, T, N, H)
+    k = ops.reshape(k, (-1, context.shape[1], self.num_heads, self.head_size))  # (B, S, N, H)
+    v = ops.reshape(v, (-1, context.shape[1], self.num_heads, self.head_size))  # (B, S, N, H)
+    attn = ops.dot_product_attention(q, k, v, scale=self.scale)  # (B, T, N, H)
+    out = ops.reshape(attn, (-1, inputs.shape[1], self.num_heads * self.head_size))  # (B, T, N*H)
+    return self.out_proj(out)
+
+
+def _fused_vae_attention_call(self, inputs):
+    """KerasCV AttentionBlock.call (one head over h*w pixels) through dot_product_attention."""
+    ops = import_keras().ops
+    x = self.norm(inputs)
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    h, w, c = q.shape[1], q.shape[2], q.shape[3]
+    q = ops.reshape(q, (-1, h * w, 1, c))  # (B, h, w, c) -> (B, hw, 1, c)
+    k = ops.reshape(k, (-1, h * w, 1, c))
+    v = ops.reshape(v, (-1, h * w, 1, c))
+    y = ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))  # (B, hw, 1, c)
+    y = ops.reshape(y, (-1, h, w, c))  # (B, hw, 1, c) -> (B, h, w, c)
+    return self.proj_out(y) + inputs
+
+
+def use_fused_attention(keras_model, enabled: bool = True) -> int:
+    """Routes a KerasCV model's attention through `keras.ops.dot_product_attention`.
+
+    That op uses fused (flash / cuDNN) kernels on backends and devices that have them.
+    Only the given model's layer instances change (their `call`), not KerasCV's
+    classes; the weights are untouched. `enabled=False` restores KerasCV's own call.
+    Sampling steps already compiled for the model are dropped, so the next render
+    traces the new attention. Returns the number of layers switched.
+    """
+    CrossAttention, AttentionBlock, _, _ = _keras_cv_layers()
+    count = 0
+    for layer in keras_model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, CrossAttention):
+            fused_call = _fused_cross_attention_call
+        elif isinstance(layer, AttentionBlock):
+            fused_call = _fused_vae_attention_call
+        else:
+            continue
+        if enabled:
+            object.__setattr__(layer, "call", types.MethodType(fused_call, layer))
+        else:
+            layer.__dict__.pop("call", None)
+        count += 1
+    forget_compiled(keras_model)
+    return count
+
+
+def _group_norm_call(self, inputs):
+    """keras.layers.GroupNormalization.call (channels last) with the group statistics
+    reduced in two stages: over the pixels (a reduction over one outer axis, which
+    TensorFlow's CPU kernels vectorize), then over each group's channels. The same
+    two-pass mean and variance in float32; only the summation order differs (about
+    4e-6 on unit-scale activations). Half the time of the reduction over (h, w,
+    channels-in-group) of a 5-D reshape on a CPU (docs/benchmarks.md)."""
+    ops = import_keras().ops
+    shape = inputs.shape
+    channels, groups = shape[-1], self.groups
+    per_group = channels // groups
+    pixels = 1
+    for size in shape[1:-1]:
+        pixels *= size
+    count = float(pixels * per_group)
+    x = ops.reshape(ops.cast(inputs, "float32"), (-1, pixels, channels))  # (B, ..., C) -> (B, P, C)
+
+    def group_mean(t):  # (B, P, C) -> (B, 1, C): the mean of each channel's group
+        sums = ops.sum(t, axis=1)  # (B, C)
+        sums = ops.sum(ops.reshape(sums, (-1, groups, per_group)), axis=2, keepdims=True)  # (B, G, 1)
+        means = ops.repeat(sums / count, per_group, axis=2)  # (B, G, C/G)
+        return ops.reshape(means, (-1, 1, channels))
+
+    mean = group_mean(x)
+    inv = ops.rsqrt(group_mean(ops.square(x - mean)) + self.epsilon)  # (B, 1, C)
+    if self.scale:
+        inv = inv * ops.cast(self.gamma, "float32")
+    shift = -mean * inv
+    if self.center:
+        shift = shift + ops.cast(self.beta, "float32")
+    out = ops.cast(x * inv + shift, inputs.dtype)
+    return ops.cast(ops.reshape(out, ops.shape(inputs)), self.compute_dtype)
+
+
+def _same_padded_conv_call(self, inputs):
+    """KerasCV PaddedConv2D.call for a stride-1 convolution padded by (k - 1) / 2: the
+    convolution pads itself ("same"), so the zero-padded copy of the input is not
+    made. The same sums in the same order (bit-identical on TensorFlow's CPU kernels)."""
+    return self.conv2d(inputs)
+
+
+def _pads_like_same(layer) -> bool:
+    """Whether a PaddedConv2D is a stride-1 convolution padded by (k - 1) / 2 on each side."""
+    conv, pad = layer.conv2d, layer.padding2d.padding
+    kh, kw = conv.kernel_size
+    return (
+        tuple(conv.strides) == (1, 1)
+        and kh % 2 == 1 and kw % 2 == 1
+        and tuple(pad) == (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
+        and conv.padding == "valid"
+    )
+
+
+def use_fast_layers(keras_model, enabled: bool = True) -> int:
+    """Swaps two of a KerasCV model's layer kinds for faster equivalents on a CPU:
+    GroupNormalization with its statistics reduced in two stages (`_group_norm_call`),
+    and PaddedConv2D at stride 1 with the padding done inside the convolution instead
+    of by a zero-padded copy (`_same_padded_conv_call`). Only the given model's layer
+    instances change, not the classes; weights are untouched. `enabled=False` restores
+    KerasCV's layers. Compiled sampling functions of the model are dropped (they retrace).
+    Returns the number of layers switched.
+
+    Frames move by float32 rounding only: the convolution is bit-identical, the group
+    statistics sum in another order (tests/test_heavy.py holds both against KerasCV's).
+    """
+    keras = import_keras()
+    _, _, _, PaddedConv2D = _keras_cv_layers()
+    count = 0
+    for layer in keras_model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.GroupNormalization):
+            if enabled and layer.axis != -1:
+                continue
+            fast = _group_norm_call
+        elif isinstance(layer, PaddedConv2D):
+            if enabled and not _pads_like_same(layer):
+                continue
+            fast = _same_padded_conv_call
+        else:
+            continue
+        if enabled:
+            if isinstance(layer, PaddedConv2D):
+                layer.conv2d.padding = "same"
+            object.__setattr__(layer, "call", types.MethodType(fast, layer))
+            count += 1
+        elif "call" in layer.__dict__:
+            if isinstance(layer, PaddedConv2D):
+                layer.conv2d.padding = "valid"
+            del layer.__dict__["call"]
+            count += 1
+    forget_compiled(keras_model)
+    if hasattr(keras_model, "predict_function"):
+        keras_model.predict_function = None  # KerasCV's loop retraces too
+    return count
+
+
+def attach_context_cache(unet) -> int:
+    """Gives a KerasCV UNet a context model (`sdanim.context_cache`): every
+    cross-attention's keys and values of the text context, made once per batch by the
+    samplers instead of at every step. Returns the number of projections (32 for SD 1.x
+    and 2.x: 16 transformer blocks x keys, values)."""
+    _, _, BasicTransformerBlock, _ = _keras_cv_layers()
+    layers = []
+    for layer in unet._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, BasicTransformerBlock):
+            layers += [layer.attn2.to_k, layer.attn2.to_v]
+    if not layers:
+        return 0
+    return context_cache.attach(unet, layers, tuple(unet.inputs[2].shape[1:]))

@@ -1,0 +1,421 @@
+"""Frame plan -> images: batched sampling with one fused UNet call per step.
+
+KerasCV's generate_image calls the UNet twice per step (unconditional, then
+conditional, each at batch B) through predict_on_batch. Here:
+
+1. the unconditional (or negative-prompt) context is encoded once per run;
+2. the timestep embeddings of every step are computed once, on the host;
+3. each step makes one UNet call on the concatenated (uncond, cond) batch of 2B;
+4. ancestral noise for all steps is drawn from each frame's own seed before the loop;
+5. every cross-attention's projections of the text context (keys, values) are made
+   once per batch, not at every step, where the UNet has a context model
+   (`sdanim.model.context_cache`);
+6. the decoder runs once per batch;
+7. all of it -- every step's UNet call, guidance, the sampler's update (as a table of
+   coefficients, `Scheduler.coefficients`), inpainting's reset and the decode -- is one
+   compiled program per batch shape: a `fori_loop` inside one tf.function (TensorFlow)
+   or one jax.jit (JAX), XLA where asked; torch runs the same loop eagerly. The
+   step-at-a-time loop (`sample_latents`) stays for callers that look at every step.
+
+Shapes stay constant: the caller pads the last short batch (see `render_frames`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdanim.config.choices import LOOPS
+from sdanim.config.errors import check
+from sdanim.config.settings import RenderSettings
+from sdanim.core.noise import step_noise
+from sdanim.core.runtime import import_keras, keras_ops
+from sdanim.core.schedulers import make_scheduler, steps_for_strength, timestep_embedding
+from sdanim.model import context_cache
+from sdanim.model.compiled import compiled
+
+
+def _context_kv(calls, context, uncond=None):
+    """The UNet's context projections (`context_cache`) for the context it will see:
+    (uncond, context) concatenated when guided, else the context. calls: (context model,)."""
+    ops = keras_ops()
+    if uncond is not None:
+        context = ops.concatenate([uncond, context], axis=0)  # (B, 77, D) -> (2B, 77, D)
+    projections = calls[0](context)
+    return list(projections) if isinstance(projections, (list, tuple)) else [projections]
+
+
+def _guided_eps(calls, latent, t_emb, context, uncond, guidance, kv=None):
+    """One UNet call on the concatenated batch, then classifier-free guidance.
+
+    latent (B, h, w, 4), t_emb (B, 320), context and uncond (B, 77, D), guidance ();
+    kv: `_context_kv(..., context, uncond)`, or None to project the context here.
+    """
+    ops = keras_ops()
+    call = calls[0]
+
+    x2 = ops.concatenate([latent, latent], axis=0)  # (B, h, w, 4) -> (2B, h, w, 4)
+    t2 = ops.concatenate([t_emb, t_emb], axis=0)  # (B, 320) -> (2B, 320)
+    c2 = ops.concatenate([uncond, context], axis=0)  # (B, 77, D) -> (2B, 77, D)
+    with context_cache.reuse(call.model_ref(), kv):
+        eps = ops.cast(call([x2, t2, c2]), "float32")  # (2B, h, w, 4)
+    eps_uncond, eps_cond = ops.split(eps, 2, axis=0)  # 2 x (B, h, w, 4)
+    # Classifier-free guidance (Ho & Salimans 2022, eq. 6).
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def _cond_eps(calls, latent, t_emb, context, uncond=None, guidance=None, kv=None):
+    """guidance == 1: the guided prediction is the conditional one; skip the other half.
+    kv: `_context_kv(..., context)` or None."""
+    ops = keras_ops()
+    with context_cache.reuse(calls[0].model_ref(), kv):
+        return ops.cast(calls[0]([latent, t_emb, context]), "float32")
+
+
+def _decode(calls, latent):
+    """(B, h, w, 4) latent -> (B, 8h, 8w, 3) float in [-1, 1]."""
+    ops = keras_ops()
+    return ops.cast(calls[0](latent), "float32")
+
+
+def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
+    """The whole sampling loop and the decode as one function of tensors, for one kind
+    of batch (with or without guidance, per-step noise, a kept region). Compiled once
+    per kind and shape (`compiled`); its tables and first step are inputs, so another
+    sampler or strength at the same step count changes no trace.
+
+    calls: (UNet, decoder) or (UNet, decoder, the UNet's context model): with the
+    context model, the context's projections are made once, before the loop.
+    latent (B, h, w, 4): the state before step `start`.
+    context, uncond (B, 77, D); guidance (); t_embs (N, B, 320); scales (N,): the UNet
+    sees x * scales[i]; coefs (N, 6): `Scheduler.coefficients`; start (): the first step.
+    noises (N, B, h, w, 4): each step's fresh noise (if noisy). known, noise (B, h, w, 4),
+    paint (B, h, w, 1), kept (N, 2): after step i the region where paint is 0 is reset to
+    kept[i, 0] * known + kept[i, 1] * noise (if masked).
+    Returns (B, 8h, 8w, 3) float32 images in [-1, 1].
+    """
+    eps_fn = _guided_eps if guided else _cond_eps
+
+    def program(calls, latent, context, uncond, guidance, t_embs, scales, coefs, start,
+                noises=None, known=None, noise=None, paint=None, kept=None):
+        ops = keras_ops()
+        num_steps = int(coefs.shape[0])
+        kv = _context_kv(calls[2:], context, uncond if guided else None) if len(calls) > 2 else None
+
+        def step(i, carry):
+            latent, prev = carry
+            row = ops.take(coefs, i, axis=0)  # (6,)
+            model_in = latent * ops.take(scales, i, axis=0)
+            eps = eps_fn(calls, model_in, ops.take(t_embs, i, axis=0), context, uncond, guidance, kv)
+            denoised = row[0] * latent + row[1] * eps
+            latent = row[2] * latent + row[3] * eps + row[4] * prev
+            if noisy:
+                latent = latent + row[5] * ops.take(noises, i, axis=0)
+            if masked:
+                level = ops.take(kept, i, axis=0)  # (2,)
+                latent = paint * latent + (1.0 - paint) * (level[0] * known + level[1] * noise)
+            return latent, denoised
+
+        latent, _ = ops.fori_loop(start, num_steps, step, (latent, ops.zeros_like(latent)))
+        return _decode(calls[1:2], latent)
+
+    program.__name__ = f"program_{int(guided)}{int(noisy)}{int(masked)}"
+    return program
+
+
+def default_loop(jit_compile: bool) -> str:
+    """What loop="auto" runs: "program" on JAX and under XLA, else "steps"."""
+    keras = import_keras()
+    return "program" if keras.backend.backend() == "jax" or jit_compile else "steps"
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> uint8, truncating exactly as KerasCV's generate_image does."""
+    return np.clip(((decoded + 1.0) / 2.0) * 255.0, 0, 255).astype("uint8")
+
+
+class Renderer:
+    """Samples images from (context, noise) batches with a fixed model and settings.
+
+    Args:
+        diffusion_model: Keras model `[latent, t_emb, context] -> eps`.
+        decoder: Keras model `latent -> image in [-1, 1]`.
+        settings: `RenderSettings` (size, steps, guidance, scheduler).
+        unconditional_context: (77, D) embedding of "" or of the negative prompt.
+        jit_compile: bool. Compile the step with XLA. Defaults to False.
+        strength: float in [0, 1]. With initial latents (image-to-image), how much
+            of the schedule is run: the latents are noised to step N - round(strength N)
+            and denoised from there; 1 ignores them (pure noise, as text-to-image).
+            Defaults to 1.
+        loop: str. "program" (the whole loop and the decode compiled as one program
+            per batch shape), "steps" (one compiled UNet call per step, the sampler's
+            update between them in Python, as `sample_latents` runs it) or "auto": the
+            program on JAX and under XLA, the steps on TensorFlow without XLA (where
+            the program measured 7% slower on CPU: docs/benchmarks.md) and on torch
+            (eager either way). Frames are within 1 uint8 level of each other.
+            Defaults to "auto".
+
+    Example:
+    ```python
+    renderer = Renderer(model.diffusion_model, model.decoder, settings, uncond)
+    images = renderer.render(contexts, noises, seeds)  # (B, H, W, 3) uint8
+    ```
+    """
+
+    def __init__(
+        self,
+        diffusion_model,
+        decoder,
+        settings: RenderSettings,
+        unconditional_context: np.ndarray,
+        jit_compile: bool = False,
+        strength: float = 1.0,
+        loop: str = "auto",
+    ):
+        check(loop in LOOPS, f"loop must be one of {', '.join(LOOPS)}. Received: loop={loop!r}")
+        self.loop = default_loop(jit_compile) if loop == "auto" else loop
+        self.settings = settings
+        self.scheduler = make_scheduler(settings.scheduler, settings.num_steps)
+        # Image-to-image starts here; 0 = from pure noise.
+        self.start_step = settings.num_steps - steps_for_strength(strength, settings.num_steps)
+        self.unconditional_context = np.asarray(unconditional_context, dtype=np.float32)
+        self.guidance = float(settings.guidance_scale)
+        # (N, 320): every step's timestep embedding, once.
+        self._t_embs = np.stack([timestep_embedding(t) for t in self.scheduler.timesteps])
+        sched = self.scheduler
+        self._coefs: dict = {}  # first step run -> (N, 6) `Scheduler.coefficients`
+        self._scales = np.array([sched.input_scale(i) for i in range(sched.num_steps)], np.float32)  # (N,)
+        # (N, 2): the kept region's (a, b) after step i, x = a * x0 + b * noise.
+        self._kept = np.array([sched.noise_levels(i + 1) for i in range(sched.num_steps)], np.float32)
+        # The UNet's context model, if it has one: the context's projections once per batch.
+        context_model = context_cache.context_model(diffusion_model)
+        self._models = (diffusion_model, decoder) + ((context_model,) if context_model is not None else ())
+        self._programs: dict = {}
+        self._jit_compile = jit_compile
+        if self.guidance == 1.0:
+            self._eps_fn = compiled(_cond_eps, (diffusion_model,), jit_compile)
+        else:
+            self._eps_fn = compiled(_guided_eps, (diffusion_model,), jit_compile)
+        self._decode_fn = compiled(_decode, (decoder,), jit_compile)
+        self._kv_fn = None if context_model is None else compiled(_context_kv, (context_model,), jit_compile)
+
+    def _kv(self, context, uncond):
+        """The context's projections for every step of this batch (None: no context model)."""
+        if self._kv_fn is None:
+            return None
+        return self._kv_fn(context) if self.guidance == 1.0 else self._kv_fn(context, uncond)
+
+    def _eps(self, latent, t_emb, context, uncond, guidance, kv=None):
+        if self.guidance == 1.0:
+            return self._eps_fn(latent, t_emb, context, None, None, kv)
+        return self._eps_fn(latent, t_emb, context, uncond, guidance, kv)
+
+    def _coef_table(self, start: int) -> np.ndarray:
+        """The sampler's steps as (N, 6) float32 rows, the first one run from `start`
+        (image-to-image starts later; without init latents every batch starts at 0)."""
+        if start not in self._coefs:
+            self._coefs[start] = self.scheduler.coefficients(start).astype(np.float32)
+        return self._coefs[start]
+
+    def _inputs(self, contexts, noises, seeds, init_latents, masks) -> dict:
+        """The loop's tensors, on the device once (both loops share them)."""
+        ops = keras_ops()
+        sched = self.scheduler
+        batch = len(contexts)
+        check(masks is None or init_latents is not None, "masks need init_latents (the image to keep)")
+        out = {
+            "context": ops.convert_to_tensor(np.asarray(contexts, np.float32)),  # (B, 77, D)
+            "uncond": ops.convert_to_tensor(
+                np.repeat(self.unconditional_context[None], batch, axis=0)
+            ),  # (77, D) -> (B, 77, D)
+            "guidance": ops.convert_to_tensor(np.float32(self.guidance)),
+            # (N, 320) -> (N, B, 320)
+            "t_embs": ops.convert_to_tensor(np.repeat(self._t_embs[:, None], batch, axis=1)),
+            "noise": ops.convert_to_tensor(np.asarray(noises, np.float32)),  # (B, h, w, 4)
+            "noises": None,
+            "known": None,
+            "paint": None,
+            "start": 0,
+        }
+        if sched.needs_noise:
+            # (B, N, h, w, 4) -> (N, B, h, w, 4): each frame's own stream.
+            per_frame = [step_noise(s, sched.num_steps, noises.shape[1:]) for s in seeds]
+            out["noises"] = ops.convert_to_tensor(np.stack(per_frame, axis=1))
+        if init_latents is not None:
+            out["known"] = ops.convert_to_tensor(np.asarray(init_latents, np.float32))  # (B, h, w, 4)
+            out["start"] = self.start_step
+        if out["start"] == 0:
+            out["latent"] = out["noise"] * sched.init_noise_sigma
+        else:
+            out["latent"] = sched.noised(out["start"], out["known"], out["noise"])
+        if masks is not None:
+            out["paint"] = ops.convert_to_tensor(np.asarray(masks, np.float32))  # (B, h, w, 1)
+        return out
+
+    def sample_latents(
+        self,
+        contexts: np.ndarray,
+        noises: np.ndarray,
+        seeds: Sequence[int],
+        init_latents: Optional[np.ndarray] = None,
+        masks: Optional[np.ndarray] = None,
+        on_step: Optional[Callable] = None,
+    ):
+        """Runs the denoising loop. contexts (B, 77, D), noises (B, h, w, 4) -> latents.
+
+        init_latents (B, h, w, 4): clean latents to start from (image-to-image, at the
+            renderer's strength) or to keep (inpainting).
+        masks (B, h, w, 1): 1 where the model paints, 0 where `init_latents` is kept.
+            After every step the kept region is reset to init_latents noised to that
+            step with the frame's own noise, so it reaches the clean latent exactly at
+            the end (the inpainting of Lugmayr et al. 2022 without resampling).
+        on_step: called as on_step(i, denoised) after step i with the predicted clean
+            latent (B, h, w, 4) (step views).
+        """
+        sched = self.scheduler
+        inputs = self._inputs(contexts, noises, seeds, init_latents, masks)
+        context, uncond, guidance = inputs["context"], inputs["uncond"], inputs["guidance"]
+        step_noises, noise, known, paint = inputs["noises"], inputs["noise"], inputs["known"], inputs["paint"]
+        latent, start = inputs["latent"], inputs["start"]
+        kv = self._kv(context, uncond)
+        denoised = None
+        # 2. The loop: one fused UNet call and one scheduler update per step.
+        for i in range(start, sched.num_steps):
+            model_in = latent if sched.input_scale(i) == 1.0 else latent * sched.input_scale(i)
+            t_emb = inputs["t_embs"][i]
+            eps = self._eps(model_in, t_emb, context, uncond, guidance, kv)
+            fresh = step_noises[i] if step_noises is not None else None
+            latent, denoised = sched.step(i, latent, eps, denoised, fresh)
+            if masks is not None:
+                latent = paint * latent + (1.0 - paint) * sched.noised(i + 1, known, noise)
+            if on_step is not None:
+                on_step(i, denoised)
+        return latent
+
+    def decode(self, latents) -> np.ndarray:
+        """(B, h, w, 4) -> (B, H, W, 3) uint8."""
+        ops = keras_ops()
+        return to_uint8(ops.convert_to_numpy(self._decode_fn(latents)))
+
+    def render(self, contexts, noises, seeds, init_latents=None, masks=None) -> np.ndarray:
+        """(B, 77, D) contexts and (B, h, w, 4) noises -> (B, H, W, 3) uint8 images
+        (init_latents and masks as in `sample_latents`), by the renderer's `loop`."""
+        if self.loop == "steps":
+            return self.decode(self.sample_latents(contexts, noises, seeds, init_latents, masks))
+        keras = import_keras()
+        ops = keras.ops
+        inputs = self._inputs(contexts, noises, seeds, init_latents, masks)
+        noisy, masked = inputs["noises"] is not None, inputs["paint"] is not None
+        kind = (self.guidance != 1.0, noisy, masked)
+        if kind not in self._programs:
+            self._programs[kind] = compiled(_program(*kind), self._models, self._jit_compile)
+        program = self._programs[kind]
+        start = inputs["start"]
+        if keras.backend.backend() != "torch":
+            start = ops.convert_to_tensor(np.int32(start))  # an input, not a constant: no retrace
+        args = [
+            inputs["latent"], inputs["context"], inputs["uncond"], inputs["guidance"], inputs["t_embs"],
+            ops.convert_to_tensor(self._scales), ops.convert_to_tensor(self._coef_table(inputs["start"])), start,
+        ]
+        if noisy or masked:
+            args.append(inputs["noises"] if noisy else None)
+        if masked:
+            args += [inputs["known"], inputs["noise"], inputs["paint"], ops.convert_to_tensor(self._kept)]
+        return to_uint8(ops.convert_to_numpy(program(*args)))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the backends' out-of-memory errors (TF ResourceExhaustedError, XLA's
+    RESOURCE_EXHAUSTED, torch.cuda.OutOfMemoryError)."""
+    name = type(error).__name__
+    text = str(error)
+    return (
+        name in ("ResourceExhaustedError", "OutOfMemoryError")
+        or "RESOURCE_EXHAUSTED" in text
+        or "OOM when allocating" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Frame indices grouped by the batch an uninterrupted run renders them in: frame i
+    in batch i // batch_size, at slot i % batch_size (`slots`). A resumed run, a retried
+    frame or another worker renders each frame in the same batch shape at the same slot,
+    so it is the same image even where a kernel's rounding depends on the batch (oneDNN,
+    bfloat16). The last batch of a run may be short (the caller pads it)."""
+    check(batch_size >= 1, f"batch_size must be at least 1. Received: batch_size={batch_size}")
+    groups: dict = {}
+    for index in indices:
+        groups.setdefault(index // batch_size, []).append(index)
+    return list(groups.values())
+
+
+def slots(batch: Sequence[int], batch_size: int) -> list[int]:
+    """The frames the model sees for one of `batches`: each frame at slot
+    index % batch_size; a slot whose frame is not in the batch repeats the batch's last
+    frame (its row is dropped), so every model call has the same shape (one trace)."""
+    padded = [batch[-1]] * batch_size
+    for index in batch:
+        padded[index % batch_size] = index
+    return padded
+
+
+def render_frames(
+    renderer: Renderer,
+    plan,
+    indices: Iterable[int],
+    batch_size: int,
+    on_batch: Optional[Callable[[list, np.ndarray], None]] = None,
+    progress: bool = True,
+) -> dict:
+    """Renders `plan`'s frames `indices` in the batches of `batches` (padded by `slots`).
+
+    Each batch is handed to `on_batch(indices, images)` as soon as it exists (to write
+    it to disk). If a batch runs out of device memory, the batch size is halved (once
+    said, in a warning) and the batch retried; frames already rendered are kept.
+
+    Returns:
+        {frame index: (H, W, 3) uint8 image}.
+    """
+    todo = list(indices)
+    out: dict = {}
+    bar = tqdm(total=len(todo), unit="frame", desc="rendering", disable=not progress)
+    try:
+        while todo:
+            chunk = batches(todo, batch_size)[0]
+            padded = slots(chunk, batch_size)
+            frames = plan.batch(padded)
+            contexts = np.stack([f.context for f in frames])  # (B, 77, D)
+            noises = np.stack([f.noise for f in frames])  # (B, h, w, 4)
+            seeds = [f.seed for f in frames]
+            extra = {}
+            if frames[0].init_latent is not None:
+                extra["init_latents"] = np.stack([f.init_latent for f in frames])  # (B, h, w, 4)
+            if frames[0].mask is not None:
+                extra["masks"] = np.stack([f.mask for f in frames])  # (B, h, w, 1)
+            try:
+                rendered = renderer.render(contexts, noises, seeds, **extra)  # (B, H, W, 3)
+            except Exception as error:  # noqa: BLE001 - re-raised unless OOM
+                if not is_out_of_memory(error) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                warnings.warn(
+                    f"out of device memory; batch_size lowered to {batch_size} and the "
+                    "batch retried (frames already rendered are kept)",
+                    stacklevel=2,
+                )
+                continue
+            images = rendered[[index % batch_size for index in chunk]]  # (len(chunk), H, W, 3)
+            for index, image in zip(chunk, images):
+                out[index] = image
+            if on_batch is not None:
+                on_batch(chunk, images)
+            done = set(chunk)
+            todo = [index for index in todo if index not in done]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return out

@@ -1,0 +1,387 @@
+"""Animations: `morph` (prompt to prompt), `animate` (any keyframe walk) and
+`image_morph` (between two images), on the shared run set-up of `sdanim.render.run`.
+
+    prompts -> embeddings -> keyframes + noise -> frame plan -> batched sampling
+            -> frames on disk -> export
+
+Every check that needs no model runs first, before any model is built: front-ends
+hand over specs and settings and print the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sdanim.config import __version__
+from sdanim.config.choices import INTERPOLATIONS, MORPH_NOISES
+from sdanim.config.errors import check
+from sdanim.config.export import ExportSettings
+from sdanim.config.settings import RenderSettings
+from sdanim.core import audio as audio_lib
+from sdanim.core.interpolation import check_easing, split_frames
+from sdanim.core.keyframes import Walk, normalize_prompt, walk_from_prompts
+from sdanim.core.noise import check_seed
+from sdanim.core.pixels import fit_image, load_image
+from sdanim.core.smoothness import consecutive_distances, smoothness_report
+from sdanim.core.spacing import check_spacing, uniform_positions
+from sdanim.core.schedulers import steps_for_strength
+from sdanim.render.export import blend_double, check_output, contact_sheet, write_video
+from sdanim.render.jobs import FrameJob, ImageMorphJob, render_record
+from sdanim.render.ray import check_workers_args
+from sdanim.render.run import frame_source, open_run_folder, tiny_decoder_available, versions
+from sdanim.render.post import PostProcess, check_post, post_process
+from sdanim.render.store import FrameStore, PngSequence, ensure_folder, write_png
+
+
+@dataclasses.dataclass
+class MorphResult:
+    """What `morph` made."""
+
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    out: str  # the GIF or MP4
+    frames_dir: str  # PNG frames and manifest.json
+    sheet: Optional[str]  # contact sheet PNG, if asked for
+    rendered: int  # frames rendered by this call (the rest were already on disk)
+    seconds: float  # wall time of this call, model loading excluded
+    smoothness: dict  # consecutive-frame distances and their spread (sdanim.smoothness)
+
+
+def check_morph_args(prompts, out, frames, seed, interpolation="slerp", noise="fixed", seeds=None,
+                     export: Optional[ExportSettings] = None):
+    """Checks morph's arguments (cheap; before any model is built) and creates the
+    output folder. Returns (intervals per transition, per-keyframe seeds)."""
+    check(len(prompts) >= 2, f"morph needs at least 2 prompts. Received: {len(prompts)} prompt(s)")
+    for p in prompts:
+        normalize_prompt(p, "prompts")
+    intervals = split_frames(frames, len(prompts) - 1)
+    check_output(export or ExportSettings(), out)
+    check(interpolation in INTERPOLATIONS,
+          f"interpolation must be one of {', '.join(INTERPOLATIONS)}. Received: interpolation={interpolation!r}")
+    check(noise in MORPH_NOISES, f"noise must be one of {', '.join(MORPH_NOISES)}. Received: noise={noise!r}")
+    seed = check_seed(seed)
+    if noise == "fixed":
+        check(seeds is None, "seeds (per prompt) only apply with noise='slerp'. Received: noise='fixed'")
+        keyframe_seeds = [seed] * len(prompts)
+    else:
+        keyframe_seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
+        check(
+            len(keyframe_seeds) == len(prompts),
+            f"seeds needs one seed per prompt ({len(prompts)}). Received: seeds={keyframe_seeds}",
+        )
+        keyframe_seeds = [check_seed(s, "seeds") for s in keyframe_seeds]
+    return intervals, keyframe_seeds
+
+
+def morph(
+    prompts: Sequence,
+    out: str = "outputs/morph.gif",
+    frames: int = 24,
+    seed: int = 42,
+    settings: Optional[RenderSettings] = None,
+    export: Optional[ExportSettings] = None,
+    model=None,
+    negative_prompt: Optional[str] = None,
+    interpolation: str = "slerp",
+    noise: str = "fixed",
+    seeds: Optional[Sequence[int]] = None,
+    easing: str = "linear",
+    spacing: str = "linear",
+    preview_steps: Optional[int] = None,
+    workers=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch=None,
+) -> MorphResult:
+    """Renders a prompt-to-prompt morph A -> B (-> C ...) and exports it.
+
+    Frames are written as PNG to `<out stem>_frames/` as each batch finishes, with a
+    manifest.json; running the same call again after an interruption renders only the
+    missing frames.
+
+    Args:
+        prompts: list of str (or weighted mixes). Two or more prompts, the keyframes in order.
+        out: str. Output .gif, .mp4 or .webm path. Defaults to "outputs/morph.gif".
+        frames: int. Total frames, keyframes included, >= len(prompts). Defaults to 24.
+        seed: int. Seed of the noise (the first keyframe's with noise="slerp").
+            Defaults to 42.
+        settings: `RenderSettings`. Size, steps, guidance, sampler, batch size.
+            Defaults to RenderSettings() (512x512, 25 DDIM steps, guidance 7.5, batch 4).
+        export: `ExportSettings`. fps, ping-pong, frame doubling, quality, contact
+            sheet, audio. Defaults to ExportSettings() (12 fps).
+        model: a loaded `StableDiffusionModel` (reused across calls), a `ModelSpec`
+            to load from, or None (KerasCV's weights). With `workers`, a `ModelSpec`
+            or a function that builds a model.
+        negative_prompt: str. Steers away from this text. Defaults to None.
+        interpolation: str. "slerp" or "linear", for text embeddings. Defaults to "slerp".
+        noise: str. "fixed" (one noise for all frames) or "slerp" (between per-prompt
+            seeds). Defaults to "fixed".
+        seeds: list of int. Per-prompt seeds for noise="slerp". Defaults to
+            seed, seed + 1, ...
+        easing: str. Easing of every transition ("linear", "ease-in-out", ...).
+            Defaults to "linear".
+        spacing, preview_steps, workers, overwrite, progress, on_batch: as in `animate`.
+
+    Example:
+    ```python
+    result = sdanim.morph(["a ford truck on a dirt road", "an electric car in a city"],
+                          frames=24, seed=42, export=sdanim.ExportSettings(fps=12))
+    sdanim.show_gif(result.out)
+    ```
+    """
+    export = export or ExportSettings()
+    intervals, keyframe_seeds = check_morph_args(prompts, out, frames, seed, interpolation, noise, seeds, export)
+    check_easing(easing)
+    walk = walk_from_prompts(list(prompts), keyframe_seeds, intervals, easing, False, interpolation)
+    return animate(
+        walk, out=out, settings=settings, export=export, model=model, negative_prompt=negative_prompt,
+        spacing=spacing, preview_steps=preview_steps, workers=workers, overwrite=overwrite, progress=progress,
+        on_batch=on_batch,
+    )
+
+
+def animate(
+    walk: Walk,
+    out: str = "outputs/walk.gif",
+    settings: Optional[RenderSettings] = None,
+    export: Optional[ExportSettings] = None,
+    model=None,
+    negative_prompt: Optional[str] = None,
+    spacing: str = "linear",
+    preview_steps: Optional[int] = None,
+    distance=None,
+    workers=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch=None,
+) -> MorphResult:
+    """Renders a keyframe walk (see `sdanim.keyframes`) and exports it.
+
+    Args:
+        walk: `Walk`. Keyframes, loop, interpolation, noise.
+        out: str. Output .gif, .mp4 or .webm. Defaults to "outputs/walk.gif".
+        settings, export, model, negative_prompt: as in `morph`.
+        spacing: str. "linear" (equal steps in embedding space, then easing) or
+            "uniform": a preview of every frame with `preview_steps` steps measures
+            the distance between consecutive frames, and frames are re-placed so that
+            they are equally far apart (sdanim.spacing). Defaults to "linear".
+        preview_steps: int. Steps of the uniform-spacing preview. Defaults to a
+            quarter of the render's steps (at least 2).
+        distance: callable (image, image) -> float. The frame distance used by
+            uniform spacing and the smoothness report, e.g. a perceptual metric where
+            its weights are available. Defaults to mean absolute pixel difference.
+        workers: int or `sdanim.Workers` or None. Render on this many Ray
+            workers (one model each; `pip install "sdanim[ray]"`); None renders in
+            this process and never imports Ray. Defaults to None.
+        overwrite: bool. Replace frames of a different run in the frames folder.
+        progress: bool. Show a progress bar. Defaults to True.
+        on_batch: callable (frame indices, images) or None. Called after each batch is
+            saved (live previews); an exception it raises stops the render, keeping
+            every frame already saved (the same call resumes). Defaults to None.
+
+    Example:
+    ```python
+    walk = sdanim.load_walk("walk.yaml")
+    result = sdanim.animate(walk, out="outputs/walk.mp4", export=sdanim.ExportSettings(fps=24))
+    ```
+    """
+    # 1. Validate everything before the (slow) model build.
+    settings = settings or RenderSettings()
+    export = export or ExportSettings()
+    check_output(export, out)
+    timing = _check_timing(walk, settings, export, spacing, preview_steps)
+    post = check_post(export, settings.batch_size)
+    if workers is not None:
+        check_workers_args(model, workers)
+    folder = os.path.splitext(out)[0] + "_frames"
+
+    with frame_source(model, settings, workers) as source:
+        # 2. Model; run folder (refuses another run's frames).
+        manifest = {
+            "walk": walk.record(), "timing": timing.record(export), "negative_prompt": negative_prompt,
+            "render": render_record(settings), "model": source.describe(), "fps": export.fps,
+            **({"post": post.record()} if post.active else {}), "sdanim": __version__, "versions": versions(),
+        }
+        store, stored = open_run_folder(folder, manifest, overwrite)
+        start = time.perf_counter()
+
+        # 3. Where each frame sits along the keyframe path (the plan is built per model).
+        job = FrameJob(walk, settings, negative_prompt)
+        if timing.strength is not None:
+            positions = audio_lib.audio_positions(timing.strength, len(walk.intervals), include_end=not walk.loop)
+            job = dataclasses.replace(job, positions=tuple(float(u) for u in positions))
+        if timing.spacing == "uniform":
+            known = (stored or {}).get("positions")
+            if known is not None and len(known) == len(walk):
+                positions = np.array(known, dtype=np.float64)  # same run: the preview is deterministic
+            else:
+                decoder = "tiny" if tiny_decoder_available(model) else settings.decoder
+                positions = _uniform_spacing(source, job, timing.preview_steps, progress, distance, decoder)
+                manifest["preview"] = {"decoder": decoder}
+            job = dataclasses.replace(job, positions=tuple(float(u) for u in positions))
+            manifest["positions"] = list(job.positions)
+            store.write_manifest(manifest)
+
+        # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
+        todo = store.missing(range(len(job)))
+        images = source.render(job, todo, store=store, progress=progress, on_batch=on_batch) if todo else {}
+    all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(job))])
+
+    # 5. In-betweens and upscaling, the video, and how evenly it moves.
+    sheet = export_video(out, all_frames, store, export, post, walk.loop, progress)
+    report = smoothness_report(list(all_frames) + ([all_frames[0]] if walk.loop else []), distance)
+    store.write_manifest({**manifest, "smoothness": report})
+    return MorphResult(all_frames, out, folder, sheet, len(todo), time.perf_counter() - start, report)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timing:
+    """Where the frames of a walk sit: `spacing` (and its preview's steps) or an audio
+    track's strength under each rendered frame."""
+
+    spacing: str
+    preview_steps: Optional[int]
+    strength: Optional[np.ndarray]
+
+    def record(self, export: ExportSettings) -> dict:
+        audio = None
+        if export.audio is not None:
+            audio = {"sha256": audio_lib.file_digest(export.audio), "mode": export.audio_mode, "fps": export.fps}
+            if export.interpolate > 1:
+                audio["interpolate"] = export.interpolate
+        return {"spacing": self.spacing, "preview_steps": self.preview_steps, "audio": audio}
+
+
+def _check_timing(walk: Walk, settings: RenderSettings, export: ExportSettings, spacing: str, preview_steps) -> _Timing:
+    check_spacing(spacing)
+    check(
+        spacing == "linear" or walk.noise != "circle",
+        "spacing='uniform' re-places frames along keyframes; a circle noise walk has none. Received: noise='circle'",
+    )
+    check(export.audio is None or spacing == "linear",
+          "audio timing and spacing='uniform' both place the frames; choose one. Received: spacing='uniform'")
+    strength = None
+    if export.audio is not None:
+        # Each rendered frame stands for `interpolate` video frames: its audio window is that long.
+        samples, rate = audio_lib.read_wav(export.audio)
+        strength = audio_lib.frame_strength(samples, rate, len(walk), export.fps / export.interpolate, export.audio_mode)
+    if spacing == "uniform":
+        preview_steps = preview_steps or max(2, settings.num_steps // 4)
+        check(
+            isinstance(preview_steps, int) and preview_steps >= 1,
+            f"preview_steps must be at least 1. Received: preview_steps={preview_steps}",
+        )
+    return _Timing(spacing, preview_steps if spacing == "uniform" else None, strength)
+
+
+def export_video(out: str, frames: np.ndarray, store: FrameStore, export: ExportSettings, post: PostProcess,
+                 loop: bool, progress: bool = True) -> Optional[str]:
+    """The rendered frames (also in `store`) -> in-betweens and upscaling as configured
+    -> the video at `out`; a contact sheet of the rendered frames if asked. Returns the
+    sheet's path (or None)."""
+    if post.active:
+        video = PngSequence(post_process(store.folder, len(frames), post, loop, progress))
+        fps = export.fps
+    elif export.double:
+        video, fps = blend_double(frames, loop=loop), export.fps * 2
+    else:
+        video, fps = list(frames), export.fps
+    write_video(out, video, fps, ping_pong=export.ping_pong, quality=export.quality, audio=export.audio)
+    if not export.sheet:
+        return None
+    sheet = os.path.splitext(out)[0] + "_sheet.png"
+    write_png(sheet, contact_sheet(frames))
+    return sheet
+
+
+def _uniform_spacing(source, job: FrameJob, preview_steps: int, progress: bool, distance=None,
+                     decoder: str = "full") -> np.ndarray:
+    """Renders a cheap preview at linear spacing (`preview_steps`, the `decoder` given:
+    the tiny one where its weights are at hand) and re-places the frames so that
+    consecutive preview frames would be equally far apart (sdanim.core.spacing)."""
+    walk = job.walk
+    linear = walk.positions(eased=False)
+    settings = dataclasses.replace(job.settings, num_steps=preview_steps, decoder=decoder)
+    preview = FrameJob(walk, settings, job.negative_prompt, positions=tuple(float(u) for u in linear))
+    frames = source.render(preview, range(len(preview)), progress=progress)
+    ordered = [frames[i] for i in range(len(preview))]
+    distances = consecutive_distances(ordered + ([ordered[0]] if walk.loop else []), distance)
+    return uniform_positions(linear, distances, walk.intervals, walk.easings, include_end=not walk.loop)
+
+
+def check_image_morph_args(prompt, out, frames, seed, strength, interpolation, settings: RenderSettings,
+                           export: Optional[ExportSettings] = None):
+    """Checks image_morph's arguments (cheap). Returns (frames - 1, seed)."""
+    normalize_prompt(prompt)
+    (count,) = split_frames(frames, 1)
+    check_output(export or ExportSettings(), out)
+    check(interpolation in INTERPOLATIONS,
+          f"interpolation must be one of {', '.join(INTERPOLATIONS)}. Received: interpolation={interpolation!r}")
+    check(steps_for_strength(strength, settings.num_steps) > 0, f"image morph strength must be above 0. Received: strength={strength}")
+    return count, check_seed(seed)
+
+
+@dataclasses.dataclass
+class ImageMorphResult:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    out: str
+    frames_dir: str
+    seconds: float
+
+
+def image_morph(
+    image_a,
+    image_b,
+    prompt="",
+    out: str = "outputs/image_morph.gif",
+    frames: int = 24,
+    seed: int = 42,
+    strength: float = 0.5,
+    interpolation: str = "slerp",
+    settings: Optional[RenderSettings] = None,
+    negative_prompt: Optional[str] = None,
+    fit: str = "crop",
+    export: Optional[ExportSettings] = None,
+    model=None,
+    workers=None,
+    progress: bool = True,
+) -> ImageMorphResult:
+    """A morph between two of your own images: both are encoded, their latents
+    interpolated, and every frame is redrawn at `strength` with the prompt over one
+    fixed seeded noise (so the frames agree on what the noise adds).
+
+    Args:
+        image_a, image_b: paths, PIL images or arrays; fitted to the settings' size.
+        prompt: str or mix guiding the redraw ("" = none). Defaults to "".
+        strength: float in (0, 1]. How much each frame is redrawn: low keeps the
+            blend of the two images, high lets the model make each in-between a
+            clean image. Defaults to 0.5.
+        interpolation: "slerp" or "linear", between the latents. Defaults to "slerp".
+        export: `ExportSettings`; fps, ping_pong and quality apply. Defaults to
+            ExportSettings().
+        workers: int or `sdanim.Workers`: render on Ray workers, as `animate`.
+        out, frames, seed, settings, negative_prompt, fit, model, progress: as in
+            `morph` and `img2img`.
+    """
+    settings = settings or RenderSettings()
+    export = export or ExportSettings()
+    count, seed = check_image_morph_args(prompt, out, frames, seed, strength, interpolation, settings, export)
+    post = check_post(export, settings.batch_size)
+    pixels = np.stack([fit_image(load_image(image, name), settings.height, settings.width, fit)
+                       for image, name in ((image_a, "image_a"), (image_b, "image_b"))])  # (2, H, W, 3)
+    if workers is not None:
+        check_workers_args(model, workers)
+    job = ImageMorphJob(pixels, normalize_prompt(prompt), seed, tuple(float(u) for u in np.linspace(0.0, 1.0, count + 1)),
+                        float(strength), interpolation, settings, negative_prompt)
+    folder = os.path.splitext(out)[0] + "_frames"
+    with frame_source(model, settings, workers) as source:
+        start = time.perf_counter()
+        store = FrameStore(ensure_folder(folder, "out"))
+        images = source.render(job, range(len(job)), store=store, progress=progress)
+    all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(job))])
+    export_video(out, all_frames, store, export, post, loop=False, progress=progress)
+    return ImageMorphResult(all_frames, out, folder, time.perf_counter() - start)
