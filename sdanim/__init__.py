@@ -41,6 +41,7 @@ _EXPORTS = {
     "Workers": "sdanim.render.ray",
     "FailedFrames": "sdanim.render.ray",
     "SdanimError": "sdanim.config.errors",
+    "hardware_report": "sdanim.model.device",
     "plot_images": "sdanim.frontends.notebook",
     "save_image": "sdanim.frontends.notebook",
     "show_gif": "sdanim.frontends.notebook",

@@ -32,6 +32,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests' local Ray instances stay on the loopback interface (Ray rewrites 127.0.0.1 to
+# the machine's network address unless it runs single-node; read when Ray is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # torch's CUDA wheels (what `pip install torch` picks on Linux) bring triton, whose
 # native library segfaults when it loads after TensorFlow's (`import keras; import

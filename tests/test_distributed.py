@@ -34,7 +34,8 @@ def ray_local():
     started = not ray.is_initialized()
     if started:
         path = os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 _node_ip_address="127.0.0.1",  # network traffic stays on loopback
                  runtime_env={"env_vars": {"PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield ray
     if started:
@@ -259,3 +260,56 @@ def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(SdanimError, match=r'rendering on workers needs Ray: pip install "sdanim\[ray\]"\. Received: workers=2'):
         check_workers_args(None, 2)
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_an_unreachable_ray_address_fails_in_time_with_one_line():
+    from sdanim.render.ray import check_reachable
+
+    port = _dead_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        start = time.monotonic()
+        with pytest.raises(SdanimError, match=rf"the Ray cluster at 127\.0\.0\.1:{port} did not answer .*Leave out "
+                                              rf"--ray-address to start one on this machine\. Received: ray_address='{address}'"):
+            check_reachable(address, timeout=5)
+        assert time.monotonic() - start < 6
+
+
+def test_a_cluster_merely_recorded_on_disk_is_never_joined():
+    """Ray records the last `ray start` cluster on disk and keeps the record after the
+    cluster is killed. Without --ray-address sdanim starts its own local Ray (on
+    loopback) instead of attaching to it; with --ray-address auto it says the recorded
+    address does not answer, in time, instead of hanging."""
+    import subprocess
+    import sys
+    import tempfile
+
+    require("ray")
+    short = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    os.makedirs(os.path.join(short, "ray"))
+    dead = f"127.0.0.1:{_dead_port()}"
+    with open(os.path.join(short, "ray", "ray_current_cluster"), "w") as f:
+        f.write(dead)
+    code = (
+        "from sdanim.config.errors import SdanimError\n"
+        "from sdanim.render.ray import _start_ray, check_reachable\n"
+        "_start_ray(None)\n"
+        "import ray\n"
+        "print('joined', ray.get_runtime_context().gcs_address)\n"
+        "ray.shutdown()\n"
+        "try:\n    check_reachable('auto', timeout=5)\nexcept SdanimError as e:\n    print('auto:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update(RAY_TMPDIR=short, PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("joined 127.0.0.1:") and dead not in lines[0]  # its own Ray, on loopback
+    assert lines[1].startswith(f"auto: the Ray cluster at {dead} did not answer") and "Received: ray_address='auto'" in lines[1]

@@ -31,10 +31,14 @@ def test_real_vae_encoder_input_range_and_batching(sd_model):
     scale = np.abs(alone).max()
     assert np.abs(together - alone).max() <= 1e-4 * scale  # float32 rounding of batched convolutions
     assert np.abs(alone[0] - alone[1]).max() > 1e-2 * scale  # the two pictures differ
+    # encode_images runs the encoder compiled (predict_on_batch), the reference eagerly: with
+    # TensorFlow's oneDNN kernels on (x86 CPUs with AVX512_VNNI/BF16/AMX) the two sum the
+    # 4608-term convolutions of ~20 layers in other orders, measured 6e-5 of the scale apart;
+    # 5e-4 of the scale absorbs that and is still 20x below the 1e-2 two pictures differ by.
     for level, value in ((255, 1.0), (0, -1.0)):
         flat = np.full((1, 128, 128, 3), level, np.uint8)
         direct = np.asarray(sd_model.image_encoder(np.full((1, 128, 128, 3), value, np.float32)))
-        np.testing.assert_allclose(encode_images(sd_model, flat), direct, rtol=1e-5, atol=1e-6 * scale)
+        assert np.abs(encode_images(sd_model, flat) - direct).max() <= 5e-4 * scale
 
 
 def test_inpaint_keeps_unmasked_pixels_on_the_real_architecture(sd_model):

@@ -29,6 +29,7 @@ import importlib.util
 import math
 import os
 import socket
+import sys
 import time
 import uuid
 from typing import Optional
@@ -152,19 +153,21 @@ CONNECT_TIMEOUT_S = 15.0
 
 
 def _bootstrap_address(address: str) -> tuple:
-    """(host, port) that `address` ("auto", "host:port", "ray://host:port") resolves to,
-    the way Ray itself resolves it ("auto": RAY_ADDRESS, else the cluster Ray recorded
-    on disk)."""
+    """(host, port) that `address` ("auto", "host:port", "ray://host:port") names, the way
+    Ray finds it ("auto": RAY_ADDRESS, else the cluster Ray recorded on disk), without
+    Ray's rewriting of a loopback host to the machine's other addresses."""
     from ray._private import services
 
     if address.startswith("ray://"):
         host, _, port = address[len("ray://"):].rpartition(":")
         return host, int(port or 10001)
-    try:
-        resolved = services.canonicalize_bootstrap_address(address)
-    except (ConnectionError, ValueError) as error:
-        raise SdanimError(f"no Ray cluster at {address!r} ({error}). Received: ray_address={address!r}") from None
-    host, _, port = str(resolved).rpartition(":")
+    if address == "auto":
+        try:
+            address = services.get_ray_address_from_environment("auto", None)
+        except ConnectionError as error:
+            raise SdanimError(f"no Ray cluster found ({error}). Received: ray_address='auto'") from None
+    host, _, port = str(address).rpartition(":")
+    check(host and port.isdigit(), f"ray_address must be auto, HOST:PORT or ray://HOST:PORT. Received: ray_address={address!r}")
     return host, int(port)
 
 
@@ -184,11 +187,23 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
+def _import_ray(address: Optional[str]):
+    """Ray, imported so that a local instance (address None) lives on the loopback
+    interface: Ray otherwise rewrites 127.0.0.1 to the machine's network address
+    (ray._private.services.resolve_ip_for_localhost) unless it runs single-node, which
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 says; it is read when Ray is first imported."""
+    if address is None and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    return ray
+
+
 def _start_ray(address: Optional[str]) -> None:
     """Starts this process's own local Ray (address None: never a cluster merely recorded
     on disk, and on the loopback interface only), or joins the cluster at `address`
     after checking that it answers. Workers inherit TensorFlow's quiet log level."""
-    import ray
+    ray = _import_ray(address)
 
     level = quiet_tensorflow_env(dict(os.environ))["TF_CPP_MIN_LOG_LEVEL"]  # the user's, else 2
     common = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True, log_to_driver=True,
@@ -240,8 +255,7 @@ class RayFrames:
     """
 
     def __init__(self, model, settings: RenderSettings, workers: Workers):
-        import ray
-
+        ray = _import_ray(workers.address)
         check_workers_args(model, workers)
         self.workers = workers
         self._started = not ray.is_initialized()
