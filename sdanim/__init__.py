@@ -45,6 +45,10 @@ _EXPORTS = {
     "plot_images": "sdanim.frontends.notebook",
     "save_image": "sdanim.frontends.notebook",
     "show_gif": "sdanim.frontends.notebook",
+    "show_image": "sdanim.frontends.notebook",
+    "plot_smoothness": "sdanim.frontends.notebook",
+    "interpolate": "sdanim.tasks.tools",
+    "upscale": "sdanim.tasks.tools",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

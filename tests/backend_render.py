@@ -1,6 +1,8 @@
 """Renders fixed inputs with the tiny models on whatever KERAS_BACKEND is set.
 
-Run as a script by tests/test_backends.py: python backend_render.py WEIGHTS.npz OUT.npy
+Run as a script by tests/test_backends.py: python backend_render.py WEIGHTS.npz OUT.npz
+(one process per backend renders every sampler: {scheduler: (2, N, H, W, 3) uint8, the
+compiled program's frames and the step loop's}).
 """
 
 import os
@@ -12,7 +14,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def main(weights_path, out_path, scheduler="ddim"):
+SCHEDULERS = ("ddim", "euler_a")
+
+
+def main(weights_path, out_path):
+    np.savez(out_path, **{scheduler: render(weights_path, scheduler) for scheduler in SCHEDULERS})
+
+
+def render(weights_path, scheduler):
+    from sdanim.model.attention_interp import AidBatch
     from sdanim.render.sampling import Renderer
     from sdanim.config.settings import RenderSettings
     from tiny import CONTEXT_DIM, make_tiny_model, random_inputs
@@ -38,7 +48,20 @@ def main(weights_path, out_path, scheduler="ddim"):
         contexts, noises, [0, 1, 2], init_latents=init, masks=masks)
     edited_steps = Renderer(model.diffusion_model, model.decoder, settings, uncond, strength=0.5, loop="steps").render(
         contexts, noises, [0, 1, 2], init_latents=init, masks=masks)
-    np.save(out_path, np.stack([np.concatenate([images, edited]), np.concatenate([steps, edited_steps])]))
+    if scheduler != "ddim":  # attention interpolation: once per backend is enough
+        return np.stack([np.concatenate([images, edited]), np.concatenate([steps, edited_steps])])
+    # Attention interpolation (AID) on the tiny UNet with KerasCV's attention layers: three
+    # frames between keyframes A and B, the keyframes' helper rows after them.
+    aid_model = make_tiny_model(attention=True)
+    aid_model.diffusion_model.set_weights([data[f"aunet_{i}"] for i in range(len(aid_model.diffusion_model.weights))])
+    aid_contexts, aid_noises = random_inputs(5, 64, 64, seed=2)
+    aid_noises[:] = aid_noises[0]  # one fixed noise, as a morph has
+    aid = AidBatch("fused", 0.5, 3, np.array([0.25, 0.5, 0.75, 0, 0], np.float32), np.array([3, 3, 3, 0, 0]),
+                   np.array([4, 4, 4, 0, 0]), np.array([1, 1, 1, 0, 0], np.float32))
+    interpolated = [Renderer(aid_model.diffusion_model, model.decoder, settings, uncond, loop=loop).render(
+        aid_contexts, aid_noises, [0, 1, 2, 3, 4], aid=aid) for loop in ("program", "steps")]
+    return np.stack([np.concatenate([images, edited, interpolated[0]]),
+                     np.concatenate([steps, edited_steps, interpolated[1]])])
 
 
 if __name__ == "__main__":

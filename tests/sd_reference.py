@@ -219,3 +219,73 @@ def lcm_latents(pipe, context, noise, step_noises, num_steps: int = 4):
     finally:
         scheduling_lcm.randn_tensor = real
     return out.permute(0, 2, 3, 1).numpy()
+
+
+class AidProcessor:
+    """AID's attention interpolation (He et al. 2024, eqs. 5-6 and the fused outer form),
+    written from the paper's equations as a diffusers attention processor
+    (`unet.set_attn_processor`): the reference sdanim's `attention_interp` is held to.
+
+    Rows of the UNet's batch: `cond_start` onwards are the conditional rows; among them,
+    row r (on[r] = 1) attends with keys and values of its keyframes' rows a[r] and b[r]
+    (indices within the conditional rows), mixed at t[r]. Every other row: plain attention.
+    """
+
+    def __init__(self, mode: str, cond_start: int, t, a, b, on):
+        import torch
+
+        self.mode, self.start = mode, cond_start
+        self.t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1)  # (R, 1, 1, 1)
+        self.a, self.b = torch.as_tensor(a, dtype=torch.long), torch.as_tensor(b, dtype=torch.long)
+        self.on = torch.as_tensor(on, dtype=torch.bool)
+
+    @staticmethod
+    def _attend(q, k, v, scale):
+        """softmax(Q K^T * scale) V: q (R, h, T, d), k and v (R, h, S, d)."""
+        import torch
+
+        return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        import torch
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        n, tokens, _ = hidden_states.shape
+
+        def heads(x):  # (N, T, h*d) -> (N, h, T, d)
+            return x.reshape(n, x.shape[1], attn.heads, -1).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(context)), heads(attn.to_v(context))
+        out = self._attend(q, k, v, attn.scale)  # plain, every row
+        s = self.start
+        qc, kc, vc = q[s:], k[s:], v[s:]
+        ka, kb, va, vb = kc[self.a], kc[self.b], vc[self.a], vc[self.b]
+        t = self.t
+        if self.mode == "inner":  # eq. 5
+            mixed = self._attend(qc, (1 - t) * ka + t * kb, (1 - t) * va + t * vb, attn.scale)
+        elif self.mode == "outer":  # eq. 6
+            mixed = (1 - t) * self._attend(qc, ka, va, attn.scale) + t * self._attend(qc, kb, vb, attn.scale)
+        else:  # fused outer: the row's own keys beside each keyframe's
+            mixed = ((1 - t) * self._attend(qc, torch.cat([kc, ka], 2), torch.cat([vc, va], 2), attn.scale)
+                     + t * self._attend(qc, torch.cat([kc, kb], 2), torch.cat([vc, vb], 2), attn.scale))
+        out = torch.cat([out[:s], torch.where(self.on.reshape(-1, 1, 1, 1), mixed, out[s:])], 0)
+        out = out.transpose(1, 2).reshape(n, tokens, -1)  # (N, h, T, d) -> (N, T, h*d)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def aid_unet_outputs(unet, latent, t, context, rows) -> dict:
+    """diffusers' UNet on (N, h, w, 4) latents with `AidProcessor` in every attention
+    layer (self and cross), per mode: {mode: (N, h, w, 4)}. rows: (cond_start, t, a, b, on)."""
+    import torch
+
+    saved = unet.attn_processors
+    out = {}
+    try:
+        for mode in ("inner", "outer", "fused"):
+            unet.set_attn_processor(AidProcessor(mode, *rows))
+            with torch.no_grad():
+                sample = unet(torch.from_numpy(latent).permute(0, 3, 1, 2), t, torch.from_numpy(context)).sample
+            out[mode] = sample.permute(0, 2, 3, 1).numpy()
+    finally:
+        unet.set_attn_processor(saved)
+    return out

@@ -1,6 +1,6 @@
 """The renderer on Keras's torch and JAX backends gives TensorFlow's frames for the same
 weights (torch and JAX are test dependencies: CI runs both), and on every backend its one
-compiled program gives the step-at-a-time loop's frames."""
+compiled program gives the step-at-a-time loop's frames (attention interpolation too)."""
 
 import os
 import subprocess
@@ -14,29 +14,43 @@ from conftest import require
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("other", ["torch", "jax"])
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
-def test_backend_matches_tensorflow(tmp_path, scheduler, other):
-    require(other)
+_OUTPUTS: dict = {}  # backend -> {scheduler: (program, steps) frames}: TensorFlow's made once
+
+
+def _render(tmp_path_factory, backend: str) -> dict:
+    if backend in _OUTPUTS:
+        return _OUTPUTS[backend]
     from tiny import make_tiny_model
 
-    model = make_tiny_model()
-    weights = {f"unet_{i}": w for i, w in enumerate(model.diffusion_model.get_weights())}
-    weights.update({f"dec_{i}": w for i, w in enumerate(model.decoder.get_weights())})
-    np.savez(tmp_path / "w.npz", **weights)
-    outs = {}
-    for backend in ("tensorflow", other):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-        out = tmp_path / f"{backend}.npy"
-        proc = subprocess.run(
-            [sys.executable, os.path.join(HERE, "backend_render.py"), str(tmp_path / "w.npz"), str(out), scheduler],
-            capture_output=True, text=True, env=env,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        program, steps = np.load(out).astype(int)  # the one compiled program; the step loop
-        diff = np.abs(program - steps).max()
-        assert diff <= 1, f"{backend}: the compiled program and the step loop differ by {diff} levels"
-        outs[backend] = program
-    diff = np.abs(outs["tensorflow"] - outs[other]).max()
-    assert diff <= 1, f"{other} and tensorflow frames differ by {diff} levels"
-    assert outs[other].std() > 1
+    folder = tmp_path_factory.getbasetemp() / "backends"
+    folder.mkdir(exist_ok=True)
+    weights = folder / "w.npz"
+    if not weights.exists():
+        model = make_tiny_model()
+        arrays = {f"unet_{i}": w for i, w in enumerate(model.diffusion_model.get_weights())}
+        arrays.update({f"dec_{i}": w for i, w in enumerate(model.decoder.get_weights())})
+        aid_unet = make_tiny_model(attention=True).diffusion_model  # attention interpolation (AID)
+        arrays.update({f"aunet_{i}": w for i, w in enumerate(aid_unet.get_weights())})
+        np.savez(weights, **arrays)
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    out = folder / f"{backend}.npz"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_render.py"), str(weights), str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(out) as data:
+        _OUTPUTS[backend] = {k: data[k].astype(int) for k in data.files}
+    return _OUTPUTS[backend]
+
+
+@pytest.mark.parametrize("other", ["torch", "jax"])
+def test_backend_matches_tensorflow(tmp_path_factory, other):
+    require(other)
+    outs = {backend: _render(tmp_path_factory, backend) for backend in ("tensorflow", other)}
+    for scheduler in ("ddim", "euler_a"):
+        for backend in ("tensorflow", other):
+            program, steps = outs[backend][scheduler]  # the one compiled program; the step loop
+            diff = np.abs(program - steps).max()
+            assert diff <= 1, f"{backend}, {scheduler}: the compiled program and the step loop differ by {diff} levels"
+        diff = np.abs(outs["tensorflow"][scheduler][0] - outs[other][scheduler][0]).max()
+        assert diff <= 1, f"{other} and tensorflow frames differ by {diff} levels ({scheduler})"
+        assert outs[other][scheduler][0].std() > 1

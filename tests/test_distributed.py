@@ -51,6 +51,12 @@ def tiny_model():
     return make_tiny_model()
 
 
+def tiny_attention_model():
+    from tiny import make_tiny_model
+
+    return make_tiny_model(attention=True)
+
+
 def killed_mid_write(marker: str):
     """The first worker to write frame 3 dies (os._exit) half-way through writing it,
     leaving its temporary file; the restarted worker (marker present) behaves."""
@@ -251,6 +257,15 @@ def test_image_morph_on_workers_gives_the_frames_of_one_process(ray_local, tmp_p
     assert sorted(os.listdir(there.frames_dir)) == [f"frame_{i:05d}.png" for i in range(5)]
 
 
+def test_attention_interpolation_on_workers_gives_the_frames_of_one_process(ray_local, tmp_path):
+    """AID's helper rows travel with the job: each worker renders its batches beside the
+    same keyframes, so the frames are the ones this process renders."""
+    here = _morph(tmp_path, "aid_here", model=tiny_attention_model(), attention_interp="fused")
+    there = _morph(tmp_path, "aid_there", model=tiny_attention_model, attention_interp="fused",
+                   workers=sdanim.Workers(count=2, cpus_per_worker=1))
+    np.testing.assert_array_equal(there.frames, here.frames)
+
+
 def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):
     import importlib.util
 
@@ -280,36 +295,3 @@ def test_an_unreachable_ray_address_fails_in_time_with_one_line():
                                               rf"--ray-address to start one on this machine\. Received: ray_address='{address}'"):
             check_reachable(address, timeout=5)
         assert time.monotonic() - start < 6
-
-
-def test_a_cluster_merely_recorded_on_disk_is_never_joined():
-    """Ray records the last `ray start` cluster on disk and keeps the record after the
-    cluster is killed. Without --ray-address sdanim starts its own local Ray (on
-    loopback) instead of attaching to it; with --ray-address auto it says the recorded
-    address does not answer, in time, instead of hanging."""
-    import subprocess
-    import sys
-    import tempfile
-
-    require("ray")
-    short = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    os.makedirs(os.path.join(short, "ray"))
-    dead = f"127.0.0.1:{_dead_port()}"
-    with open(os.path.join(short, "ray", "ray_current_cluster"), "w") as f:
-        f.write(dead)
-    code = (
-        "from sdanim.config.errors import SdanimError\n"
-        "from sdanim.render.ray import _start_ray, check_reachable\n"
-        "_start_ray(None)\n"
-        "import ray\n"
-        "print('joined', ray.get_runtime_context().gcs_address)\n"
-        "ray.shutdown()\n"
-        "try:\n    check_reachable('auto', timeout=5)\nexcept SdanimError as e:\n    print('auto:', e)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env.update(RAY_TMPDIR=short, PYTHONPATH=os.path.dirname(HERE))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert lines[0].startswith("joined 127.0.0.1:") and dead not in lines[0]  # its own Ray, on loopback
-    assert lines[1].startswith(f"auto: the Ray cluster at {dead} did not answer") and "Received: ray_address='auto'" in lines[1]

@@ -157,6 +157,45 @@ def _check_names(models: dict, version: str) -> None:
             assert torch.equal(theirs[k].reshape(v.shape), v), (version, part, k)
 
 
+def _aid_inputs(context_dim: int, seed: int) -> dict:
+    """One guided UNet batch for attention interpolation: an unconditional row, then the
+    conditional rows: two frames (at t = 0.3 and 0.75 between A and B) and A's and B's
+    helper rows, each with its own latent and context."""
+    rng = np.random.default_rng(seed)
+    return {
+        "latent": rng.standard_normal((5, SIZE // 8, SIZE // 8, 4)).astype(np.float32),
+        "context": rng.standard_normal((5, 77, context_dim)).astype(np.float32),
+        "t": 601,
+        # (cond_start, t, a, b, on) over the 4 conditional rows; A, B at rows 2, 3 of them
+        "rows": (1, np.array([0.3, 0.75, 0, 0], np.float32), np.array([2, 2, 0, 0], np.int32),
+                 np.array([3, 3, 0, 0], np.int32), np.array([1, 1, 0, 0], np.float32)),
+    }
+
+
+def _assert_aid_parity(model, aid: dict, expected: dict, capsys) -> None:
+    """sdanim's attention interpolation (every self- and cross-attention layer of the
+    UNet) against `sd_reference.AidProcessor` on diffusers' UNet with the same weights:
+    each mode within 1e-4 of the output's scale; rows that do not interpolate are the
+    plain UNet's output; interpolating moves the frames far beyond the tolerance."""
+    from sdanim.core.schedulers import timestep_embedding
+    from sdanim.model import attention_interp
+
+    inputs = [aid["latent"], np.repeat(timestep_embedding(aid["t"])[None], 5, axis=0), aid["context"]]
+    plain = np.asarray(model.diffusion_model(inputs))
+    gaps = {}
+    for mode, reference in expected.items():
+        with attention_interp.active(mode, *aid["rows"]):
+            ours = np.asarray(model.diffusion_model(inputs))
+        scale = float(np.abs(reference).max())
+        gaps[mode] = (_max_diff(ours, reference), scale, _max_diff(reference[1:3], plain[1:3]))
+        assert gaps[mode][0] < 1e-4 * scale, (mode, gaps[mode])
+        assert np.array_equal(ours[[0, 3, 4]], plain[[0, 3, 4]]), mode  # uncond and helper rows: plain
+        assert gaps[mode][2] > 1e-2 * scale, (mode, gaps[mode])
+    with capsys.disabled():
+        print("\nAID parity (max |diff| / max |ref|; moved from plain): "
+              + ", ".join(f"{m} {d:.2e}/{s:.2f} ({p:.2f})" for m, (d, s, p) in gaps.items()))
+
+
 def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypatch, capsys):
     """SD 1.x as a single original-layout .safetensors, a diffusers folder and an fp16
     .ckpt: the same weights, and outputs that match diffusers/transformers; the model's
@@ -177,6 +216,8 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
     _exact_and_tanh_geglu(monkeypatch)
     expected["unet"] = _reference_unet(models["unet"], x)
     expected["decode"], expected["encode"] = _reference_vae(models["vae"], x)
+    aid = _aid_inputs(768, seed=4)
+    expected["aid"] = ref.aid_unet_outputs(models["unet"], aid["latent"], aid["t"], aid["context"], aid["rows"])
     original = ref.to_original(ref.diffusers_state(models), "1.4")
     single = str(tmp_path / "model.safetensors")
     ref.save_safetensors(original, single, dtype=torch.float16)
@@ -212,6 +253,7 @@ def test_sd1_checkpoints_load_like_diffusers(sd_model_later, tmp_path, monkeypat
                    f"UNet {_max_diff(ours['unet'], expected['unet_exact']):.2e} against exact GELU")
     from_single = _fingerprint(model)
     assert from_single != before
+    _assert_aid_parity(model, aid, expected["aid"], capsys)
 
     # 3. LoRAs merged by sdanim match diffusers' fused ones; removing them restores the
     #    checkpoint's weights bit for bit, without a rebuild.

@@ -118,7 +118,7 @@ def test_one_program_per_kind_of_batch(tiny):
                  loop="program").render(contexts, noises, [0, 1], init_latents=init)
     programs = {key[0]: compiled for key, (compiled, _) in _COMPILED[tiny.diffusion_model].items()
                 if key[0].startswith("program")}
-    assert programs["program_100"].experimental_get_tracing_count() == 1
+    assert programs["program_1000"].experimental_get_tracing_count() == 1
     with pytest.raises(ValueError, match=r"loop must be one of auto, program, steps\. Received: loop='fast'"):
         Renderer(tiny.diffusion_model, tiny.decoder, _settings(), uncond, loop="fast")
     # auto: the program under XLA (and on JAX), the step loop on TensorFlow without XLA.

@@ -18,7 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KEYFRAMES = "a red cube [seed=1 frames=4]\na blue sphere"
 # render's inputs, in the Animate tab's order
 ARGS = dict(kf=KEYFRAMES, neg="", seed=42, frames=4, fps=8, interp="slerp", noise="fixed", easing="linear",
-            spacing="linear", loop=False, pp=False, fmt="gif", size="64x64", sampler="ddim", steps=2, guidance=0, batch=2)
+            spacing="linear", loop=False, pp=False, fmt="gif", size="64x64", sampler="ddim", steps=2, guidance=0, batch=2,
+            attention="off", warmup=0.5, audio=None, audio_mode="loudness", beats=4)
 
 
 def _free_port() -> int:
@@ -35,7 +36,7 @@ def app(tmp_path_factory):
     import sdanim.ui as ui
 
     out = tmp_path_factory.mktemp("ui")
-    app = ui.launch(model=make_tiny_model(), out_dir=str(out), port=_free_port(), inline=False, prevent_thread_lock=True)
+    app = ui.launch(model=make_tiny_model(attention=True), out_dir=str(out), port=_free_port(), inline=False, prevent_thread_lock=True)
     yield app
     app.close()
 
@@ -61,6 +62,16 @@ def test_api_renders_resumes_and_explains_bad_input(app):
         client.predict(*dict(args, size="128x128").values(), api_name="/render")
     images = client.predict("a cat", "", 4, 3, "64x64", "ddim", 2, 0, 2, api_name="/generate")
     assert len(images) == 3
+    # The same walk with attention interpolation: a render of its own, compared with the lerp one.
+    aid = client.predict(*dict(args, attention="fused", warmup=1.0).values(), api_name="/render")
+    assert aid[-1].startswith("Done: 4 frames rendered, 0 already on disk")
+    import json
+
+    with open(aid[5][2]["path"] if isinstance(aid[5][2], dict) else aid[5][2], encoding="utf-8") as f:
+        walk = json.load(f)["walk"]
+    assert walk["attention"] == "fused" and walk["attention_warmup"] == 1.0
+    with pytest.raises(Exception, match=r"sideways is not in the list of choices"):
+        client.predict(*dict(args, attention="sideways").values(), api_name="/render")
 
 
 def _chromium() -> str:

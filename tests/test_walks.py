@@ -252,7 +252,7 @@ def test_uniform_spacing_resume_reuses_positions(tiny, tmp_path, monkeypatch):
 def test_bad_spacing(tiny, tmp_path):
     from sdanim.core.keyframes import circle_walk
 
-    with pytest.raises(SdanimError, match=r"spacing must be one of linear, uniform\. Received: spacing='wavy'"):
+    with pytest.raises(SdanimError, match=r"spacing must be one of linear, uniform, beta\. Received: spacing='wavy'"):
         sdanim.morph(["a", "b"], out=str(tmp_path / "x.gif"), settings=S, model=tiny, spacing="wavy")
     with pytest.raises(SdanimError, match=r"circle noise walk has none\. Received: noise='circle'"):
         sdanim.animate(circle_walk("a", 1, 4), out=str(tmp_path / "c.gif"), settings=S, model=tiny, spacing="uniform")

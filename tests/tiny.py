@@ -43,6 +43,22 @@ def tiny_unet(height: int, width: int, dim: int = CONTEXT_DIM):
     return keras.Model([latent, t_emb, context], out, name="tiny_unet")
 
 
+def tiny_attention_unet(height: int, width: int, dim: int = CONTEXT_DIM):
+    """A UNet with one of KerasCV's own transformer blocks (self-attention, then
+    cross-attention to the context): the layers sdanim's attention interpolation and
+    context cache work on, at a few thousand parameters."""
+    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
+
+    latent = keras.Input((height // 8, width // 8, 4), name="latent")
+    t_emb = keras.Input((320,), name="timestep_embedding")
+    context = keras.Input((77, dim), name="context")
+    x = keras.layers.Conv2D(32, 3, padding="same")(latent)
+    x = x + keras.layers.Dense(32)(t_emb)[:, None, None, :]  # (B, h, w, 32)
+    x = SpatialTransformer(2, 16)([x, context])  # 2 heads of 16: GroupNormalization's 32 groups
+    out = keras.layers.Conv2D(4, 3, padding="same")(x)
+    return keras.Model([latent, t_emb, context], out, name="tiny_attention_unet")
+
+
 def tiny_decoder(height: int, width: int):
     latent = keras.Input((height // 8, width // 8, 4))
     x = keras.layers.UpSampling2D(8)(latent)
@@ -67,6 +83,16 @@ class TinyModel:
     decoder: object
     image_encoder: object = None
     jit_compile: bool = False
+    taesd: object = None  # TAESD weights for decoder="tiny" (a file), as StableDiffusionModel.taesd
+    _tiny_decoder: object = None
+
+    @property
+    def tiny_decoder(self):
+        from sdanim.model.taesd import check_taesd, load_part
+
+        if self._tiny_decoder is None:
+            self._tiny_decoder = load_part(check_taesd(self.taesd), "decoder")
+        return self._tiny_decoder
 
     def describe(self):
         return {"version": "tiny", "weights": "tiny", "height": self.height, "width": self.width, "precision": "float32"}
@@ -81,11 +107,22 @@ def attach_context_cache(unet) -> int:
     return context_cache.attach(unet, [layer], tuple(unet.inputs[2].shape[1:]))
 
 
-def make_tiny_model(height: int = 64, width: int = 64, seed: int = 0, context_cache: bool = True) -> TinyModel:
+def make_tiny_model(height: int = 64, width: int = 64, seed: int = 0, context_cache: bool = True,
+                    attention: bool = False) -> TinyModel:
+    """attention: the UNet has KerasCV's attention layers (`tiny_attention_unet`), made
+    ready for attention interpolation as `load_model` makes the real one."""
     keras.utils.set_random_seed(seed)
-    unet = tiny_unet(height, width)
-    if context_cache:
-        attach_context_cache(unet)
+    if attention:
+        from sdanim.model import layers
+
+        unet = tiny_attention_unet(height, width)
+        if context_cache:
+            layers.attach_context_cache(unet)
+        layers.attach_attention_interp(unet)
+    else:
+        unet = tiny_unet(height, width)
+        if context_cache:
+            attach_context_cache(unet)
     return TinyModel(
         height, width, TinyTokenizer(), tiny_text_encoder(), unet,
         tiny_decoder(height, width), tiny_image_encoder(),

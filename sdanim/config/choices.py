@@ -7,13 +7,14 @@ ATTENTIONS = ("auto", "fused", "keras-cv")
 SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd")
 LOOPS = ("auto", "program", "steps")
 DECODERS = ("full", "tiny")  # the SD VAE decoder, or TAESD
+ATTENTION_INTERPS = ("off", "inner", "outer", "fused")  # AID: how in-between frames attend to keyframes
 
 INTERPOLATIONS = ("slerp", "linear")  # between text embeddings (or image latents)
 MORPH_NOISES = ("fixed", "slerp")  # a morph: one noise, or slerped between per-prompt seeds
 WALK_NOISES = ("keyframes", "circle")  # a walk file's noise
 PLAN_NOISES = ("fixed", "slerp", "circle")  # what a frame plan does with its noises
-SPACINGS = ("linear", "uniform")
-AUDIO_MODES = ("loudness", "onsets")
+SPACINGS = ("linear", "uniform", "beta")
+AUDIO_MODES = ("loudness", "onsets", "beats")
 
 VIDEO_FORMATS = (".gif", ".mp4", ".webm")
 FITS = ("crop", "resize")

@@ -48,9 +48,13 @@ class ExportSettings:
             2 x fps for the same duration). Defaults to False.
         quality: float. MP4/WebM quality, 0-10. Defaults to 8.
         sheet: bool. Also write a contact sheet `<out stem>_sheet.png`. Defaults to False.
-        audio: str or None. An audio file whose loudness or onsets (`audio_mode`) set how
-            fast the walk moves; muxed into an MP4/WebM. Defaults to None.
-        audio_mode: str. "loudness" or "onsets". Defaults to "loudness".
+        audio: str or None. An audio file (any format ffmpeg reads, or a video's audio
+            track) whose loudness, onsets or beats (`audio_mode`) time the walk; muxed
+            into an MP4/WebM. Defaults to None.
+        audio_mode: str. "loudness" or "onsets" (how fast the walk moves), or "beats"
+            (keyframe j on beat j * beats_per_keyframe). Defaults to "loudness".
+        beats_per_keyframe: int. With audio_mode="beats", the beats from one keyframe
+            to the next. Defaults to 4 (a bar of 4/4).
         interpolate: int. Video frames per rendered frame: RIFE makes interpolate - 1
             in-betweens between each pair of neighbours (1: none). Defaults to 1.
         rife: str or None. RIFE weights (flownet.pkl of v4.22-v4.26, or .safetensors);
@@ -73,6 +77,7 @@ class ExportSettings:
     rife: Optional[str] = None
     upscale: Optional[int] = None
     upscale_model: Optional[str] = None
+    beats_per_keyframe: int = 4
 
     def __post_init__(self):
         object.__setattr__(self, "fps", check_fps(self.fps))
@@ -87,6 +92,9 @@ class ExportSettings:
             f"Received: interpolate={self.interpolate!r}",
         )
         check(self.upscale in (None, 2, 4), f"upscale must be 2 or 4. Received: upscale={self.upscale!r}")
+        bpk = self.beats_per_keyframe
+        check(isinstance(bpk, int) and not isinstance(bpk, bool) and bpk >= 1,
+              f"beats_per_keyframe must be a whole number >= 1. Received: beats_per_keyframe={bpk!r}")
         check(not (self.double and self.interpolate > 1),
               "double blends neighbours, interpolate computes in-betweens: choose one. Received: double=True, "
               f"interpolate={self.interpolate}")

@@ -1,45 +1,82 @@
-"""Audio-synced timing: a WAV file decides how fast the walk moves, frame by frame.
+"""Audio-synced timing: an audio file decides how fast the walk moves, or where its
+keyframes fall.
 
-Each frame covers 1/fps seconds of audio. Its loudness (RMS) or onset strength (the
-rise in loudness from the previous frame, a simple spectral-flux stand-in) sets the
-speed along the keyframe path, so the picture moves on the beat and rests in the quiet.
-Read with the standard library's `wave` module: PCM WAV only, nothing executed.
+Decoding: the ffmpeg binary that imageio-ffmpeg ships (already sdanim's video writer)
+turns any file ffmpeg reads -- WAV of any sample format, MP3, AAC/M4A, FLAC, Ogg
+Vorbis/Opus, the audio track of a video -- into mono float32 at `SAMPLE_RATE`, through a
+pipe; nothing in the file is executed. (librosa.load would read through soundfile,
+whose libsndfile has no AAC/M4A or video containers, and fall back to audioread, which
+needs a system ffmpeg or GStreamer.) Analysis: librosa -- RMS loudness, onset strength
+(spectral flux on a mel spectrogram) and beat tracking (Ellis 2007), every curve on one
+hop grid, then averaged over each frame's window of time.
+
+Modes (`ExportSettings.audio_mode`):
+    loudness  the walk moves faster where the music is louder;
+    onsets    faster on note onsets and drum hits;
+    beats     every keyframe lands on a beat: keyframe j on beat j * k (k =
+              `beats_per_keyframe`), keyframe 0 at the start; the frames between move
+              evenly in time (after the transition's easing).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-import wave
+import os
+import subprocess
+from typing import Optional, Sequence
 
 import numpy as np
 
 from sdanim.config.choices import AUDIO_MODES
 from sdanim.config.errors import SdanimError, check
+from sdanim.core.interpolation import EASINGS
+
+SAMPLE_RATE = 22050  # librosa's default analysis rate
+HOP = 512  # analysis hop: 23 ms at SAMPLE_RATE
+SILENCE = 1e-4  # peak amplitude below which a track counts as silent
 
 
-def read_wav(path: str) -> tuple:
-    """(mono float32 samples in [-1, 1], sample rate) of a PCM WAV file."""
-    try:
-        with wave.open(path, "rb") as f:
-            rate, width, channels, count = f.getframerate(), f.getsampwidth(), f.getnchannels(), f.getnframes()
-            raw = f.readframes(count)
-    except FileNotFoundError:
-        raise SdanimError(f"the audio file does not exist. Received: audio={path!r}") from None
-    except (wave.Error, EOFError, OSError) as error:
-        raise SdanimError(f"audio must be a PCM WAV file ({error}). Received: audio={path!r}") from None
-    check(width in (1, 2, 3, 4), f"audio must be 8, 16, 24 or 32-bit PCM. Received: audio={path!r} ({8 * width}-bit)")
-    if width == 3:  # 24-bit little-endian: widen to 32 bits
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
-        data = (b[:, 0].astype(np.int32) | (b[:, 1].astype(np.int32) << 8) | (b[:, 2].astype(np.int32) << 16))
-        data = np.where(data >= 1 << 23, data - (1 << 24), data).astype(np.float32) / (1 << 23)
-    elif width == 1:
-        data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    else:
-        dtype = np.int16 if width == 2 else np.int32
-        data = np.frombuffer(raw, dtype).astype(np.float32) / float(np.iinfo(dtype).max)
-    data = data.reshape(-1, channels).mean(axis=1) if channels > 1 else data
-    check(len(data) > 0 and rate > 0, f"the audio file is empty. Received: audio={path!r}")
-    return data, rate
+def read_audio(path: str) -> tuple:
+    """(mono float32 samples in [-1, 1] at `SAMPLE_RATE`, SAMPLE_RATE) of any audio file
+    ffmpeg reads, or a video file's first audio track. One line (SdanimError) for a
+    missing file, something ffmpeg cannot decode, no audio stream, or silence."""
+    check(isinstance(path, (str, os.PathLike)) and os.path.isfile(path),
+          f"the audio file does not exist. Received: audio={path!r}")
+    stat = os.stat(path)
+    samples = _decoded(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)  # the checks and the timing share it
+    check(len(samples) >= HOP and float(np.abs(samples).max()) > SILENCE,
+          f"the audio is silent (or shorter than {1000 * HOP / SAMPLE_RATE:.0f} ms): nothing to time the walk by. "
+          f"Received: audio={path!r}")
+    return samples, SAMPLE_RATE
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    import imageio_ffmpeg
+
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0",
+               "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
+    proc = subprocess.run(command, capture_output=True, check=False)
+    problem = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode != 0 or not proc.stdout:
+        reason = problem[0] if problem else "no audio decoded"
+        if any("matches no streams" in line for line in problem):
+            reason = "the file has no audio stream"
+        raise SdanimError(f"cannot read the audio ({_short(reason, path)}). Received: audio={path!r}")
+    if problem:  # decoded with errors: a truncated or damaged file would time the walk wrongly
+        raise SdanimError(f"the audio file is damaged or truncated (ffmpeg: {_short(problem[0], path)}). "
+                          f"Received: audio={path!r}")
+    samples = np.frombuffer(proc.stdout, np.float32)
+    check(np.isfinite(samples).all(), f"the audio decodes to invalid samples. Received: audio={path!r}")
+    samples.flags.writeable = False  # shared by every caller of the cache
+    return samples
+
+
+def _short(text: str, path: str) -> str:
+    text = " ".join(text.replace(os.fspath(path), "<file>").split())
+    return text[:160]
 
 
 def file_digest(path: str) -> str:
@@ -47,20 +84,60 @@ def file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def frame_strength(samples: np.ndarray, rate: int, num_frames: int, fps: float, mode: str = "loudness") -> np.ndarray:
-    """(num_frames,) non-negative strength of the audio under each frame.
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """An audio track's curves on one hop grid (`HOP` samples at `SAMPLE_RATE`).
 
-    Frames past the end of the audio get 0 (silence).
+    loudness, onsets: (T,) RMS loudness and onset strength; beats: (N,) beat times in
+    seconds; tempo: beats per minute (librosa's estimate); duration in seconds.
     """
+
+    loudness: np.ndarray
+    onsets: np.ndarray
+    beats: np.ndarray
+    tempo: float
+    duration: float
+
+    def curve(self, mode: str) -> np.ndarray:
+        return self.loudness if mode == "loudness" else self.onsets
+
+    def per_frame(self, mode: str, num_frames: int, fps: float) -> np.ndarray:
+        """(num_frames,) the curve averaged over each frame's 1/fps seconds (0 past the end)."""
+        return _window_means(self.curve(mode), num_frames, fps)
+
+
+def analyze(samples: np.ndarray, rate: int = SAMPLE_RATE) -> Analysis:
+    """Loudness, onset strength, beats and tempo of a mono track (librosa)."""
+    import librosa
+
+    y = np.asarray(samples, np.float32)
+    loudness = librosa.feature.rms(y=y, frame_length=2048, hop_length=HOP)[0]
+    onsets = librosa.onset.onset_strength(y=y, sr=rate, hop_length=HOP)
+    tempo, frames = librosa.beat.beat_track(onset_envelope=onsets, sr=rate, hop_length=HOP, units="frames")
+    beats = librosa.frames_to_time(frames, sr=rate, hop_length=HOP)
+    tempo = float(np.atleast_1d(tempo)[0])
+    return Analysis(loudness.astype(np.float64), onsets.astype(np.float64), np.asarray(beats, np.float64), tempo,
+                    len(y) / rate)
+
+
+def _window_means(curve: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+    """The mean of a hop-grid curve (sample k at time k * HOP / SAMPLE_RATE, centred)
+    over [i/fps, (i+1)/fps) for each frame i: the curve's integral, differenced."""
+    curve = np.asarray(curve, np.float64)
+    step = HOP / SAMPLE_RATE
+    edges = np.arange(len(curve) + 1) * step - step / 2  # each hop's cell
+    integral = np.concatenate([[0.0], np.cumsum(curve * step)])
+    bounds = np.arange(num_frames + 1) / fps
+    area = np.interp(bounds, edges, integral)  # flat past the end: silence
+    return np.maximum(np.diff(area) * fps, 0.0)
+
+
+def frame_strength(samples: np.ndarray, rate: int, num_frames: int, fps: float, mode: str = "loudness") -> np.ndarray:
+    """(num_frames,) non-negative strength of the audio under each frame: its RMS
+    loudness or onset strength (librosa), averaged over the frame's 1/fps seconds.
+    Frames past the end of the audio get 0 (silence)."""
     check(mode in AUDIO_MODES, f"audio_mode must be one of {', '.join(AUDIO_MODES)}. Received: audio_mode={mode!r}")
-    rms = np.zeros(num_frames)
-    for i in range(num_frames):
-        a, b = int(round(i * rate / fps)), int(round((i + 1) * rate / fps))
-        window = samples[a:b]
-        rms[i] = float(np.sqrt(np.mean(window.astype(np.float64) ** 2))) if len(window) else 0.0
-    if mode == "onsets":
-        return np.maximum(np.diff(rms, prepend=rms[0]), 0.0)
-    return rms
+    return analyze(samples, rate).per_frame("onsets" if mode == "beats" else mode, num_frames, fps)
 
 
 def audio_positions(strength: np.ndarray, path_length: float, include_end: bool = True, floor: float = 0.05) -> np.ndarray:
@@ -76,3 +153,45 @@ def audio_positions(strength: np.ndarray, path_length: float, include_end: bool 
     steps = speed[:-1] if include_end else speed
     cum = np.concatenate([[0.0], np.cumsum(steps)])
     return path_length * cum[: len(s)] / cum[-1]
+
+
+def check_beats_per_keyframe(value) -> int:
+    check(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
+          f"beats_per_keyframe must be a whole number >= 1. Received: beats_per_keyframe={value!r}")
+    return int(value)
+
+
+def keyframe_times(beats: np.ndarray, transitions: int, every: int, duration: Optional[float] = None) -> np.ndarray:
+    """(transitions + 1,) times of the keyframes: 0, then beat every, 2 * every, ...
+    (1-based beat numbers). One line when the track has too few beats."""
+    every = check_beats_per_keyframe(every)
+    beats = np.asarray(beats, np.float64)
+    beats = beats[beats > 0.0]
+    need = transitions * every
+    check(len(beats) >= need,
+          f"keyframes on every {every} beat(s) need {need} beats for {transitions} transition(s); the audio has "
+          f"{len(beats)}{'' if duration is None else f' in {duration:.1f} s'}. Received: beats_per_keyframe={every}")
+    return np.concatenate([[0.0], beats[every - 1::every][:transitions]])
+
+
+def beat_positions(key_times: np.ndarray, fps: float, easings: Sequence[str], include_end: bool = True) -> np.ndarray:
+    """Frame positions for frames at times i / fps with keyframe k at key_times[k]:
+    within transition k, t's fraction of the way from key_times[k] to key_times[k + 1]
+    (after the transition's easing). A walk that ends on its last keyframe gets that
+    keyframe as its final frame; a loop stops one frame short (its next frame is frame 0)."""
+    key_times = np.asarray(key_times, np.float64)
+    end = float(key_times[-1])
+    count = int(np.ceil(end * fps - 1e-9))  # frames strictly before the last keyframe's time
+    times = np.arange(count) / fps
+    k = np.clip(np.searchsorted(key_times, times, side="right") - 1, 0, len(key_times) - 2)
+    span = key_times[k + 1] - key_times[k]
+    fraction = np.where(span > 0, (times - key_times[k]) / np.where(span > 0, span, 1.0), 0.0)
+    eased = np.array([EASINGS[easings[j]](float(f)) for j, f in zip(k, fraction)])
+    positions = k + eased
+    if include_end:
+        positions = np.append(positions, float(len(key_times) - 1))
+    return positions
+
+
+__all__ = ["read_audio", "analyze", "Analysis", "frame_strength", "audio_positions", "keyframe_times",
+           "beat_positions", "check_beats_per_keyframe", "file_digest", "SAMPLE_RATE", "HOP"]

@@ -6,6 +6,9 @@ parsed as data only (yaml.safe_load / json), never executed:
 
     loop: true                 # optional: walk back to the first keyframe
     interpolation: slerp       # optional: slerp | linear
+    attention: fused           # optional: off | inner | outer | fused (AID, see
+                               #   sdanim.model.attention_interp); default off
+    attention_warmup: 0.5      # optional: fraction of the steps that interpolate
     noise: keyframes           # optional: keyframes (each keyframe's seed, slerped)
                                #   or circle (a seamless loop in noise space around
                                #   the prompts, from the first seed and seed + 1)
@@ -17,6 +20,8 @@ parsed as data only (yaml.safe_load / json), never executed:
       - prompt: {a rabbit: 0.5, a frog: 0.5}
         seed: 2
         frames: 24
+        guide: a cartoon animal    # optional (PAID): the in-betweens to the next keyframe
+                                   #   take this prompt's embedding instead of the blend
       - prompt: a snowy forest
         seed: 3
 """
@@ -26,12 +31,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from sdanim.config.errors import SdanimError, check
-from sdanim.config.choices import INTERPOLATIONS, WALK_NOISES
+from sdanim.config.choices import ATTENTION_INTERPS, INTERPOLATIONS, WALK_NOISES
 from sdanim.core.interpolation import check_easing, path_positions
 from sdanim.core.noise import check_seed
 
@@ -103,19 +108,29 @@ class Keyframe:
             keyframe unless the walk loops). Defaults to 24.
         easing: str. Easing of the transition to the next keyframe. Defaults to
             "linear".
+        guide: str, mix or None. PAID's guide prompt for the transition to the next
+            keyframe: its in-between frames take this embedding instead of the blend
+            of the two keyframes'. Defaults to None.
     """
 
     prompt: Prompt
     seed: int
     frames: int = 24
     easing: str = "linear"
+    guide: Optional[Prompt] = None
 
     def record(self) -> dict:
-        prompt = self.prompt if isinstance(self.prompt, str) else [list(p) for p in self.prompt]
-        return {"prompt": prompt, "seed": self.seed, "frames": self.frames, "easing": self.easing}
+        record = {"prompt": _prompt_record(self.prompt), "seed": self.seed, "frames": self.frames, "easing": self.easing}
+        if self.guide is not None:  # recorded only when set: walks without one read as before
+            record["guide"] = _prompt_record(self.guide)
+        return record
 
 
-def make_keyframe(index: int, prompt, seed, frames=24, easing="linear") -> Keyframe:
+def _prompt_record(prompt):
+    return prompt if isinstance(prompt, str) else [list(p) for p in prompt]
+
+
+def make_keyframe(index: int, prompt, seed, frames=24, easing="linear", guide=None) -> Keyframe:
     """A validated keyframe; errors name the field as keyframes[index].field."""
     where = f"keyframes[{index}]"
     check(prompt is not None, f"{where} has no prompt. Received: prompt=None")
@@ -126,7 +141,9 @@ def make_keyframe(index: int, prompt, seed, frames=24, easing="linear") -> Keyfr
         f"{where}.frames must be a whole number >= 1. Received: frames={frames!r}",
     )
     check_easing(easing, f"{where}.easing")
-    return Keyframe(prompt, seed, frames, easing)
+    if guide is not None:
+        guide = normalize_prompt(guide, f"{where}.guide")
+    return Keyframe(prompt, seed, frames, easing, guide)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +154,8 @@ class Walk:
     loop: bool = False
     interpolation: str = "slerp"
     noise: str = "keyframes"
+    attention: str = "off"
+    attention_warmup: float = 0.5
 
     def __post_init__(self):
         check(
@@ -153,6 +172,18 @@ class Walk:
             self.interpolation in INTERPOLATIONS,
             f"interpolation must be one of {', '.join(INTERPOLATIONS)}. Received: interpolation={self.interpolation!r}",
         )
+        check(self.attention in ATTENTION_INTERPS,
+              f"attention_interp must be one of {', '.join(ATTENTION_INTERPS)}. Received: attention_interp={self.attention!r}")
+        warmup = self.attention_warmup
+        check(isinstance(warmup, (int, float)) and not isinstance(warmup, bool) and 0.0 <= warmup <= 1.0,
+              f"attention_warmup must be a fraction of the steps in [0, 1]. Received: attention_warmup={warmup!r}")
+        check(self.attention == "off" or self.noise != "circle",
+              "attention interpolation blends keyframes' attention; a circle noise walk has one prompt and no keyframe "
+              f"noises to blend. Received: attention_interp={self.attention!r}, noise='circle'")
+        guided = [i for i, k in enumerate(self.keyframes) if k.guide is not None]
+        check(not guided or len(self.keyframes) >= 2,
+              "a guide prompt guides the frames between two keyframes; this walk has one. "
+              f"Received: keyframes[{guided[0] if guided else 0}].guide")
 
     @property
     def stops(self) -> list:
@@ -179,12 +210,16 @@ class Walk:
         return len(self.positions())
 
     def record(self) -> dict:
-        return {
+        record = {
             "keyframes": [k.record() for k in self.keyframes],
             "loop": self.loop,
             "interpolation": self.interpolation,
             "noise": self.noise,
         }
+        if self.attention != "off":  # recorded only when used: walks without it read as before
+            record["attention"] = self.attention
+            record["attention_warmup"] = float(self.attention_warmup)
+        return record
 
     def noise_seeds(self) -> tuple:
         """The seeds noise is drawn from: one per stop, or the circle's two basis seeds."""
@@ -205,16 +240,19 @@ def circle_walk(prompt, seed: int, frames: int) -> Walk:
 
 def walk_from_prompts(
     prompts: Sequence, seeds: Sequence[int], intervals: Sequence[int], easing: str = "linear",
-    loop: bool = False, interpolation: str = "slerp",
+    loop: bool = False, interpolation: str = "slerp", attention: str = "off", attention_warmup: float = 0.5,
+    guide=None,
 ) -> Walk:
-    """A walk through `prompts` with intervals[k] frames from prompt k to k + 1."""
+    """A walk through `prompts` with intervals[k] frames from prompt k to k + 1 (`guide`,
+    if given, guides every transition)."""
     counts = list(intervals) + [1] * (len(prompts) - len(intervals))
-    keyframes = tuple(make_keyframe(i, p, s, n, easing) for i, (p, s, n) in enumerate(zip(prompts, seeds, counts)))
-    return Walk(keyframes, loop, interpolation)
+    keyframes = tuple(make_keyframe(i, p, s, n, easing, guide if i < len(intervals) else None)
+                      for i, (p, s, n) in enumerate(zip(prompts, seeds, counts)))
+    return Walk(keyframes, loop, interpolation, attention=attention, attention_warmup=attention_warmup)
 
 
-_FILE_KEYS = {"keyframes", "loop", "interpolation", "noise"}
-_KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing"}
+_FILE_KEYS = {"keyframes", "loop", "interpolation", "noise", "attention", "attention_warmup"}
+_KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing", "guide"}
 
 
 def parse_walk(data, default_seed: int = 42) -> Walk:
@@ -233,8 +271,10 @@ def parse_walk(data, default_seed: int = 42) -> Walk:
         check(not unknown, f"keyframes[{i}] has unknown field(s): {', '.join(map(str, unknown))}. Received: {unknown}")
         keyframes.append(make_keyframe(
             i, item.get("prompt"), item.get("seed", default_seed + i), item.get("frames", 24), item.get("easing", "linear"),
+            item.get("guide"),
         ))
-    return Walk(tuple(keyframes), loop, data.get("interpolation", "slerp"), data.get("noise", "keyframes"))
+    return Walk(tuple(keyframes), loop, data.get("interpolation", "slerp"), data.get("noise", "keyframes"),
+                data.get("attention", "off"), data.get("attention_warmup", 0.5))
 
 
 def load_walk(path: str, default_seed: int = 42) -> Walk:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from sdanim.config.errors import check
-from sdanim.config.choices import INTERPOLATIONS, PLAN_NOISES
+from sdanim.config.choices import ATTENTION_INTERPS, INTERPOLATIONS, PLAN_NOISES
 from sdanim.core.interpolation import interpolate
 from sdanim.core.noise import seeded_noise
 
@@ -53,6 +53,13 @@ class FramePlan:
             slerped between the keyframes' seeds) or "circle" (frame i of F gets
             cos(2 pi i/F) n_0 + sin(2 pi i/F) n_1 from two basis noises: unit variance
             all the way round, and the last frame is next to the first).
+        guides: (K - 1, 77, D) float32 or None: PAID's guide embedding of each
+            transition (NaN where a transition has none); the frames strictly between
+            keyframes k and k + 1 take guides[k] as their context.
+        attention: "off", or AID's attention interpolation ("inner", "outer", "fused"):
+            frames strictly between keyframes are denoised beside their two keyframes
+            (`aid_batch`).
+        attention_warmup: float. Fraction of the steps that interpolate attention.
     """
 
     embeddings: np.ndarray
@@ -61,6 +68,9 @@ class FramePlan:
     positions: np.ndarray
     interpolation: str = "slerp"
     noise_mode: str = "fixed"
+    guides: Optional[np.ndarray] = None
+    attention: str = "off"
+    attention_warmup: float = 0.5
 
     def __post_init__(self):
         k = len(self.embeddings)
@@ -86,6 +96,10 @@ class FramePlan:
             self.noise_mode in PLAN_NOISES,
             f"noise must be one of {', '.join(PLAN_NOISES)}. Received: noise={self.noise_mode!r}",
         )
+        check(self.attention in ATTENTION_INTERPS,
+              f"attention_interp must be one of {', '.join(ATTENTION_INTERPS)}. Received: attention_interp={self.attention!r}")
+        check(self.attention == "off" or self.noise_mode != "circle",
+              "attention interpolation needs keyframes; a circle noise walk has none. Received: noise_mode='circle'")
         pos = np.asarray(self.positions, dtype=np.float64)
         check(
             pos.ndim == 1 and len(pos) >= 1 and pos.min() >= 0 and pos.max() <= k - 1,
@@ -122,6 +136,25 @@ class FramePlan:
         state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
         return int(state >> np.uint64(1))
 
+    def segment(self, u: float) -> tuple:
+        """(k, t): position u lies t of the way from keyframe k to k + 1 (t = 0 on a keyframe)."""
+        k = min(int(np.floor(u)), max(len(self.embeddings) - 2, 0))
+        return k, float(u - k)
+
+    def _context(self, u: float) -> np.ndarray:
+        k, t = self.segment(u)
+        if self.guides is not None and 0.0 < t < 1.0 and not np.isnan(self.guides[k]).any():
+            return self.guides[k]  # PAID: the guide prompt instead of the blend
+        return self._at(self.embeddings, u, self.interpolation)
+
+    def keyframe(self, k: int) -> FrameInputs:
+        """Keyframe k's inputs, as a frame sitting exactly on it gets them (index -1:
+        not a frame of the plan; AID's helper rows)."""
+        check(self.noise_mode != "circle", "a circle walk has no keyframe noises")
+        u = float(k)  # computed as `frame` computes a frame at u = k: the same arrays
+        noise = self.noises[0] if self.noise_mode == "fixed" else self._at(self.noises, u, "slerp")
+        return FrameInputs(-1, self._at(self.embeddings, u, self.interpolation), noise, step_seed(self.seeds[k]), u)
+
     def frame(self, index: int) -> FrameInputs:
         """Frame `index`'s context and noise: a pure function of the plan and index."""
         check(
@@ -129,7 +162,7 @@ class FramePlan:
             f"frame index must be in [0, {len(self)}). Received: index={index}",
         )
         u = float(self.positions[index])
-        context = self._at(self.embeddings, u, self.interpolation)
+        context = self._context(u)
         if self.noise_mode == "fixed":
             noise = self.noises[0]
         elif self.noise_mode == "circle":
@@ -141,6 +174,46 @@ class FramePlan:
 
     def batch(self, indices: Sequence[int]) -> list[FrameInputs]:
         return [self.frame(i) for i in indices]
+
+    def _between(self, index: int) -> Optional[tuple]:
+        """(k, t) of a frame strictly between keyframes k and k + 1, else None."""
+        k, t = self.segment(float(self.positions[index]))
+        return (k, t) if 0.0 < t < 1.0 else None
+
+    def helpers(self, window: Sequence[int]) -> list:
+        """The keyframes the in-between frames of `window` interpolate from, in order."""
+        needed = set()
+        for index in window:
+            between = self._between(index)
+            if between is not None:
+                needed.update((between[0], between[0] + 1))
+        return sorted(needed)
+
+    def helper_count(self, batch_size: int) -> int:
+        """The most helper rows any batch of `batch_size` needs (every batch gets this
+        many, so the model's input shape never changes)."""
+        windows = range(0, len(self), batch_size)
+        return max(1, max(len(self.helpers(range(w, min(w + batch_size, len(self))))) for w in windows))
+
+    def aid_batch(self, padded: Sequence[int], batch_size: int):
+        """AID's rows for a batch: the helper keyframes' inputs (appended after the
+        frames) and, per row of frames + helpers, (t, a, b, on) as
+        `sdanim.model.attention_interp.AidBatch` wants them. The helpers are those of the
+        batch's whole window (i // batch_size), so a frame sees the same helpers however
+        many of its batch mates are rendered with it."""
+        window = padded[0] // batch_size
+        keyframes = self.helpers(range(window * batch_size, min((window + 1) * batch_size, len(self))))
+        count = self.helper_count(batch_size)
+        keyframes = (keyframes or [0]) + [(keyframes or [0])[-1]] * (count - len(keyframes or [0]))
+        rows = len(padded) + count
+        t, a, b, on = np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.float32)
+        for row, index in enumerate(padded):
+            between = self._between(index)
+            if between is not None:
+                k, frac = between
+                t[row], on[row] = frac, 1.0
+                a[row], b[row] = len(padded) + keyframes.index(k), len(padded) + keyframes.index(k + 1)
+        return [self.keyframe(k) for k in keyframes], (t, a, b, on)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

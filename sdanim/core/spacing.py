@@ -1,4 +1,7 @@
-"""Perceptually uniform spacing: move frames so consecutive frames are equally far apart.
+"""Where the frames of each transition sit: perceptually uniform spacing (below), or
+AID's Beta prior (`beta_positions`).
+
+Perceptually uniform spacing: move frames so consecutive frames are equally far apart.
 
 Equal steps along the embedding path give unequal visual steps. Given a cheap preview
 of the frames (fewer steps) at positions u_0 < ... < u_{F-1} and the distances between
@@ -62,6 +65,28 @@ def uniform_positions(
         else:
             out.append(np.interp(fractions * cum[-1], cum, u))
         start += n
+    if include_end:
+        out.append(np.array([float(len(intervals))]))
+    return np.concatenate(out)
+
+
+BETA_PRIOR = (3.0, 3.0)  # AID's generate_beta_tensor default (alpha, beta)
+
+
+def beta_positions(intervals: Sequence[int], easings: Sequence[str], include_end: bool = True,
+                   alpha: float = BETA_PRIOR[0], beta: float = BETA_PRIOR[1]) -> np.ndarray:
+    """Frame positions with AID's Beta prior (He et al. 2024, sec. 4.4): in each
+    transition the j-th of n frames sits at the j/n quantile of Beta(alpha, beta)
+    (after the transition's easing), so frames gather where the middle of a transition
+    changes most and thin out next to the keyframes. Keyframes stay frames exactly
+    (the quantile of 0 is 0). Returns (F,) positions as `uniform_positions` does."""
+    from scipy.special import betaincinv  # the Beta distribution's inverse CDF
+
+    check(alpha > 0 and beta > 0, f"the Beta prior needs alpha, beta > 0. Received: alpha={alpha}, beta={beta}")
+    out = []
+    for k, (n, easing) in enumerate(zip(intervals, easings)):
+        fractions = np.array([EASINGS[easing](j / n) for j in range(n)], dtype=np.float64)
+        out.append(k + betaincinv(alpha, beta, fractions))
     if include_end:
         out.append(np.array([float(len(intervals))]))
     return np.concatenate(out)

@@ -1,4 +1,4 @@
-"""Notebook helpers: the three functions the seed notebook writes by hand."""
+"""Notebook helpers: the functions the seed notebook writes by hand, and figures of a run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sdanim.render.plots import smoothness_figure
 from sdanim.render.store import write_png
 
 
@@ -48,3 +49,26 @@ def show_gif(path: str):
         image = Image(data=f.read(), format="gif")
     display(image)
     return image
+
+
+def show_image(path: str):
+    """Displays a PNG (a contact sheet, an audio plot) inline in Jupyter or Colab."""
+    from IPython.display import Image, display
+
+    with open(path, "rb") as f:
+        image = Image(data=f.read(), format="png")
+    display(image)
+    return image
+
+
+def plot_smoothness(results: dict):
+    """Consecutive-frame distances of several renders, one curve each ({label: a
+    `MorphResult` or its `smoothness` report}): a flat curve is an even walk, a spike a
+    hard cut; AID's 1 - Gini in the legend. Returns the matplotlib figure.
+
+    Example:
+    ```python
+    sdanim.plot_smoothness({"lerp": plain, "attention": sdanim.morph(..., attention_interp="fused")})
+    ```
+    """
+    return smoothness_figure({label: getattr(r, "smoothness", r) for label, r in results.items()})

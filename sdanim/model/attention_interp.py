@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -41,6 +42,20 @@ from sdanim.core.runtime import keras_ops
 
 MODES = ("off", "inner", "outer", "fused")
 _STATE = threading.local()
+_READY: "weakref.WeakSet" = weakref.WeakSet()  # UNets whose attention layers route through `mix`
+
+
+def enable(unet) -> None:
+    """Marks a UNet whose attention layers route through `mix` (`sdanim.model.layers`)."""
+    _READY.add(unet)
+
+
+def supports(unet) -> bool:
+    """Whether attention interpolation reaches this UNet's attention layers."""
+    try:
+        return unet in _READY
+    except TypeError:  # not weak-referenceable
+        return False
 
 
 def check_mode(mode: str, warmup: float = 0.5) -> None:
@@ -55,17 +70,35 @@ def warmup_steps(num_steps: int, warmup: float) -> int:
     return int(num_steps * warmup)
 
 
-@dataclasses.dataclass(frozen=True)
-class AidRows:
-    """The interpolation of one batch's conditional rows (NumPy; see the module docstring)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class AidBatch:
+    """One batch's attention interpolation: its first `frames` rows are the batch's
+    frames, the rest their keyframes' helper rows; t, a, b, on (NumPy, one entry per
+    row; see the module docstring) say how each conditional row attends. `mode` and
+    `warmup` as `check_mode` takes them."""
 
+    mode: str
+    warmup: float
+    frames: int
     t: np.ndarray
     a: np.ndarray
     b: np.ndarray
     on: np.ndarray
 
+    def __post_init__(self):
+        check_mode(self.mode, self.warmup)
+        check(self.mode != "off", "an AidBatch interpolates: mode must not be 'off'")
+
     def __len__(self) -> int:
         return len(self.t)
+
+    def steps(self, num_steps: int) -> int:
+        return warmup_steps(num_steps, self.warmup)
+
+    def tensors(self) -> tuple:
+        ops = keras_ops()
+        return (ops.convert_to_tensor(np.asarray(self.t, np.float32)), ops.convert_to_tensor(np.asarray(self.a, np.int32)),
+                ops.convert_to_tensor(np.asarray(self.b, np.int32)), ops.convert_to_tensor(np.asarray(self.on, np.float32)))
 
 
 @dataclasses.dataclass
@@ -129,4 +162,4 @@ def mix(layer, inputs, context, plain, state: _State):
     return mixed if start == 0 else ops.concatenate([plain[:start], mixed], axis=0)
 
 
-__all__ = ["MODES", "AidRows", "active", "current", "mix", "check_mode", "warmup_steps"]
+__all__ = ["MODES", "AidBatch", "enable", "supports", "active", "current", "mix", "check_mode", "warmup_steps"]

@@ -177,6 +177,7 @@ def check_upscaler(source: Optional[str], scale: Optional[int] = None) -> Upscal
     not `scale` is refused with one line."""
     check(scale in (None, 1, 2, 4), f"upscale must be 2 or 4. Received: upscale={scale!r}")
     if source is None:
+        scale = 4 if scale is None else scale
         check(scale in DEFAULT_FOR_SCALE, f"upscale must be 2 or 4. Received: upscale={scale!r}")
         source = DEFAULT_FOR_SCALE[scale]
     source = os.fspath(source)

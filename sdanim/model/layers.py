@@ -7,6 +7,8 @@ module (with the loader) knows KerasCV's layer classes.
   padded inside the kernel (TensorFlow on a CPU).
 - `attach_context_cache`: every cross-attention's keys and values of the text context
   made once per batch (`sdanim.model.context_cache`).
+- `attach_attention_interp`: every attention of the UNet (self and cross) interpolates
+  keyframes' keys and values while `sdanim.model.attention_interp.active` says so (AID).
 
 Only the given model's layer instances change (their `call`), never KerasCV's classes;
 the weights are untouched. Each function drops the model's compiled functions, which
@@ -19,7 +21,7 @@ import math
 import types
 
 from sdanim.core.runtime import import_keras, import_keras_cv
-from sdanim.model import context_cache
+from sdanim.model import attention_interp, context_cache
 from sdanim.model.compiled import forget_compiled
 
 
@@ -46,6 +48,23 @@ def _fused_cross_attention_call(self, inputs, context=None):
     attn = ops.dot_product_attention(q, k, v, scale=self.scale)  # (B, T, N, H)
     out = ops.reshape(attn, (-1, inputs.shape[1], self.num_heads * self.head_size))  # (B, T, N*H)
     return self.out_proj(out)
+
+
+def _cross_attention_call(self, inputs, context=None):
+    """The call sdanim installs on KerasCV's CrossAttention layers: KerasCV's own or the
+    fused form (`use_fused_attention`), then, while attention interpolation is active
+    (`attention_interp.current()`, read at trace time), the interpolating rows mixed in."""
+    if self.__dict__.get("_sdanim_fused", False):
+        plain = _fused_cross_attention_call(self, inputs, context)
+    else:
+        plain = type(self).call(self, inputs, context)
+    state = attention_interp.current()
+    return plain if state is None else attention_interp.mix(self, inputs, context, plain, state)
+
+
+def _install_cross_attention(layer, fused: bool) -> None:
+    object.__setattr__(layer, "_sdanim_fused", bool(fused))
+    object.__setattr__(layer, "call", types.MethodType(_cross_attention_call, layer))
 
 
 def _fused_vae_attention_call(self, inputs):
@@ -75,8 +94,10 @@ def use_fused_attention(keras_model, enabled: bool = True) -> int:
     count = 0
     for layer in keras_model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, CrossAttention):
-            fused_call = _fused_cross_attention_call
-        elif isinstance(layer, AttentionBlock):
+            _install_cross_attention(layer, enabled)  # stays able to interpolate (AID)
+            count += 1
+            continue
+        if isinstance(layer, AttentionBlock):
             fused_call = _fused_vae_attention_call
         else:
             continue
@@ -197,3 +218,22 @@ def attach_context_cache(unet) -> int:
     if not layers:
         return 0
     return context_cache.attach(unet, layers, tuple(unet.inputs[2].shape[1:]))
+
+
+def attach_attention_interp(unet) -> int:
+    """Lets every attention layer of a KerasCV UNet (self- and cross-attention) take
+    part in AID's attention interpolation (`sdanim.model.attention_interp`): outside an
+    `attention_interp.active` block the layers compute what they did before (the graph
+    traced is the same). Keeps the layer's current form (KerasCV's or fused). Returns
+    the number of attention layers (32 for SD 1.x and 2.x)."""
+    CrossAttention, _, _, _ = _keras_cv_layers()
+    count = 0
+    for layer in unet._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, CrossAttention):
+            _install_cross_attention(layer, layer.__dict__.get("_sdanim_fused", False))
+            count += 1
+    if count:
+        attention_interp.enable(unet)
+    forget_compiled(unet)
+    return count
+

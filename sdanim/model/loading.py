@@ -31,7 +31,7 @@ from sdanim.formats.checkpoints import CHECKPOINT_SUFFIXES, is_diffusers_folder
 from sdanim.formats.lora_files import check_lora_files
 from sdanim.model.convert import bind_checkpoint, checked_checkpoint, write_keras_weights
 from sdanim.model.device import detect_device, device_defaults
-from sdanim.model.layers import attach_context_cache, use_fast_layers, use_fused_attention
+from sdanim.model.layers import attach_attention_interp, attach_context_cache, use_fast_layers, use_fused_attention
 from sdanim.model.registry import MAX_PROMPT_LENGTH, PART_ORDER, WEIGHT_FILES, file_name, keras_cache_dir
 from sdanim.model.stable_diffusion import StableDiffusionModel
 
@@ -326,6 +326,7 @@ def _build(source: _WeightSource, choices: _DeviceChoices, height: int, width: i
             use_fast_layers(model)
         if part == "diffusion_model":
             attach_context_cache(model)  # the text's keys and values once per batch
+            attach_attention_interp(model)  # AID's attention interpolation, when a walk asks
         return model
 
     text_encoder, diffusion_model, decoder = (build(part) for part in PART_ORDER[:3])

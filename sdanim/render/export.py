@@ -13,7 +13,7 @@ import numpy as np
 
 from sdanim.config.errors import check
 from sdanim.config.export import ExportSettings, check_fps, check_quality, output_format
-from sdanim.core.audio import read_wav
+from sdanim.core.audio import read_audio
 from sdanim.render.store import atomic_write, ensure_folder
 
 _CODECS = {".mp4": ("libx264", "aac"), ".webm": ("libvpx-vp9", "libopus")}
@@ -131,5 +131,5 @@ def check_output(export: ExportSettings, out: str) -> None:
     ext = output_format(out)
     if export.audio is not None:
         check(ext != ".gif", f"a GIF cannot carry audio; write .mp4 or .webm. Received: out={out!r}")
-        read_wav(export.audio)
+        read_audio(export.audio)
     ensure_folder(os.path.dirname(os.path.abspath(out)), "out")

@@ -156,7 +156,13 @@ class FrameJob:
             noise_mode = "circle"
         else:
             noise_mode = "fixed" if len(set(seeds)) == 1 else "slerp"
-        return FramePlan(embeddings, noises, seeds, self.frame_positions(), self.walk.interpolation, noise_mode)
+        guides = None
+        transitions = self.walk.stops[:-1]
+        if any(k.guide is not None for k in transitions):  # PAID: a guide prompt per transition, NaN: none
+            guides = np.stack([mix_embeddings(k.guide, encoder.encode) if k.guide is not None
+                               else np.full_like(embeddings[0], np.nan) for k in transitions])  # (K - 1, 77, D)
+        return FramePlan(embeddings, noises, seeds, self.frame_positions(), self.walk.interpolation, noise_mode,
+                         guides, self.walk.attention, self.walk.attention_warmup)
 
     def renderer(self, model) -> Renderer:
         return make_renderer(model, self.settings, self.negative_prompt)

@@ -36,14 +36,14 @@ def smoothness_figure(reports: Mapping[str, dict]):
 
 
 def audio_figure(strength: np.ndarray, speed: np.ndarray, fps: float, beats: Optional[np.ndarray] = None,
-                 tempo: Optional[float] = None):
+                 tempo: Optional[float] = None, mode: Optional[str] = None):
     """The audio's strength under each frame and the walk's speed (how far each frame
     moves along the keyframe path), against time; beats as vertical lines."""
     fig = _figure(7.0, 4.0)
     top, bottom = fig.subplots(2, 1, sharex=True)
     t = np.arange(len(strength)) / fps
     top.plot(t, strength, color="tab:orange")
-    top.set_ylabel("audio strength")
+    top.set_ylabel({"loudness": "loudness (RMS)", "onsets": "onset strength", "beats": "onset strength"}.get(mode, "audio strength"))
     title = "Audio and the walk's speed" + (f" (tempo {tempo:.1f} BPM)" if tempo else "")
     top.set_title(title)
     bottom.plot(t[: len(speed)], speed, color="tab:blue")

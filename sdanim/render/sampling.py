@@ -34,7 +34,7 @@ from sdanim.config.settings import RenderSettings
 from sdanim.core.noise import step_noise
 from sdanim.core.runtime import import_keras, keras_ops
 from sdanim.core.schedulers import make_scheduler, steps_for_strength, timestep_embedding
-from sdanim.model import context_cache
+from sdanim.model import attention_interp, context_cache
 from sdanim.model.compiled import compiled
 
 
@@ -75,13 +75,51 @@ def _cond_eps(calls, latent, t_emb, context, uncond=None, guidance=None, kv=None
         return ops.cast(calls[0]([latent, t_emb, context]), "float32")
 
 
+def _aid_eps(mode: str, guided: bool) -> Callable:
+    """`_guided_eps` / `_cond_eps` with AID's attention interpolation active for the
+    conditional rows (`sdanim.model.attention_interp`): aid = (t, a, b, on), one entry
+    per row of the batch (frames, then their keyframes' helper rows)."""
+    eps_fn = _guided_eps if guided else _cond_eps
+
+    def aid_eps(calls, latent, t_emb, context, uncond, guidance, kv, aid):
+        # Guided: the UNet's batch is (uncond, cond), the conditional rows start at B.
+        with attention_interp.active(mode, latent.shape[0] if guided else 0, *aid):
+            return eps_fn(calls, latent, t_emb, context, uncond, guidance, kv)
+
+    aid_eps.__name__ = f"aid_eps_{mode}_{int(guided)}"
+    return aid_eps
+
+
 def _decode(calls, latent):
     """(B, h, w, 4) latent -> (B, 8h, 8w, 3) float in [-1, 1]."""
     ops = keras_ops()
     return ops.cast(calls[0](latent), "float32")
 
 
-def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
+def _loop(ops, step_eps, latent, prev, begin, end, coefs, scales, t_embs, noises=None, kept_region=None):
+    """Steps begin..end-1 of a sampler given as a coefficient table (`Scheduler.coefficients`):
+    denoised = d_x x + d_eps eps; x = n_x x + n_eps eps + n_prev prev (+ n_noise noise).
+    step_eps(model_in, t_emb) -> eps. kept_region: (paint, kept, known, noise) or None.
+    Returns (latent, the last step's denoised prediction)."""
+
+    def step(i, carry):
+        latent, prev = carry
+        row = ops.take(coefs, i, axis=0)  # (6,)
+        eps = step_eps(latent * ops.take(scales, i, axis=0), ops.take(t_embs, i, axis=0))
+        denoised = row[0] * latent + row[1] * eps
+        latent = row[2] * latent + row[3] * eps + row[4] * prev
+        if noises is not None:
+            latent = latent + row[5] * ops.take(noises, i, axis=0)
+        if kept_region is not None:
+            paint, kept, known, noise = kept_region
+            level = ops.take(kept, i, axis=0)  # (2,)
+            latent = paint * latent + (1.0 - paint) * (level[0] * known + level[1] * noise)
+        return latent, denoised
+
+    return ops.fori_loop(begin, end, step, (latent, prev))
+
+
+def _program(guided: bool, noisy: bool, masked: bool, carried: bool = False) -> Callable:
     """The whole sampling loop and the decode as one function of tensors, for one kind
     of batch (with or without guidance, per-step noise, a kept region). Compiled once
     per kind and shape (`compiled`); its tables and first step are inputs, so another
@@ -91,39 +129,52 @@ def _program(guided: bool, noisy: bool, masked: bool) -> Callable:
     context model, the context's projections are made once, before the loop.
     latent (B, h, w, 4): the state before step `start`.
     context, uncond (B, 77, D); guidance (); t_embs (N, B, 320); scales (N,): the UNet
-    sees x * scales[i]; coefs (N, 6): `Scheduler.coefficients`; start (): the first step.
-    noises (N, B, h, w, 4): each step's fresh noise (if noisy). known, noise (B, h, w, 4),
-    paint (B, h, w, 1), kept (N, 2): after step i the region where paint is 0 is reset to
-    kept[i, 0] * known + kept[i, 1] * noise (if masked).
+    sees x * scales[i]; coefs (N, 6): `Scheduler.coefficients`; start (): the first step
+    this program runs. noises (N, B, h, w, 4): each step's fresh noise (if noisy).
+    known, noise (B, h, w, 4), paint (B, h, w, 1), kept (N, 2): after step i the region
+    where paint is 0 is reset to kept[i, 0] * known + kept[i, 1] * noise (if masked).
+    prev (B, h, w, 4) (if carried): the denoised prediction of the step before `start`,
+    where an earlier program ran the first steps (AID's warm-up, `_warm_program`).
     Returns (B, 8h, 8w, 3) float32 images in [-1, 1].
     """
     eps_fn = _guided_eps if guided else _cond_eps
 
     def program(calls, latent, context, uncond, guidance, t_embs, scales, coefs, start,
-                noises=None, known=None, noise=None, paint=None, kept=None):
+                noises=None, known=None, noise=None, paint=None, kept=None, prev=None):
         ops = keras_ops()
-        num_steps = int(coefs.shape[0])
         kv = _context_kv(calls[2:], context, uncond if guided else None) if len(calls) > 2 else None
 
-        def step(i, carry):
-            latent, prev = carry
-            row = ops.take(coefs, i, axis=0)  # (6,)
-            model_in = latent * ops.take(scales, i, axis=0)
-            eps = eps_fn(calls, model_in, ops.take(t_embs, i, axis=0), context, uncond, guidance, kv)
-            denoised = row[0] * latent + row[1] * eps
-            latent = row[2] * latent + row[3] * eps + row[4] * prev
-            if noisy:
-                latent = latent + row[5] * ops.take(noises, i, axis=0)
-            if masked:
-                level = ops.take(kept, i, axis=0)  # (2,)
-                latent = paint * latent + (1.0 - paint) * (level[0] * known + level[1] * noise)
-            return latent, denoised
+        def step_eps(model_in, t_emb):
+            return eps_fn(calls, model_in, t_emb, context, uncond, guidance, kv)
 
-        latent, _ = ops.fori_loop(start, num_steps, step, (latent, ops.zeros_like(latent)))
+        prev = prev if carried else ops.zeros_like(latent)
+        latent, _ = _loop(ops, step_eps, latent, prev, start, int(coefs.shape[0]), coefs, scales, t_embs,
+                          noises if noisy else None, (paint, kept, known, noise) if masked else None)
         return _decode(calls[1:2], latent)
 
-    program.__name__ = f"program_{int(guided)}{int(noisy)}{int(masked)}"
+    program.__name__ = f"program_{int(guided)}{int(noisy)}{int(masked)}{int(carried)}"
     return program
+
+
+def _warm_program(guided: bool, noisy: bool, mode: str) -> Callable:
+    """AID's warm-up as one compiled loop: steps start..stop-1 on the frames and their
+    keyframes' helper rows with attention interpolation on (`_aid_eps`); returns
+    (latent, denoised) for `_program` to carry on from, without the helpers. Arguments
+    as `_program`'s, plus stop () and aid (t, a, b, on)."""
+    eps_fn = _aid_eps(mode, guided)
+
+    def warm(calls, latent, context, uncond, guidance, t_embs, scales, coefs, start, stop, aid, noises=None):
+        ops = keras_ops()
+        kv = _context_kv(calls[1:], context, uncond if guided else None) if len(calls) > 1 else None
+
+        def step_eps(model_in, t_emb):
+            return eps_fn(calls, model_in, t_emb, context, uncond, guidance, kv, aid)
+
+        return _loop(ops, step_eps, latent, ops.zeros_like(latent), start, stop, coefs, scales, t_embs,
+                     noises if noisy else None)
+
+    warm.__name__ = f"warm_{int(guided)}{int(noisy)}_{mode}"
+    return warm
 
 
 def default_loop(jit_compile: bool) -> str:
@@ -182,6 +233,7 @@ class Renderer:
         # Image-to-image starts here; 0 = from pure noise.
         self.start_step = settings.num_steps - steps_for_strength(strength, settings.num_steps)
         self.unconditional_context = np.asarray(unconditional_context, dtype=np.float32)
+        self.diffusion_model = diffusion_model
         self.guidance = float(settings.guidance_scale)
         # (N, 320): every step's timestep embedding, once.
         self._t_embs = np.stack([timestep_embedding(t) for t in self.scheduler.timesteps])
@@ -255,6 +307,12 @@ class Renderer:
             out["paint"] = ops.convert_to_tensor(np.asarray(masks, np.float32))  # (B, h, w, 1)
         return out
 
+    def _aid_fn(self, mode: str) -> Callable:
+        key = ("aid", mode)
+        if key not in self._programs:
+            self._programs[key] = compiled(_aid_eps(mode, self.guidance != 1.0), (self._models[0],), self._jit_compile)
+        return self._programs[key]
+
     def sample_latents(
         self,
         contexts: np.ndarray,
@@ -263,6 +321,7 @@ class Renderer:
         init_latents: Optional[np.ndarray] = None,
         masks: Optional[np.ndarray] = None,
         on_step: Optional[Callable] = None,
+        aid: Optional[attention_interp.AidBatch] = None,
     ):
         """Runs the denoising loop. contexts (B, 77, D), noises (B, h, w, 4) -> latents.
 
@@ -274,57 +333,110 @@ class Renderer:
             the end (the inpainting of Lugmayr et al. 2022 without resampling).
         on_step: called as on_step(i, denoised) after step i with the predicted clean
             latent (B, h, w, 4) (step views).
+        aid: `attention_interp.AidBatch`: attention interpolation for the first
+            aid.steps(N) steps. The rows after aid.frames are the frames' keyframes
+            (helper rows), denoised beside them while they interpolate and dropped
+            after; the latents returned are the frames' only.
         """
         sched = self.scheduler
+        self._check_aid(aid, init_latents, masks, len(contexts))
         inputs = self._inputs(contexts, noises, seeds, init_latents, masks)
         context, uncond, guidance = inputs["context"], inputs["uncond"], inputs["guidance"]
         step_noises, noise, known, paint = inputs["noises"], inputs["noise"], inputs["known"], inputs["paint"]
-        latent, start = inputs["latent"], inputs["start"]
+        latent, start, t_embs = inputs["latent"], inputs["start"], inputs["t_embs"]
         kv = self._kv(context, uncond)
+        warm = aid.steps(sched.num_steps) if aid is not None else 0
+        aid_fn, aid_rows = (self._aid_fn(aid.mode), aid.tensors()) if warm > start else (None, None)
         denoised = None
         # 2. The loop: one fused UNet call and one scheduler update per step.
         for i in range(start, sched.num_steps):
+            if aid is not None and i == max(warm, start):  # the helper rows' work is done
+                latent, context, uncond, t_embs, step_noises, denoised = _frames_only(
+                    aid.frames, latent, context, uncond, t_embs, step_noises, denoised)
+                kv = self._kv(context, uncond)
             model_in = latent if sched.input_scale(i) == 1.0 else latent * sched.input_scale(i)
-            t_emb = inputs["t_embs"][i]
-            eps = self._eps(model_in, t_emb, context, uncond, guidance, kv)
+            if i < warm:
+                eps = aid_fn(model_in, t_embs[i], context, uncond, guidance, kv, aid_rows)
+            else:
+                eps = self._eps(model_in, t_embs[i], context, uncond, guidance, kv)
             fresh = step_noises[i] if step_noises is not None else None
             latent, denoised = sched.step(i, latent, eps, denoised, fresh)
             if masks is not None:
                 latent = paint * latent + (1.0 - paint) * sched.noised(i + 1, known, noise)
             if on_step is not None:
-                on_step(i, denoised)
-        return latent
+                on_step(i, denoised if aid is None else denoised[:aid.frames])
+        return latent if aid is None else latent[:aid.frames]
+
+    def _check_aid(self, aid, init_latents, masks, rows: int) -> None:
+        if aid is None:
+            return
+        check(init_latents is None and masks is None,
+              "attention interpolation renders walks from noise; it takes no init_latents or masks")
+        check(len(aid) == rows and 1 <= aid.frames <= rows,
+              f"aid must describe every row of the batch ({rows}). Received: {len(aid)} rows, {aid.frames} frames")
 
     def decode(self, latents) -> np.ndarray:
         """(B, h, w, 4) -> (B, H, W, 3) uint8."""
         ops = keras_ops()
         return to_uint8(ops.convert_to_numpy(self._decode_fn(latents)))
 
-    def render(self, contexts, noises, seeds, init_latents=None, masks=None) -> np.ndarray:
+    def render(self, contexts, noises, seeds, init_latents=None, masks=None, aid=None) -> np.ndarray:
         """(B, 77, D) contexts and (B, h, w, 4) noises -> (B, H, W, 3) uint8 images
-        (init_latents and masks as in `sample_latents`), by the renderer's `loop`."""
+        (init_latents, masks and aid as in `sample_latents`; with aid, the images of its
+        frames only), by the renderer's `loop`."""
         if self.loop == "steps":
-            return self.decode(self.sample_latents(contexts, noises, seeds, init_latents, masks))
+            return self.decode(self.sample_latents(contexts, noises, seeds, init_latents, masks, aid=aid))
+        self._check_aid(aid, init_latents, masks, len(contexts))
         keras = import_keras()
         ops = keras.ops
         inputs = self._inputs(contexts, noises, seeds, init_latents, masks)
         noisy, masked = inputs["noises"] is not None, inputs["paint"] is not None
-        kind = (self.guidance != 1.0, noisy, masked)
+        guided = self.guidance != 1.0
+        start = inputs["start"]
+        coefs = ops.convert_to_tensor(self._coef_table(start))
+        scales = ops.convert_to_tensor(self._scales)
+        latent, context, uncond, t_embs, noises = (
+            inputs["latent"], inputs["context"], inputs["uncond"], inputs["t_embs"], inputs["noises"])
+        prev = None
+        if aid is not None:
+            warm = max(aid.steps(self.scheduler.num_steps), start)
+            if warm > start:  # the warm-up, with the helper rows, as one compiled loop
+                key = ("warm", guided, noisy, aid.mode)
+                if key not in self._programs:
+                    models = self._models[:1] + self._models[2:]  # the UNet (and its context model)
+                    self._programs[key] = compiled(_warm_program(guided, noisy, aid.mode), models, self._jit_compile)
+                latent, prev = self._programs[key](
+                    latent, context, uncond, inputs["guidance"], t_embs, scales, coefs,
+                    self._step_tensor(start), self._step_tensor(warm), aid.tensors(), noises)
+            latent, context, uncond, t_embs, noises, prev = _frames_only(
+                aid.frames, latent, context, uncond, t_embs, noises, prev)
+            start = warm
+        kind = (guided, noisy, masked, prev is not None)
         if kind not in self._programs:
             self._programs[kind] = compiled(_program(*kind), self._models, self._jit_compile)
-        program = self._programs[kind]
-        start = inputs["start"]
-        if keras.backend.backend() != "torch":
-            start = ops.convert_to_tensor(np.int32(start))  # an input, not a constant: no retrace
-        args = [
-            inputs["latent"], inputs["context"], inputs["uncond"], inputs["guidance"], inputs["t_embs"],
-            ops.convert_to_tensor(self._scales), ops.convert_to_tensor(self._coef_table(inputs["start"])), start,
-        ]
-        if noisy or masked:
-            args.append(inputs["noises"] if noisy else None)
-        if masked:
-            args += [inputs["known"], inputs["noise"], inputs["paint"], ops.convert_to_tensor(self._kept)]
-        return to_uint8(ops.convert_to_numpy(program(*args)))
+        args = [latent, context, uncond, inputs["guidance"], t_embs, scales, coefs, self._step_tensor(start)]
+        if noisy or masked or prev is not None:
+            args.append(noises)
+        if masked or prev is not None:
+            args += [inputs["known"], inputs["noise"], inputs["paint"],
+                     ops.convert_to_tensor(self._kept) if masked else None]
+        if prev is not None:
+            args.append(prev)
+        return to_uint8(ops.convert_to_numpy(self._programs[kind](*args)))
+
+    def _step_tensor(self, step: int):
+        """A step number as the programs take it: an input, not a constant (no retrace
+        per value), except on torch (eager)."""
+        keras = import_keras()
+        if keras.backend.backend() == "torch":
+            return int(step)
+        return keras.ops.convert_to_tensor(np.int32(step))
+
+
+def _frames_only(frames: int, latent, context, uncond, t_embs, noises, prev):
+    """The loop's tensors without AID's helper rows (rows from `frames` on)."""
+    return (latent[:frames], context[:frames], uncond[:frames], t_embs[:, :frames],
+            None if noises is None else noises[:, :frames], None if prev is None else prev[:frames])
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -374,24 +486,39 @@ def render_frames(
     """Renders `plan`'s frames `indices` in the batches of `batches` (padded by `slots`).
 
     Each batch is handed to `on_batch(indices, images)` as soon as it exists (to write
-    it to disk). If a batch runs out of device memory, the batch size is halved (once
-    said, in a warning) and the batch retried; frames already rendered are kept.
+    it to disk). A plan with attention interpolation (`FramePlan.attention`) renders each
+    batch beside the keyframes its frames interpolate from (`FramePlan.aid_batch`). If a
+    batch runs out of device memory, the batch size is halved (once said, in a warning)
+    and the batch retried; frames already rendered are kept.
 
     Returns:
         {frame index: (H, W, 3) uint8 image}.
     """
     todo = list(indices)
     out: dict = {}
+    # AID (`FramePlan.attention`): helper rows while any step interpolates.
+    aid_on = (getattr(plan, "attention", "off") != "off"
+              and attention_interp.warmup_steps(renderer.scheduler.num_steps, plan.attention_warmup)
+              > renderer.start_step)
+    if aid_on:
+        check(attention_interp.supports(renderer.diffusion_model),
+              "attention interpolation needs a UNet with KerasCV's attention layers (load_model's); this model's "
+              f"UNet has none it can reach. Received: attention_interp={plan.attention!r}")
     bar = tqdm(total=len(todo), unit="frame", desc="rendering", disable=not progress)
     try:
         while todo:
             chunk = batches(todo, batch_size)[0]
             padded = slots(chunk, batch_size)
+            extra = {}
             frames = plan.batch(padded)
+            if aid_on:
+                # AID: the keyframes the batch's window interpolates from, denoised beside it.
+                helpers, (t, a, b, on) = plan.aid_batch(padded, batch_size)
+                frames = frames + helpers
+                extra["aid"] = attention_interp.AidBatch(plan.attention, plan.attention_warmup, len(padded), t, a, b, on)
             contexts = np.stack([f.context for f in frames])  # (B, 77, D)
             noises = np.stack([f.noise for f in frames])  # (B, h, w, 4)
             seeds = [f.seed for f in frames]
-            extra = {}
             if frames[0].init_latent is not None:
                 extra["init_latents"] = np.stack([f.init_latent for f in frames])  # (B, h, w, 4)
             if frames[0].mask is not None:

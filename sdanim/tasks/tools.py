@@ -107,7 +107,7 @@ def upscale(sources, out_dir: str = "outputs/upscaled", scale: Optional[int] = 4
     Args:
         sources: str or list of str. Image files or folders.
         out_dir: str. Defaults to "outputs/upscaled".
-        scale: int or None. 2 or 4; None: the model's own. Defaults to 4.
+        scale: int or None. 2 or 4; None: the model's own (4 without a model). Defaults to 4.
         model: str or None. Weights file or pinned name (`sdanim.model.esrgan.PINNED`);
             None: the pinned model for `scale`.
         tile: int. Input pixels per tile side. Defaults to 256.

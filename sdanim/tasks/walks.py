@@ -28,12 +28,13 @@ from sdanim.core.keyframes import Walk, normalize_prompt, walk_from_prompts
 from sdanim.core.noise import check_seed
 from sdanim.core.pixels import fit_image, load_image
 from sdanim.core.smoothness import consecutive_distances, smoothness_report
-from sdanim.core.spacing import check_spacing, uniform_positions
+from sdanim.core.spacing import beta_positions, check_spacing, uniform_positions
 from sdanim.core.schedulers import steps_for_strength
 from sdanim.render.export import blend_double, check_output, contact_sheet, write_video
 from sdanim.render.jobs import FrameJob, ImageMorphJob, render_record
 from sdanim.render.ray import check_workers_args
 from sdanim.render.run import frame_source, open_run_folder, tiny_decoder_available, versions
+from sdanim.render.plots import audio_figure, save_figure
 from sdanim.render.post import PostProcess, check_post, post_process
 from sdanim.render.store import FrameStore, PngSequence, ensure_folder, write_png
 
@@ -49,6 +50,8 @@ class MorphResult:
     rendered: int  # frames rendered by this call (the rest were already on disk)
     seconds: float  # wall time of this call, model loading excluded
     smoothness: dict  # consecutive-frame distances and their spread (sdanim.smoothness)
+    audio_plot: Optional[str] = None  # <out stem>_audio.png: the audio's strength and the walk's speed
+    tempo: Optional[float] = None  # beats per minute found in the audio (audio timing only)
 
 
 def check_morph_args(prompts, out, frames, seed, interpolation="slerp", noise="fixed", seeds=None,
@@ -96,6 +99,9 @@ def morph(
     overwrite: bool = False,
     progress: bool = True,
     on_batch=None,
+    attention_interp: str = "off",
+    attention_warmup: float = 0.5,
+    guide=None,
 ) -> MorphResult:
     """Renders a prompt-to-prompt morph A -> B (-> C ...) and exports it.
 
@@ -125,6 +131,15 @@ def morph(
         easing: str. Easing of every transition ("linear", "ease-in-out", ...).
             Defaults to "linear".
         spacing, preview_steps, workers, overwrite, progress, on_batch: as in `animate`.
+        attention_interp: str. "off" (the frames' text embeddings interpolated, as
+            every latent walk does), or AID's attention interpolation: "inner", "outer"
+            or "fused" (AID's default): in-between frames attend to keys and values
+            interpolated from their two keyframes' (`sdanim.model.attention_interp`),
+            which turns hard cuts into gradual changes. Defaults to "off".
+        attention_warmup: float in [0, 1]. The fraction of the steps that interpolate
+            attention (plain attention after). Defaults to 0.5 (AID's).
+        guide: str or mix or None. PAID's guide prompt: the in-between frames take its
+            embedding instead of the blend of their keyframes'. Defaults to None.
 
     Example:
     ```python
@@ -136,7 +151,8 @@ def morph(
     export = export or ExportSettings()
     intervals, keyframe_seeds = check_morph_args(prompts, out, frames, seed, interpolation, noise, seeds, export)
     check_easing(easing)
-    walk = walk_from_prompts(list(prompts), keyframe_seeds, intervals, easing, False, interpolation)
+    walk = walk_from_prompts(list(prompts), keyframe_seeds, intervals, easing, False, interpolation,
+                             attention_interp, attention_warmup, guide)
     return animate(
         walk, out=out, settings=settings, export=export, model=model, negative_prompt=negative_prompt,
         spacing=spacing, preview_steps=preview_steps, workers=workers, overwrite=overwrite, progress=progress,
@@ -165,10 +181,12 @@ def animate(
         walk: `Walk`. Keyframes, loop, interpolation, noise.
         out: str. Output .gif, .mp4 or .webm. Defaults to "outputs/walk.gif".
         settings, export, model, negative_prompt: as in `morph`.
-        spacing: str. "linear" (equal steps in embedding space, then easing) or
+        spacing: str. "linear" (equal steps in embedding space, then easing),
             "uniform": a preview of every frame with `preview_steps` steps measures
             the distance between consecutive frames, and frames are re-placed so that
-            they are equally far apart (sdanim.spacing). Defaults to "linear".
+            they are equally far apart (sdanim.core.spacing), or "beta": AID's Beta(3, 3)
+            prior, more frames in the middle of each transition, fewer next to the
+            keyframes (`sdanim.core.spacing.beta_positions`). Defaults to "linear".
         preview_steps: int. Steps of the uniform-spacing preview. Defaults to a
             quarter of the render's steps (at least 2).
         distance: callable (image, image) -> float. The frame distance used by
@@ -211,8 +229,10 @@ def animate(
 
         # 3. Where each frame sits along the keyframe path (the plan is built per model).
         job = FrameJob(walk, settings, negative_prompt)
-        if timing.strength is not None:
-            positions = audio_lib.audio_positions(timing.strength, len(walk.intervals), include_end=not walk.loop)
+        if timing.positions is not None:  # audio timing
+            job = dataclasses.replace(job, positions=tuple(float(u) for u in timing.positions))
+        if timing.spacing == "beta":
+            positions = beta_positions(walk.intervals, walk.easings, include_end=not walk.loop)
             job = dataclasses.replace(job, positions=tuple(float(u) for u in positions))
         if timing.spacing == "uniform":
             known = (stored or {}).get("positions")
@@ -223,6 +243,7 @@ def animate(
                 positions = _uniform_spacing(source, job, timing.preview_steps, progress, distance, decoder)
                 manifest["preview"] = {"decoder": decoder}
             job = dataclasses.replace(job, positions=tuple(float(u) for u in positions))
+        if job.positions is not None:  # placed by audio, the Beta prior or the preview: kept with the frames
             manifest["positions"] = list(job.positions)
             store.write_manifest(manifest)
 
@@ -235,17 +256,24 @@ def animate(
     sheet = export_video(out, all_frames, store, export, post, walk.loop, progress)
     report = smoothness_report(list(all_frames) + ([all_frames[0]] if walk.loop else []), distance)
     store.write_manifest({**manifest, "smoothness": report})
-    return MorphResult(all_frames, out, folder, sheet, len(todo), time.perf_counter() - start, report)
+    plot = timing.save_plot(os.path.splitext(out)[0] + "_audio.png", job.frame_positions())
+    return MorphResult(all_frames, out, folder, sheet, len(todo), time.perf_counter() - start, report, plot,
+                       timing.analysis.tempo if timing.analysis is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Timing:
-    """Where the frames of a walk sit: `spacing` (and its preview's steps) or an audio
-    track's strength under each rendered frame."""
+    """Where the frames of a walk sit: `spacing` (and its preview's steps), or an audio
+    track (`analysis`, its `mode`, rendered frames per second of audio `fps`), which
+    gives the frames' `positions` before anything is rendered."""
 
     spacing: str
     preview_steps: Optional[int]
-    strength: Optional[np.ndarray]
+    analysis: Optional[audio_lib.Analysis] = None
+    mode: Optional[str] = None
+    fps: Optional[float] = None
+    beats_per_keyframe: Optional[int] = None
+    positions: Optional[np.ndarray] = None
 
     def record(self, export: ExportSettings) -> dict:
         audio = None
@@ -253,29 +281,52 @@ class _Timing:
             audio = {"sha256": audio_lib.file_digest(export.audio), "mode": export.audio_mode, "fps": export.fps}
             if export.interpolate > 1:
                 audio["interpolate"] = export.interpolate
+            if self.mode == "beats":
+                audio.update(beats_per_keyframe=self.beats_per_keyframe, tempo=round(self.analysis.tempo, 3))
         return {"spacing": self.spacing, "preview_steps": self.preview_steps, "audio": audio}
+
+    def save_plot(self, path: str, positions: np.ndarray) -> Optional[str]:
+        """The audio's strength under each rendered frame and the walk's speed, as a
+        PNG beside the video (audio timing only)."""
+        if self.analysis is None:
+            return None
+        positions = np.asarray(positions, np.float64)
+        speed = np.diff(positions)  # how far along the keyframe path each frame moves
+        strength = self.analysis.per_frame("onsets" if self.mode == "beats" else self.mode, len(positions), self.fps)
+        figure = audio_figure(strength, speed, self.fps, self.analysis.beats, self.analysis.tempo, self.mode)
+        return save_figure(figure, path)
 
 
 def _check_timing(walk: Walk, settings: RenderSettings, export: ExportSettings, spacing: str, preview_steps) -> _Timing:
     check_spacing(spacing)
     check(
         spacing == "linear" or walk.noise != "circle",
-        "spacing='uniform' re-places frames along keyframes; a circle noise walk has none. Received: noise='circle'",
+        f"spacing={spacing!r} re-places frames along keyframes; a circle noise walk has none. Received: noise='circle'",
     )
     check(export.audio is None or spacing == "linear",
-          "audio timing and spacing='uniform' both place the frames; choose one. Received: spacing='uniform'")
-    strength = None
-    if export.audio is not None:
-        # Each rendered frame stands for `interpolate` video frames: its audio window is that long.
-        samples, rate = audio_lib.read_wav(export.audio)
-        strength = audio_lib.frame_strength(samples, rate, len(walk), export.fps / export.interpolate, export.audio_mode)
+          f"audio timing and spacing={spacing!r} both place the frames; choose one. Received: spacing={spacing!r}")
     if spacing == "uniform":
         preview_steps = preview_steps or max(2, settings.num_steps // 4)
         check(
             isinstance(preview_steps, int) and preview_steps >= 1,
             f"preview_steps must be at least 1. Received: preview_steps={preview_steps}",
         )
-    return _Timing(spacing, preview_steps if spacing == "uniform" else None, strength)
+    timing = _Timing(spacing, preview_steps if spacing == "uniform" else None)
+    if export.audio is None:
+        return timing
+    check(walk.noise != "circle" or export.audio_mode != "beats",
+          "audio_mode='beats' puts keyframes on beats; a circle noise walk has none. Received: noise='circle'")
+    # Each rendered frame stands for `interpolate` video frames: its audio window is that long.
+    fps = export.fps / export.interpolate
+    analysis = audio_lib.analyze(*audio_lib.read_audio(export.audio))
+    if export.audio_mode == "beats":
+        times = audio_lib.keyframe_times(analysis.beats, len(walk.intervals), export.beats_per_keyframe, analysis.duration)
+        positions = audio_lib.beat_positions(times, fps, walk.easings, include_end=not walk.loop)
+    else:
+        strength = analysis.per_frame(export.audio_mode, len(walk), fps)
+        positions = audio_lib.audio_positions(strength, len(walk.intervals), include_end=not walk.loop)
+    return dataclasses.replace(timing, analysis=analysis, mode=export.audio_mode, fps=fps,
+                               beats_per_keyframe=export.beats_per_keyframe, positions=positions)
 
 
 def export_video(out: str, frames: np.ndarray, store: FrameStore, export: ExportSettings, post: PostProcess,

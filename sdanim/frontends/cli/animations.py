@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from sdanim.config.choices import MORPH_NOISES
 from sdanim.core.interpolation import EASINGS
 from sdanim.core.keyframes import circle_walk, load_walk, parse_prompt_text
@@ -16,6 +18,8 @@ WALK_EXAMPLE = """\
     - {prompt: a red barn at dawn, seed: 1, frames: 24, easing: ease-in-out}
     - {prompt: {a rabbit: 0.5, a frog: 0.5}, seed: 2, frames: 24}
     - {prompt: a snowy forest, seed: 3, frames: 24}
+  attention: fused          # optional: AID's attention interpolation (off|inner|outer|fused)
+  attention_warmup: 0.5     # optional: fraction of the steps that interpolate
 """
 
 
@@ -26,6 +30,9 @@ def report(result, fps: float) -> None:
     print(f"frames: {result.frames_dir}")
     if result.sheet:
         print(f"contact sheet: {result.sheet}")
+    if result.audio_plot:
+        tempo = f"tempo {result.tempo:.1f} BPM; " if result.tempo else ""
+        print(f"audio: {tempo}plot of its strength and the walk's speed: {result.audio_plot}")
     smooth = result.smoothness
     print(f"smoothness: mean step {smooth['mean']:.4f}, 1-Gini {smooth['one_minus_gini']:.3f}, "
           f"variance {smooth['variance']:.2e} (1-Gini = 1: perfectly even steps)")
@@ -39,7 +46,9 @@ def run_morph(args) -> int:
         export=options.export(args), model=options.model_for(args, settings), negative_prompt=args.negative,
         interpolation=args.interpolation, noise=args.noise, seeds=args.seeds, easing=args.easing,
         spacing=args.spacing, preview_steps=args.preview_steps, workers=options.workers(args),
-        overwrite=args.overwrite, progress=not args.quiet,
+        overwrite=args.overwrite, progress=not args.quiet, attention_interp=args.attention_interp,
+        attention_warmup=args.attention_warmup,
+        guide=None if args.guide is None else parse_prompt_text(args.guide, "guide"),
     )
     report(result, args.fps)
     return 0
@@ -47,6 +56,10 @@ def run_morph(args) -> int:
 
 def run_walk(args) -> int:
     walk = load_walk(args.file) if args.command == "walk" else circle_walk(args.prompt, args.seed, args.frames)
+    if args.attention_interp is not None or args.attention_warmup is not None:  # over the walk file's
+        walk = dataclasses.replace(
+            walk, attention=walk.attention if args.attention_interp is None else args.attention_interp,
+            attention_warmup=walk.attention_warmup if args.attention_warmup is None else args.attention_warmup)
     settings = options.settings(args)
     result = walks.animate(
         walk, out=args.out, settings=settings, export=options.export(args),
@@ -90,6 +103,7 @@ def register(sub) -> None:
                    help="fixed: one noise for every frame; slerp: between per-prompt seeds (default: fixed)")
     m.add_argument("--seeds", type=options.int_list, default=None, metavar="S1,S2,...", help="per-prompt seeds for --noise slerp")
     m.add_argument("--easing", default="linear", choices=tuple(EASINGS), help="easing of each transition (default: linear)")
+    options.add_attention_interp_args(m, guide=True)
     options.add_timing_args(m)
     options.add_output_args(m)
     options.add_render_args(m, batch_default=4)
@@ -102,6 +116,7 @@ def register(sub) -> None:
         epilog="walk file:\n" + WALK_EXAMPLE + "\n" + options.EPILOG,
     )
     w.add_argument("file", help="walk file (.yaml, .yml or .json)")
+    options.add_attention_interp_args(w, from_file=True)
     options.add_timing_args(w)
     w.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
     w.add_argument("--out", default="outputs/walk.gif", help="output .gif, .mp4 or .webm (default: outputs/walk.gif)")
@@ -120,6 +135,7 @@ def register(sub) -> None:
     c.add_argument("--seed", type=int, default=42, help="first basis seed (default: 42)")
     c.add_argument("--fps", type=float, default=12, help="frames per second (default: 12)")
     c.add_argument("--out", default="outputs/circle.gif", help="output .gif, .mp4 or .webm (default: outputs/circle.gif)")
+    options.add_attention_interp_args(c)  # anything but off is refused with the reason: a circle has one prompt
     options.add_output_args(c)
     options.add_render_args(c, batch_default=4)
     options.add_workers_args(c)

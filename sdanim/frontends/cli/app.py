@@ -8,6 +8,18 @@ from sdanim.config.errors import SdanimError
 from sdanim.frontends.cli import options
 from sdanim.frontends.cli.options import add_command
 from sdanim.frontends.ui import app
+from sdanim.frontends.ui.model import NETWORK_LIMITS, Limits
+
+LIMIT_FLAGS = ("max_frames", "max_size", "max_steps", "max_images", "max_batch", "max_output_gb")
+
+
+def limits(args) -> Limits:
+    """The operator's limits: each flag given replaces its default (none for a local
+    app, `NETWORK_LIMITS` in network mode)."""
+    network = args.listen or args.share
+    base = NETWORK_LIMITS if network else Limits()
+    given = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
+    return Limits(**{**{f: getattr(base, f) for f in LIMIT_FLAGS}, **given})
 
 
 def run_ui(args) -> int:
@@ -22,7 +34,7 @@ def run_ui(args) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise SdanimError('the app needs Gradio: pip install "sdanim[ui]". Received: command=ui')
     app.launch(spec=options.spec(args), out_dir=args.out_dir, port=args.port, share=args.share, listen=args.listen,
-               auth=auth, inline=False, prevent_thread_lock=False)
+               auth=auth, inline=False, prevent_thread_lock=False, models_dir=args.models_dir, limits=limits(args))
     return 0
 
 
@@ -38,4 +50,17 @@ def register(sub) -> None:
     ui.add_argument("--listen", action="store_true", help="bind 0.0.0.0: reachable from other machines")
     ui.add_argument("--auth", default=None, metavar="USER:PASS", help="ask for this user name and password")
     ui.add_argument("--out-dir", default="outputs/ui", help="where renders go (default: outputs/ui)")
+    net = ui.add_argument_group(
+        "sharing (--listen / --share): visitors choose only the weights and LoRAs named here, by name, and every "
+        "request is checked against these limits")
+    net.add_argument("--models-dir", default=None, metavar="DIR",
+                     help="also offer the checkpoints and LoRA files in DIR, listed by name (network mode only)")
+    defaults = {f: getattr(NETWORK_LIMITS, f) for f in LIMIT_FLAGS}
+    net.add_argument("--max-frames", type=int, default=None, help=f"frames per animation (network default: {defaults['max_frames']})")
+    net.add_argument("--max-size", type=int, default=None, help=f"pixels on an image's longer side (network default: {defaults['max_size']})")
+    net.add_argument("--max-steps", type=int, default=None, help=f"denoising steps (network default: {defaults['max_steps']})")
+    net.add_argument("--max-images", type=int, default=None, help=f"images per generate request (network default: {defaults['max_images']})")
+    net.add_argument("--max-batch", type=int, default=None, help=f"images per model call (network default: {defaults['max_batch']})")
+    net.add_argument("--max-output-gb", type=float, default=None,
+                     help=f"no new render once the output folder holds this much (network default: {defaults['max_output_gb']:g})")
     options.add_model_args(ui)

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import os
+
 from sdanim.config.errors import SdanimError
 from sdanim.core.keyframes import normalize_prompt, parse_prompt_text
 from sdanim.core.pixels import extend_canvas, load_image
 from sdanim.frontends.cli import options
 from sdanim.frontends.cli.options import MIX_HELP, add_command
-from sdanim.tasks import images
+from sdanim.model.esrgan import check_upscaler
+from sdanim.tasks import images, tools
 
 
 def print_images(result) -> None:
     for seed, path in zip(result.seeds, result.paths):
         print(f"seed {seed}: {path}")
+
+
+def check_upscale(args):
+    """--upscale / --upscale-model resolved and checked before anything is rendered (or None)."""
+    if args.upscale is None and args.upscale_model is None:
+        return None
+    return check_upscaler(args.upscale_model, args.upscale)
+
+
+def upscale_images(args, upscaler, result) -> None:
+    """Each image also enlarged, into <out>/x<scale>/ under its own name."""
+    if upscaler is None:
+        return
+    folder = os.path.join(args.out, f"x{upscaler.arch.scale}")
+    written = tools.upscale(result.paths, out_dir=folder, scale=upscaler.arch.scale, model=upscaler.path,
+                            progress=not args.quiet)
+    print(f"upscaled x{upscaler.arch.scale}: {len(written)} image(s) in {folder}")
 
 
 def mix_pairs(tokens):
@@ -33,31 +53,38 @@ def common(args, settings) -> dict:
 
 
 def run_generate(args) -> int:
+    upscaler = check_upscale(args)
     prompt = parse_prompt_text(args.prompt) if args.command == "generate" else mix_pairs(args.pairs)
     result = images.generate(prompt, num_images=args.num_images, seed=args.seed, out_dir=args.out,
                              **common(args, options.settings(args)))
     print_images(result)
+    upscale_images(args, upscaler, result)
     return 0
 
 
 def run_img2img(args) -> int:
+    upscaler = check_upscale(args)
     image = load_image(args.image, "image")
     result = images.img2img(image, parse_prompt_text(args.prompt), strength=args.strength, num_images=args.num_images,
                             seed=args.seed, fit=args.fit, out_dir=args.out, **common(args, options.settings(args, image)))
     print_images(result)
+    upscale_images(args, upscaler, result)
     return 0
 
 
 def run_inpaint(args) -> int:
+    upscaler = check_upscale(args)
     image = load_image(args.image, "image")
     result = images.inpaint(image, args.mask, parse_prompt_text(args.prompt), num_images=args.num_images,
                             seed=args.seed, strength=args.strength, feather=args.feather, fit=args.fit, out_dir=args.out,
                             **common(args, options.settings(args, image)))
     print_images(result)
+    upscale_images(args, upscaler, result)
     return 0
 
 
 def run_outpaint(args) -> int:
+    upscaler = check_upscale(args)
     image = load_image(args.image, "image")
     canvas, _ = extend_canvas(image, args.left, args.right, args.top, args.bottom)
     size = f"{canvas.shape[1]}x{canvas.shape[0]}"
@@ -69,6 +96,7 @@ def run_outpaint(args) -> int:
                              bottom=args.bottom, num_images=args.num_images, seed=args.seed, feather=args.feather,
                              out_dir=args.out, **common(args, options.settings(args)))
     print_images(result)
+    upscale_images(args, upscaler, result)
     return 0
 
 

@@ -7,7 +7,7 @@ import argparse
 from typing import Optional
 
 from sdanim.config.choices import (
-    ATTENTIONS, AUDIO_MODES, DECODERS, INTERPOLATIONS, PRECISIONS, SCHEDULERS, SPACINGS, VERSIONS,
+    ATTENTION_INTERPS, ATTENTIONS, AUDIO_MODES, DECODERS, INTERPOLATIONS, PRECISIONS, SCHEDULERS, SPACINGS, VERSIONS,
 )
 from sdanim.config.errors import SdanimError
 from sdanim.config.export import ExportSettings
@@ -115,16 +115,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", default="linear", choices=SPACINGS,
                    help="uniform: preview the frames, then re-place them so consecutive frames are "
-                   "equally far apart (default: linear)")
+                   "equally far apart; beta: AID's Beta(3, 3) prior, more frames mid-transition (default: linear)")
     p.add_argument("--preview-steps", type=int, default=None, help="steps of the uniform-spacing preview (default: steps/4, at least 2)")
+
+
+def add_attention_interp_args(p: argparse.ArgumentParser, guide: bool = False, from_file: bool = False) -> None:
+    g = p.add_argument_group("attention interpolation (AID): gradual changes instead of hard cuts")
+    default = "the walk file's, else off" if from_file else "off"
+    g.add_argument("--attention-interp", default=None if from_file else "off", choices=ATTENTION_INTERPS,
+                   help="in-between frames attend to keys/values interpolated from their two keyframes' "
+                   f"(inner, outer, or fused: AID's default); off: text embeddings interpolated only (default: {default})")
+    default = "the walk file's, else 0.5" if from_file else "0.5"
+    g.add_argument("--attention-warmup", type=float, default=None if from_file else 0.5, metavar="FRACTION",
+                   help=f"fraction of the steps that interpolate attention, [0, 1] (default: {default})")
+    if guide:
+        g.add_argument("--guide", default=None, metavar="PROMPT",
+                       help=f"PAID's guide prompt: in-between frames take its embedding instead of the blend; {MIX_HELP}")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ping-pong", action="store_true", help="play forward, then back")
     p.add_argument("--double", action="store_true", help="double the frames in the video by blending neighbours (plays at 2x fps)")
     p.add_argument("--quality", type=float, default=8.0, help="MP4/WebM quality 0-10 (default: 8)")
-    p.add_argument("--audio", default=None, metavar="WAV", help="WAV whose loudness drives the walk's speed; muxed into MP4/WebM")
-    p.add_argument("--audio-mode", default="loudness", choices=AUDIO_MODES, help="what in the audio sets the speed (default: loudness)")
+    p.add_argument("--audio", default=None, metavar="FILE",
+                   help="audio (WAV, MP3, M4A/AAC, FLAC, Ogg, or a video's sound track) that times the walk; "
+                   "muxed into MP4/WebM; a plot of it and the walk's speed goes to <out>_audio.png")
+    p.add_argument("--audio-mode", default="loudness", choices=AUDIO_MODES,
+                   help="loudness or onsets: faster where the music is louder / on hits; beats: every keyframe "
+                   "on a beat (default: loudness)")
+    p.add_argument("--beats-per-keyframe", type=int, default=4, metavar="K",
+                   help="with --audio-mode beats: keyframe j lands on beat j*K (default: 4)")
     p.add_argument("--sheet", action="store_true", help="also write a contact sheet of all frames")
     p.add_argument("--overwrite", action="store_true", help="replace frames of a different run in the frames folder")
     add_post_args(p)
@@ -160,6 +180,11 @@ def add_images_args(p: argparse.ArgumentParser, count: int) -> None:
     p.add_argument("--num-images", type=int, default=count, help=f"how many images, image k from seed + k (default: {count})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, printed)")
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    g = p.add_argument_group("upscaling (Real-ESRGAN)")
+    g.add_argument("--upscale", type=int, default=None, choices=(2, 4),
+                   help="also write each image enlarged 2x or 4x, to <out>/x2 or <out>/x4")
+    g.add_argument("--upscale-model", default=None, metavar="NAME|FILE",
+                   help="upscaler weights: a .pth/.safetensors or a pinned name (default: realesrgan-x4plus or -x2plus)")
 
 
 def add_fit_arg(p: argparse.ArgumentParser) -> None:
@@ -200,6 +225,7 @@ def export(args) -> ExportSettings:
         fps=args.fps, ping_pong=getattr(args, "ping_pong", False), double=getattr(args, "double", False),
         quality=getattr(args, "quality", 8.0), sheet=getattr(args, "sheet", False),
         audio=getattr(args, "audio", None), audio_mode=getattr(args, "audio_mode", "loudness"),
+        beats_per_keyframe=getattr(args, "beats_per_keyframe", 4),
         interpolate=getattr(args, "interpolate", 1), rife=getattr(args, "rife", None),
         upscale=getattr(args, "upscale", None), upscale_model=getattr(args, "upscale_model", None),
     )

@@ -74,7 +74,8 @@ def register(sub) -> None:
         epilog="",
     )
     up.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    up.add_argument("--scale", type=int, default=4, choices=(2, 4), help="enlargement (default: 4)")
+    up.add_argument("--scale", type=int, default=None, choices=(2, 4),
+                    help="enlargement (default: the --upscale-model's own, else 4)")
     up.add_argument("--upscale-model", default=None, metavar="NAME|FILE",
                     help="weights: a file, or realesrgan-x4plus, realesrgan-x2plus, realesrgan-x4plus-anime, "
                     "realesr-general-x4v3, realesr-animevideov3 (default: the pinned model for --scale)")

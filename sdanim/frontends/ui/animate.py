@@ -3,14 +3,16 @@ and resume, walk files, and a plot of how evenly the walk moves."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import threading
 
-from sdanim.config.choices import INTERPOLATIONS, SPACINGS
+from sdanim.config.choices import ATTENTION_INTERPS, AUDIO_MODES, INTERPOLATIONS, SPACINGS
 from sdanim.config.export import ExportSettings
 from sdanim.core.interpolation import EASINGS
+from sdanim.core.audio import file_digest as audio_file_digest
 from sdanim.core.keyframes import load_walk
 from sdanim.frontends.ui.common import (
     EXAMPLE_KEYFRAMES, KEYFRAMES_HELP, AppContext, Stopped, digest, friendly, gallery, parse_keyframes,
@@ -22,23 +24,41 @@ from sdanim.render.store import FrameStore
 from sdanim.tasks import walks
 
 
+_ATTENTION_KEYS = ("attention", "attention_warmup")
+
+
+def _path_only(walk_record: dict) -> dict:
+    """A walk's record without how its frames attend: renders of one path, lerp or AID."""
+    return {k: v for k, v in walk_record.items() if k not in _ATTENTION_KEYS}
+
+
+def _label(manifest: dict) -> str:
+    walk, timing, render = manifest.get("walk", {}), manifest.get("timing", {}), manifest.get("render", {})
+    attention = walk.get("attention", "off")
+    parts = [("attention", "lerp" if attention == "off" else f"{attention} (warm-up {walk.get('attention_warmup')})"),
+             ("spacing", timing.get("spacing")), ("sampler", render.get("scheduler"))]
+    return ", ".join(f"{k}={v}" for k, v in parts if v)
+
+
 def _compare(out_dir: str, walk_record: dict, current: str, report: dict) -> dict:
     """This render's smoothness, and that of every other render of the same walk in the
-    output folder (another spacing, sampler or interpolation), for one plot."""
-    reports = {"this render": report}
+    output folder (embedding lerp or attention interpolation, another spacing or
+    sampler), for one plot: lerp vs attention side by side."""
+    reports = {}
+    this = None
     for path in sorted(glob.glob(os.path.join(out_dir, "walk-*_frames", "manifest.json"))):
-        if os.path.dirname(path) == current:
-            continue
         try:
             with open(path, encoding="utf-8") as f:
                 other = json.load(f)
         except (OSError, ValueError):
             continue
-        if other.get("walk") == walk_record and "smoothness" in other:
-            label = ", ".join(f"{k}={v}" for k, v in (("spacing", other.get("timing", {}).get("spacing")),
-                                                       ("sampler", other.get("render", {}).get("scheduler"))) if v)
-            reports[label or os.path.basename(os.path.dirname(path))] = other["smoothness"]
-    return reports
+        if os.path.dirname(path) == current:
+            this = other
+            continue
+        if _path_only(other.get("walk", {})) == _path_only(walk_record) and "smoothness" in other:
+            reports[_label(other) or os.path.basename(os.path.dirname(path))] = other["smoothness"]
+    label = "this render" + (f" ({_label(this)})" if this else "")
+    return {label: report, **reports}
 
 
 def build(context: AppContext):
@@ -60,6 +80,17 @@ def build(context: AppContext):
                 easing = gr.Dropdown(list(EASINGS), value="linear", label="Easing")
                 spacing = gr.Dropdown(list(SPACINGS), value="linear", label="Spacing")
             with gr.Row():
+                attention = gr.Dropdown(list(ATTENTION_INTERPS), value="off", label="Attention interpolation (AID)",
+                                        info="off: embeddings only; fused (AID's default), inner, outer: gradual "
+                                        "changes instead of hard cuts, about 1.2-1.5x the time")
+                warmup = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="AID warm-up (fraction of steps)")
+            with gr.Row():
+                audio = gr.Audio(type="filepath", label="Audio that times the walk (MP4 only)", sources=["upload"])
+                with gr.Column():
+                    audio_mode = gr.Dropdown(list(AUDIO_MODES), value="loudness", label="Audio mode",
+                                             info="loudness / onsets: speed; beats: keyframes on beats")
+                    beats = gr.Number(value=4, precision=0, label="Beats per keyframe (beats mode)")
+            with gr.Row():
                 loop = gr.Checkbox(False, label="Loop back to the first")
                 ping_pong = gr.Checkbox(False, label="Ping-pong")
                 fmt = gr.Dropdown(["gif", "mp4"], value="gif", label="Format")
@@ -76,6 +107,7 @@ def build(context: AppContext):
         sheet = gr.Image(label="Contact sheet", type="filepath")
         with gr.Column():
             smooth = gr.Plot(label="Consecutive-frame distances (smoothness)", elem_id="smoothness")
+            audio_plot = gr.Image(label="Audio and the walk's speed", type="filepath", visible=False)
             files = gr.File(label="Downloads", file_count="multiple")
     with gr.Row():
         walk_in = gr.File(label="Load a walk file (.yaml / .json)", file_types=[".yaml", ".yml", ".json"])
@@ -84,12 +116,19 @@ def build(context: AppContext):
 
     @friendly
     def render(kf, neg, seed_, frames_, fps_, interp, noise_, easing_, spacing_, loop_, pp, fmt_,
-               size_, sampler_, steps_, guidance_, batch_, progress=gr.Progress()):
+               size_, sampler_, steps_, guidance_, batch_, attention_="off", warmup_=0.5, audio_=None,
+               audio_mode_="loudness", beats_=4, progress=gr.Progress()):
         walk = parse_keyframes(kf, seed_, frames_, easing_, loop_, interp, noise_)
+        walk = dataclasses.replace(walk, attention=attention_ or "off",
+                                   attention_warmup=0.5 if warmup_ is None else float(warmup_))
         context.limits.check_frames(len(walk))
         settings = context.settings(size_, steps_, guidance_, sampler_, batch_)
-        export = ExportSettings(fps=fps_, ping_pong=pp, sheet=True)
-        out = os.path.join(context.out_dir, f"walk-{digest(walk.record(), neg, spacing_, settings.record())}.{fmt_}")
+        timing = {} if not audio_ else {"audio": audio_, "audio_mode": audio_mode_ or "loudness",
+                                         "beats_per_keyframe": int(beats_ or 4)}
+        export = ExportSettings(fps=fps_, ping_pong=pp, sheet=True, **timing)
+        sound = [audio_file_digest(audio_), audio_mode_, beats_] if audio_ else None
+        out = os.path.join(context.out_dir,
+                           f"walk-{digest(walk.record(), neg, spacing_, settings.record(), sound)}.{fmt_}")
         check_output(export, out)
         model = context.model(settings, gr.Info)
         total = len(walk)
@@ -117,12 +156,12 @@ def build(context: AppContext):
             done = sum(store.has(i) for i in range(total)) if os.path.isdir(store.folder) else 0
             progress((done, total), desc="rendering", unit="frames")
             yield gallery(state["latest"]), gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), \
-                f"Rendering: {done} of {total} frames on disk"
+                gr.update(), f"Rendering: {done} of {total} frames on disk"
         error = state.get("error")
         if isinstance(error, Stopped):
             done = sum(store.has(i) for i in range(total))
             yield gallery(state["latest"]), gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), \
-                f"Stopped: {done} of {total} frames kept. Press Render with the same settings to resume."
+                gr.update(), f"Stopped: {done} of {total} frames kept. Press Render with the same settings to resume."
             return
         if error is not None:
             raise error
@@ -133,12 +172,16 @@ def build(context: AppContext):
         yield (gallery(state["latest"] or [(f, i) for i, f in list(enumerate(result.frames))[-8:]]),
                gr.update(value=out if fmt_ == "gif" else None, visible=fmt_ == "gif"),
                gr.update(value=out if fmt_ == "mp4" else None, visible=fmt_ == "mp4"),
-               result.sheet, figure, [out, result.sheet, manifest],
-               f"Done: {result.rendered} frames rendered, {reused} already on disk; {out}")
+               result.sheet, figure, [out, result.sheet, manifest] + ([result.audio_plot] if result.audio_plot else []),
+               gr.update(value=result.audio_plot, visible=result.audio_plot is not None),
+               f"Done: {result.rendered} frames rendered, {reused} already on disk; {out}"
+               + (f" (tempo {result.tempo:.1f} BPM)" if result.tempo else ""))
 
+    # New inputs go at the end: API clients that send the earlier ones keep working.
     inputs = [keyframes, negative, seed, frames, fps, interpolation, noise, easing, spacing, loop, ping_pong,
-              fmt, size, sampler, steps, guidance, batch]
-    event = render_btn.click(render, inputs, [newest, gif, video, sheet, smooth, files, status],
+              fmt, size, sampler, steps, guidance, batch, attention, warmup, audio, audio_mode, beats]
+    # New outputs go before the status (clients read the status last).
+    event = render_btn.click(render, inputs, [newest, gif, video, sheet, smooth, files, audio_plot, status],
                              api_name="render", concurrency_limit=1, concurrency_id="model")
 
     def stop_render():
@@ -150,19 +193,22 @@ def build(context: AppContext):
     @friendly
     def load_walk_file(path, seed_):
         walk = load_walk(path, int(seed_))
-        return walk_to_text(walk), walk.loop, walk.interpolation, "per keyframe"
+        return walk_to_text(walk), walk.loop, walk.interpolation, "per keyframe", walk.attention, walk.attention_warmup
 
-    walk_in.upload(load_walk_file, [walk_in, seed], [keyframes, loop, interpolation, noise])
+    walk_in.upload(load_walk_file, [walk_in, seed], [keyframes, loop, interpolation, noise, attention, warmup])
 
     @friendly
-    def save_walk_file(kf, seed_, frames_, easing_, loop_, interp, noise_):
+    def save_walk_file(kf, seed_, frames_, easing_, loop_, interp, noise_, attention_="off", warmup_=0.5):
         import yaml
 
         walk = parse_keyframes(kf, seed_, frames_, easing_, loop_, interp, noise_)
+        walk = dataclasses.replace(walk, attention=attention_ or "off",
+                                   attention_warmup=0.5 if warmup_ is None else float(warmup_))
         path = os.path.join(context.out_dir, f"walk-{digest(walk.record())}.yaml")
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(walk.record(), f, sort_keys=False, allow_unicode=True)
         return path
 
-    walk_btn.click(save_walk_file, [keyframes, seed, frames, easing, loop, interpolation, noise], walk_out)
+    walk_btn.click(save_walk_file, [keyframes, seed, frames, easing, loop, interpolation, noise, attention, warmup],
+                   walk_out)
     return event

@@ -8,7 +8,7 @@ import numpy as np
 
 from sdanim.config.errors import check
 from sdanim.core.keyframes import parse_prompt_text
-from sdanim.core.pixels import extend_canvas
+from sdanim.core.pixels import extend_canvas, load_image
 from sdanim.frontends.ui.common import AppContext, digest, friendly, sampling_inputs
 from sdanim.tasks import images, walks
 
@@ -43,7 +43,9 @@ def edit_tab(context: AppContext) -> None:
     import gradio as gr
 
     with gr.Row():
-        image = gr.Image(label="Image", type="numpy")
+        # Uploads arrive as files and go through sdanim's loader (orientation, bit depth,
+        # colour modes, transparency over white: `load_image`).
+        image = gr.Image(label="Image", type="filepath")
         editor = gr.ImageEditor(label="Inpaint: paint the area to redraw", type="numpy",
                                 brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
     prompt = gr.Textbox("a wooden carving", label="Prompt")
@@ -65,6 +67,7 @@ def edit_tab(context: AppContext) -> None:
     @friendly
     def img2img(picture, prompt_, strength_, seed_, size_, sampler_, steps_, guidance_, batch_):
         settings = fitted(picture, size_, sampler_, steps_, guidance_, batch_)
+        picture = load_image(picture, "image")
         result = images.img2img(picture, prompt_, strength=float(strength_), seed=int(seed_), settings=settings,
                                 out_dir=context.out_dir, model=context.model(settings, gr.Info), progress=False)
         return list(result.images)
@@ -73,7 +76,7 @@ def edit_tab(context: AppContext) -> None:
     def inpaint(painted, prompt_, seed_, size_, sampler_, steps_, guidance_, batch_):
         check(painted is not None and painted.get("background") is not None,
               "upload an image into the inpaint editor and paint over the area to redraw. Received: no image")
-        picture = np.asarray(painted["background"])[..., :3]
+        picture = load_image(np.asarray(painted["background"]), "image")  # transparency over white
         layers = [np.asarray(layer) for layer in painted.get("layers") or []]
         check(layers and any(layer[..., -1].any() for layer in layers),
               "paint over the area to redraw with the brush. Received: an empty mask")
@@ -86,6 +89,7 @@ def edit_tab(context: AppContext) -> None:
     @friendly
     def outpaint(picture, prompt_, seed_, border_, size_, sampler_, steps_, guidance_, batch_):
         check(picture is not None, "upload an image first. Received: image=None")
+        picture = load_image(picture, "image")
         b = int(border_)
         canvas, _ = extend_canvas(picture, b, b, b, b)
         settings = context.settings(f"{canvas.shape[1]}x{canvas.shape[0]}", steps_, guidance_, sampler_, batch_)
@@ -102,8 +106,8 @@ def image_morph_tab(context: AppContext) -> None:
     import gradio as gr
 
     with gr.Row():
-        first = gr.Image(label="Image A", type="numpy")
-        last = gr.Image(label="Image B", type="numpy")
+        first = gr.Image(label="Image A", type="filepath")
+        last = gr.Image(label="Image B", type="filepath")
     with gr.Row():
         prompt = gr.Textbox("", label="Prompt guiding the redraw (optional)")
         frames = gr.Number(value=12, precision=0, label="Frames")
@@ -115,6 +119,7 @@ def image_morph_tab(context: AppContext) -> None:
     @friendly
     def image_morph(a, b, prompt_, count, strength_, size_, sampler_, steps_, guidance_, batch_):
         check(a is not None and b is not None, "upload both images. Received: a missing image")
+        a, b = load_image(a, "image_a"), load_image(b, "image_b")
         context.limits.check_frames(int(count))
         settings = context.settings(size_, steps_, guidance_, sampler_, batch_)
         name = digest(str(np.asarray(a).sum()), str(np.asarray(b).sum()), prompt_, count, strength_)

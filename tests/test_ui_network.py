@@ -1,0 +1,163 @@
+"""The browser app reachable from the network (--listen; bound to 127.0.0.1 here, but in
+network mode): visitors cannot read or load the server's files, switch the model for
+everyone, exceed the operator's limits or download outside the output folder. Through
+gradio_client and plain HTTP against a real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import require
+
+from test_ui import ARGS  # the Animate tab's inputs, in order
+
+LIMITS = dict(max_frames=6, max_size=64, max_steps=3, max_images=2, max_batch=2)
+PLAIN = dict(ARGS, kf="a red cube\na blue sphere")  # every transition takes the frames field
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A network-mode app: the operator offers "random" weights and a models folder with
+    one LoRA file and one file that is neither a LoRA nor a checkpoint."""
+    require("gradio")
+    from safetensors.numpy import save_file
+
+    import sdanim.ui as ui
+    from sdanim.model.spec import ModelSpec
+    from tiny import make_tiny_model
+
+    models = tmp_path_factory.mktemp("models")
+    rng = np.random.default_rng(0)
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": rng.standard_normal((4, 320)).astype(np.float32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": rng.standard_normal((320, 4)).astype(np.float32)},
+              str(models / "style.safetensors"))
+    (models / "notes.txt").write_text("not a model")
+    out = tmp_path_factory.mktemp("shared_out")
+    secret = tmp_path_factory.mktemp("secret") / "private.txt"
+    secret.write_text("the server's own file")
+    app = ui.launch(model=make_tiny_model(), spec=ModelSpec(weights="random"), out_dir=str(out), port=_free_port(),
+                    listen=True, host="127.0.0.1", models_dir=str(models), limits=ui.Limits(**LIMITS),
+                    inline=False, prevent_thread_lock=True)
+    yield app, str(secret)
+    app.close()
+
+
+def _client(app):
+    client_lib = require("gradio_client")
+    return client_lib, client_lib.Client(app.local_url, verbose=False)
+
+
+def test_the_offer_is_by_name_and_typed_paths_reveal_nothing(shared):
+    app, secret = shared
+    client_lib, client = _client(app)
+    holder = app.sdanim_context.holder
+    model, spec = holder.model, holder.spec
+    assert list(holder.access.weights) == ["random"] and list(holder.access.loras) == ["style.safetensors"]
+    messages = []
+    for path in (secret, secret + ".missing", "/etc/passwd", "../../etc/hostname"):
+        with pytest.raises(client_lib.exceptions.AppError) as error:
+            client.predict(path, [], api_name="/use_model")
+        messages.append(str(error.value).replace(path, "<path>"))
+    assert len(set(messages)) == 1, messages  # an existing and a missing file read alike
+    assert "is not in the list of choices" in messages[0] or "choose weights from the list" in messages[0]
+    with pytest.raises(client_lib.exceptions.AppError):
+        client.predict("random", [secret], api_name="/use_model")
+    # The endpoint itself, past the widget: the holder refuses anything not offered.
+    from sdanim.config.errors import SdanimError
+
+    for weights, loras in ((secret, []), ("random", [secret]), ("random", ["notes.txt"])):
+        with pytest.raises(SdanimError, match="this app offers"):
+            holder.use(weights, loras)
+    assert holder.model is model and holder.spec == spec  # nothing changed for anyone
+
+
+def test_limits_are_checked_by_the_server_and_the_next_render_works(shared):
+    app, _ = shared
+    client_lib, client = _client(app)
+    too_much = {
+        "frames": (dict(PLAIN, frames=9), r"at most 6 frames per request .*--max-frames.*Received: frames=10"),
+        "size": (dict(PLAIN, size="128x128"), r"at most 64 pixels .*--max-size.*Received: pixels=128"),
+        "steps": (dict(PLAIN, steps=40), r"at most 3 steps .*--max-steps.*Received: steps=40"),
+    }
+    for name, (args, match) in too_much.items():
+        with pytest.raises(client_lib.exceptions.AppError, match=match):
+            client.predict(*args.values(), api_name="/render")
+    with pytest.raises(client_lib.exceptions.AppError, match=r"at most 2 images"):
+        client.predict("a cat", "", 4, 5, "64x64", "ddim", 2, 0, 2, api_name="/generate")
+    done = client.predict(*dict(PLAIN, frames=2).values(), api_name="/render")
+    assert done[-1].startswith("Done: 3 frames rendered")
+
+
+def test_downloads_only_from_the_output_folder(shared):
+    app, secret = shared
+    _, client = _client(app)
+    done = client.predict(*dict(PLAIN, kf="a red cube [seed=5 frames=2]\na green cone").values(), api_name="/render")
+    inside = done[1]["value"] if isinstance(done[1], dict) else done[1]
+    assert os.path.exists(inside)
+    base = app.local_url.rstrip("/")
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"{base}/gradio_api/file={path}", timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    rendered = os.path.join(app.sdanim_out_dir, os.path.basename(inside).replace(".gif", "_sheet.png"))
+    assert status(rendered) == 200  # a visitor's own render
+    for outside in (secret, "/etc/passwd", os.path.join(app.sdanim_out_dir, "..", os.path.basename(secret))):
+        assert status(outside) in (403, 404), outside
+
+
+def test_a_network_app_without_auth_warns(tmp_path, capfd):
+    require("gradio")
+    import sdanim.ui as ui
+    from tiny import make_tiny_model
+
+    app = ui.launch(model=make_tiny_model(), out_dir=str(tmp_path), port=_free_port(), listen=True, host="127.0.0.1",
+                    inline=False, prevent_thread_lock=True)
+    try:
+        err = capfd.readouterr().err
+        assert "sdanim: warning: the app is reachable from the network without --auth" in err
+        assert app.sdanim_context.limits == ui.NETWORK_LIMITS  # defaults when the operator sets none
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["ui", "--max-frames", "0"], "max_frames must be a number > 0. Received: max_frames=0"),
+    (["ui", "--models-dir", "."], "models_dir offers files to visitors of a network app; add --listen or --share"),
+    (["ui", "--listen", "--models-dir", "/no/such/folder"], "models_dir must be a folder. Received: models_dir='/no/such/folder'"),
+])
+def test_cli_sharing_options_bad_input(capsys, argv, match):
+    require("gradio")
+    from sdanim.frontends.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdanim: error: ") and match in err and err.count("\n") == 1
+
+
+def test_cli_limits_replace_the_network_defaults():
+    from sdanim.frontends.cli.app import limits
+    from sdanim.frontends.cli.options import Parser
+    from sdanim.frontends.cli import build_parser
+
+    parser = build_parser()
+    assert isinstance(parser, Parser)
+    network = limits(parser.parse_args(["ui", "--listen", "--max-frames", "48"]))
+    assert network.max_frames == 48 and network.max_size == 768  # the rest: network defaults
+    local = limits(parser.parse_args(["ui", "--max-steps", "30"]))
+    assert local.max_steps == 30 and local.max_frames is None
