@@ -7,7 +7,7 @@ from sdanim.core.plan import FramePlan
 from sdanim.render.sampling import Renderer, batches, render_frames, slots
 from sdanim.core.schedulers import timestep_embedding
 from sdanim.config.settings import RenderSettings
-from tiny import CONTEXT_DIM, random_inputs
+from tiny import CONTEXT_DIM, make_tiny_model, random_inputs
 
 
 def _settings(**kw):
@@ -369,3 +369,20 @@ def test_a_unet_call_in_reuse_reads_the_given_projections(tiny):
     np.testing.assert_allclose(same, own, atol=1e-6)
     assert np.abs(zeroed - own).max() > 1e-3
     np.testing.assert_allclose(ops.convert_to_numpy(unet(inputs)), own, atol=1e-6)  # not left behind
+
+
+def test_many_models_render_without_tensorflow_retracing_warnings(caplog):
+    """Each model's compiled function is its own: TensorFlow must not see a new model
+    (another upscaler tile size, another renderer's model) as a retrace and warn."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a TensorFlow warning")
+    contexts, noises = random_inputs(1, 64, 64)
+    uncond = np.zeros((77, CONTEXT_DIM), np.float32)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for seed in range(7):
+            model = make_tiny_model(seed=seed)
+            Renderer(model.diffusion_model, model.decoder, _settings(num_steps=2, batch_size=1), uncond).render(
+                contexts, noises, [1])
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]

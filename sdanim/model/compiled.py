@@ -14,6 +14,20 @@ from typing import Callable
 from sdanim.core.runtime import import_keras, import_tensorflow
 
 
+class _Bound:
+    """fn(calls, *args) with its calls bound: what one tf.function traces. A callable
+    object rather than a lambda: TensorFlow counts traces per function *code* to warn
+    about "tf.function retracing", and every model's function sharing one lambda's code
+    made every new model (an upscaler tile size, a second renderer's model) look like a
+    retrace of the same function, with a warning on the user's screen."""
+
+    def __init__(self, fn: Callable, calls: list):
+        self.fn, self.calls = fn, calls
+
+    def __call__(self, *args):
+        return self.fn(self.calls, *args)
+
+
 def _compile(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
     """Compiles fn(calls, *tensors) for the Keras backend, where calls[k](inputs) runs
     models[k].
@@ -35,7 +49,7 @@ def _compile(fn: Callable, models: tuple, jit_compile: bool) -> Callable:
 
     if backend == "tensorflow":
         tf = import_tensorflow()
-        return tf.function(lambda *args: fn([direct(r) for r in refs], *args), jit_compile=jit_compile)
+        return tf.function(_Bound(fn, [direct(r) for r in refs]), jit_compile=jit_compile)
     if backend == "jax":
         import jax
 

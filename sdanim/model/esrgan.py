@@ -33,6 +33,7 @@ import numpy as np
 from sdanim.config.errors import SdanimError, check
 from sdanim.core.runtime import import_keras
 from sdanim.formats.tensors import CheckpointError, read_tensors
+from sdanim.model.compiled import compiled
 from sdanim.model.registry import PinnedFile, fetch
 
 _RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download/"
@@ -331,6 +332,12 @@ def tiles(size: int, tile: int, overlap: int, multiple: int = 1) -> list:
     return out
 
 
+def _run(calls, images):
+    """The network as one compiled function (`sdanim.model.compiled`): a graph, not the
+    eager layer-by-layer call that holds every intermediate at the output's size."""
+    return calls[0](images)
+
+
 class Upscaler:
     """A loaded upscaler: `upscale(images)` for uint8 frames of any size, in tiles.
 
@@ -386,7 +393,8 @@ class Upscaler:
         out = np.zeros((b, x.shape[1] * s, x.shape[2] * s, 3), np.float32)
         for y0, y1, ky0, ky1 in tiles(x.shape[1], self.tile, self.overlap, m):
             for x0, x1, kx0, kx1 in tiles(x.shape[2], self.tile, self.overlap, m):
-                part = ops.convert_to_numpy(self.network(y1 - y0, x1 - x0)(x[:, y0:y1, x0:x1], training=False))
+                network = compiled(_run, (self.network(y1 - y0, x1 - x0),), False)
+                part = ops.convert_to_numpy(network(np.ascontiguousarray(x[:, y0:y1, x0:x1])))
                 out[:, (y0 + ky0) * s:(y0 + ky1) * s, (x0 + kx0) * s:(x0 + kx1) * s] = \
                     part[:, ky0 * s:ky1 * s, kx0 * s:kx1 * s]
                 if progress is not None:

@@ -36,6 +36,7 @@ import numpy as np
 from sdanim.config.errors import SdanimError, check
 from sdanim.core.runtime import import_keras
 from sdanim.formats.tensors import CheckpointError, read_tensors
+from sdanim.model.compiled import compiled
 from sdanim.model.registry import PinnedFile, fetch
 
 
@@ -155,11 +156,15 @@ def warp(image, flow):
     wx, wy = (sx - x0)[..., None], (sy - y0)[..., None]  # (B, H, W, 1)
     x0i, y0i = ops.cast(x0, "int32"), ops.cast(y0, "int32")
     x1i, y1i = ops.minimum(x0i + 1, w - 1), ops.minimum(y0i + 1, h - 1)
-    flat = ops.reshape(image, (-1, h * w, c))  # (B, HW, C)
+    flat = ops.reshape(image, (-1, c))  # (B * H * W, C): every pixel of the batch
+    # Each row's first pixel in `flat` (0, HW, 2 HW, ...), from a tensor with the batch axis
+    # (the batch size is unknown while the model is built).
+    first = ops.cast(ops.cumsum(ops.ones_like(flow[:, :1, :1, 0]), axis=0) - 1.0, "int32") * (h * w)  # (B, 1, 1)
 
     def gather(yi, xi):
-        index = ops.repeat(ops.reshape(yi * w + xi, (-1, h * w, 1)), c, axis=2)  # (B, HW, C)
-        return ops.reshape(ops.take_along_axis(flat, index, axis=1), (-1, h, w, c))
+        # ops.take (a plain gather): take_along_axis goes through int64 indices, which
+        # TensorFlow's oneDNN build reports with an error line on some CPUs.
+        return ops.take(flat, first + yi * w + xi, axis=0)  # (B, H, W, C)
 
     top = gather(y0i, x0i) * (1.0 - wx) + gather(y0i, x1i) * wx
     bottom = gather(y1i, x0i) * (1.0 - wx) + gather(y1i, x1i) * wx
@@ -293,6 +298,13 @@ def _assign(layers: dict, tensors: dict, path: str) -> None:
                           f"(e.g. {extra[0]}). Received: rife={path!r}")
 
 
+def _run(calls, frame0, frame1, t):
+    """IFNet as one compiled function (`sdanim.model.compiled`): a graph, not the eager
+    layer-by-layer call, which holds every intermediate at full resolution (3.5 GB per
+    512 x 512 pair, measured)."""
+    return calls[0]([frame0, frame1, t])
+
+
 class Interpolator:
     """A loaded IFNet: `between(frames0, frames1, t)` for frames of any size (a network
     per padded size, built on first use and kept).
@@ -329,7 +341,7 @@ class Interpolator:
         x0 = np.pad(frames0.astype(np.float32) / 255.0, pad)  # (B, H', W', 3)
         x1 = np.pad(frames1.astype(np.float32) / 255.0, pad)
         times = np.broadcast_to(np.asarray(t, np.float32).reshape(-1, 1), (b, 1))
-        out = ops.convert_to_numpy(self.network(h, w)([x0, x1, times], training=False))[:, :h, :w]
+        out = ops.convert_to_numpy(compiled(_run, (self.network(h, w),), False)(x0, x1, times))[:, :h, :w]
         return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
