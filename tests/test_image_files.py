@@ -134,7 +134,8 @@ def test_cli_image_tools_read_files_as_viewers_show_them(tmp_path, monkeypatch, 
                  "--out", str(tmp_path / "out"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     written = printed.split(": ")[-1].strip()
-    assert Image.open(written).size == (64, 128)  # the upright picture's size (W x H)
+    with Image.open(written) as im:
+        assert im.size == (64, 128)  # the upright picture's size (W x H)
     (tmp_path / "broken.png").write_text("not an image")
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was built"))
     assert main(["img2img", str(tmp_path / "broken.png"), "x", "--out", str(tmp_path / "out2")]) == 2

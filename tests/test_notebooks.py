@@ -1,4 +1,4 @@
-"""Both notebooks execute headless with random weights at 128x128 and 2 steps.
+"""Both notebooks execute headless with random weights at 64x64 and 2 steps.
 
 They run one after the other in one Jupyter kernel, as a user who opens both in one
 session would: the second notebook's `load_model` cell gets the model the first one
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.heavy, pytest.mark.own_process]
 
 def _check_outputs(nb, folder):
     with Image.open(folder / "outputs" / "morph.gif") as im:
-        assert im.n_frames == 4 and im.size == (128, 128)
+        assert im.n_frames == 4 and im.size == (64, 64)
     assert (folder / "outputs" / "truck.png").is_file()
     for made in ("grid.png", "image_morph.gif", "steps.gif", "steps_strip.png"):
         assert (folder / "outputs" / made).is_file(), made
@@ -50,7 +50,7 @@ def _toolbox_start(nb) -> int:
 
 def _check_head_outputs(folder):
     with Image.open(folder / "outputs" / "morph.gif") as im:
-        assert im.n_frames == 4 and im.size == (128, 128)
+        assert im.n_frames == 4 and im.size == (64, 64)
     with Image.open(folder / "outputs" / "morph_lcm.gif") as im:
         assert im.n_frames == 4
     assert (folder / "outputs" / "truck.png").is_file()

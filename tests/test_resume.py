@@ -24,14 +24,9 @@ def _frames(folder):
 
 
 def test_killed_render_resumes_to_the_same_frames(tmp_path):
-    # Reference: one uninterrupted run.
+    # Reference: one uninterrupted run; beside it (both processes start at once), a run
+    # killed while frame 4 (first of the third batch) is being written.
     ref = _run(tmp_path / "ref.gif")
-    out, err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, err[-2000:]
-    reference = _frames(tmp_path / "ref_frames")
-    assert len(reference) == 9
-
-    # Interrupted run: killed while frame 4 (first of the third batch) is being written.
     proc = _run(tmp_path / "cut.gif", mode="hold-write")
     folder = tmp_path / "cut_frames"
     marker = tmp_path / "cut.gif.writing"
@@ -47,6 +42,10 @@ def test_killed_render_resumes_to_the_same_frames(tmp_path):
     leftovers = [n for n in os.listdir(folder) if not (n.startswith("frame_") or n == "manifest.json")]
     # The write cut short stays under its temporary name: never taken for a finished frame.
     assert len(leftovers) == 1 and leftovers[0].startswith(".frame_00004.") and ".partial" in leftovers[0], leftovers
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-2000:]
+    reference = _frames(tmp_path / "ref_frames")
+    assert len(reference) == 9
 
     # Rerun: only the missing frames, and the same frames as the uninterrupted run.
     again = _run(tmp_path / "cut.gif")
