@@ -133,15 +133,16 @@ def reference(tmp_path_factory):
     return _morph(tmp, "ref", model=make_tiny_model())
 
 
-def test_resume_with_more_workers_renders_only_missing_and_truncated_frames(ray_local, reference, tmp_path):
-    first = _morph(tmp_path, "r", workers=1)
-    np.testing.assert_array_equal(first.frames, reference.frames)  # one worker, too
+def test_resume_on_workers_renders_only_missing_and_truncated_frames(ray_local, reference, tmp_path):
+    from tiny import make_tiny_model
+
+    first = _morph(tmp_path, "r", model=make_tiny_model())  # begun in this process (one worker: the CLI test)
     folder = first.frames_dir
     os.remove(os.path.join(folder, "frame_00002.png"))
     os.remove(os.path.join(folder, "frame_00007.png"))
     with open(os.path.join(folder, "frame_00005.png"), "r+b") as f:  # a copy cut short
         f.truncate(200)
-    second = _morph(tmp_path, "r", workers=sdanim.Workers(count=3, cpus_per_worker=0.5))
+    second = _morph(tmp_path, "r", workers=sdanim.Workers(count=2, cpus_per_worker=0.5))
     assert second.rendered == 3  # 2, 5 and 7
     np.testing.assert_array_equal(second.frames, reference.frames)
 
