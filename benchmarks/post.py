@@ -65,12 +65,9 @@ def main(argv=None):
     ap.add_argument("--skip-render", action="store_true")
     ap.add_argument("--skip-upscale", action="store_true")
     args = ap.parse_args(argv)
-    try:  # torch's wheels bring triton, which segfaults if it loads after TensorFlow (torch writes the weights)
-        import triton  # noqa: F401
-    except ImportError:
-        pass
+    from render import PeakRSS, triton_first
 
-    from render import PeakRSS
+    triton_first()  # torch writes the weights
 
     from sdanim.model.device import hardware_report
     from sdanim.model.esrgan import Upscaler, check_upscaler

@@ -35,6 +35,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+def triton_first() -> None:
+    """Loads triton (if installed) before TensorFlow: torch's CUDA wheels bring it, and its
+    native library segfaults when it loads after TensorFlow's. Call before anything
+    imports Keras in a benchmark that also runs torch."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+
+
 PRESETS = {
     "cpu": dict(size=128, frames=8, batch_sizes=[4], steps=10, precision="float32", jit=False),
     "gpu": dict(size=512, frames=16, batch_sizes=[1, 8], steps=25, precision="mixed_float16", jit=True),
@@ -100,10 +110,7 @@ def main(argv=None):
             cfg[key] = getattr(args, key)
 
     if args.diffusers:
-        try:  # torch's CUDA wheels bring triton, which segfaults if it loads after TensorFlow
-            import triton  # noqa: F401
-        except ImportError:
-            pass
+        triton_first()
     import kcv_shim
 
     shimmed = kcv_shim.install()

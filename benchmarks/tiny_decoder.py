@@ -51,10 +51,9 @@ def main(argv=None):
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args(argv)
-    try:  # torch's wheels bring triton, which segfaults if it loads after TensorFlow (torch writes the weights)
-        import triton  # noqa: F401
-    except ImportError:
-        pass
+    from render import triton_first
+
+    triton_first()  # torch writes the weights
 
     from sdanim.config.settings import RenderSettings
     from sdanim.core.noise import seeded_noise
