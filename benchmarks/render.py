@@ -111,6 +111,9 @@ def main(argv=None):
 
     if args.diffusers:
         triton_first()
+    from sdanim.model.device import choose_onednn
+
+    choose_onednn(cfg["precision"])  # TensorFlow's oneDNN kernels as a CLI run at this precision gets them
     import kcv_shim
 
     shimmed = kcv_shim.install()

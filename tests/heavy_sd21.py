@@ -11,7 +11,7 @@ import gc
 import numpy as np
 import pytest
 
-from conftest import keras_cv_layers, require
+from conftest import HEAVY_LATENT, HEAVY_SIZE, keras_cv_layers, require
 from test_heavy_checkpoints import (
     _assert_parity, _check_names, _exact_and_tanh_geglu, _inputs, _max_diff, _ours, _reference_text, _reference_unet,
     _reference_vae, _round_parameters, ref, torch,
@@ -87,8 +87,8 @@ def test_sd21_architecture_matches_keras_cv_v2_loop(sd21_model):
     encoder = prompt_encoder(sd21_model)
     contexts = encoder.encode(["a lighthouse in a storm"])  # (1, 77, 1024)
     assert contexts.shape == (1, 77, 1024)
-    noise = seeded_noise(3, (16, 16, 4))[None]
-    settings = RenderSettings(height=128, width=128, num_steps=2, batch_size=1)
+    noise = seeded_noise(3, HEAVY_LATENT)[None]
+    settings = RenderSettings(height=HEAVY_SIZE, width=HEAVY_SIZE, num_steps=2, batch_size=1)
     ours = Renderer(sd21_model.diffusion_model, sd21_model.decoder, settings, encoder.encode_one("")).render(contexts, noise, [3])
     with keras_cv_layers(sd21_model):  # the reference: KerasCV's loop on KerasCV's layers
         theirs = keras_cv_pipeline(sd21_model).generate_image(contexts, batch_size=1, num_steps=2, diffusion_noise=noise)

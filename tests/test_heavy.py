@@ -1,4 +1,4 @@
-"""The real KerasCV SD 1.4 architecture with seeded random weights, at 128x128.
+"""The real KerasCV SD 1.4 architecture with seeded random weights, at 64x64 (HEAVY_SIZE).
 
 Parity with KerasCV's own generate_image, batch invariance, and the CLI end to end.
 """
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import keras_cv_layers, require
+from conftest import HEAVY_LATENT, HEAVY_SIZE, keras_cv_layers, require
 from PIL import Image
 
 from sdanim.model.stable_diffusion import prompt_encoder
@@ -44,12 +44,12 @@ def test_frames_match_keras_cv_generate_image(sd_model):
     pipeline = keras_cv_pipeline(sd_model)
     encoder = prompt_encoder(sd_model)
     contexts = encoder.encode(PROMPTS)  # (2, 77, 768)
-    noises = np.stack([seeded_noise(s, (16, 16, 4)) for s in (1, 2)])  # (2, 16, 16, 4)
+    noises = np.stack([seeded_noise(s, HEAVY_LATENT) for s in (1, 2)])  # (2, 8, 8, 4)
     with keras_cv_layers(sd_model):  # the reference: KerasCV's loop on KerasCV's own layers
         theirs = pipeline.generate_image(
             contexts, batch_size=2, num_steps=3, unconditional_guidance_scale=7.5, diffusion_noise=noises
         )
-    settings = RenderSettings(height=128, width=128, num_steps=3, guidance_scale=7.5, batch_size=2)
+    settings = RenderSettings(height=HEAVY_SIZE, width=HEAVY_SIZE, num_steps=3, guidance_scale=7.5, batch_size=2)
     ours = Renderer(sd_model.diffusion_model, sd_model.decoder, settings, encoder.encode_one(""),
                     loop="program").render(contexts, noises, [1, 2])
     diff = np.abs(ours.astype(int) - np.asarray(theirs).astype(int))
@@ -60,8 +60,8 @@ def test_frames_match_keras_cv_generate_image(sd_model):
 def test_batch_size_does_not_change_frames(sd_model):
     import sdanim
 
-    s1 = RenderSettings(height=128, width=128, num_steps=2, batch_size=1)
-    s4 = RenderSettings(height=128, width=128, num_steps=2, batch_size=4)
+    s1 = RenderSettings(height=HEAVY_SIZE, width=HEAVY_SIZE, num_steps=2, batch_size=1)
+    s4 = RenderSettings(height=HEAVY_SIZE, width=HEAVY_SIZE, num_steps=2, batch_size=4)
     a = sdanim.generate("a red barn", num_images=3, seed=7, settings=s1, model=sd_model, out_dir=None, progress=False)
     b = sdanim.generate("a red barn", num_images=3, seed=7, settings=s4, model=sd_model, out_dir=None, progress=False)
     diff = np.abs(a.images.astype(int) - b.images.astype(int)).max()
@@ -69,8 +69,7 @@ def test_batch_size_does_not_change_frames(sd_model):
     assert not np.array_equal(a.images[0], a.images[1])
 
 
-SMOKE = ["--weights", "random", "--size", "128x128", "--steps", "2", "--batch-size", "4", "--quiet"]
-SMOKE_64 = [("64x64" if a == "128x128" else a) for a in SMOKE]  # a process of its own: the smallest size
+SMOKE = ["--weights", "random", "--size", f"{HEAVY_SIZE}x{HEAVY_SIZE}", "--steps", "2", "--batch-size", "4", "--quiet"]
 
 
 @pytest.mark.own_process
@@ -88,7 +87,7 @@ def test_cli_morph_end_to_end(tmp_path, capsys):
     env["TF_ENABLE_ONEDNN_OPTS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "sdanim", "morph", *PROMPTS, "--frames", "8", "--fps", "4", "--seed", "42",
-         "--out", "outputs/morph.gif", "--sheet", *SMOKE_64, "--workers", "1"],
+         "--out", "outputs/morph.gif", "--sheet", *SMOKE, "--workers", "1"],
         capture_output=True, text=True, cwd=tmp_path, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,7 +121,7 @@ def cli_on_shared_model(sd_model, monkeypatch):
 
     def load(args, settings):
         asked.append((args.weights, settings.height, settings.width))
-        assert (args.weights, settings.height, settings.width) == ("random", 128, 128)
+        assert (args.weights, settings.height, settings.width) == ("random", HEAVY_SIZE, HEAVY_SIZE)
         return sd_model
 
     monkeypatch.setattr(cli, "model_for", load)
@@ -140,7 +139,7 @@ def test_cli_morph_mp4_and_generate(cli_on_shared_model, tmp_path, monkeypatch, 
     assert abs(reader.get_meta_data()["fps"] - 10) < 1e-6
     frames = [f for f in reader]
     reader.close()
-    assert len(frames) == 4 and frames[0].shape == (128, 128, 3)  # one batch of 4
+    assert len(frames) == 4 and frames[0].shape == (HEAVY_SIZE, HEAVY_SIZE, 3)  # one batch of 4
     assert "wrote outputs/walk.mp4 (4 frames at 10 fps; 4 rendered" in capsys.readouterr().out
 
     assert main(["generate", PROMPTS[0], "--num-images", "3", "--seed", "4", "--out", "outputs/gen", *SMOKE[:-3],
@@ -152,9 +151,9 @@ def test_cli_morph_mp4_and_generate(cli_on_shared_model, tmp_path, monkeypatch, 
 
 
 def _unet_inputs(seed: int):
-    """A UNet call's inputs at 128x128, batch 2: latent, timestep embeddings, context."""
+    """A UNet call's inputs at HEAVY_SIZE, batch 2: latent, timestep embeddings, context."""
     rng = np.random.default_rng(seed)
-    latent = rng.standard_normal((2, 16, 16, 4)).astype("float32")
+    latent = rng.standard_normal((2, *HEAVY_LATENT)).astype("float32")
     t_emb = np.stack([np.full(320, 0.3, "float32"), np.full(320, -0.2, "float32")])
     context = rng.standard_normal((2, 77, 768)).astype("float32")
     return latent, t_emb, context
@@ -188,7 +187,7 @@ def test_uniform_spacing_on_the_real_architecture(sd_model, tmp_path):
     import sdanim
 
     # One batch per pass; guidance 1 (one UNet row per frame): spacing does not depend on it.
-    s = RenderSettings(height=128, width=128, num_steps=4, guidance_scale=1.0, batch_size=6)
+    s = RenderSettings(height=HEAVY_SIZE, width=HEAVY_SIZE, num_steps=4, guidance_scale=1.0, batch_size=6)
     prompts = ["a ford truck on a dirt road", "an electric car in a city"]
     kw = dict(frames=6, settings=s, model=sd_model, progress=False, noise="slerp", seeds=[1, 2])
     lin = sdanim.morph(prompts, out=str(tmp_path / "lin.gif"), **kw)

@@ -55,7 +55,7 @@ def _inputs(context_dim: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {
         "ids": _tokens(seed),
-        "latent": rng.standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype(np.float32),  # (1, 16, 16, 4)
+        "latent": rng.standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype(np.float32),  # (1, 8, 8, 4)
         "context": rng.standard_normal((1, 77, context_dim)).astype(np.float32),
         "image": rng.uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32),
         "t": 601,

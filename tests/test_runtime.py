@@ -73,3 +73,28 @@ def test_onednn_default_follows_tensorflows_policy(monkeypatch):
         env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=value, PYTHONPATH=ROOT)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
         assert out == expected
+
+
+
+def test_float32_process_gets_tensorflows_own_kernels():
+    """Where TensorFlow would turn oneDNN on by default (here: a CPU said to have
+    AVX512_VNNI), a process resolving float32 before TensorFlow's import runs without
+    oneDNN (TensorFlow's own answer afterwards) and says so in its hardware report;
+    "auto" without bfloat16 in hardware is float32; bfloat16, or the user's
+    TF_ENABLE_ONEDNN_OPTS, keeps TensorFlow's choice."""
+    fake_cpu = "import os, sys; from sdanim.model import device; device._linux_flags = lambda: {'avx512_vnni'}\n"
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env.update(PYTHONPATH=ROOT, SDANIM_CPU_BF16="0")
+
+    def run(code, **extra):
+        proc = subprocess.run([sys.executable, "-c", fake_cpu + code], capture_output=True, text=True, env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split()
+
+    imported = ("assert device.resolve_precision('float32') == 'float32'\n"
+                "r = device.hardware_report(); print(r['onednn'], r['onednn_choice'], os.environ['TF_ENABLE_ONEDNN_OPTS'])")
+    assert run(imported) == ["False", "off", "for", "float32", "(sdanim)", "0"]
+    choices = "print(*(device.choose_onednn(p) for p in {}))"  # TensorFlow not imported: cheap
+    assert run(choices.format(["mixed_bfloat16", "mixed_float16", "auto"])) == ["None", "None", "False"]
+    assert run(choices.format(["auto"]), SDANIM_CPU_BF16="1") == ["None"]  # "auto" is bfloat16 there
+    assert run(choices.format(["float32"]), TF_ENABLE_ONEDNN_OPTS="1") == ["None"]  # the user's word stands

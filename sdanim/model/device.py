@@ -10,7 +10,9 @@ bfloat16 detection, so that either code path can be exercised on any machine:
 
 TensorFlow's own switch for its oneDNN kernels is TF_ENABLE_ONEDNN_OPTS (1 or 0); when
 it is unset, TensorFlow turns them on for x86 CPUs with AVX512_VNNI, AVX512_BF16,
-AVX_VNNI or AMX (tensorflow/core/util/port.cc), which `onednn_enabled` mirrors.
+AVX_VNNI or AMX (tensorflow/core/util/port.cc), which `onednn_enabled` mirrors. Where
+the user leaves it unset, sdanim turns them off for a float32 process before TensorFlow's
+import (`choose_onednn`): measured faster there, and slower for bfloat16.
 """
 
 from __future__ import annotations
@@ -147,8 +149,37 @@ def device_defaults(device: str, native_bfloat16: Optional[bool] = None, backend
     return "float32", False
 
 
+# Why sdanim set TF_ENABLE_ONEDNN_OPTS in this process (`choose_onednn`), if it did.
+_ONEDNN_CHOICE: Optional[str] = None
+
+
+def choose_onednn(precision: str) -> Optional[bool]:
+    """Before TensorFlow's first import, picks its oneDNN kernels for the precision the
+    process asks for: off for float32 on a CPU where TensorFlow would turn them on.
+
+    TensorFlow decides at its import, for the whole process. On an AVX512_BF16 CPU with
+    oneDNN on by default (docs/benchmarks.md, "oneDNN CPUs"), the SD 1.4 UNet in float32
+    ran 1.4x faster with oneDNN off (frames 1.19x), and mixed_bfloat16 1.8x slower: so
+    float32 ("auto" on a CPU without bfloat16 in hardware) gets TensorFlow's own kernels,
+    and bfloat16 keeps oneDNN. Nothing changes when TensorFlow is already imported or the
+    user set TF_ENABLE_ONEDNN_OPTS. Returns False when it turned oneDNN off, else None.
+    """
+    global _ONEDNN_CHOICE
+    if "tensorflow" in sys.modules or _override("TF_ENABLE_ONEDNN_OPTS") is not None:
+        return None
+    if precision == "auto":
+        precision = "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+    if precision != "float32" or not onednn_enabled():
+        return None
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"  # also what Ray workers and children inherit
+    _ONEDNN_CHOICE = "off for float32 (sdanim)"
+    return False
+
+
 def resolve_precision(precision: str) -> str:
-    """What precision="auto" means on this machine and backend (other values as given)."""
+    """What precision="auto" means on this machine and backend (other values as given).
+    Picks TensorFlow's oneDNN kernels for it first (`choose_onednn`)."""
+    choose_onednn(precision)
     if precision != "auto":
         return precision
     backend = import_keras().backend.backend()
@@ -175,13 +206,19 @@ def limit_threads(threads: int) -> None:
 
 def hardware_report() -> dict:
     """What decides the defaults and the arithmetic on this machine (for manifests and
-    benchmark headers): device, backend, bfloat16 in hardware, oneDNN, and overrides."""
+    benchmark headers): device, backend, bfloat16 in hardware, oneDNN (and sdanim's
+    choice of it, made for precision "auto" if TensorFlow is not imported yet), overrides."""
+    choose_onednn("auto")
     backend = import_keras().backend.backend()
     device = detect_device()
-    return {
+    report = {
         "device": device,
         "backend": backend,
         "cpu_bf16": cpu_has_native_bfloat16(),
         "onednn": onednn_enabled() if backend == "tensorflow" and device == "cpu" else False,
         "overrides": {k: os.environ[k] for k in (BF16_OVERRIDE, "TF_ENABLE_ONEDNN_OPTS") if k in os.environ},
     }
+    if _ONEDNN_CHOICE is not None:
+        report["onednn_choice"] = _ONEDNN_CHOICE
+        report["overrides"].pop("TF_ENABLE_ONEDNN_OPTS", None)
+    return report

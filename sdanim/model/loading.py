@@ -30,7 +30,7 @@ from sdanim.core.runtime import import_keras, import_keras_cv
 from sdanim.formats.checkpoints import CHECKPOINT_SUFFIXES, is_diffusers_folder
 from sdanim.formats.lora_files import check_lora_files
 from sdanim.model.convert import bind_checkpoint, checked_checkpoint, write_keras_weights
-from sdanim.model.device import detect_device, device_defaults
+from sdanim.model.device import choose_onednn, detect_device, device_defaults
 from sdanim.model.layers import attach_attention_interp, attach_context_cache, use_fast_layers, use_fused_attention
 from sdanim.model.registry import MAX_PROMPT_LENGTH, PART_ORDER, WEIGHT_FILES, file_name, keras_cache_dir
 from sdanim.model.stable_diffusion import StableDiffusionModel
@@ -212,6 +212,7 @@ def load_model(
     _check_options(version, height, width, precision, attention)
     loras = check_lora_files(loras)  # a missing or malformed LoRA fails before the build
     source = _weight_source(str(weights), version)
+    choose_onednn(precision)  # before TensorFlow's import, if this process has not made it yet
     choices = _device_choices(precision, jit_compile, attention)
 
     # 2. A model built with the same arguments that is still alive (re-running a

@@ -3,7 +3,7 @@ and benchmarks (KerasCV's `generate_image` loop)."""
 
 from __future__ import annotations
 
-from sdanim.config.errors import SdanimError, check
+from sdanim.config.errors import SdanimError
 from sdanim.core.runtime import import_keras_cv
 from sdanim.model.stable_diffusion import StableDiffusionModel
 
@@ -11,20 +11,17 @@ from sdanim.model.stable_diffusion import StableDiffusionModel
 def keras_cv_pipeline(model: StableDiffusionModel, jit_compile: bool = False):
     """KerasCV's own `StableDiffusion(V2)` object sharing `model`'s sub-models.
 
-    For parity tests and benchmarks against KerasCV's `generate_image` loop. KerasCV
-    only accepts multiples of 128 (it rounds others), so `model` must be built at one.
+    For parity tests and benchmarks against KerasCV's `generate_image` loop. KerasCV's
+    constructor rounds sizes to multiples of 128; its loop takes any size its sub-models
+    have, so the object is told `model`'s size (any multiple of 64) after it is made.
     The sub-models are shared as they are: on a CPU under TensorFlow they run sdanim's
     layer forms (`use_fast_layers`); call `use_fast_layers(part, enabled=False)` first
     for KerasCV's own computation.
     """
-    check(
-        model.height % 128 == 0 and model.width % 128 == 0,
-        "KerasCV's own loop needs multiples of 128. "
-        f"Received: height={model.height}, width={model.width}",
-    )
     keras_cv = import_keras_cv()
     cls = keras_cv.models.StableDiffusionV2 if model.version == "2.1" else keras_cv.models.StableDiffusion
-    pipeline = cls(img_height=model.height, img_width=model.width, jit_compile=jit_compile)
+    pipeline = cls(img_height=max(128, model.height), img_width=max(128, model.width), jit_compile=jit_compile)
+    pipeline.img_height, pipeline.img_width = model.height, model.width  # the size of the noise it draws
     try:
         pipeline._tokenizer = model.tokenizer  # KerasCV's own would download the vocab
     except SdanimError:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.settings import RenderSettings
 from sdanim.core.runtime import quiet_tensorflow_env
-from sdanim.model.device import limit_threads
+from sdanim.model.device import choose_onednn, limit_threads, onednn_enabled
 from sdanim.model.spec import ModelSpec
 from sdanim.render.jobs import Job, frame_metadata
 from sdanim.render.local import LocalFrames
@@ -205,9 +205,11 @@ def _start_ray(address: Optional[str]) -> None:
     after checking that it answers. Workers inherit TensorFlow's quiet log level."""
     ray = _import_ray(address)
 
-    level = quiet_tensorflow_env(dict(os.environ))["TF_CPP_MIN_LOG_LEVEL"]  # the user's, else 2
+    env_vars = {"TF_CPP_MIN_LOG_LEVEL": quiet_tensorflow_env(dict(os.environ))["TF_CPP_MIN_LOG_LEVEL"]}  # the user's, else 2
+    if "tensorflow" in sys.modules:  # workers compute with this process's kernels (frames it renders itself match)
+        env_vars["TF_ENABLE_ONEDNN_OPTS"] = "1" if onednn_enabled() else "0"
     common = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True, log_to_driver=True,
-                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": level}})
+                  runtime_env={"env_vars": env_vars})
     if address is None:
         ray.init(address="local", _node_ip_address="127.0.0.1", **common)
     else:
@@ -224,10 +226,13 @@ class FrameWorker:
 
     def __init__(self, model, height: int, width: int, threads: Optional[int] = None):
         quiet_tensorflow_env()
+        spec = (model or ModelSpec()) if model is None or isinstance(model, ModelSpec) else None
+        if spec is not None:
+            choose_onednn(spec.precision)  # before limit_threads imports TensorFlow
         if threads:
             limit_threads(int(threads))
-        if model is None or isinstance(model, ModelSpec):
-            model = (model or ModelSpec()).load(height, width)
+        if spec is not None:
+            model = spec.load(height, width)
         else:
             model = model()
         self.frames = LocalFrames(model)
