@@ -17,7 +17,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SCHEDULERS = ("ddim", "euler_a")
 
 
+def _initialize_from_numpy() -> None:
+    """JAX compiles one XLA program per initializer and shape (about 10 s for these
+    models); every weight is replaced by the file's, so variables start as numpy zeros."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return
+    from keras.src.backend.jax.core import Variable
+
+    Variable._initialize_with_initializer = lambda self, initializer: self._initialize(np.zeros(self._shape, self._dtype))
+
+
 def main(weights_path, out_path):
+    _initialize_from_numpy()
     np.savez(out_path, **{scheduler: render(weights_path, scheduler) for scheduler in SCHEDULERS})
 
 
