@@ -290,3 +290,20 @@ def test_an_unreachable_ray_address_fails_in_time_with_one_line():
                                               rf"--ray-address to start one on this machine\. Received: ray_address='{address}'"):
             check_reachable(address, timeout=5)
         assert time.monotonic() - start < 6
+
+
+def test_workers_compute_with_the_drivers_onednn_kernels(monkeypatch):
+    """Ray workers are told this process's oneDNN state (TensorFlow is imported here), so
+    a frame a worker renders is the frame this process would render (resume, retries)."""
+    from sdanim.core.runtime import import_tensorflow
+    from sdanim.model.device import onednn_enabled
+    from sdanim.render import ray as sdanim_ray
+
+    import_tensorflow()  # this process's kernels are decided
+    calls = []
+    fake = type("FakeRay", (), {"init": staticmethod(lambda **kw: calls.append(kw))})
+    monkeypatch.setattr(sdanim_ray, "_import_ray", lambda address: fake)
+    sdanim_ray._start_ray(None)
+    env_vars = calls[0]["runtime_env"]["env_vars"]
+    assert env_vars["TF_ENABLE_ONEDNN_OPTS"] == ("1" if onednn_enabled() else "0")
+    assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["address"] == "local"

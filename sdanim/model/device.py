@@ -158,7 +158,7 @@ def choose_onednn(precision: str) -> Optional[bool]:
     process asks for: off for float32 on a CPU where TensorFlow would turn them on.
 
     TensorFlow decides at its import, for the whole process. On an AVX512_BF16 CPU with
-    oneDNN on by default (docs/benchmarks.md, "oneDNN CPUs"), the SD 1.4 UNet in float32
+    oneDNN on by default (docs/benchmarks.md, "oneDNN picked per precision"), the SD 1.4 UNet in float32
     ran 1.4x faster with oneDNN off (frames 1.19x), and mixed_bfloat16 1.8x slower: so
     float32 ("auto" on a CPU without bfloat16 in hardware) gets TensorFlow's own kernels,
     and bfloat16 keeps oneDNN. Nothing changes when TensorFlow is already imported or the

@@ -202,7 +202,8 @@ def _import_ray(address: Optional[str]):
 def _start_ray(address: Optional[str]) -> None:
     """Starts this process's own local Ray (address None: never a cluster merely recorded
     on disk, and on the loopback interface only), or joins the cluster at `address`
-    after checking that it answers. Workers inherit TensorFlow's quiet log level."""
+    after checking that it answers. Workers inherit TensorFlow's quiet log level and, once
+    this process has imported TensorFlow, its oneDNN kernels (so their frames match its own)."""
     ray = _import_ray(address)
 
     env_vars = {"TF_CPP_MIN_LOG_LEVEL": quiet_tensorflow_env(dict(os.environ))["TF_CPP_MIN_LOG_LEVEL"]}  # the user's, else 2
