@@ -94,7 +94,9 @@ def test_float32_process_gets_tensorflows_own_kernels():
     imported = ("assert device.resolve_precision('float32') == 'float32'\n"
                 "r = device.hardware_report(); print(r['onednn'], r['onednn_choice'], os.environ['TF_ENABLE_ONEDNN_OPTS'])")
     assert run(imported) == ["False", "off", "for", "float32", "(sdanim)", "0"]
-    choices = "print(*(device.choose_onednn(p) for p in {}))"  # TensorFlow not imported: cheap
-    assert run(choices.format(["mixed_bfloat16", "mixed_float16", "auto"])) == ["None", "None", "False"]
-    assert run(choices.format(["auto"]), SDANIM_CPU_BF16="1") == ["None"]  # "auto" is bfloat16 there
-    assert run(choices.format(["float32"]), TF_ENABLE_ONEDNN_OPTS="1") == ["None"]  # the user's word stands
+    # TensorFlow not imported: each call reads the environment as it is then.
+    choices = ("print(device.choose_onednn('mixed_bfloat16'), device.choose_onednn('mixed_float16'))\n"
+               "os.environ['SDANIM_CPU_BF16'] = '1'; print(device.choose_onednn('auto'))  # auto is bfloat16\n"
+               "os.environ['SDANIM_CPU_BF16'] = '0'; print(device.choose_onednn('auto'))  # auto is float32\n"
+               "os.environ['TF_ENABLE_ONEDNN_OPTS'] = '1'; print(device.choose_onednn('float32'))  # the user's word")
+    assert run(choices) == ["None", "None", "None", "False", "None"]
