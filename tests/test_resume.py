@@ -9,6 +9,8 @@ import time
 import numpy as np
 from PIL import Image
 
+import morph_tiny
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -23,11 +25,13 @@ def _frames(folder):
             for name in sorted(os.listdir(folder)) if name.startswith("frame_")}
 
 
-def test_killed_render_resumes_to_the_same_frames(tmp_path):
-    # Reference: one uninterrupted run; beside it (both processes start at once), a run
-    # killed while frame 4 (first of the third batch) is being written.
-    ref = _run(tmp_path / "ref.gif")
+def test_killed_render_resumes_to_the_same_frames(tmp_path, capsys):
+    # A run killed while frame 4 (first of the third batch) is being written, in a process
+    # of its own; the reference, one uninterrupted run, in this process meanwhile.
     proc = _run(tmp_path / "cut.gif", mode="hold-write")
+    morph_tiny.main(str(tmp_path / "ref.gif"))
+    reference = _frames(tmp_path / "ref_frames")
+    assert len(reference) == 9
     folder = tmp_path / "cut_frames"
     marker = tmp_path / "cut.gif.writing"
     deadline = time.time() + 240
@@ -42,16 +46,12 @@ def test_killed_render_resumes_to_the_same_frames(tmp_path):
     leftovers = [n for n in os.listdir(folder) if not (n.startswith("frame_") or n == "manifest.json")]
     # The write cut short stays under its temporary name: never taken for a finished frame.
     assert len(leftovers) == 1 and leftovers[0].startswith(".frame_00004.") and ".partial" in leftovers[0], leftovers
-    out, err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, err[-2000:]
-    reference = _frames(tmp_path / "ref_frames")
-    assert len(reference) == 9
 
-    # Rerun: only the missing frames, and the same frames as the uninterrupted run.
-    again = _run(tmp_path / "cut.gif")
-    out, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err[-2000:]
-    assert f"rendered {9 - len(kept)}" in out
+    # Rerun (the same command, here in this process): only the missing frames, and the
+    # same frames as the uninterrupted run.
+    capsys.readouterr()
+    morph_tiny.main(str(tmp_path / "cut.gif"))
+    assert f"rendered {9 - len(kept)}" in capsys.readouterr().out
     resumed = _frames(folder)
     assert sorted(resumed) == sorted(reference)
     assert sorted(os.listdir(folder)) == sorted(reference) + ["manifest.json"]  # no stale temp files
