@@ -75,7 +75,6 @@ def test_onednn_default_follows_tensorflows_policy(monkeypatch):
         assert out == expected
 
 
-
 def test_float32_process_gets_tensorflows_own_kernels():
     """Where TensorFlow would turn oneDNN on by default (here: a CPU said to have
     AVX512_VNNI), a process resolving float32 before TensorFlow's import runs without

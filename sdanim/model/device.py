@@ -168,7 +168,7 @@ def choose_onednn(precision: str) -> Optional[bool]:
     if "tensorflow" in sys.modules or _override("TF_ENABLE_ONEDNN_OPTS") is not None:
         return None
     if precision == "auto":
-        precision = "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+        precision = device_defaults("cpu")[0]  # what "auto" computes in on this CPU under TensorFlow
     if precision != "float32" or not onednn_enabled():
         return None
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"  # also what Ray workers and children inherit
