@@ -1,8 +1,8 @@
 """Renders fixed inputs with the tiny models on whatever KERAS_BACKEND is set.
 
-Run as a script by tests/test_backends.py: python backend_render.py WEIGHTS.npz OUT.npz
-(one process per backend renders every sampler: {scheduler: (2, N, H, W, 3) uint8, the
-compiled program's frames and the step loop's}).
+Run as a script by tests/test_backends.py for each other backend (the test process's own
+backend calls `main`): python backend_render.py WEIGHTS.npz OUT.npz renders every sampler:
+{scheduler: (2, N, H, W, 3) uint8, the compiled program's frames and the step loop's}.
 """
 
 import os

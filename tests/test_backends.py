@@ -32,11 +32,23 @@ def _render(tmp_path_factory, backend: str) -> dict:
         aid_unet = make_tiny_model(attention=True).diffusion_model  # attention interpolation (AID)
         arrays.update({f"aunet_{i}": w for i, w in enumerate(aid_unet.get_weights())})
         np.savez(weights, **arrays)
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     out = folder / f"{backend}.npz"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_render.py"), str(weights), str(out)],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    import keras
+
+    if backend == keras.backend.backend():  # this process's own: rendered here, in float32 whatever the policy
+        import backend_render
+
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+        try:
+            backend_render.main(str(weights), str(out))
+        finally:
+            keras.config.set_dtype_policy(policy)
+    else:
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_render.py"), str(weights), str(out)],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(out) as data:
         _OUTPUTS[backend] = {k: data[k].astype(int) for k in data.files}
     return _OUTPUTS[backend]
