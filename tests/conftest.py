@@ -4,8 +4,7 @@ Real architectures (random weights) are the expensive part of the suite: buildin
 SD 1.4 UNet takes 30-90 s and ~5.5 GB. Each is built once per run and dropped after the
 last test that needs it. TensorFlow keeps the weights its traced functions captured
 (about 3.5 GB of the SD 1.4 UNet) after the model is dropped, so the heavy tests run
-in an order that keeps their process tree at about 13 GB (15 GB for the whole suite,
-with the quick lane beside it, measured: under a 16 GB machine's memory):
+in an order that keeps the suite's process tree at about 13 GiB (a 16 GB laptop):
 
     1. tests that start a process of their own that builds a model (the real CLI, the
        notebooks' kernel, the SD 2.1 tests in a child pytest), while this process
@@ -16,10 +15,9 @@ with the quick lane beside it, measured: under a 16 GB machine's memory):
 
 (`sd21_model` is the same arrangement inside the SD 2.1 child, tests/heavy_sd21.py.)
 
-The suite runs in two lanes (pytest-xdist, `-n 2` in pyproject's addopts): one worker
-runs every heavy test (they live in tests/test_heavy*.py) in that order, the other the
-quick tests, a module at a time. Much of a heavy test is TensorFlow tracing the real
-UNet on one core; the quick lane uses the other. `-n 0` runs everything in one process.
+With pytest-xdist's `-n 2` (the README's quick tier) the tests run in two workers a
+module at a time; all the heavy tests (they live in tests/test_heavy*.py) are one unit
+that one worker runs in that order (`pytest_xdist_make_scheduler`).
 
 Reference libraries (torch, diffusers, transformers, JAX, nbclient) are test
 dependencies: with CI=true or SDANIM_STRICT=1 a missing one fails the run instead of
@@ -125,22 +123,23 @@ def _in_heavy_module(nodeid: str) -> bool:
 
 def pytest_collection_modifyitems(session, config, items):
     misplaced = [i.nodeid for i in items if (_phase(i) != (0, 0)) != _in_heavy_module(i.nodeid)]
-    if misplaced:  # the two lanes (pytest_xdist_make_scheduler) tell heavy tests by their file
+    if misplaced:  # pytest-xdist's units (pytest_xdist_make_scheduler) tell heavy tests by their file
         raise pytest.UsageError(f"heavy tests live in tests/test_heavy*.py (or heavy_*.py), quick ones elsewhere: {misplaced[:3]}")
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the heavy lane is handed out first
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the heavy unit is handed out first
         items.sort(key=lambda item: (_phase(item) == (0, 0), _phase(item)))
     else:
         items.sort(key=_phase)  # stable: file order within a phase
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Two lanes (pyproject's addopts: -n 2 --dist loadscope --no-loadscope-reorder): every
-    heavy test (tests/test_heavy*.py) is one unit of work that one worker runs in the memory
-    plan's order, first to last; the quick tests go to the other worker a module at a time
-    (a module's fixtures, like its Ray instance, are made once). While the heavy worker
-    traces the real UNet (one core), the quick lane uses the other."""
-    if config.getoption("dist") != "loadscope":
-        return None
+    """Work for pytest-xdist's workers (-n N): each quick test module is one unit (its
+    fixtures, like a Ray instance, made once), and all the heavy tests (tests/test_heavy*.py)
+    are one unit that one worker runs first to last in the memory plan's order. (The full
+    suite in two workers takes about 12 min instead of 20 on 2 cores, but the heavy tests'
+    processes and the quick ones' add up to 16-17 GiB resident: the README's command runs
+    it in one process.)"""
+    if config.getoption("dist") not in ("load", "loadscope"):
+        return None  # another --dist asked for by name
     from xdist.scheduler import LoadScopeScheduling
 
     class Lanes(LoadScopeScheduling):

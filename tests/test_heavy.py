@@ -209,7 +209,7 @@ def test_sd21_in_its_own_process():
     goes back when it exits."""
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(here, "heavy_sd21.py"), "-p", "no:cacheprovider",
-                           "-q", "-s", "-n", "0"], capture_output=True, text=True)  # one process: one model
+                           "-q", "-s"], capture_output=True, text=True)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "2 passed" in proc.stdout and "SD 2.x parity" in proc.stdout and "sd2.1 max pixel diff" in proc.stdout

@@ -181,7 +181,8 @@ def test_stop_keeps_frames_and_render_resumes(app):
 
     client_lib = require("gradio_client")
     client = client_lib.Client(app.local_url, verbose=False)
-    args = dict(ARGS, kf="a slow walk [seed=5 frames=300]\nits end", batch=1)
+    # Long enough (301 frames, 4 steps each) that Stop lands mid-render on a loaded machine.
+    args = dict(ARGS, kf="a slow walk [seed=5 frames=300]\nits end", batch=1, steps=4)
     job = client.submit(*args.values(), api_name="/render")
     deadline = time.time() + 120
     while time.time() < deadline:
