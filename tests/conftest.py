@@ -124,7 +124,8 @@ def _in_heavy_module(nodeid: str) -> bool:
 def pytest_collection_modifyitems(session, config, items):
     misplaced = [i.nodeid for i in items if (_phase(i) != (0, 0)) != _in_heavy_module(i.nodeid)]
     if misplaced:  # pytest-xdist's units (pytest_xdist_make_scheduler) tell heavy tests by their file
-        raise pytest.UsageError(f"heavy tests live in tests/test_heavy*.py (or heavy_*.py), quick ones elsewhere: {misplaced[:3]}")
+        raise pytest.UsageError(
+            f"heavy tests live in tests/test_heavy*.py (or heavy_*.py), quick ones elsewhere: {misplaced[:3]}")
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the heavy unit is handed out first
         items.sort(key=lambda item: (_phase(item) == (0, 0), _phase(item)))
     else:

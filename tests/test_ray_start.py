@@ -30,8 +30,8 @@ def test_a_cluster_merely_recorded_on_disk_is_never_joined():
         "import ray\n"
         "print('joined', ray.get_runtime_context().gcs_address)\n"
         "ray.shutdown()\n"
-        # Ray's "auto" prefers a Ray running on this machine to the record: the suite's other
-        # lane (or the real CLI test) may be running one; this test is about the record alone.
+        # Ray's "auto" prefers a Ray running on this machine to the record: another pytest-xdist
+        # worker (or the real CLI test) may be running one; this test is about the record alone.
         "import ray._private.services as services\nservices.find_gcs_addresses = lambda: []\n"
         # Ray may have recorded its own (now stopping) instance: put the dead cluster's record back.
         f"open({os.path.join(short, 'ray', 'ray_current_cluster')!r}, 'w').write({dead!r})\n"
