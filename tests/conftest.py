@@ -68,6 +68,20 @@ def require(name: str):
 
 
 @contextlib.contextmanager
+def dtype_policy(name: str):
+    """Within this block Keras builds layers under the dtype policy `name` (a global that
+    load_model sets for the process); the previous policy is put back after."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@contextlib.contextmanager
 def keras_cv_layers(model):
     """Within this block the model runs KerasCV's own layers (load_model gives
     TensorFlow-on-CPU models faster GroupNormalization and padded-convolution forms,
@@ -122,12 +136,12 @@ def _in_heavy_module(nodeid: str) -> bool:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    misplaced = [i.nodeid for i in items if (_phase(i) != (0, 0)) != _in_heavy_module(i.nodeid)]
+    misplaced = [i.nodeid for i in items if (i.get_closest_marker("heavy") is not None) != _in_heavy_module(i.nodeid)]
     if misplaced:  # pytest-xdist's units (pytest_xdist_make_scheduler) tell heavy tests by their file
         raise pytest.UsageError(
             f"heavy tests live in tests/test_heavy*.py (or heavy_*.py), quick ones elsewhere: {misplaced[:3]}")
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the heavy unit is handed out first
-        items.sort(key=lambda item: (_phase(item) == (0, 0), _phase(item)))
+        items.sort(key=lambda item: (item.get_closest_marker("heavy") is None, _phase(item)))
     else:
         items.sort(key=_phase)  # stable: file order within a phase
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import dtype_policy, require
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,12 +38,8 @@ def _render(tmp_path_factory, backend: str) -> dict:
     if backend == keras.backend.backend():  # this process's own: rendered here, in float32 whatever the policy
         import backend_render
 
-        policy = keras.config.dtype_policy()
-        keras.config.set_dtype_policy("float32")
-        try:
+        with dtype_policy("float32"):
             backend_render.main(str(weights), str(out))
-        finally:
-            keras.config.set_dtype_policy(policy)
     else:
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_render.py"), str(weights), str(out)],

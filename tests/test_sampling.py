@@ -6,6 +6,7 @@ import pytest
 from sdanim.core.plan import FramePlan
 from sdanim.render.sampling import Renderer, batches, render_frames, slots
 from sdanim.core.schedulers import timestep_embedding
+from conftest import dtype_policy
 from sdanim.config.settings import RenderSettings
 from tiny import CONTEXT_DIM, make_tiny_model, random_inputs
 
@@ -171,16 +172,10 @@ def test_aligned_batches_make_resume_and_retries_exact_under_bfloat16():
     uninterrupted run puts it in, at the same slot (batch i // B, slot i % B), so a resumed
     run (some frames missing) and a retried frame are the uninterrupted run's images, bit
     for bit. Between batch sizes frames may move within the documented bound."""
-    import keras
-
     from tiny import make_tiny_model
 
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
+    with dtype_policy("mixed_bfloat16"):
         model = make_tiny_model(seed=3)
-    finally:
-        keras.config.set_dtype_policy(policy)
     assert model.diffusion_model.layers[1].compute_dtype == "bfloat16"
     plan = _plan(7)
     full = render_frames(_renderer(model), plan, range(7), 3, progress=False)
