@@ -5,6 +5,7 @@
     python benchmarks/render.py --diffusers     # also diffusers' StableDiffusionPipeline
     python benchmarks/render.py --both-loops    # sdanim's one compiled program vs its step loop
     python benchmarks/render.py --plain-layers  # also sdanim on KerasCV's own layers, every step
+    python benchmarks/render.py --notebook-kernels  # TensorFlow's kernels as in a notebook, not a CLI run
 
 diffusers (with --diffusers; torch, diffusers and transformers are test extras) renders
 the same walk the way a diffusers user would: `StableDiffusionPipeline` with the walk's
@@ -100,6 +101,9 @@ def main(argv=None):
                          "projected at every step), interleaved with its own")
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline")
     ap.add_argument("--diffusers-bf16", action="store_true", help="CPU: also diffusers under bfloat16 autocast")
+    ap.add_argument("--notebook-kernels", action="store_true",
+                    help="TensorFlow's kernels as in a notebook (oneDNN does not keep the weights it converted, "
+                         "sdanim.model.device.keep_weights_in_kernels) instead of as in a command-line run")
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --diffusers: run sdanim and diffusers alternately this many times each "
                          "and compare the best of each (this machine's speed drifts)")
@@ -111,8 +115,10 @@ def main(argv=None):
 
     if args.diffusers:
         triton_first()
-    from sdanim.model.device import choose_onednn
+    from sdanim.model.device import choose_onednn, keep_weights_in_kernels
 
+    if not args.notebook_kernels:
+        keep_weights_in_kernels()  # as a command-line run does
     choose_onednn(cfg["precision"])  # TensorFlow's oneDNN kernels as a CLI run at this precision gets them
     import kcv_shim
 
@@ -123,7 +129,7 @@ def main(argv=None):
 
     from sdanim.core.interpolation import slerp
     from sdanim.model import context_cache
-    from sdanim.model.device import detect_device
+    from sdanim.model.device import detect_device, onednn_enabled, weights_kept
     from sdanim.model.layers import attach_context_cache, use_fast_layers, use_fused_attention
     from sdanim.model.loading import load_model
     from sdanim.model.reference import keras_cv_pipeline
@@ -153,7 +159,8 @@ def main(argv=None):
         else:
             context_cache.detach(model.diffusion_model)
     print(f"backend={keras.backend.backend()} shim={shimmed} size={size} steps={steps} frames={frames} "
-          f"precision={model.precision} jit={model.jit_compile} build={build_s:.1f}s")
+          f"precision={model.precision} jit={model.jit_compile} build={build_s:.1f}s "
+          f"onednn={onednn_enabled()} weights_kept={weights_kept()}")
 
     # Same inputs for both loops: unconditional context from KerasCV's tokens, two
     # random "prompt" embeddings slerped, one fixed noise.

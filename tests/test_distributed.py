@@ -293,17 +293,26 @@ def test_an_unreachable_ray_address_fails_in_time_with_one_line():
 
 
 def test_workers_compute_with_the_drivers_onednn_kernels(monkeypatch):
-    """Ray workers are told this process's oneDNN state (TensorFlow is imported here), so
-    a frame a worker renders is the frame this process would render (resume, retries)."""
+    """Ray workers are told this process's oneDNN state (TensorFlow is imported here) and
+    whether it keeps weights in oneDNN's kernels, so a frame a worker renders is the frame
+    this process would render (resume, retries)."""
     from sdanim.core.runtime import import_tensorflow
+    from sdanim.model import device
     from sdanim.model.device import onednn_enabled
     from sdanim.render import ray as sdanim_ray
 
     import_tensorflow()  # this process's kernels are decided
+    monkeypatch.delenv("TF_ONEDNN_ASSUME_FROZEN_WEIGHTS", raising=False)
     calls = []
     fake = type("FakeRay", (), {"init": staticmethod(lambda **kw: calls.append(kw))})
     monkeypatch.setattr(sdanim_ray, "_import_ray", lambda address: fake)
     sdanim_ray._start_ray(None)
     env_vars = calls[0]["runtime_env"]["env_vars"]
     assert env_vars["TF_ENABLE_ONEDNN_OPTS"] == ("1" if onednn_enabled() else "0")
+    assert env_vars["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] == "0"  # this process keeps none: nor do they
+    monkeypatch.setenv("TF_ONEDNN_ASSUME_FROZEN_WEIGHTS", "1")  # a command-line driver
+    monkeypatch.setattr(sdanim_ray, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(device, "onednn_enabled", lambda: True)
+    sdanim_ray._start_ray(None)
+    assert calls[1]["runtime_env"]["env_vars"]["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] == "1"
     assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["address"] == "local"

@@ -99,3 +99,104 @@ def test_float32_process_gets_tensorflows_own_kernels():
                "os.environ['SDANIM_CPU_BF16'] = '0'; print(device.choose_onednn('auto'))  # auto is float32\n"
                "os.environ['TF_ENABLE_ONEDNN_OPTS'] = '1'; print(device.choose_onednn('float32'))  # the user's word")
     assert run(choices) == ["None", "None", "None", "False", "None"]
+
+
+def test_keeping_weights_is_asked_for_before_tensorflow_and_the_users_word_stands():
+    """A command-line process asks TensorFlow's oneDNN kernels to keep the weights they
+    convert (where oneDNN is on); the user's TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=0 stands;
+    float32 still gets TensorFlow's own kernels, so nothing is kept there. (TensorFlow's
+    own reading of the switch: `test_weights_kept_in_kernels_follow_weight_changes`.)"""
+    code = ("import os; from sdanim.model import device; device._linux_flags = lambda: {'avx512_vnni'}\n"
+            "device.keep_weights_in_kernels()\n"
+            "print(device.choose_onednn('float32'), os.environ['TF_ENABLE_ONEDNN_OPTS'], "
+            "os.environ['TF_ONEDNN_ASSUME_FROZEN_WEIGHTS'], device.weights_kept())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS")}
+    env.update(PYTHONPATH=ROOT, SDANIM_CPU_BF16="0")
+    for extra, expected in (({}, "False 0 1 False"),  # float32: oneDNN off, so nothing is kept
+                            ({"TF_ENABLE_ONEDNN_OPTS": "1"}, "None 1 1 True"),
+                            ({"TF_ENABLE_ONEDNN_OPTS": "1", "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "0"}, "None 1 0 False")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == expected
+
+
+def test_only_one_job_commands_keep_weights_in_kernels():
+    """Every command but the browser app's server runs one job and exits: those keep the
+    weights in oneDNN's kernels; the server, whose LoRAs and models change, does not."""
+    from sdanim.frontends.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["morph", "a", "b"]).one_job and parser.parse_args(["generate", "a"]).one_job
+    assert not parser.parse_args(["ui"]).one_job
+
+
+KEPT_WEIGHTS_CHILD = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import keras
+import sdanim
+from sdanim.model.convert import looks_like_v_prediction
+from sdanim.model.device import weights_kept
+from sdanim.model.stable_diffusion import model_state
+from tiny import make_tiny_model
+
+settings = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
+
+def render(model):
+    return sdanim.generate("a red cube", num_images=2, seed=3, settings=settings, model=model, out_dir=None,
+                           progress=False).images
+
+def change(model):  # what merging a LoRA or binding a checkpoint does: values assigned, then invalidate
+    parts = (model.diffusion_model, model.decoder)
+    for part in parts:
+        for variable in part.trainable_variables:
+            variable.assign(variable.numpy() * -1.5)
+    model_state(model).invalidate(parts)
+
+model = make_tiny_model(seed=0)
+before = render(model)
+change(model)
+after = render(model)
+fresh = make_tiny_model(seed=0)
+change(fresh)
+
+def unet(scale):  # one 3x3 convolution of the latent: the same kind of kernel for both
+    latent = keras.Input((8, 8, 4)); t_emb = keras.Input((320,)); context = keras.Input((77, 16))
+    conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, kernel_initializer=keras.initializers.Constant(scale))
+    return keras.Model([latent, t_emb, context], conv(latent))
+
+v_answers = [looks_like_v_prediction(unet(-0.5)), looks_like_v_prediction(unet(0.0))]
+np.savez({out!r}, before=before, after=after, fresh=render(fresh), kept=weights_kept(), v_answers=v_answers)
+"""
+
+
+def test_weights_kept_in_kernels_follow_weight_changes(tmp_path):
+    """A process whose oneDNN kernels keep the weights they saw first (a command-line run:
+    TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1, oneDNN forced on as on AVX512_VNNI/BF16/AMX CPUs)
+    renders what this process renders; after the weights change (a LoRA, a checkpoint) it
+    renders the new weights, as a model built with them does (not the stale converted
+    copies); and the checkpoint loader's v-prediction check of two UNets with
+    convolutions of one kind answers for each one's own weights (an eager convolution
+    would compute with the first one's)."""
+    import numpy as np
+
+    import sdanim
+    from tiny import make_tiny_model
+
+    out = tmp_path / "kept.npz"
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_ENABLE_ONEDNN_OPTS="1", TF_ONEDNN_ASSUME_FROZEN_WEIGHTS="1")
+    code = KEPT_WEIGHTS_CHILD.format(tests=os.path.join(ROOT, "tests"), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child = np.load(out)
+    assert bool(child["kept"])
+    assert np.abs(child["after"].astype(int) - child["before"].astype(int)).max() > 10  # the change shows
+    assert np.array_equal(child["after"], child["fresh"])
+    assert list(child["v_answers"]) == [True, False]
+    # This process (its kernels convert weights at every call; oneDNN as the machine has
+    # it) renders the same images: float rounding apart, at most 1 uint8 level.
+    settings = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
+    here = sdanim.generate("a red cube", num_images=2, seed=3, settings=settings, model=make_tiny_model(seed=0),
+                           out_dir=None, progress=False).images
+    assert np.abs(here.astype(int) - child["before"].astype(int)).max() <= 1

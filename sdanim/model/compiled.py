@@ -85,7 +85,10 @@ _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def forget_compiled(model) -> None:
     """Drops the compiled functions of `model` (after its layers' calls were changed),
-    including the programs it shares with another model."""
+    including the programs it shares with another model, and Keras's own
+    (`predict_on_batch`'s)."""
+    if getattr(model, "predict_function", None) is not None:
+        model.predict_function = None  # retraced at the next predict_on_batch
     try:
         _COMPILED.pop(model, None)
     except TypeError:

@@ -2,7 +2,8 @@
 
     checkpoint (sdanim.formats.checkpoints) -> every tensor accounted for
     (sdanim.formats.weight_map.check_keys) -> values assigned into the existing
-    variables (compiled functions stay valid) -> the model's derived state invalidated
+    variables (compiled functions stay valid, except where the process's oneDNN kernels
+    keep weights: `sdanim.model.device.weights_kept`) -> the model's derived state invalidated
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sdanim.core.runtime import import_keras
 from sdanim.core.schedulers import timestep_embedding
 from sdanim.formats.checkpoints import inspect_checkpoint, refuse_v_prediction
 from sdanim.formats.weight_map import bind, check_keys
+from sdanim.model.compiled import compiled, forget_compiled
 from sdanim.model.registry import PART_ORDER, file_name
 from sdanim.model.stable_diffusion import StableDiffusionModel
 
@@ -35,7 +37,8 @@ def checked_checkpoint(weights: str, version: Optional[str]):
 
 def bind_checkpoint(model: StableDiffusionModel, checkpoint) -> None:
     """Copies a checked checkpoint's tensors into the model's four parts (in place)."""
-    # Values are assigned into the existing variables: compiled steps stay valid.
+    # Values are assigned into the existing variables: compiled steps stay valid
+    # (`model.invalidate` drops them where the kernels keep the weights they saw).
     for part in PART_ORDER:
         sub = getattr(model, part)
         bind(sub, checkpoint, part)
@@ -61,8 +64,17 @@ def looks_like_v_prediction(diffusion_model) -> bool:
     context_shape = tuple(diffusion_model.inputs[2].shape[1:])
     latent = np.full((1,) + shape, 0.5, np.float32)
     context = np.full((1,) + context_shape, 0.5, np.float32)
-    out = diffusion_model([latent, timestep_embedding(999)[None].astype(np.float32), context])
+    # Compiled, never eager: where oneDNN keeps weights (`weights_kept`), an eager
+    # convolution computes with the weights the first one of its kind saw. The function
+    # is dropped after (in such a process it holds a converted copy of the weights).
+    call = compiled(_unet_call, (diffusion_model,), False)
+    out = call(latent, timestep_embedding(999)[None].astype(np.float32), context)
+    forget_compiled(diffusion_model)
     return float(np.mean(ops.convert_to_numpy(out).astype(np.float32) - latent)) < -1.0
+
+
+def _unet_call(calls, latent, t_emb, context):
+    return calls[0]([latent, t_emb, context])
 
 
 def write_keras_weights(model: StableDiffusionModel, out: str) -> dict:

@@ -12,7 +12,9 @@ TensorFlow's own switch for its oneDNN kernels is TF_ENABLE_ONEDNN_OPTS (1 or 0)
 it is unset, TensorFlow turns them on for x86 CPUs with AVX512_VNNI, AVX512_BF16,
 AVX_VNNI or AMX (tensorflow/core/util/port.cc), which `onednn_enabled` mirrors. Where
 the user leaves it unset, sdanim turns them off for a float32 process before TensorFlow's
-import (`choose_onednn`): measured faster there, and slower for bfloat16.
+import (`choose_onednn`): measured faster there, and slower for bfloat16. The command
+line and its Ray workers also let oneDNN keep the weights it converted
+(`keep_weights_in_kernels`): bfloat16 frames 1.3x faster.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from sdanim.config.errors import check
 from sdanim.core.runtime import import_keras, import_tensorflow
 
 BF16_OVERRIDE = "SDANIM_CPU_BF16"
+# TensorFlow's switch (tensorflow/core/util/onednn_env_vars.cc) for oneDNN kernels that
+# convert each weight to their layout once instead of at every call (`keep_weights_in_kernels`).
+KEEP_WEIGHTS = "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"
 # What TensorFlow checks (port.cc DefaultOneDnnPolicy), as /proc/cpuinfo spells them.
 _ONEDNN_DEFAULT_FLAGS = {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
@@ -161,8 +166,11 @@ def choose_onednn(precision: str) -> Optional[bool]:
     oneDNN on by default (docs/benchmarks.md, "oneDNN picked per precision"), the SD 1.4 UNet in float32
     ran 1.4x faster with oneDNN off (frames 1.19x), and mixed_bfloat16 1.8x slower: so
     float32 ("auto" on a CPU without bfloat16 in hardware) gets TensorFlow's own kernels,
-    and bfloat16 keeps oneDNN. Nothing changes when TensorFlow is already imported or the
-    user set TF_ENABLE_ONEDNN_OPTS. Returns False when it turned oneDNN off, else None.
+    and bfloat16 keeps oneDNN. (Where oneDNN keeps its converted weights,
+    `keep_weights_in_kernels`, float32 frames came as fast with oneDNN as without it, for
+    another copy of the weights: off still.) Nothing changes when TensorFlow is already
+    imported or the user set TF_ENABLE_ONEDNN_OPTS. Returns False when it turned oneDNN
+    off, else None.
     """
     global _ONEDNN_CHOICE
     if "tensorflow" in sys.modules or _override("TF_ENABLE_ONEDNN_OPTS") is not None:
@@ -174,6 +182,39 @@ def choose_onednn(precision: str) -> Optional[bool]:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"  # also what Ray workers and children inherit
     _ONEDNN_CHOICE = "off for float32 (sdanim)"
     return False
+
+
+def keep_weights_in_kernels() -> None:
+    """For a process that runs sdanim's jobs and nothing else (a command-line run, its
+    Ray workers, a benchmark), before TensorFlow's import: TensorFlow's oneDNN kernels
+    convert each weight to their own memory layout once, at a compiled function's first
+    call, and keep it, instead of converting every weight at every call
+    (TF_ONEDNN_ASSUME_FROZEN_WEIGHTS=1).
+
+    Measured (docs/benchmarks.md, "Weights kept in oneDNN's kernels"): mixed_bfloat16
+    frames 1.3x faster (the CPU default where it has bfloat16 in hardware), the same
+    images. The cost: each compiled function that calls a model holds its own converted
+    copy of the weights (about 1.4 GB more for the bfloat16 UNet), for as long as the
+    function lives. (A float32 run gets TensorFlow's own kernels, `choose_onednn`: nothing
+    is kept there unless the user turned oneDNN on.)
+
+    TensorFlow applies it to the whole process and assumes that *no* weight ever changes:
+    a model trained in the same process, or a convolution run outside a compiled function
+    (eagerly), would silently compute with the first weights its kernel saw. So it is
+    never set in a notebook, the browser app or a caller's own process; sdanim calls its
+    models inside compiled functions only and drops them whenever weights change
+    (`ModelState.invalidate`). Nothing changes when TensorFlow is already imported or the
+    user set the variable; it matters only where oneDNN is on (`weights_kept`).
+    """
+    if "tensorflow" not in sys.modules and _override(KEEP_WEIGHTS) is None:
+        os.environ[KEEP_WEIGHTS] = "1"  # also what its Ray workers are told (`sdanim.render.ray`)
+
+
+def weights_kept() -> bool:
+    """Whether TensorFlow's oneDNN kernels keep their converted weights in this process
+    (`keep_weights_in_kernels`, or the user's TF_ONEDNN_ASSUME_FROZEN_WEIGHTS), so that a
+    compiled function must not outlive a change of the weights it computes with."""
+    return bool(_override(KEEP_WEIGHTS)) and onednn_enabled()
 
 
 def resolve_precision(precision: str) -> str:
@@ -216,6 +257,7 @@ def hardware_report() -> dict:
         "backend": backend,
         "cpu_bf16": cpu_has_native_bfloat16(),
         "onednn": onednn_enabled() if backend == "tensorflow" and device == "cpu" else False,
+        "weights_kept": weights_kept() if backend == "tensorflow" and device == "cpu" else False,
         "overrides": {k: os.environ[k] for k in (BF16_OVERRIDE, "TF_ENABLE_ONEDNN_OPTS") if k in os.environ},
     }
     if _ONEDNN_CHOICE is not None:

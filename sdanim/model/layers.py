@@ -199,9 +199,7 @@ def use_fast_layers(keras_model, enabled: bool = True) -> int:
                 layer.conv2d.padding = "valid"
             del layer.__dict__["call"]
             count += 1
-    forget_compiled(keras_model)
-    if hasattr(keras_model, "predict_function"):
-        keras_model.predict_function = None  # KerasCV's loop retraces too
+    forget_compiled(keras_model)  # KerasCV's loop (predict_on_batch) retraces too
     return count
 
 

@@ -17,7 +17,9 @@ What a model derives and who invalidates it:
     lora_base        the base values of the weights merged LoRAs changed: dropped when a
                      checkpoint brings new base weights
     compiled         traced sampling functions (`sdanim.model.compiled`): dropped when a
-                     part's layers change (`sdanim.model.layers`)
+                     part's layers change (`sdanim.model.layers`), and when any weight
+                     changes in a process whose oneDNN kernels keep the weights they
+                     saw first (`sdanim.model.device.keep_weights_in_kernels`)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sdanim.core.prompts import PromptEncoder
 from sdanim.formats.lora_files import Lora, as_loras
 from sdanim.model import lora
 from sdanim.model.compiled import forget_compiled
+from sdanim.model.device import weights_kept
 from sdanim.model.registry import CONTEXT_DIM
 from sdanim.model.taesd import check_taesd, load_part
 from sdanim.model.tokenizer import load_tokenizer
@@ -47,12 +50,13 @@ class ModelState:
 
     def invalidate(self, parts=(), *, base: bool = False, layers: bool = False) -> None:
         """Drops what a change made stale: always the prompt embeddings (weights changed);
-        with base=True the LoRA base values (new base weights); with layers=True the
-        compiled functions of `parts` (their layers' calls changed)."""
+        with base=True the LoRA base values (new base weights); the compiled functions of
+        `parts` with layers=True (their layers' calls changed) or where the process's
+        kernels keep the weights they were first called with (`weights_kept`)."""
         self.prompt_encoder = None
         if base:
             self.lora_base.clear()
-        if layers:
+        if layers or weights_kept():
             for part in parts:
                 if part is not None:
                     forget_compiled(part)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.settings import RenderSettings
 from sdanim.core.runtime import quiet_tensorflow_env
-from sdanim.model.device import choose_onednn, limit_threads, onednn_enabled
+from sdanim.model.device import KEEP_WEIGHTS, choose_onednn, limit_threads, onednn_enabled, weights_kept
 from sdanim.model.spec import ModelSpec
 from sdanim.render.jobs import Job, frame_metadata
 from sdanim.render.local import LocalFrames
@@ -202,13 +202,17 @@ def _import_ray(address: Optional[str]):
 def _start_ray(address: Optional[str]) -> None:
     """Starts this process's own local Ray (address None: never a cluster merely recorded
     on disk, and on the loopback interface only), or joins the cluster at `address`
-    after checking that it answers. Workers inherit TensorFlow's quiet log level and, once
-    this process has imported TensorFlow, its oneDNN kernels (so their frames match its own)."""
+    after checking that it answers. Workers inherit TensorFlow's quiet log level, whether
+    oneDNN keeps weights in its kernels and, once this process has imported TensorFlow,
+    its oneDNN kernels (so their frames match its own)."""
     ray = _import_ray(address)
 
     env_vars = {"TF_CPP_MIN_LOG_LEVEL": quiet_tensorflow_env(dict(os.environ))["TF_CPP_MIN_LOG_LEVEL"]}  # the user's, else 2
     if "tensorflow" in sys.modules:  # workers compute with this process's kernels (frames it renders itself match)
         env_vars["TF_ENABLE_ONEDNN_OPTS"] = "1" if onednn_enabled() else "0"
+    # Workers keep weights in oneDNN's kernels where this process does (the command line):
+    # the same arithmetic, and a worker runs sdanim's jobs only.
+    env_vars[KEEP_WEIGHTS] = "1" if weights_kept() else "0"
     common = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True, log_to_driver=True,
                   runtime_env={"env_vars": env_vars})
     if address is None:

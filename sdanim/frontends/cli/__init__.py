@@ -15,7 +15,7 @@ from sdanim.config.errors import SdanimError
 from sdanim.core.runtime import quiet_tensorflow_env
 from sdanim.frontends.cli import animations, app, images, tools
 from sdanim.frontends.cli.options import EPILOG, Parser, UsageError
-from sdanim.model.device import choose_onednn
+from sdanim.model.device import choose_onednn, keep_weights_in_kernels
 from sdanim.render.ray import FailedFrames
 
 # The command families, in the order `--help` lists them.
@@ -48,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *a, **k: f"sdanim: warning: {message}\n"
     try:
+        if args.one_job:
+            keep_weights_in_kernels()  # this process runs one sdanim command and nothing else
         choose_onednn(getattr(args, "precision", "auto"))  # before anything imports TensorFlow
         return args.run(args)
     except SdanimError as error:

@@ -44,6 +44,7 @@ def register(sub) -> None:
         description="Start the browser app. The model is loaded on the first render (another only for "
         "another size) and reused; renders queue one at a time. Binds 127.0.0.1 unless --listen or --share.",
         example="  python -m sdanim ui --weights keras-cv --port 7860",
+        one_job=False,  # a server: LoRAs and models change while it runs
     )
     ui.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
     ui.add_argument("--share", action="store_true", help="also a public gradio.live link (needs the internet)")

@@ -42,14 +42,17 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def add_command(sub, name: str, run, help: str, description: str, example: str = "", epilog: str = EPILOG):
-    """A subcommand parser whose `args.run(args)` is `run`."""
+def add_command(sub, name: str, run, help: str, description: str, example: str = "", epilog: str = EPILOG,
+                one_job: bool = True):
+    """A subcommand parser whose `args.run(args)` is `run`. one_job: the process runs
+    this one command and exits (so it may keep weights in oneDNN's kernels:
+    `sdanim.model.device.keep_weights_in_kernels`); False for a server."""
     parser = sub.add_parser(
         name, help=help, description=description,
         epilog=(f"example:\n{example}\n\n" if example else "") + epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, one_job=one_job)
     return parser
 
 
