@@ -48,8 +48,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, category, *a, **k: f"sdanim: warning: {message}\n"
     try:
-        if args.one_job:
-            keep_weights_in_kernels()  # this process runs one sdanim command and nothing else
+        if args.one_job and argv is None:
+            # The process's own command line (python -m sdanim, the sdanim script): it runs
+            # this one command and nothing else. Called with argv (a test, a script), the
+            # process may run anything else too, and keeps TensorFlow's defaults.
+            keep_weights_in_kernels()
         choose_onednn(getattr(args, "precision", "auto"))  # before anything imports TensorFlow
         return args.run(args)
     except SdanimError as error:
