@@ -311,8 +311,7 @@ def test_workers_compute_with_the_drivers_onednn_kernels(monkeypatch):
     assert env_vars["TF_ENABLE_ONEDNN_OPTS"] == ("1" if onednn_enabled() else "0")
     assert env_vars["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] == "0"  # this process keeps none: nor do they
     monkeypatch.setenv("TF_ONEDNN_ASSUME_FROZEN_WEIGHTS", "1")  # a command-line driver
-    monkeypatch.setattr(sdanim_ray, "onednn_enabled", lambda: True)
-    monkeypatch.setattr(device, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(device, "onednn_enabled", lambda: True)  # what `weights_kept` reads
     sdanim_ray._start_ray(None)
     assert calls[1]["runtime_env"]["env_vars"]["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] == "1"
     assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["address"] == "local"

@@ -18,7 +18,7 @@ from sdanim.core.runtime import import_keras
 from sdanim.core.schedulers import timestep_embedding
 from sdanim.formats.checkpoints import inspect_checkpoint, refuse_v_prediction
 from sdanim.formats.weight_map import bind, check_keys
-from sdanim.model.compiled import compiled, forget_compiled
+from sdanim.model.compiled import compiled
 from sdanim.model.registry import PART_ORDER, file_name
 from sdanim.model.stable_diffusion import StableDiffusionModel
 
@@ -65,11 +65,10 @@ def looks_like_v_prediction(diffusion_model) -> bool:
     latent = np.full((1,) + shape, 0.5, np.float32)
     context = np.full((1,) + context_shape, 0.5, np.float32)
     # Compiled, never eager: where oneDNN keeps weights (`weights_kept`), an eager
-    # convolution computes with the weights the first one of its kind saw. The function
-    # is dropped after (in such a process it holds a converted copy of the weights).
+    # convolution computes with the weights the first one of its kind saw. (There,
+    # `bind_checkpoint`'s `model.invalidate` drops this function and its converted copy.)
     call = compiled(_unet_call, (diffusion_model,), False)
     out = call(latent, timestep_embedding(999)[None].astype(np.float32), context)
-    forget_compiled(diffusion_model)
     return float(np.mean(ops.convert_to_numpy(out).astype(np.float32) - latent)) < -1.0
 
 
