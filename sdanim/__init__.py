@@ -27,7 +27,7 @@ _EXPORTS = {
     "denoising_steps": "sdanim.tasks.images",
     "Walk": "sdanim.core.keyframes",
     "Keyframe": "sdanim.core.keyframes",
-    "load_walk": "sdanim.core.keyframes",
+    "load_walk": "sdanim.formats.walk_files",
     "circle_walk": "sdanim.core.keyframes",
     "load_model": "sdanim.model.loading",
     "convert_checkpoint": "sdanim.model.loading",

@@ -27,7 +27,9 @@ skipping its tests (see `require`).
 import contextlib
 import gc
 import importlib
+import json
 import os
+import socket
 import sys
 import warnings
 import weakref
@@ -49,6 +51,29 @@ try:
 except ImportError:
     pass
 
+# The CPU path this run computes on, made explicit before anything imports TensorFlow:
+# TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS) and bfloat16 for precision "auto"
+# (SDANIM_CPU_BF16), each as the machine would have it unless the run sets it. Without
+# this, a test that asks sdanim for float32 before TensorFlow's import would turn oneDNN
+# off for the rest of the run (`choose_onednn`), and "as the machine is" would depend on
+# which test ran first. Every child process the tests start inherits the choice. The
+# three real paths -- oneDNN off + float32, oneDNN on + float32, oneDNN on + bfloat16 --
+# are .ci/run's passes; `pytest_report_header` says which one this is.
+from sdanim.model.device import BF16_OVERRIDE, cpu_has_native_bfloat16, onednn_enabled  # noqa: E402
+
+BF16_GIVEN = os.environ.get(BF16_OVERRIDE)  # the run's own setting (None: the machine's, read by sdanim)
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1" if onednn_enabled() else "0")
+os.environ.setdefault(BF16_OVERRIDE, "1" if cpu_has_native_bfloat16() else "0")
+
+
+def pytest_report_header(config):
+    onednn = os.environ["TF_ENABLE_ONEDNN_OPTS"] in ("1", "true")
+    bf16 = os.environ[BF16_OVERRIDE] in ("1", "true")
+    return (f"sdanim CPU path: oneDNN {'on' if onednn else 'off'} + precision auto = "
+            f"{'mixed_bfloat16' if bf16 else 'float32'} (TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}, "
+            f"{BF16_OVERRIDE}={os.environ[BF16_OVERRIDE]})")
+
+
 # The shared real-architecture models' image size: the smallest KerasCV's UNet takes (an
 # 8x8 latent, 1x1 at its deepest level), every layer and code path of 512 px at a
 # quarter of 128 px's convolution work.
@@ -65,6 +90,57 @@ def require(name: str):
     if STRICT:
         return importlib.import_module(name)  # ImportError: the test (or module) fails
     return pytest.importorskip(name)
+
+
+def missing(what: str, hint: str):
+    """A test dependency that is not a Python package is missing (a browser): the one
+    rule `require` follows, skip locally, fail in CI/strict runs."""
+    if STRICT:
+        pytest.fail(f"{what} is missing: {hint}")
+    pytest.skip(f"no {what} ({hint})")
+
+
+def read_manifest(path) -> dict:
+    """A run's manifest.json: the file, or the one in a frames folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "manifest.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def level_gap(a, b) -> int:
+    """The largest difference of two uint8 images, in levels."""
+    import numpy as np
+
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+
+
+def relative_gap(ours, theirs) -> float:
+    """max |ours - theirs| / max |theirs|: parity with a reference, on its own scale."""
+    import numpy as np
+
+    return float(np.abs(np.asarray(ours) - np.asarray(theirs)).max() / np.abs(np.asarray(theirs)).max())
+
+
+def gif_frames(path) -> list:
+    """Every frame of a GIF as (H, W, 3) uint8, in order."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        frames = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            frames.append(np.asarray(im.convert("RGB")))
+    return frames
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import HEAVY_LATENT, HEAVY_SIZE, keras_cv_layers, require
 from test_heavy_checkpoints import (
-    _assert_parity, _check_names, _exact_and_tanh_geglu, _inputs, _max_diff, _ours, _reference_text, _reference_unet,
+    _assert_parity, _check_names, _inputs, _max_diff, _ours, _reference_text, _reference_unet,
     _reference_vae, _round_parameters, ref, torch,
 )
 
@@ -46,7 +46,7 @@ def test_sd2_checkpoint_loads_like_diffusers(sd21_model_later, tmp_path, monkeyp
     assert len(mlps) == 23
     for mlp in mlps:
         mlp.activation_fn = ACT2FN["gelu_pytorch_tanh"]
-    _exact_and_tanh_geglu(monkeypatch)
+    ref.use_tanh_geglu(monkeypatch)
     expected = {"text": _reference_text(models["text_encoder"], x), "unet": _reference_unet(models["unet"], x)}
     expected["decode"], _ = _reference_vae(models["vae"], x)
     original = ref.to_original(ref.diffusers_state(models), "2.1")

@@ -43,6 +43,14 @@ def text_config(version: str):
                           projection_dim=768)
 
 
+def use_tanh_geglu(monkeypatch) -> None:
+    """Switches diffusers' GEGLU to the tanh GELU approximation that KerasCV's uses."""
+    import torch.nn.functional as F
+    from diffusers.models import activations
+
+    monkeypatch.setattr(activations.GEGLU, "gelu", lambda self, gate: F.gelu(gate, approximate="tanh"))
+
+
 def randomize(module, seed: int) -> None:
     """Default init for weights; random norm scales and biases (all of them non-trivial)."""
     import torch
@@ -180,17 +188,26 @@ def random_lora(models: dict, style: str, seed: int, rank: int = 4, std: float =
     return state
 
 
-def fused_outputs(models: dict, lora_path: str, scale: float, run) -> dict:
+def fused_outputs(models: dict, lora_path, scale, run) -> dict:
     """run(pipeline) with the LoRA loaded and fused by diffusers (PEFT) into a
-    StableDiffusionPipeline over `models`, then taken out again."""
+    StableDiffusionPipeline over `models`, then taken out again. Several LoRAs (lists of
+    paths and scales): each loaded as its own adapter, weighted by its scale
+    (`set_adapters`) and all fused at once."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=None, unet=models["unet"],
         scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.load_lora_weights(lora_path, adapter_name="test")
-    pipe.fuse_lora(lora_scale=scale)
+    if isinstance(lora_path, (list, tuple)):
+        names = [f"adapter{i}" for i in range(len(lora_path))]
+        for path, name in zip(lora_path, names):
+            pipe.load_lora_weights(path, adapter_name=name)
+        pipe.set_adapters(names, adapter_weights=list(scale))
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    else:
+        pipe.load_lora_weights(lora_path, adapter_name="test")
+        pipe.fuse_lora(lora_scale=scale)
     try:
         return run(pipe)
     finally:

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import level_gap, read_manifest, require
 from sdanim.config.errors import SdanimError
 from sdanim.config.settings import RenderSettings
 from sdanim.core.keyframes import parse_walk, walk_from_prompts
@@ -41,24 +42,19 @@ def _render(model, walk, settings=S, indices=None, batch_size=3, loop=None) -> d
     return render_frames(renderer, plan, range(len(plan)) if indices is None else indices, batch_size, progress=False)
 
 
-def _manifest(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _gap(a, b) -> int:
-    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
-
-
+@pytest.mark.parametrize("loop", ["steps", "program"])
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "lcm"])
 @pytest.mark.parametrize("mode", ["inner", "outer", "fused"])
-def test_keyframes_are_the_plain_render_and_in_betweens_change(model, mode, scheduler):
+def test_keyframes_are_the_plain_render_and_in_betweens_change(model, mode, scheduler, loop):
+    """Keyframe frames are the plain render's, bit for bit, on every CPU path (with
+    oneDNN's kernels a row's result depends on the batch's shape: a keyframe frame's
+    prediction comes from the frames alone, not beside the helper rows)."""
     settings = RenderSettings(height=64, width=64, num_steps=4, batch_size=3, scheduler=scheduler,
                               guidance_scale=1.0 if scheduler == "lcm" else 7.5)
-    plain = _render(model, _walk("off"), settings)
-    aid = _render(model, _walk(mode), settings)
-    assert all(_gap(aid[k], plain[k]) == 0 for k in KEYFRAMES)  # t = 0 and t = 1: A and B exactly
-    moved = [_gap(aid[i], plain[i]) for i in range(9) if i not in KEYFRAMES]
+    plain = _render(model, _walk("off"), settings, loop=loop)
+    aid = _render(model, _walk(mode), settings, loop=loop)
+    assert all(level_gap(aid[k], plain[k]) == 0 for k in KEYFRAMES)  # t = 0 and t = 1: A and B exactly
+    moved = [level_gap(aid[i], plain[i]) for i in range(9) if i not in KEYFRAMES]
     assert min(moved) > 0 and max(moved) > 20, moved
 
 
@@ -66,7 +62,7 @@ def test_warmup_zero_is_the_plain_render(model):
     """No step interpolates: the same frames as embedding interpolation, bit for bit."""
     plain = _render(model, _walk("off"))
     none = _render(model, _walk("fused", attention_warmup=0.0))
-    assert all(_gap(none[i], plain[i]) == 0 for i in range(9))
+    assert all(level_gap(none[i], plain[i]) == 0 for i in range(9))
 
 
 @pytest.mark.parametrize("mode", ["inner", "outer", "fused"])
@@ -76,20 +72,20 @@ def test_keyframes_that_agree_give_the_plain_frames(model, mode):
     walk = _walk(mode, prompts=["a lighthouse", "a lighthouse"], seeds=(5, 5))
     plain = _render(model, _walk("off", prompts=["a lighthouse", "a lighthouse"], seeds=(5, 5)))
     aid = _render(model, walk)
-    assert max(_gap(aid[i], plain[i]) for i in range(5)) <= 1
+    assert max(level_gap(aid[i], plain[i]) for i in range(5)) <= 1
 
 
 def test_batch_size_resume_and_loop_do_not_change_a_frame(model):
     walk = _walk("fused")
     whole = _render(model, walk)
     again = _render(model, walk, indices=[7, 1, 5, 2])  # a resumed run: the missing frames only
-    assert all(_gap(again[i], whole[i]) == 0 for i in again)
+    assert all(level_gap(again[i], whole[i]) == 0 for i in again)
     steps = _render(model, walk, loop="steps")
     program = _render(model, walk, loop="program")
-    assert max(_gap(steps[i], program[i]) for i in range(9)) <= 1
+    assert max(level_gap(steps[i], program[i]) for i in range(9)) <= 1
     for batch_size in (1, 2, 4):
         other = _render(model, walk, batch_size=batch_size)
-        assert max(_gap(other[i], whole[i]) for i in range(9)) <= 1, batch_size
+        assert max(level_gap(other[i], whole[i]) for i in range(9)) <= 1, batch_size
 
 
 def test_layer_math_at_the_ends_and_for_equal_keyframes():
@@ -153,7 +149,7 @@ def test_morph_records_attention_and_resume_refuses_another_mode(model, tmp_path
     out = str(tmp_path / "m.gif")
     kwargs = dict(frames=5, settings=S, model=model, progress=False)
     result = sdanim.morph(PROMPTS[:2], out=out, attention_interp="fused", attention_warmup=0.75, **kwargs)
-    manifest = _manifest(os.path.join(result.frames_dir, "manifest.json"))
+    manifest = read_manifest(os.path.join(result.frames_dir, "manifest.json"))
     assert manifest["walk"]["attention"] == "fused" and manifest["walk"]["attention_warmup"] == 0.75
     text = json.loads(Image.open(os.path.join(result.frames_dir, "frame_00002.png")).text["sdanim"])
     assert text["walk"]["attention"] == "fused"
@@ -162,7 +158,7 @@ def test_morph_records_attention_and_resume_refuses_another_mode(model, tmp_path
     with pytest.raises(SdanimError, match="overwrite"):
         sdanim.morph(PROMPTS[:2], out=out, attention_interp="inner", **kwargs)
     off = sdanim.morph(PROMPTS[:2], out=str(tmp_path / "off.gif"), **kwargs)
-    assert "attention" not in _manifest(os.path.join(off.frames_dir, "manifest.json"))["walk"]
+    assert "attention" not in read_manifest(os.path.join(off.frames_dir, "manifest.json"))["walk"]
 
 
 def test_beta_spacing_keeps_keyframes_and_gathers_mid_transition(model, tmp_path):
@@ -177,7 +173,7 @@ def test_beta_spacing_keeps_keyframes_and_gathers_mid_transition(model, tmp_path
 
     result = sdanim.morph(PROMPTS[:2], out=str(tmp_path / "b.gif"), frames=5, settings=S, model=model,
                           spacing="beta", progress=False)
-    manifest = _manifest(os.path.join(result.frames_dir, "manifest.json"))
+    manifest = read_manifest(os.path.join(result.frames_dir, "manifest.json"))
     assert manifest["timing"]["spacing"] == "beta"
 
 
@@ -216,18 +212,18 @@ def test_cli_morph_and_walk_file_with_attention(model, tmp_path, monkeypatch, ca
     out = str(tmp_path / "m.gif")
     assert main(["morph", "a cat", "a dog", "--frames", "4", "--attention-interp", "inner", "--guide", "a fox",
                  "--out", out, *common]) == 0
-    walk = _manifest(str(tmp_path / "m_frames" / "manifest.json"))["walk"]
+    walk = read_manifest(str(tmp_path / "m_frames" / "manifest.json"))["walk"]
     assert walk["attention"] == "inner" and walk["keyframes"][0]["guide"] == "a fox"
     path = tmp_path / "w.yaml"
     path.write_text("attention: outer\nkeyframes: [{prompt: a, seed: 1, frames: 2}, {prompt: b, seed: 2}]\n")
     assert main(["walk", str(path), "--out", str(tmp_path / "w.gif"), *common]) == 0
-    assert _manifest(str(tmp_path / "w_frames" / "manifest.json"))["walk"]["attention"] == "outer"
+    assert read_manifest(str(tmp_path / "w_frames" / "manifest.json"))["walk"]["attention"] == "outer"
     assert main(["walk", str(path), "--attention-interp", "off", "--out", str(tmp_path / "w2.gif"), *common]) == 0
-    assert "attention" not in _manifest(str(tmp_path / "w2_frames" / "manifest.json"))["walk"]
+    assert "attention" not in read_manifest(str(tmp_path / "w2_frames" / "manifest.json"))["walk"]
 
 
 def test_ui_plot_compares_lerp_and_attention_renders_of_one_walk(tmp_path):
-    pytest.importorskip("gradio")
+    require("gradio")
     from sdanim.frontends.ui.animate import _compare
 
     walk = _walk("off").record()
@@ -241,3 +237,77 @@ def test_ui_plot_compares_lerp_and_attention_renders_of_one_walk(tmp_path):
     reports = _compare(str(tmp_path), walk, str(tmp_path / "walk-a_frames"), smooth)
     assert list(reports) == ["this render (attention=lerp, spacing=linear, sampler=ddim)",
                              "attention=fused (warm-up 0.5), spacing=linear, sampler=ddim"]  # not the other walk
+
+
+def test_aid_rows_match_an_independent_reading_of_the_plan(model):
+    """Item 7 of issue 33: `FramePlan.aid_batch`'s bookkeeping (each row's t, its
+    keyframes' helper rows a and b, on) against the positions read directly: frame i at
+    u lies t = u - floor(u) past keyframe floor(u); the helpers are the keyframes of the
+    batch's whole window, in order, padded to one count."""
+    walk = _walk("fused", prompts=PROMPTS + ["a blue lake"], seeds=(1, 2, 3, 4))
+    plan = FrameJob(walk, S).plan(model)
+    positions = np.asarray(plan.positions)
+    batch_size = 4
+    count = plan.helper_count(batch_size)
+    for start in range(0, len(plan), batch_size):
+        window = list(range(start, min(start + batch_size, len(plan))))
+        padded = window + [window[-1]] * (batch_size - len(window))
+        needed = sorted({k for i in window for k in (int(np.floor(positions[i])), int(np.floor(positions[i])) + 1)
+                         if positions[i] % 1.0 != 0.0})
+        helpers, (t, a, b, on) = plan.aid_batch(padded, batch_size)
+        order = (needed or [0]) + [(needed or [0])[-1]] * (count - len(needed or [0]))
+        assert len(helpers) == count and [h.position for h in helpers] == [float(k) for k in order]
+        for row, i in enumerate(padded):
+            u = positions[i]
+            k, frac = int(np.floor(u)), u - np.floor(u)
+            if frac == 0.0:
+                assert on[row] == 0.0 and t[row] == 0.0
+                continue
+            assert on[row] == 1.0 and t[row] == pytest.approx(frac, abs=1e-6)
+            assert helpers[a[row] - batch_size].position == k and helpers[b[row] - batch_size].position == k + 1
+            assert np.array_equal(helpers[a[row] - batch_size].context, plan.embeddings[k])
+            assert np.array_equal(helpers[b[row] - batch_size].context, plan.embeddings[k + 1])
+        assert all(on[batch_size:] == 0.0)  # the helpers themselves never interpolate
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_only_the_conditional_rows_interpolate(monkeypatch, guided):
+    """`cond_start` (where the UNet's conditional rows begin) is the frames + helpers
+    count under guidance (the batch is (uncond, cond)) and 0 without it. (Read while the
+    UNet is traced: a model of its own, whose functions no other test traced.)"""
+    from sdanim.model import attention_interp
+
+    model = make_tiny_model(attention=True)
+
+    seen = []
+    real = attention_interp.mix
+
+    def spy(layer, inputs, context, plain, state):
+        seen.append((int(inputs.shape[0]), state.cond_start, int(state.t.shape[0])))
+        return real(layer, inputs, context, plain, state)
+
+    monkeypatch.setattr(attention_interp, "mix", spy)
+    settings = RenderSettings(height=64, width=64, num_steps=2, batch_size=3, guidance_scale=7.5 if guided else 1.0)
+    _render(model, _walk("inner"), settings, indices=[1, 2], loop="steps")
+    rows = {r for _, _, r in seen}
+    assert len(rows) == 1 and seen
+    (r,) = rows
+    assert all(n == (2 * r if guided else r) and start == (r if guided else 0) for n, start, _ in seen), seen
+
+
+def test_a_frame_near_a_keyframe_attends_to_that_keyframe(model):
+    """One render where swapping A and B (or t for 1 - t) must show. The tiny UNet sees
+    the prompt through cross-attention only, and under inner interpolation a frame at t
+    attends to (1 - t) A's + t B's keys and values for every step (warm-up 1): the frame
+    at t = 0.1 looks like keyframe A's image, the frame at t = 0.9 like B's. Swapped,
+    each would look like the other end."""
+    walk = walk_from_prompts(["a red barn at dawn", "a snowy forest"], [5, 5], [10], attention="inner",
+                             attention_warmup=1.0)
+    settings = RenderSettings(height=64, width=64, num_steps=4, batch_size=4)
+    frames = _render(model, walk, settings, indices=[0, 1, 9, 10], batch_size=4)
+
+    def gap(i, j):
+        return np.abs(frames[i].astype(int) - frames[j].astype(int)).mean()
+
+    assert gap(1, 0) < 0.5 * gap(1, 10), (gap(1, 0), gap(1, 10))
+    assert gap(9, 10) < 0.5 * gap(9, 0), (gap(9, 10), gap(9, 0))

@@ -17,6 +17,7 @@ import sdanim
 from sdanim.config.errors import SdanimError
 from sdanim.config.settings import RenderSettings
 from sdanim.core import audio
+from sdanim.formats.audio import read_audio
 from sdanim.frontends.cli import main
 
 S = RenderSettings(height=64, width=64, num_steps=2, batch_size=4)
@@ -83,12 +84,12 @@ def files(tmp_path_factory):
 
 
 def test_every_format_gives_the_same_curves_and_beats(files):
-    reference = audio.analyze(*audio.read_audio(files["music16.wav"]))
+    reference = audio.analyze(*read_audio(files["music16.wav"]))
     assert abs(reference.tempo - BPM) < 3, reference.tempo
     assert len(reference.beats) >= 12
     frames = int(7.5 * FPS)
     for name, path in files.items():
-        found = audio.analyze(*audio.read_audio(path))
+        found = audio.analyze(*read_audio(path))
         for mode in ("loudness", "onsets"):
             ours, theirs = found.per_frame(mode, frames, FPS), reference.per_frame(mode, frames, FPS)
             gap = np.abs(ours - theirs).max() / theirs.max()
@@ -102,7 +103,7 @@ def test_every_format_gives_the_same_curves_and_beats(files):
 def test_strength_follows_the_music(files):
     """At 12 fps and 120 BPM a kick starts every 6th frame, a hi-hat 3 frames later:
     loudness peaks on the kicks, onset strength on the kicks and hats, near zero between."""
-    analysis = audio.analyze(*audio.read_audio(files["music16.wav"]))
+    analysis = audio.analyze(*read_audio(files["music16.wav"]))
     loudness = analysis.per_frame("loudness", 72, FPS).reshape(12, 6).mean(axis=0)  # by frame within a beat
     onsets = analysis.per_frame("onsets", 72, FPS).reshape(12, 6).mean(axis=0)
     assert loudness[0] > 1.5 * loudness[2:5].max()
@@ -134,7 +135,7 @@ def test_bad_audio_is_one_line(files, tmp_path, case, match):
         with open(path, "w") as f:
             f.write("ID3? no, just text")
     with pytest.raises(SdanimError, match=match) as error:
-        audio.read_audio(path)
+        read_audio(path)
     assert "\n" not in str(error.value)
 
 
@@ -176,7 +177,7 @@ def test_beat_synced_walk_puts_keyframes_on_beats(tiny, files, tmp_path, monkeyp
     with open(tmp_path / "w_frames" / "manifest.json") as f:
         manifest = json.load(f)
     positions = np.array(manifest["positions"])
-    beats = audio.analyze(*audio.read_audio(files["music.mp3"])).beats
+    beats = audio.analyze(*read_audio(files["music.mp3"])).beats
     for j, beat in ((1, beats[3]), (2, beats[7])):  # keyframe j on beat 4j
         frame = int(np.argmin(np.abs(np.arange(len(positions)) / 12.0 - beat)))
         assert abs(positions[frame] - j) < 0.2, (j, positions[frame])
@@ -192,3 +193,28 @@ def test_audio_synced_morph_is_muxed_and_plotted(tiny, files, tmp_path):
                              capture_output=True, text=True).stderr
     assert "Video: h264" in streams and "Audio: aac" in streams
     assert result.audio_plot == str(tmp_path / "m_audio.png") and os.path.getsize(result.audio_plot) > 1000
+
+
+def test_limits_hold_on_the_final_plan_before_any_model(tmp_path):
+    """Item 2 of issue 33: a shared app's frame limit holds on the frames audio timing
+    makes (beats mode: the count comes from the track and fps, not the walk), on the
+    in-betweens and on the upscaled size; refused before a model is asked for."""
+    from sdanim.config.limits import Limits
+
+    song = _write_wav16(tmp_path / "song.wav", _music(seconds=8.0))
+    walk = sdanim.Walk((sdanim.Keyframe("a", 1, frames=2), sdanim.Keyframe("b", 2)))  # 3 frames without audio
+
+    def no_model():
+        pytest.fail("a model was asked for")
+
+    beats = sdanim.ExportSettings(fps=30, audio=song, audio_mode="beats", beats_per_keyframe=4)  # about 2 s
+    cases = [  # (export, the operator's max_frames, the refusal)
+        (beats, 20, r"at most 20 frames per request \(the operator's --max-frames\)\. Received: frames=6[0-9]"),
+        (sdanim.ExportSettings(interpolate=8), 16, r"at most 16 frames .*Received: frames=17"),  # 3 rendered + 14
+        (sdanim.ExportSettings(upscale=4), 20, r"at most 128 pixels .*--max-size.*Received: pixels=256"),
+    ]
+    for export, max_frames, match in cases:
+        with pytest.raises(SdanimError, match=match):
+            sdanim.animate(walk, out=str(tmp_path / "w.mp4"), settings=S, export=export, model=no_model,
+                           progress=False, limits=Limits(max_frames=max_frames, max_size=128))
+    assert not os.path.exists(tmp_path / "w_frames" / "frame_00000.png")

@@ -153,6 +153,14 @@ def test_architectures_recognised_and_refused_by_name(tmp_path):
     (tmp_path / "v.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
     with pytest.raises(CheckpointError, match="predicts v"):
         inspect_checkpoint(v)
+    # A config there that cannot be read, or is no SD config, is named: never ignored.
+    for text, match in (("model: [unclosed\n", r"the config beside the checkpoint cannot be read \(.*\); fix or remove "
+                                                 r".*v\.yaml\. Received: checkpoint="),
+                        ("just a string\n", r"the \.yaml beside the checkpoint is not a Stable Diffusion config "
+                                             r"\(no model\.params\)")):
+        (tmp_path / "v.yaml").write_text(text)
+        with pytest.raises(CheckpointError, match=match):
+            inspect_checkpoint(v)
     with pytest.raises(CheckpointError, match="no Stable Diffusion UNet"):
         from safetensors.numpy import save_file
 

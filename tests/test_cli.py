@@ -103,3 +103,50 @@ def test_metal_plugin_that_fails_to_load_is_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("sdanim: error: TensorFlow could not load the tensorflow-metal plugin")
     assert "'tensorflow>=2.18,<2.19' 'tensorflow-metal==1.2.0'" in lines[0] and "Symbol not found" in lines[0]
+
+
+def test_main_leaves_the_callers_warning_settings_as_they_were(tmp_path, monkeypatch, capsys):
+    """main(argv) from a script or a test shows its warnings as "sdanim: warning: ..."
+    lines while the command runs, and gives the caller's filters and formatter back."""
+    import warnings
+
+    from sdanim.frontends.cli import options
+    from tiny import make_tiny_model
+
+    monkeypatch.setattr(options, "model_for", lambda args, settings: make_tiny_model())
+    mask = tmp_path / "mask.png"
+    from PIL import Image
+
+    Image.new("L", (64, 64), 255).save(mask)  # all white: inpaint warns that everything is repainted
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / "image.png")
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: shown.append(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        filters, formatter = list(warnings.filters), warnings.formatwarning
+        assert main(["inpaint", str(tmp_path / "image.png"), str(mask), "x", "--steps", "1", "--out",
+                     str(tmp_path / "out"), "--quiet"]) == 0
+        assert warnings.filters == filters and warnings.formatwarning is formatter
+    assert any(s.startswith("sdanim: warning: mask is all white") for s in shown), shown
+
+
+def test_new_files_get_the_umask_of_when_they_are_written(tmp_path):
+    """A frame, a manifest or a video gets 0666 less the umask at the time it is written
+    (not one read when sdanim was imported), and a umask is never set to read it."""
+    import numpy as np
+
+    from sdanim.render.store import FrameStore
+
+    store = FrameStore(str(tmp_path))
+    image = np.zeros((8, 8, 3), np.uint8)
+    previous = os.umask(0o027)
+    try:
+        store.write(0, image)
+        os.umask(0o002)
+        store.write(1, image)
+        store.write_manifest({"a": 1})
+    finally:
+        os.umask(previous)
+    modes = [os.stat(p).st_mode & 0o777 for p in (store.path(0), store.path(1), store.manifest_path)]
+    assert modes == [0o640, 0o664, 0o664]

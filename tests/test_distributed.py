@@ -13,13 +13,12 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import sdanim
 from sdanim.frontends.cli import main
 from sdanim.config.errors import SdanimError
 
-from conftest import require
+from conftest import gif_frames, require
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 S = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
@@ -115,15 +114,6 @@ def _morph(tmp_path, name, workers=None, model=tiny_model, **kw):
                         model=model, workers=workers, progress=False, **kw)
 
 
-def _gif_frames(path):
-    with Image.open(path) as im:
-        out = []
-        for k in range(im.n_frames):
-            im.seek(k)
-            out.append(np.asarray(im.convert("RGB")))
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The frames rendered in this process, no Ray."""
@@ -154,7 +144,7 @@ def test_worker_killed_mid_write_loses_no_frame(ray_local, reference, tmp_path):
     assert os.path.exists(marker)  # a worker did die mid-write
     # Two workers give the frames of one process, and leave no probe or temporary file.
     np.testing.assert_array_equal(result.frames, reference.frames)
-    assert len(_gif_frames(result.out)) == FRAMES  # every frame once, none duplicated
+    assert len(gif_frames(result.out)) == FRAMES  # every frame once, none duplicated
     names = sorted(os.listdir(result.frames_dir))
     assert names == [f"frame_{i:05d}.png" for i in range(FRAMES)] + ["manifest.json"]
 
@@ -181,7 +171,7 @@ def test_export_is_in_frame_order_whatever_the_completion_order(ray_local, refer
     result = _morph(tmp_path, "o", workers=workers, model=slow_early_frames)
     np.testing.assert_array_equal(result.frames, reference.frames)
     # The GIF is palette-quantized: compare it with the one-process run's GIF.
-    np.testing.assert_array_equal(np.stack(_gif_frames(result.out)), np.stack(_gif_frames(reference.out)))
+    np.testing.assert_array_equal(np.stack(gif_frames(result.out)), np.stack(gif_frames(reference.out)))
 
 
 def test_a_loaded_model_cannot_go_to_workers(tiny, tmp_path):

@@ -48,17 +48,22 @@ def _count_unet_calls(monkeypatch):
     from sdanim.render.sampling import Renderer
 
     calls = []
-    original_eps, original_render = Renderer._eps, Renderer.render
+    original_eps, original_render = Renderer._step_eps, Renderer.render
 
     def counting(self, *args):
-        calls.append(1)
-        return original_eps(self, *args)
+        eps = original_eps(self, *args)
+
+        def count(*inputs):
+            calls.append(1)
+            return eps(*inputs)
+
+        return count
 
     def stepwise(self, *args, **kwargs):
         self.loop = "steps"
         return original_render(self, *args, **kwargs)
 
-    monkeypatch.setattr(Renderer, "_eps", counting)
+    monkeypatch.setattr(Renderer, "_step_eps", counting)
     monkeypatch.setattr(Renderer, "render", stepwise)
     return calls
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from sdanim.config.errors import SdanimError
-from sdanim.core.pixels import load_image, load_mask
+from sdanim.formats.images import load_image, load_mask
 from sdanim.frontends.cli import main
 
 
@@ -141,3 +141,32 @@ def test_cli_image_tools_read_files_as_viewers_show_them(tmp_path, monkeypatch, 
     assert main(["img2img", str(tmp_path / "broken.png"), "x", "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sdanim: error: image is not a readable image") and err.count("\n") == 1
+
+
+def test_levels_follow_the_stated_rule_never_the_pictures_own_values(tmp_path):
+    """Item 3 of issue 33: a float picture holding 0..255 is refused (not clipped to 98%
+    white); a 2-D float or bool {0, 1} mask is black and white (not refused as black); a
+    float TIFF above 1 is refused; a 32-bit integer TIFF has no white level (refused);
+    16-bit files scale by their declared depth, whatever their brightest pixel."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (8, 1))  # (8, 64) in [0, 1]
+    assert np.array_equal(load_image(ramp)[..., 0], np.rint(ramp * 255).astype(np.uint8))
+    with pytest.raises(SdanimError, match=r"image is a float image with values from 0 to 255; float images must hold "
+                                          r"values in \[0, 1\] .*Received: image of shape \(8, 64\)"):
+        load_image(ramp * 255.0)
+    half = np.zeros((16, 16), np.float32)
+    half[:, 8:] = 1.0
+    for mask in (half, half.astype(bool)):
+        loaded = load_mask(mask, (16, 16))
+        assert loaded[:, 8:].all() and not loaded[:, :8].any()
+    Image.fromarray(ramp * 255.0, mode="F").save(tmp_path / "bright.tif")
+    with pytest.raises(SdanimError, match=r"float image with values from 0 to 255.*Received: image='.*bright\.tif'"):
+        load_image(str(tmp_path / "bright.tif"))
+    Image.fromarray((ramp * 1e6).astype(np.int32), mode="I").save(tmp_path / "deep.tif")
+    with pytest.raises(SdanimError, match=r"a 32-bit integer image, which has no standard white level"):
+        load_image(str(tmp_path / "deep.tif"))
+    dim = (ramp * 4096).astype(np.uint16)  # a dark 16-bit scan: its brightest pixel is 4096 of 65535
+    Image.fromarray(dim).save(tmp_path / "dim.png")
+    expected = np.rint(dim / 65535.0 * 255.0).astype(np.uint8)
+    assert np.array_equal(load_image(str(tmp_path / "dim.png"))[..., 0], expected)  # dark stays dark
+    Image.fromarray(dim).save(tmp_path / "dim.pgm")  # Pillow reads a 16-bit PGM as 32-bit "I" mode
+    assert np.array_equal(load_image(str(tmp_path / "dim.pgm"))[..., 0], expected)

@@ -101,3 +101,46 @@ def test_no_import_cycles():
         if m not in index:
             visit(m)
     assert cycles == []
+
+
+# What reading files and running processes looks like in a module: what the core floor
+# (pure functions of arrays, docs/architecture.md) must not do. `core/runtime.py` is the
+# floor's one exception: it imports Keras quietly (a descriptor redirected for the import).
+_IO_MODULES = {"subprocess", "imageio", "imageio_ffmpeg", "soundfile", "shutil", "tempfile", "glob"}
+_IO_CALLS = {"open", "listdir", "remove", "makedirs", "walk", "isfile", "isdir", "exists", "getsize", "stat"}
+
+
+def _io_in(tree) -> list:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{node.lineno}: import {n}" for n in names if n.split(".")[0] in _IO_MODULES]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if name in _IO_CALLS:
+                found.append(f"{node.lineno}: {name}()")
+    return found
+
+
+def test_the_core_floor_reads_no_files_and_runs_no_processes(tmp_path):
+    """core holds the math of a walk; decoding images, audio, video and walk files is
+    sdanim.formats' (item 9 of issue 33). Checked on the source, and shown to catch a
+    core module that opens a file."""
+    def scan(package):
+        core = os.path.join(package, "core")
+        found = {}
+        for name in sorted(os.listdir(core)):
+            if name.endswith(".py") and name != "runtime.py":
+                with open(os.path.join(core, name), encoding="utf-8") as f:
+                    hits = _io_in(ast.parse(f.read()))
+                if hits:
+                    found[name] = hits
+        return found
+
+    assert scan(PACKAGE) == {}
+    shutil.copytree(PACKAGE, tmp_path / "sdanim", ignore=shutil.ignore_patterns("__pycache__"))
+    noise = tmp_path / "sdanim" / "core" / "noise.py"
+    noise.write_text(noise.read_text() + "\n\ndef _peek(path):\n    with open(path) as f:\n        return f.read()\n")
+    assert list(scan(str(tmp_path / "sdanim"))) == ["noise.py"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import sdanim
-from sdanim.core.audio import audio_positions, frame_strength, read_audio
+from sdanim.core.audio import audio_positions, frame_strength
+from sdanim.formats.audio import read_audio
 from sdanim.config.errors import SdanimError
 from sdanim.render.export import blend_double, write_mp4
 from sdanim.config.settings import RenderSettings

@@ -122,6 +122,36 @@ def test_keras_cv_weights_offline_gives_one_clear_error(tmp_path, monkeypatch):
     assert "--weights random" in message
 
 
+def test_a_users_file_in_the_cache_is_refused_and_kept(tmp_path, monkeypatch):
+    """A KerasCV weights file in the Keras cache with other content (a copy the offline
+    message told the user to make, gone wrong): one line naming the file and both hashes,
+    the file left as it is; Keras's get_file (which deletes it and downloads it again) is
+    never asked for it."""
+    import hashlib
+
+    import keras
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    cache = tmp_path / "datasets"
+    cache.mkdir()
+    (cache / "kcv_decoder.h5").write_bytes(b"a truncated copy")
+    asked = []
+
+    def offline(*args, **kwargs):
+        asked.append(kwargs.get("fname"))
+        raise Exception("URL fetch failure on https://huggingface.co/...: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(SdanimError) as info:
+        load_model(weights="keras-cv", height=64, width=64)
+    message = str(info.value)
+    found = hashlib.sha256(b"a truncated copy").hexdigest()[:12]
+    assert f"kcv_decoder.h5 in the cache has another SHA-256 ({found}..., pinned ad350a65cc8b...)" in message
+    assert "kcv_encoder.h5 could not be downloaded ([Errno -2] Name or service not known)" in message
+    assert "\n" not in message and (cache / "kcv_decoder.h5").read_bytes() == b"a truncated copy"
+    assert "kcv_decoder.h5" not in asked
+
+
 def _keras_cv_downloads(cls) -> tuple:
     """(origin, file_hash) that KerasCV's class asks keras.utils.get_file for, read
     from the class's own __init__ source (building the 860M-parameter UNet just to
@@ -170,20 +200,28 @@ def inspect_params(cls) -> tuple:
         return ()
 
 
-def test_keras_cv_weights_use_get_file_with_keras_cv_hashes(monkeypatch):
-    """Online/cached path: load_model asks keras.utils.get_file for the table's files."""
+def test_keras_cv_weights_are_the_tables_files_checked_by_their_hashes(tmp_path, monkeypatch):
+    """Online: load_model downloads the table's files (KerasCV's own URLs, under the names
+    KerasCV caches them by) and checks each against the table's SHA-256; a download that
+    does not match is removed (sdanim's own download) and named."""
     import keras
 
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     seen = []
 
-    def fake_get_file(origin=None, file_hash=None, **kw):
-        seen.append((origin, file_hash))
-        raise Exception("stop here")
+    def fake_get_file(fname=None, origin=None, **kw):
+        seen.append((fname, origin))
+        path = tmp_path / "datasets" / fname
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"not the weights")
+        return str(path)
 
     monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
-    with pytest.raises(SdanimError):
+    with pytest.raises(SdanimError, match=r"the download of text_encoder_v2_1\.h5 does not match its published hash"):
         load_model(weights="keras-cv", version="2.1", height=64, width=64)
-    assert seen == [WEIGHT_FILES["2.1"][part] for part in ("text_encoder", "diffusion_model", "decoder")]
+    origins = [WEIGHT_FILES["2.1"][part][0] for part in ("text_encoder", "diffusion_model", "decoder")]
+    assert seen == [(origin.rsplit("/", 1)[-1], origin) for origin in origins]
+    assert os.listdir(tmp_path / "datasets") == []
 
 
 def test_bad_version_and_precision():

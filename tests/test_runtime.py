@@ -53,16 +53,28 @@ def test_bfloat16_override_decides_auto(monkeypatch):
 
 
 def test_auto_precision_is_what_this_machine_has():
-    """What "auto" picks here, from this machine's features (or the run's override)."""
-    from sdanim.model.device import cpu_has_native_bfloat16, detect_device, resolve_precision
+    """What load_model's "auto" computes in here (`loading._device_choices`, the choice a
+    model is built with), against the machine read independently: /proc/cpuinfo's
+    bfloat16 flags, or the run's SDANIM_CPU_BF16."""
+    import keras
+
+    from sdanim.model.device import detect_device
+    from sdanim.model.loading import _device_choices
 
     if detect_device() != "cpu":
         pytest.skip("the CPU path")
-    import keras
+    from conftest import BF16_GIVEN
 
-    expected = "mixed_bfloat16" if cpu_has_native_bfloat16() and keras.backend.backend() == "tensorflow" else "float32"
-    assert resolve_precision("auto") == expected
-    assert resolve_precision("float32") == "float32"
+    forced = BF16_GIVEN  # what the run set, else the machine read here (not through sdanim)
+    if forced is not None:
+        native = forced.strip().lower() in ("1", "true")
+    else:
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+        native = bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    expected = "mixed_bfloat16" if native and keras.backend.backend() == "tensorflow" else "float32"
+    assert _device_choices("auto", None, "auto").precision == expected
+    assert _device_choices("float32", None, "auto").precision == "float32"
 
 
 def test_onednn_default_follows_tensorflows_policy(monkeypatch):
@@ -90,7 +102,7 @@ def test_float32_process_gets_tensorflows_own_kernels():
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.split()
 
-    imported = ("assert device.resolve_precision('float32') == 'float32'\n"
+    imported = ("device.choose_onednn('float32'); import keras\n"
                 "r = device.hardware_report(); print(r['onednn'], r['onednn_choice'], os.environ['TF_ENABLE_ONEDNN_OPTS'])")
     assert run(imported) == ["False", "off", "for", "float32", "(sdanim)", "0"]
     # TensorFlow not imported: each call reads the environment as it is then.

@@ -299,10 +299,10 @@ def test_renderers_of_one_model_share_the_compiled_step(tiny):
     uncond = np.zeros((77, 16), np.float32)
     a = Renderer(tiny.diffusion_model, tiny.decoder, RenderSettings(height=64, width=64, num_steps=2), uncond)
     b = Renderer(tiny.diffusion_model, tiny.decoder, RenderSettings(height=64, width=64, num_steps=5, guidance_scale=3.0), uncond)
-    assert a._eps_fn is b._eps_fn and a._decode_fn is b._decode_fn
+    assert a._step_eps(False) is b._step_eps(False) and a._decode_fn is b._decode_fn
     forget_compiled(tiny.diffusion_model)
     c = Renderer(tiny.diffusion_model, tiny.decoder, RenderSettings(height=64, width=64, num_steps=2), uncond)
-    assert c._eps_fn is not a._eps_fn and c._decode_fn is a._decode_fn
+    assert c._step_eps(False) is not a._step_eps(False) and c._decode_fn is a._decode_fn
 
     from tiny import make_tiny_model
 

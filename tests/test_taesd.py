@@ -2,12 +2,12 @@
 the same random weights: the same tensors saved in each published layout load, decode
 and encode to within 1e-4 of the reference's scale; files for other latents are refused."""
 
-import os
 
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import relative_gap, require
+from sdanim.config.errors import SdanimError
 
 torch = require("torch")
 diffusers = require("diffusers")
@@ -47,10 +47,6 @@ def _write(path, tensors: dict):
     return str(path)
 
 
-def _gap(ours, theirs) -> float:
-    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
-
-
 def test_decoder_and_encoder_match_autoencoder_tiny_in_every_layout(reference, tmp_path):
     from sdanim.model.taesd import check_taesd, load_part
 
@@ -80,8 +76,8 @@ def test_decoder_and_encoder_match_autoencoder_tiny_in_every_layout(reference, t
         ours_image = np.asarray(decoder(latent))
         ours_latent = np.asarray(encoder(image))
         assert ours_image.shape == (2, 72, 96, 3) and ours_latent.shape == (2, 9, 12, 4)
-        assert _gap(ours_image, decoded) < 1e-4, (label, _gap(ours_image, decoded))
-        assert _gap(ours_latent, encoded) < 1e-4, (label, _gap(ours_latent, encoded))
+        assert relative_gap(ours_image, decoded) < 1e-4, (label, relative_gap(ours_image, decoded))
+        assert relative_gap(ours_latent, encoded) < 1e-4, (label, relative_gap(ours_latent, encoded))
         assert files.record()["decoder"]["sha256"] and len(files.record()["decoder"]["sha256"]) == 64
 
 
@@ -126,7 +122,8 @@ def test_offline_without_weights_is_one_line_naming_the_file(tmp_path, monkeypat
 
 
 def test_pinned_file_is_checked_by_its_hash(tmp_path, monkeypatch, reference):
-    """A file in the cache that is not the published one is removed, never used."""
+    """A file in the cache that is not the published one is refused with both hashes and
+    kept where it is (a user may have put it there), never used."""
     from sdanim.model.registry import PinnedFile
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
@@ -141,4 +138,9 @@ def test_pinned_file_is_checked_by_its_hash(tmp_path, monkeypatch, reference):
     (cache / "weights.bin").write_bytes(content)
     assert good.cached() == str(cache / "weights.bin") and blob.cached() == str(cache / "weights.bin")
     (cache / "weights.bin").write_bytes(b"something else")
-    assert good.cached() is None and not os.path.exists(cache / "weights.bin")
+    other = hashlib.sha256(b"something else").hexdigest()
+    for pinned, found in ((good, other), (blob, hashlib.sha1(b"blob 14\0something else").hexdigest())):
+        with pytest.raises(SdanimError, match=rf"weights\.bin is not the published .* file: its .* is {found}, the "
+                                              rf"pinned one's .*move it out of the way.*Received: taesd=None"):
+            pinned.cached("taesd")
+        assert (cache / "weights.bin").read_bytes() == b"something else"  # left as it was

@@ -4,13 +4,12 @@ TAESD when its weights are at hand. (TAESD itself against diffusers: tests/test_
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import read_manifest, require
 
 torch = require("torch")
 diffusers = require("diffusers")
@@ -43,11 +42,6 @@ def model(taesd_file):
     return tiny
 
 
-def _manifest(folder) -> dict:
-    with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
 def test_decoder_tiny_renders_records_and_resume_refuses_the_other(model, tmp_path, monkeypatch, capsys):
     from sdanim.frontends.cli import options
 
@@ -55,7 +49,7 @@ def test_decoder_tiny_renders_records_and_resume_refuses_the_other(model, tmp_pa
     tiny_out, full_out = str(tmp_path / "tiny.gif"), str(tmp_path / "full.gif")
     assert main(["morph", "a cat", "a dog", "--decoder", "tiny", "--out", tiny_out, *COMMON]) == 0
     assert main(["morph", "a cat", "a dog", "--out", full_out, *COMMON]) == 0
-    tiny_manifest, full_manifest = _manifest(tmp_path / "tiny_frames"), _manifest(tmp_path / "full_frames")
+    tiny_manifest, full_manifest = read_manifest(tmp_path / "tiny_frames"), read_manifest(tmp_path / "full_frames")
     assert tiny_manifest["render"]["decoder"] == "tiny" and "decoder" not in full_manifest["render"]
     from PIL import Image
 
@@ -68,7 +62,7 @@ def test_decoder_tiny_renders_records_and_resume_refuses_the_other(model, tmp_pa
     assert "overwrite" in err and "decoder" in err and err.count("\n") == 1
     assert sorted(os.listdir(tmp_path / "tiny_frames"))[:4] == [f"frame_{i:05d}.png" for i in range(4)]  # kept
     assert main(["morph", "a cat", "a dog", "--out", tiny_out, "--overwrite", *COMMON]) == 0
-    assert "decoder" not in _manifest(tmp_path / "tiny_frames")["render"]
+    assert "decoder" not in read_manifest(tmp_path / "tiny_frames")["render"]
 
 
 def test_uniform_spacing_previews_with_the_tiny_decoder(model, tmp_path, monkeypatch):
@@ -85,7 +79,7 @@ def test_uniform_spacing_previews_with_the_tiny_decoder(model, tmp_path, monkeyp
     result = sdanim.morph(["a cat", "a dog"], out=str(tmp_path / "u.gif"), frames=5, settings=S, model=model,
                           spacing="uniform", preview_steps=1, progress=False)
     assert (1, "tiny") in decoders and (2, "full") in decoders  # the preview, then the frames
-    assert _manifest(result.frames_dir)["preview"] == {"decoder": "tiny"}
+    assert read_manifest(result.frames_dir)["preview"] == {"decoder": "tiny"}
 
 
 def test_bad_tiny_decoder_weights_are_one_line_before_rendering(model, tmp_path, monkeypatch, capsys):

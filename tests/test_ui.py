@@ -5,14 +5,13 @@ inside a notebook kernel."""
 import io
 import os
 import shutil
-import socket
 import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import require
+from conftest import free_port, missing, require
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEYFRAMES = "a red cube [seed=1 frames=4]\na blue sphere"
@@ -20,12 +19,6 @@ KEYFRAMES = "a red cube [seed=1 frames=4]\na blue sphere"
 ARGS = dict(kf=KEYFRAMES, neg="", seed=42, frames=4, fps=8, interp="slerp", noise="fixed", easing="linear",
             spacing="linear", loop=False, pp=False, fmt="gif", size="64x64", sampler="ddim", steps=2, guidance=0, batch=2,
             attention="off", warmup=0.5, audio=None, audio_mode="loudness", beats=4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def app(tmp_path_factory):
     import sdanim.ui as ui
 
     out = tmp_path_factory.mktemp("ui")
-    app = ui.launch(model=make_tiny_model(attention=True), out_dir=str(out), port=_free_port(), inline=False, prevent_thread_lock=True)
+    app = ui.launch(model=make_tiny_model(attention=True), out_dir=str(out), port=free_port(), inline=False, prevent_thread_lock=True)
     yield app
     app.close()
 
@@ -79,9 +72,7 @@ def _chromium() -> str:
         path = shutil.which(name) or f"/usr/lib/chromium/{name}"
         if os.path.exists(path):
             return path
-    if os.environ.get("CI") or os.environ.get("SDANIM_STRICT"):
-        pytest.fail("Chromium is missing: .ci/run installs Debian's chromium-headless-shell")
-    pytest.skip("no Chromium (apt-get install chromium-headless-shell)")
+    missing("Chromium", "apt-get install chromium-headless-shell; .ci/run installs it")
 
 
 def test_in_a_real_browser_offline(app, tmp_path):
@@ -138,7 +129,7 @@ def test_launch_inside_a_notebook_kernel(tmp_path):
     nbformat = require("nbformat")
     nbclient = require("nbclient")
     require("gradio")
-    port = _free_port()
+    port = free_port()
     cells = [
         f"import sys; sys.path.insert(0, {HERE!r})\nfrom tiny import make_tiny_model\nimport sdanim.ui",
         f"app = sdanim.ui.launch(model=make_tiny_model(), out_dir={str(tmp_path / 'out')!r}, port={port})",
@@ -169,8 +160,13 @@ def test_keyframe_lines_round_trip():
     assert walk.keyframes[1].prompt == (("a rabbit", 0.5), ("a frog", 0.5)) and walk.loop
     again = parse_keyframes(walk_to_text(walk), 0, 1, "linear", True, "slerp", "per keyframe")
     assert again.record() == walk.record()
-    fixed = parse_keyframes("a [seed=3]\nb", 9, 2, "linear", False, "slerp", "fixed")
-    assert [k.seed for k in fixed.keyframes] == [9, 9]  # fixed noise: one seed for all
+    fixed = parse_keyframes("a\nb", 9, 2, "linear", False, "slerp", "fixed")
+    assert [k.seed for k in fixed.keyframes] == [9, 9]  # fixed noise: one seed for all, the Seed field's
+    typed = parse_keyframes("a [seed=3]\nb", 9, 2, "linear", False, "slerp", "fixed")
+    assert [k.seed for k in typed.keyframes] == [3, 3]  # a seed typed on a line is that noise's seed, not ignored
+    with pytest.raises(Exception, match=r"the keyframe lines give seeds 3, 5, but noise 'fixed' draws one noise for every "
+                                        r"frame: choose noise 'per keyframe'.*Received: seeds=\[3, 5\]"):
+        parse_keyframes("a [seed=3]\nb [seed=5]", 9, 2, "linear", False, "slerp", "fixed")
     with pytest.raises(Exception, match=r"keyframe line 1: options are seed=N frames=N easing=NAME\. Received: 'speed=2'"):
         parse_keyframes("a [speed=2]\nb", 1, 2, "linear", False, "slerp", "fixed")
 
@@ -190,6 +186,12 @@ def test_stop_keeps_frames_and_render_resumes(app):
         if any(re.match(r"Rendering: [1-9]", s or "") for s in statuses):
             break
         time.sleep(0.1)
+    # Another visitor (another browser session) pressing Stop does not stop this render.
+    client_lib.Client(app.local_url, verbose=False).predict(api_name="/stop_render")
+    seen = len(job.outputs())
+    while len(job.outputs()) < seen + 3 and not job.done():  # the render goes on for three more updates
+        time.sleep(0.1)
+    assert not job.done() or not job.result()[-1].startswith("Stopped"), job.result()[-1]
     client.predict(api_name="/stop_render")
     final = job.result()[-1]
     match = re.match(r"Stopped: (\d+) of 301 frames kept\. Press Render with the same settings to resume\.", final)

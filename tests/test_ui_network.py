@@ -6,25 +6,18 @@ gradio_client and plain HTTP against a real server."""
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import free_port, require
 
 from test_ui import ARGS  # the Animate tab's inputs, in order
 
 LIMITS = dict(max_frames=6, max_size=64, max_steps=3, max_images=2, max_batch=2)
 PLAIN = dict(ARGS, kf="a red cube\na blue sphere")  # every transition takes the frames field
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def shared(tmp_path_factory):
     out = tmp_path_factory.mktemp("shared_out")
     secret = tmp_path_factory.mktemp("secret") / "private.txt"
     secret.write_text("the server's own file")
-    app = ui.launch(model=make_tiny_model(), spec=ModelSpec(weights="random"), out_dir=str(out), port=_free_port(),
+    app = ui.launch(model=make_tiny_model(), spec=ModelSpec(weights="random"), out_dir=str(out), port=free_port(),
                     listen=True, host="127.0.0.1", models_dir=str(models), limits=ui.Limits(**LIMITS),
                     inline=False, prevent_thread_lock=True)
     yield app, str(secret)
@@ -81,6 +74,17 @@ def test_the_offer_is_by_name_and_typed_paths_reveal_nothing(shared):
         with pytest.raises(SdanimError, match="this app offers"):
             holder.use(weights, loras)
     assert holder.model is model and holder.spec == spec  # nothing changed for anyone
+
+
+def test_the_operators_limits_keep_the_network_defaults_they_do_not_name(shared):
+    """launch(limits=Limits(max_frames=6, ...)) in network mode: the limits not named
+    (here the output folder's) are the network defaults, not lifted."""
+    app, _ = shared
+    import sdanim.ui as ui
+
+    limits = app.sdanim_context.limits
+    assert (limits.max_frames, limits.max_size, limits.max_batch) == (6, 64, 2)
+    assert limits.max_output_gb == ui.NETWORK_LIMITS.max_output_gb == 20.0
 
 
 def test_limits_are_checked_by_the_server_and_the_next_render_works(shared):
@@ -117,8 +121,15 @@ def test_downloads_only_from_the_output_folder(shared):
 
     rendered = os.path.join(app.sdanim_out_dir, os.path.basename(inside).replace(".gif", "_sheet.png"))
     assert status(rendered) == 200  # a visitor's own render
-    for outside in (secret, "/etc/passwd", os.path.join(app.sdanim_out_dir, "..", os.path.basename(secret))):
-        assert status(outside) in (403, 404), outside
+    beside = os.path.join(app.sdanim_out_dir, "..", "beside-the-out-dir.txt")
+    with open(beside, "w") as f:  # it exists: a refusal is the server's, not a missing file's
+        f.write("the server's own file, next to the output folder")
+    try:
+        for outside in (secret, "/etc/passwd", beside, os.path.normpath(beside)):
+            assert os.path.exists(outside)
+            assert status(outside) in (403, 404), outside
+    finally:
+        os.remove(beside)
 
 
 def test_a_network_app_without_auth_warns(tmp_path, capfd):
@@ -126,7 +137,7 @@ def test_a_network_app_without_auth_warns(tmp_path, capfd):
     import sdanim.ui as ui
     from tiny import make_tiny_model
 
-    app = ui.launch(model=make_tiny_model(), out_dir=str(tmp_path), port=_free_port(), listen=True, host="127.0.0.1",
+    app = ui.launch(model=make_tiny_model(), out_dir=str(tmp_path), port=free_port(), listen=True, host="127.0.0.1",
                     inline=False, prevent_thread_lock=True)
     try:
         err = capfd.readouterr().err
@@ -161,3 +172,30 @@ def test_cli_limits_replace_the_network_defaults():
     assert network.max_frames == 48 and network.max_size == 768  # the rest: network defaults
     local = limits(parser.parse_args(["ui", "--max-steps", "30"]))
     assert local.max_steps == 30 and local.max_frames is None
+
+
+def test_a_full_output_folder_stops_new_renders(tmp_path):
+    """--max-output-gb: once the output folder holds that much, a render is refused in one
+    message and nothing is loaded; the server stays up."""
+    require("gradio")
+    client_lib = require("gradio_client")
+    import sdanim.ui as ui
+    from tiny import make_tiny_model
+
+    (tmp_path / "earlier.bin").write_bytes(b"x" * 4096)
+    app = ui.launch(model=make_tiny_model(), out_dir=str(tmp_path), port=free_port(), listen=True, host="127.0.0.1",
+                    limits=ui.Limits(max_output_gb=2e-6), inline=False, prevent_thread_lock=True)  # about 2 KiB
+    try:
+        client = client_lib.Client(app.local_url, verbose=False)
+        with pytest.raises(client_lib.exceptions.AppError, match=r"the app's output folder holds 0\.0 GB, its limit "
+                                                                 r"\(the operator's --max-output-gb\)"):
+            client.predict(*dict(PLAIN, frames=2).values(), api_name="/render")
+        assert sorted(os.listdir(tmp_path)) == ["earlier.bin"]
+        os.remove(tmp_path / "earlier.bin")
+        assert client.predict(*dict(PLAIN, frames=2).values(), api_name="/render")[-1].startswith("Done")
+    finally:
+        app.close()
+    from sdanim.frontends.cli import build_parser
+    from sdanim.frontends.cli.app import limits
+
+    assert limits(build_parser().parse_args(["ui", "--listen", "--max-output-gb", "0.5"])).max_output_gb == 0.5

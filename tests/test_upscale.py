@@ -4,7 +4,7 @@ weights, each architecture and each key layout; tiles against the whole image; r
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import relative_gap, require
 
 torch = require("torch")
 spandrel = require("spandrel")
@@ -61,10 +61,6 @@ def _ours(path, image, tile=512, overlap=32):
     return upscaler, np.asarray(ops.convert_to_numpy(upscaler.network(*image.shape[1:3])(image)))
 
 
-def _gap(ours, theirs) -> float:
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
 @pytest.mark.parametrize("kind", ["rrdb x4", "rrdb x2 (unshuffle)", "compact x4"])
 def test_parity_with_spandrel(kind, tmp_path):
     from safetensors.torch import save_file
@@ -78,7 +74,7 @@ def test_parity_with_spandrel(kind, tmp_path):
     upscaler, ours = _ours(str(path), image)
     assert ours.shape == expected.shape == (1, 24 * upscaler.scale, 32 * upscaler.scale, 3)
     assert upscaler.scale == (2 if "x2" in kind else 4)
-    assert _gap(ours, expected) < 1e-4, _gap(ours, expected)
+    assert relative_gap(ours, expected) < 1e-4, relative_gap(ours, expected)
 
 
 def test_each_upstream_key_layout_loads_to_the_same_network(tmp_path):
@@ -93,7 +89,7 @@ def test_each_upstream_key_layout_loads_to_the_same_network(tmp_path):
     torch.save(dict(old), str(tmp_path / "community.pth"))
     for name in ("release.pth", "community.pth"):
         _, ours = _ours(str(tmp_path / name), image)
-        assert _gap(ours, expected) < 1e-4, name
+        assert relative_gap(ours, expected) < 1e-4, name
 
 
 @pytest.mark.parametrize("kind", ["compact", "rrdb"])

@@ -10,7 +10,8 @@ import sdanim
 from sdanim.frontends.cli import main
 from sdanim.config.errors import SdanimError
 from sdanim.core.interpolation import EASINGS, path_positions
-from sdanim.core.keyframes import Walk, load_walk, make_keyframe, mix_embeddings, parse_walk
+from sdanim.core.keyframes import Walk, make_keyframe, mix_embeddings, parse_walk
+from sdanim.formats.walk_files import load_walk
 from sdanim.config.settings import RenderSettings
 from sdanim.core.smoothness import gini, smoothness_report
 

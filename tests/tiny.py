@@ -21,9 +21,10 @@ class TinyTokenizer:
 
 
 def tiny_text_encoder(dim: int = CONTEXT_DIM):
+    """Tokens embedded CONTEXT_DIM wide, then a dense layer to the context's width `dim`."""
     tokens = keras.Input((77,), dtype="int32", name="tokens")
     positions = keras.Input((77,), dtype="int32", name="positions")
-    x = keras.layers.Embedding(49408, dim)(tokens) + keras.layers.Embedding(77, dim)(positions)
+    x = keras.layers.Embedding(49408, CONTEXT_DIM)(tokens) + keras.layers.Embedding(77, CONTEXT_DIM)(positions)
     x = keras.layers.Dense(dim, activation="tanh")(x)
     return keras.Model([tokens, positions], x, name="tiny_text_encoder")
 
@@ -85,6 +86,7 @@ class TinyModel:
     jit_compile: bool = False
     taesd: object = None  # TAESD weights for decoder="tiny" (a file), as StableDiffusionModel.taesd
     _tiny_decoder: object = None
+    version: str = "1.4"  # the SD family its UNet's structure is (ControlNets check it)
 
     @property
     def tiny_decoder(self):
@@ -134,3 +136,71 @@ def random_inputs(batch: int, height: int, width: int, seed: int = 0):
     contexts = rng.standard_normal((batch, 77, CONTEXT_DIM), dtype=np.float32)
     noises = rng.standard_normal((batch, height // 8, width // 8, 4), dtype=np.float32)
     return contexts, noises
+
+
+# A UNet of KerasCV's structure (its DiffusionModel, layer for layer, from KerasCV's own
+# blocks) at a few channels: what ControlNet, motion modules and checkpoint parity need
+# from a UNet, in seconds. TINY_SD: SD 1.x's form (convolutional projections); linear=True:
+# SD 2.x's. (Channels that change at every down level, as SD's: its weight map expects a shortcut there.)
+TINY_SD = dict(channels=(32, 64, 96, 96), heads=(2, 2, 2), context_dim=CONTEXT_DIM, linear=False)
+
+
+class DiffusionModelTiny(keras.Model):
+    """KerasCV's DiffusionModel at `channels` per level (the name keeps its weight map's
+    layer order: `sdanim.formats.weight_map.keras_leaves`)."""
+
+    def __init__(self, height, width, channels=(32, 64, 96, 96), heads=(2, 2, 2), context_dim=CONTEXT_DIM,
+                 linear=False, max_text_length=77, name=None):
+        from keras_cv.src.models.stable_diffusion.diffusion_model import ResBlock, SpatialTransformer, Upsample
+        from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
+
+        c = channels
+        sizes = [c[i] // heads[i] for i in range(3)]
+        context = keras.layers.Input((max_text_length, context_dim), name="context")
+        t_embed_input = keras.layers.Input((320,), name="timestep_embedding")
+        latent = keras.layers.Input((height // 8, width // 8, 4), name="latent")
+        t_emb = keras.layers.Dense(4 * c[0])(t_embed_input)
+        t_emb = keras.layers.Activation("swish")(t_emb)
+        t_emb = keras.layers.Dense(4 * c[0])(t_emb)
+        outputs = []
+        x = PaddedConv2D(c[0], kernel_size=3, padding=1)(latent)
+        outputs.append(x)
+        for level in range(4):
+            for _ in range(2):
+                x = ResBlock(c[level])([x, t_emb])
+                if level < 3:
+                    x = SpatialTransformer(heads[level], sizes[level], fully_connected=linear)([x, context])
+                outputs.append(x)
+            if level < 3:
+                x = PaddedConv2D(c[level], 3, strides=2, padding=1)(x)
+                outputs.append(x)
+        x = ResBlock(c[3])([x, t_emb])
+        x = SpatialTransformer(heads[2], sizes[2], fully_connected=linear)([x, context])
+        x = ResBlock(c[3])([x, t_emb])
+        for level in (3, 2, 1, 0):
+            for _ in range(3):
+                x = keras.layers.Concatenate()([x, outputs.pop()])
+                x = ResBlock(c[level])([x, t_emb])
+                if level < 3:
+                    x = SpatialTransformer(heads[level], sizes[level], fully_connected=linear)([x, context])
+            if level > 0:
+                x = Upsample(c[level])(x)
+        x = keras.layers.GroupNormalization(epsilon=1e-5)(x)
+        x = keras.layers.Activation("swish")(x)
+        output = PaddedConv2D(4, kernel_size=3, padding=1)(x)
+        super().__init__([latent, t_embed_input, context], output, name=name)
+
+
+def make_tiny_sd_model(height: int = 64, width: int = 64, seed: int = 0, linear: bool = False,
+                       context_dim: int = CONTEXT_DIM) -> TinyModel:
+    """A tiny model whose UNet has KerasCV's structure (`DiffusionModelTiny`), made ready
+    as load_model makes the real one (context cache, attention interpolation)."""
+    from sdanim.model import layers
+
+    keras.utils.set_random_seed(seed)
+    with layers.built_in_one_trace():  # as load_model builds the real one
+        unet = DiffusionModelTiny(height, width, **dict(TINY_SD, linear=linear, context_dim=context_dim))
+    layers.attach_context_cache(unet)
+    layers.attach_attention_interp(unet)
+    return TinyModel(height, width, TinyTokenizer(), tiny_text_encoder(context_dim), unet, tiny_decoder(height, width),
+                     tiny_image_encoder(), version="2.1" if linear else "1.4")

@@ -8,6 +8,7 @@ SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd")
 LOOPS = ("auto", "program", "steps")
 DECODERS = ("full", "tiny")  # the SD VAE decoder, or TAESD
 ATTENTION_INTERPS = ("off", "inner", "outer", "fused")  # AID: how in-between frames attend to keyframes
+PREPROCESSORS = ("none", "canny", "lineart", "shuffle", "tile", "inpaint")  # ControlNet hints made without weights
 
 INTERPOLATIONS = ("slerp", "linear")  # between text embeddings (or image latents)
 MORPH_NOISES = ("fixed", "slerp")  # a morph: one noise, or slerped between per-prompt seeds

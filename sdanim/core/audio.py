@@ -1,14 +1,10 @@
-"""Audio-synced timing: an audio file decides how fast the walk moves, or where its
+"""Audio-synced timing: an audio track decides how fast the walk moves, or where its
 keyframes fall.
 
-Decoding: the ffmpeg binary that imageio-ffmpeg ships (already sdanim's video writer)
-turns any file ffmpeg reads -- WAV of any sample format, MP3, AAC/M4A, FLAC, Ogg
-Vorbis/Opus, the audio track of a video -- into mono float32 at `SAMPLE_RATE`, through a
-pipe; nothing in the file is executed. (librosa.load would read through soundfile,
-whose libsndfile has no AAC/M4A or video containers, and fall back to audioread, which
-needs a system ffmpeg or GStreamer.) Analysis: librosa -- RMS loudness, onset strength
-(spectral flux on a mel spectrogram) and beat tracking (Ellis 2007), every curve on one
-hop grid, then averaged over each frame's window of time.
+Pure functions of samples (decoding a file is `sdanim.formats.audio`). Analysis:
+librosa -- RMS loudness, onset strength (spectral flux on a mel spectrogram) and beat
+tracking (Ellis 2007), every curve on one hop grid, then averaged over each frame's
+window of time.
 
 Modes (`ExportSettings.audio_mode`):
     loudness  the walk moves faster where the music is louder;
@@ -21,67 +17,17 @@ Modes (`ExportSettings.audio_mode`):
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import os
-import subprocess
 from typing import Optional, Sequence
 
 import numpy as np
 
 from sdanim.config.choices import AUDIO_MODES
-from sdanim.config.errors import SdanimError, check
+from sdanim.config.errors import check
 from sdanim.core.interpolation import EASINGS
 
 SAMPLE_RATE = 22050  # librosa's default analysis rate
 HOP = 512  # analysis hop: 23 ms at SAMPLE_RATE
 SILENCE = 1e-4  # peak amplitude below which a track counts as silent
-
-
-def read_audio(path: str) -> tuple:
-    """(mono float32 samples in [-1, 1] at `SAMPLE_RATE`, SAMPLE_RATE) of any audio file
-    ffmpeg reads, or a video file's first audio track. One line (SdanimError) for a
-    missing file, something ffmpeg cannot decode, no audio stream, or silence."""
-    check(isinstance(path, (str, os.PathLike)) and os.path.isfile(path),
-          f"the audio file does not exist. Received: audio={path!r}")
-    stat = os.stat(path)
-    samples = _decoded(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)  # the checks and the timing share it
-    check(len(samples) >= HOP and float(np.abs(samples).max()) > SILENCE,
-          f"the audio is silent (or shorter than {1000 * HOP / SAMPLE_RATE:.0f} ms): nothing to time the walk by. "
-          f"Received: audio={path!r}")
-    return samples, SAMPLE_RATE
-
-
-@functools.lru_cache(maxsize=2)
-def _decoded(path: str, mtime_ns: int, size: int) -> np.ndarray:
-    import imageio_ffmpeg
-
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0",
-               "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
-    proc = subprocess.run(command, capture_output=True, check=False)
-    problem = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-    if proc.returncode != 0 or not proc.stdout:
-        reason = problem[0] if problem else "no audio decoded"
-        if any("matches no streams" in line for line in problem):
-            reason = "the file has no audio stream"
-        raise SdanimError(f"cannot read the audio ({_short(reason, path)}). Received: audio={path!r}")
-    if problem:  # decoded with errors: a truncated or damaged file would time the walk wrongly
-        raise SdanimError(f"the audio file is damaged or truncated (ffmpeg: {_short(problem[0], path)}). "
-                          f"Received: audio={path!r}")
-    samples = np.frombuffer(proc.stdout, np.float32)
-    check(np.isfinite(samples).all(), f"the audio decodes to invalid samples. Received: audio={path!r}")
-    samples.flags.writeable = False  # shared by every caller of the cache
-    return samples
-
-
-def _short(text: str, path: str) -> str:
-    text = " ".join(text.replace(os.fspath(path), "<file>").split())
-    return text[:160]
-
-
-def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,5 +139,5 @@ def beat_positions(key_times: np.ndarray, fps: float, easings: Sequence[str], in
     return positions
 
 
-__all__ = ["read_audio", "analyze", "Analysis", "frame_strength", "audio_positions", "keyframe_times",
-           "beat_positions", "check_beats_per_keyframe", "file_digest", "SAMPLE_RATE", "HOP"]
+__all__ = ["analyze", "Analysis", "frame_strength", "audio_positions", "keyframe_times",
+           "beat_positions", "check_beats_per_keyframe", "SAMPLE_RATE", "HOP", "SILENCE"]

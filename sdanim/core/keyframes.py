@@ -1,4 +1,5 @@
-"""Keyframes: what a walk passes through, read from Python, the CLI, or a walk file.
+"""Keyframes: what a walk passes through, from Python, the CLI, or a walk file's data
+(the file itself is read by `sdanim.formats.walk_files`).
 
 A keyframe is a prompt (or a weighted mix of prompts), a seed, the number of frames to
 the next keyframe, and the easing of that transition. A walk file is YAML or JSON,
@@ -22,6 +23,9 @@ parsed as data only (yaml.safe_load / json), never executed:
         frames: 24
         guide: a cartoon animal    # optional (PAID): the in-betweens to the next keyframe
                                    #   take this prompt's embedding instead of the blend
+        control_image: edges.png   # optional, with --controlnet: this keyframe's picture
+        control_scale: 0.8         #   and scale (one, or a list: one per net), blended
+                                   #   and interpolated between keyframes
       - prompt: a snowy forest
         seed: 3
 """
@@ -29,13 +33,11 @@ parsed as data only (yaml.safe_load / json), never executed:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from sdanim.config.errors import SdanimError, check
+from sdanim.config.errors import check
 from sdanim.config.choices import ATTENTION_INTERPS, INTERPOLATIONS, WALK_NOISES
 from sdanim.core.interpolation import check_easing, path_positions
 from sdanim.core.noise import check_seed
@@ -111,6 +113,10 @@ class Keyframe:
         guide: str, mix or None. PAID's guide prompt for the transition to the next
             keyframe: its in-between frames take this embedding instead of the blend
             of the two keyframes'. Defaults to None.
+        control_image: tuple of str or None. The ControlNets' pictures at this keyframe
+            (one for every net, or one per net), blended between keyframes. Defaults to None.
+        control_scale: tuple of float or None. The nets' scales at this keyframe (one, or
+            one per net), interpolated between keyframes. Defaults to None.
     """
 
     prompt: Prompt
@@ -118,19 +124,48 @@ class Keyframe:
     frames: int = 24
     easing: str = "linear"
     guide: Optional[Prompt] = None
+    control_image: Optional[tuple] = None
+    control_scale: Optional[tuple] = None
 
     def record(self) -> dict:
         record = {"prompt": _prompt_record(self.prompt), "seed": self.seed, "frames": self.frames, "easing": self.easing}
         if self.guide is not None:  # recorded only when set: walks without one read as before
             record["guide"] = _prompt_record(self.guide)
+        for name in ("control_image", "control_scale"):
+            value = getattr(self, name)
+            if value is not None:
+                record[name] = value[0] if len(value) == 1 else list(value)
         return record
+
+    def control(self, name: str, net: int):
+        """This keyframe's `control_image` or `control_scale` for ControlNet `net` (one
+        value serves every net), or None."""
+        value = getattr(self, name)
+        if value is None:
+            return None
+        return value[0] if len(value) == 1 else (value[net] if net < len(value) else None)
 
 
 def _prompt_record(prompt):
     return prompt if isinstance(prompt, str) else [list(p) for p in prompt]
 
 
-def make_keyframe(index: int, prompt, seed, frames=24, easing="linear", guide=None) -> Keyframe:
+def _control_values(where: str, name: str, value, kind):
+    """A keyframe's control_image / control_scale as a tuple (one value or one per net)."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if kind is str:
+        ok = values and all(isinstance(v, str) and v for v in values)
+        check(ok, f"{where}.{name} must be an image path or a list of them (one per ControlNet). Received: {value!r}")
+        return tuple(values)
+    ok = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values)
+    check(ok, f"{where}.{name} must be a number >= 0 or a list of them (one per ControlNet). Received: {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def make_keyframe(index: int, prompt, seed, frames=24, easing="linear", guide=None, control_image=None,
+                  control_scale=None) -> Keyframe:
     """A validated keyframe; errors name the field as keyframes[index].field."""
     where = f"keyframes[{index}]"
     check(prompt is not None, f"{where} has no prompt. Received: prompt=None")
@@ -143,7 +178,8 @@ def make_keyframe(index: int, prompt, seed, frames=24, easing="linear", guide=No
     check_easing(easing, f"{where}.easing")
     if guide is not None:
         guide = normalize_prompt(guide, f"{where}.guide")
-    return Keyframe(prompt, seed, frames, easing, guide)
+    return Keyframe(prompt, seed, frames, easing, guide, _control_values(where, "control_image", control_image, str),
+                    _control_values(where, "control_scale", control_scale, float))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +257,19 @@ class Walk:
             record["attention_warmup"] = float(self.attention_warmup)
         return record
 
+    def control_stops(self, nets: int) -> tuple:
+        """(images, scales): per ControlNet, each stop's `control_image` (None where the
+        stop gives none; None for a net no stop gives one) and `control_scale` (None
+        where no stop gives one; 1 for a stop without)."""
+        images, scales = [], []
+        for net in range(nets):
+            stop_images = [k.control("control_image", net) for k in self.stops]
+            images.append(stop_images if any(i is not None for i in stop_images) else None)
+            stop_scales = [k.control("control_scale", net) for k in self.stops]
+            scales.append([1.0 if v is None else v for v in stop_scales] if any(v is not None for v in stop_scales)
+                          else None)
+        return images, scales
+
     def noise_seeds(self) -> tuple:
         """The seeds noise is drawn from: one per stop, or the circle's two basis seeds."""
         if self.noise == "circle":
@@ -252,7 +301,7 @@ def walk_from_prompts(
 
 
 _FILE_KEYS = {"keyframes", "loop", "interpolation", "noise", "attention", "attention_warmup"}
-_KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing", "guide"}
+_KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing", "guide", "control_image", "control_scale"}
 
 
 def parse_walk(data, default_seed: int = 42) -> Walk:
@@ -271,30 +320,7 @@ def parse_walk(data, default_seed: int = 42) -> Walk:
         check(not unknown, f"keyframes[{i}] has unknown field(s): {', '.join(map(str, unknown))}. Received: {unknown}")
         keyframes.append(make_keyframe(
             i, item.get("prompt"), item.get("seed", default_seed + i), item.get("frames", 24), item.get("easing", "linear"),
-            item.get("guide"),
+            item.get("guide"), item.get("control_image"), item.get("control_scale"),
         ))
     return Walk(tuple(keyframes), loop, data.get("interpolation", "slerp"), data.get("noise", "keyframes"),
                 data.get("attention", "off"), data.get("attention_warmup", 0.5))
-
-
-def load_walk(path: str, default_seed: int = 42) -> Walk:
-    """Reads a .yaml/.yml/.json walk file (data only; nothing in it is executed)."""
-    ext = os.path.splitext(path)[1].lower()
-    check(ext in (".yaml", ".yml", ".json"), f"walk file must be .yaml, .yml or .json. Received: file={path!r}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as error:
-        raise SdanimError(f"cannot read the walk file ({error.strerror}). Received: file={path!r}") from None
-    kind = "JSON" if ext == ".json" else "YAML"
-    try:
-        if ext == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as error:  # json.JSONDecodeError or yaml.YAMLError
-        reason = " ".join(str(error).split())[:120] or type(error).__name__
-        raise SdanimError(f"the walk file is not valid {kind} ({reason}). Received: file={path!r}") from None
-    return parse_walk(data, default_seed)

@@ -1,122 +1,19 @@
-"""Pixels: images in and out of the editing tools: loading, fitting, masks, compositing, grids.
+"""Pixels: what the editing tools do to images: fitting, latent masks, feathering,
+compositing, outpainting canvases, labelled grids.
 
-Pure NumPy/Pillow; no model here. Images are (H, W, 3) uint8, masks (H, W) bool with
-True where the model paints (white in a mask file).
+Pure functions of arrays (NumPy; Pillow's resampling and drawing): no files, no model.
+Images are (H, W, 3) uint8, masks (H, W) bool with True where the model paints. Reading
+images and masks from files is `sdanim.formats.images`.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 
 from sdanim.config.choices import FITS
-from sdanim.config.errors import SdanimError, check
-
-
-WHITE, BLACK = 255, 0
-
-
-def load_image(source, name: str = "image", background: int = WHITE) -> np.ndarray:
-    """A path (PNG, JPEG, WebP, TIFF, GIF, BMP ... anything Pillow reads), a PIL image or
-    an array -> (H, W, 3) uint8, the picture as an image viewer shows it:
-
-    - orientation metadata (EXIF, as phones write it) applied: the upright picture;
-    - high bit depth (16-bit greyscale PNG/TIFF, 32-bit integer or float images, uint16
-      and float arrays) scaled to 8 bits, not clipped;
-    - every colour mode converted to RGB (greyscale, palette, CMYK, YCbCr, bilevel);
-    - transparency (alpha channels, palette or single-colour transparency) composited
-      over `background`: white (255) for pictures, as most viewers show them on a page;
-      black (0) for masks (`load_mask`), so transparent means "keep";
-    - a multi-frame file (GIF, APNG, multi-page TIFF): its first frame.
-
-    Pillow only decodes pixels (no code runs from an image file); its decompression-
-    bomb guard stays on. Anything it cannot read is one line naming `name`.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, np.ndarray):
-        return _from_array(source, name, background)
-    if isinstance(source, Image.Image):
-        return _from_pil(source, name, background)
-    check(
-        isinstance(source, (str, os.PathLike)),
-        f"{name} must be an image path or an array. Received: {name}={source!r}",
-    )
-    path = os.fspath(source)
-    check(os.path.isfile(path), f"{name} is not a file. Received: {name}={path!r}")
-    try:
-        with Image.open(path) as im:
-            return _from_pil(im, name, background)
-    except SdanimError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        reason = str(error).split("\n")[0] or type(error).__name__
-        raise SdanimError(f"{name} is not a readable image ({reason}). Received: {name}={path!r}") from None
-
-
-_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-
-
-def _from_pil(im, name: str, background: int) -> np.ndarray:
-    from PIL import ImageOps
-
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)  # the first frame (GIF, APNG, multi-page TIFF)
-    im.load()
-    im = ImageOps.exif_transpose(im)  # the upright picture; a no-op without orientation metadata
-    if im.mode in _HIGH_DEPTH:
-        return _grey_to_rgb(_scaled(np.asarray(im), im.mode))
-    transparent = (im.mode in ("RGBA", "LA", "PA", "RGBa", "La")
-                   or (im.mode in ("P", "L", "RGB", "1") and "transparency" in im.info))
-    if not transparent:
-        return np.ascontiguousarray(np.asarray(im.convert("RGB")))
-    rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-    alpha = rgba[..., 3:] / 255.0
-    out = rgba[..., :3] * alpha + float(background) * (1.0 - alpha)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def _scaled(values: np.ndarray, mode: str) -> np.ndarray:
-    """A high-bit-depth greyscale image -> uint8: 16-bit ranges by 65535, floats by their
-    nominal range ([0, 1], or [0, 255] when values exceed 1), 32-bit integers by 65535
-    when values exceed 255 (Pillow's mode for 16-bit files in some formats) else 255."""
-    values = np.asarray(values, np.float64)
-    if mode.startswith("I;16"):
-        top = 65535.0
-    elif mode == "F":
-        top = 1.0 if np.nanmax(values) <= 1.0 else 255.0
-    else:
-        top = 65535.0 if values.max() > 255 else 255.0
-    return np.clip(np.rint(np.nan_to_num(values) / top * 255.0), 0, 255).astype(np.uint8)
-
-
-def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
-
-
-def _from_array(array: np.ndarray, name: str, background: int) -> np.ndarray:
-    """uint8, uint16 or float ([0, 1]) arrays of shape (H, W), (H, W, 1), (H, W, 3) or
-    (H, W, 4) (alpha composited over `background`)."""
-    check(
-        array.ndim in (2, 3) and (array.ndim == 2 or array.shape[-1] in (1, 3, 4))
-        and (array.dtype in (np.uint8, np.uint16) or np.issubdtype(array.dtype, np.floating)),
-        f"{name} must be an (H, W, 3) uint8 array (or (H, W), RGBA, uint16, float in [0, 1]). Received: {name} of shape "
-        f"{array.shape} and dtype {array.dtype}",
-    )
-    if array.dtype == np.uint16:
-        array = np.rint(array.astype(np.float64) / 65535.0 * 255.0)
-    elif np.issubdtype(array.dtype, np.floating):
-        array = np.rint(np.clip(np.nan_to_num(array.astype(np.float64)), 0.0, 1.0) * 255.0)
-    array = np.asarray(array, np.float64)
-    if array.ndim == 2 or array.shape[-1] == 1:
-        array = np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=-1)
-    if array.shape[-1] == 4:
-        alpha = array[..., 3:] / 255.0
-        array = array[..., :3] * alpha + float(background) * (1.0 - alpha)
-    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+from sdanim.config.errors import check
 
 
 def auto_size(image: np.ndarray) -> tuple[int, int]:
@@ -160,35 +57,6 @@ def fit_image(image: np.ndarray, height: int, width: int, fit: str = "crop", nea
         y0, x0, y1, x1 = _crop_box(image.shape[0], image.shape[1], height, width)
         image = image[y0:y1, x0:x1]
     return _resample(np.ascontiguousarray(image), width, height, Image.NEAREST if nearest else Image.LANCZOS)
-
-
-def load_mask(source, image_shape: Sequence[int], name: str = "mask") -> np.ndarray:
-    """A mask file or array -> (H, W) bool, True (white) where the model paints.
-
-    Grey levels of 128 and up count as white. The mask must have the image's size
-    (before any fitting), and must not be all black (nothing to paint); an all-white
-    mask repaints everything (a warning says so).
-    """
-    if isinstance(source, np.ndarray) and source.ndim == 2:
-        grey = source.astype(np.float32)
-        if source.dtype == bool:
-            grey = grey * 255
-    else:
-        grey = load_image(source, name, background=BLACK).astype(np.float32).mean(axis=-1)
-    h, w = image_shape[:2]
-    check(
-        grey.shape == (h, w),
-        f"{name} must have the image's size {w}x{h}. Received: {name} of size {grey.shape[1]}x{grey.shape[0]}",
-    )
-    mask = grey >= 128
-    check(mask.any(), f"{name} is all black: nothing to repaint (white = repaint). Received: {name}={_describe(source)}")
-    if mask.all():
-        warnings.warn(f"{name} is all white: the whole image is repainted (as image-to-image at this strength)", stacklevel=2)
-    return mask
-
-
-def _describe(source) -> str:
-    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else f"array {getattr(source, 'shape', '?')}"
 
 
 def latent_mask(mask: np.ndarray) -> np.ndarray:

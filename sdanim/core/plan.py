@@ -14,6 +14,7 @@ import numpy as np
 
 from sdanim.config.errors import check
 from sdanim.config.choices import ATTENTION_INTERPS, INTERPOLATIONS, PLAN_NOISES
+from sdanim.core.hints import control_inputs
 from sdanim.core.interpolation import interpolate
 from sdanim.core.noise import seeded_noise
 
@@ -37,6 +38,7 @@ class FrameInputs:
     position: float  # u along the keyframe path, in [0, K-1]
     init_latent: Optional[np.ndarray] = None  # (h, w, 4) image latent (image-to-image, inpainting)
     mask: Optional[np.ndarray] = None  # (h, w, 1) 1 = paint, 0 = keep init_latent (inpainting)
+    control: tuple = ()  # ((hint (H, W, 3), scale), ...) one per ControlNet (`sdanim.core.hints`)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +62,8 @@ class FramePlan:
             frames strictly between keyframes are denoised beside their two keyframes
             (`aid_batch`).
         attention_warmup: float. Fraction of the steps that interpolate attention.
+        controls: tuple of `sdanim.core.hints.NetHints`: each ControlNet's hint and scale
+            per frame. Defaults to none.
     """
 
     embeddings: np.ndarray
@@ -71,6 +75,7 @@ class FramePlan:
     guides: Optional[np.ndarray] = None
     attention: str = "off"
     attention_warmup: float = 0.5
+    controls: tuple = ()
 
     def __post_init__(self):
         k = len(self.embeddings)
@@ -153,7 +158,12 @@ class FramePlan:
         check(self.noise_mode != "circle", "a circle walk has no keyframe noises")
         u = float(k)  # computed as `frame` computes a frame at u = k: the same arrays
         noise = self.noises[0] if self.noise_mode == "fixed" else self._at(self.noises, u, "slerp")
-        return FrameInputs(-1, self._at(self.embeddings, u, self.interpolation), noise, step_seed(self.seeds[k]), u)
+        return FrameInputs(-1, self._at(self.embeddings, u, self.interpolation), noise, step_seed(self.seeds[k]), u,
+                           control=control_inputs(self.controls, self._frame_at(u), u))
+
+    def _frame_at(self, u: float) -> int:
+        """The frame sitting at position u (the nearest one where none does)."""
+        return int(np.argmin(np.abs(np.asarray(self.positions, np.float64) - u)))
 
     def frame(self, index: int) -> FrameInputs:
         """Frame `index`'s context and noise: a pure function of the plan and index."""
@@ -170,7 +180,8 @@ class FramePlan:
             noise = (np.cos(theta) * self.noises[0] + np.sin(theta) * self.noises[1]).astype(np.float32)
         else:
             noise = self._at(self.noises, u, "slerp")
-        return FrameInputs(index, context, noise, self.frame_seed(index), u)
+        return FrameInputs(index, context, noise, self.frame_seed(index), u,
+                           control=control_inputs(self.controls, index, u))
 
     def batch(self, indices: Sequence[int]) -> list[FrameInputs]:
         return [self.frame(i) for i in indices]
@@ -227,6 +238,7 @@ class ImagePlan:
         positions: F floats in [0, K-1]: frame i's latent is interpolated there.
         mask: (h, w, 1) latent mask (1 = paint) for inpainting, or None.
         interpolation: "slerp" or "linear", between the latents.
+        controls: tuple of `sdanim.core.hints.NetHints`, as `FramePlan`'s.
     """
 
     context: np.ndarray
@@ -235,6 +247,7 @@ class ImagePlan:
     positions: np.ndarray
     mask: Optional[np.ndarray] = None
     interpolation: str = "linear"
+    controls: tuple = ()
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -248,7 +261,8 @@ class ImagePlan:
             latent = interpolate(self.latents[k], self.latents[k + 1], u - k, self.interpolation)
         seed = int(self.seeds[index])
         noise = seeded_noise(seed, latent.shape)
-        return FrameInputs(index, self.context, noise, step_seed(seed), u, latent.astype(np.float32), self.mask)
+        return FrameInputs(index, self.context, noise, step_seed(seed), u, latent.astype(np.float32), self.mask,
+                           control_inputs(self.controls, index, u))
 
     def batch(self, indices: Sequence[int]) -> list:
         return [self.frame(i) for i in indices]

@@ -10,7 +10,6 @@ import numpy as np
 from sdanim.config.errors import check
 from sdanim.core.runtime import import_keras
 
-START_TOKEN = 49406
 END_TOKEN = 49407
 
 

@@ -111,18 +111,29 @@ def _refuse(what: str, path: str) -> None:
 
 
 def _sidecar_parameterization(path: str) -> Optional[str]:
-    """`parameterization` from a config .yaml beside a single-file checkpoint (A1111's convention)."""
+    """`parameterization` from a config .yaml beside a single-file checkpoint (A1111's
+    convention; "eps" where the config names none), or None without one. A .yaml there
+    that cannot be read, or is not such a config, is one line naming it: it was put
+    there to say what the model predicts, and ignoring it could sample a v-model as eps."""
     stem = os.path.splitext(path)[0]
     for yaml_path in (stem + ".yaml", stem + ".yml"):
-        if os.path.isfile(yaml_path):
-            import yaml
+        if not os.path.isfile(yaml_path):
+            continue
+        import yaml
 
-            try:
-                with open(yaml_path, encoding="utf-8") as f:
-                    config = yaml.safe_load(f)
-                return str(config["model"]["params"].get("parameterization", "eps"))
-            except Exception:
-                return None
+        try:
+            with open(yaml_path, encoding="utf-8") as f:
+                config = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            reason = " ".join(str(error).split())[:120] or type(error).__name__
+            raise CheckpointError(f"the config beside the checkpoint cannot be read ({reason}); fix or remove "
+                                  f"{yaml_path}. Received: checkpoint={path!r}") from None
+        params = config.get("model", {}).get("params") if isinstance(config, dict) and isinstance(
+            config.get("model"), dict) else None
+        if not isinstance(params, dict):
+            raise CheckpointError(f"the .yaml beside the checkpoint is not a Stable Diffusion config (no "
+                                  f"model.params); fix or remove {yaml_path}. Received: checkpoint={path!r}")
+        return str(params.get("parameterization", "eps"))
     return None
 
 

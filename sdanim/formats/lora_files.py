@@ -18,7 +18,6 @@ Tucker `lora_mid`) are refused by name. Merging into a model: `sdanim.model.lora
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from sdanim.config.errors import SdanimError
+from sdanim.formats.digest import file_sha256
 from sdanim.formats.tensors import CheckpointError, read_tensors
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -148,14 +148,6 @@ def lora_error(message: str, path: str) -> LoraError:
     return LoraError(f"{message}. Received: lora={path!r}")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _diffusers_module(base: str) -> str:
     """A diffusers/PEFT module path -> the canonical "unet."/"text_encoder." name."""
     for prefix in ("base_model.model.",):
@@ -218,7 +210,7 @@ def read_lora(path: str) -> LoraFile:
     if not modules:
         raise lora_error(f"no LoRA tensors found ({len(tensors)} tensors, none a lora_down/lora_up or lora_A/lora_B "
                      "pair); is this a checkpoint rather than a LoRA?", path)
-    return LoraFile(path, fmt, modules, unknown, os.path.getsize(path), _sha256(path))
+    return LoraFile(path, fmt, modules, unknown, os.path.getsize(path), file_sha256(path))
 
 
 def check_lora_files(loras) -> tuple:

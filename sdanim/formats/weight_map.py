@@ -30,7 +30,6 @@ import numpy as np
 from sdanim.formats.checkpoints import Checkpoint
 from sdanim.formats.tensors import CheckpointError
 
-LAYOUTS = ("diffusers", "original")
 PARTS = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
 
 
@@ -132,6 +131,31 @@ def _unet_spec() -> list:
     return _prefixed(s, "unet.", "model.diffusion_model.")
 
 
+def _controlnet_spec() -> list:
+    """A ControlNet (`sdanim.model.controlnet`), in the order it is built: the UNet's time
+    embedding, conv_in, down blocks and mid block under their UNet names, the
+    conditioning embedding (the hint's convolutions), and the 12 + 1 zero convolutions.
+    Names without a prefix: diffusers' ControlNetModel, and the original layout with its
+    `control_model.` taken off (lllyasviel's files; SD 2.1 nets have none)."""
+    s = [_leaf("time_embedding.linear_1", "time_embed.0"), _leaf("time_embedding.linear_2", "time_embed.2"),
+         _leaf("conv_in", "input_blocks.0.0"), _leaf("controlnet_cond_embedding.conv_in", "input_hint_block.0")]
+    s += [_leaf(f"controlnet_cond_embedding.blocks.{k}", f"input_hint_block.{2 * k + 2}") for k in range(6)]
+    s.append(_leaf("controlnet_cond_embedding.conv_out", "input_hint_block.14"))
+    for i in range(4):
+        for j in range(2):
+            n = 3 * i + j + 1
+            s += _unet_resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0", j == 0 and i in (1, 2))
+            if i < 3:
+                s += _unet_transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1")
+        if i < 3:
+            s.append(_leaf(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{3 * i + 3}.0.op"))
+    s += _unet_resnet("mid_block.resnets.0", "middle_block.0", False)
+    s += _unet_transformer("mid_block.attentions.0", "middle_block.1")
+    s += _unet_resnet("mid_block.resnets.1", "middle_block.2", False)
+    s += [_leaf(f"controlnet_down_blocks.{k}", f"zero_convs.{k}.0") for k in range(12)]
+    return s + [_leaf("controlnet_mid_block", "middle_block_out.0")]
+
+
 def _vae_resnet(d: str, o: str, shortcut: bool) -> list:
     names = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2")]
     if shortcut:
@@ -221,24 +245,12 @@ def spec(part: str, version: str) -> list:
         return _decoder_spec()
     if part == "image_encoder":
         return _encoder_spec()
+    if part == "controlnet":
+        return _controlnet_spec()
     raise ValueError(part)
 
 
-# What each part owns in each layout, and what a checkpoint may carry beside the model.
-REGIONS = {
-    "diffusers": {
-        "text_encoder": ("text_encoder.",),
-        "diffusion_model": ("unet.",),
-        "decoder": ("vae.decoder.", "vae.post_quant_conv."),
-        "image_encoder": ("vae.encoder.", "vae.quant_conv."),
-    },
-    "original": {
-        "text_encoder": ("cond_stage_model.",),
-        "diffusion_model": ("model.diffusion_model.",),
-        "decoder": ("first_stage_model.decoder.", "first_stage_model.post_quant_conv."),
-        "image_encoder": ("first_stage_model.encoder.", "first_stage_model.quant_conv."),
-    },
-}
+# What a checkpoint may carry beside the model.
 _IGNORED_PREFIXES = (
     "model_ema.",                 # EMA copy of the UNet in full training checkpoints
     "first_stage_model.loss.",    # the VAE's training loss (LPIPS, discriminator)
@@ -294,9 +306,10 @@ def _raise_unfit(checkpoint: Checkpoint, *problems: tuple) -> None:
     """One error counting each kind of problem, (items, label), and naming the first few."""
     found = [_summary(items, label) for items, label in problems if items]
     if found:
+        what, param = getattr(checkpoint, "describes", ("the checkpoint", "checkpoint"))
         raise CheckpointError(
-            f"the checkpoint does not fit Stable Diffusion {checkpoint.version[0]}.x: "
-            f"{'; '.join(found)}. Received: checkpoint={checkpoint.path!r}"
+            f"{what} does not fit Stable Diffusion {checkpoint.version[0]}.x: "
+            f"{'; '.join(found)}. Received: {param}={checkpoint.path!r}"
         )
 
 
@@ -340,7 +353,10 @@ def _leaves_of(layer) -> list:
 
 
 def keras_leaves(model) -> list:
-    """The weight-holding leaf layers of a KerasCV SD sub-model, in construction order."""
+    """The weight-holding leaf layers of a KerasCV SD sub-model, in construction order (a
+    ControlNet lists its blocks as it built them: `blocks_in_order`)."""
+    if hasattr(model, "blocks_in_order"):
+        return [leaf for block in model.blocks_in_order for leaf in _leaves_of(block)]
     if type(model).__name__.startswith("DiffusionModel"):
         # A functional model lists layers by graph depth; within each layer type that is
         # still construction order, so take the types apart and interleave them as built.

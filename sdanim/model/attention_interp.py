@@ -95,6 +95,14 @@ class AidBatch:
     def steps(self, num_steps: int) -> int:
         return warmup_steps(num_steps, self.warmup)
 
+    def plain_rows(self) -> np.ndarray:
+        """(frames,) bool: the frame rows that do not interpolate (frames on a keyframe).
+        The renderer takes their noise predictions from a UNet call on the frames alone,
+        the batch shape a plain render calls it with, so that they are the plain render's
+        frames bit for bit wherever a kernel's rounding depends on the batch's shape
+        (oneDNN, bfloat16, GPU libraries)."""
+        return np.asarray(self.on[: self.frames]) == 0
+
     def tensors(self) -> tuple:
         ops = keras_ops()
         return (ops.convert_to_tensor(np.asarray(self.t, np.float32)), ops.convert_to_tensor(np.asarray(self.a, np.int32)),

@@ -217,16 +217,6 @@ def weights_kept() -> bool:
     return bool(_override(KEEP_WEIGHTS)) and onednn_enabled()
 
 
-def resolve_precision(precision: str) -> str:
-    """What precision="auto" means on this machine and backend (other values as given).
-    Picks TensorFlow's oneDNN kernels for it first (`choose_onednn`)."""
-    choose_onednn(precision)
-    if precision != "auto":
-        return precision
-    backend = import_keras().backend.backend()
-    return device_defaults(detect_device(), backend=backend)[0]
-
-
 def limit_threads(threads: int) -> None:
     """Computes with `threads` threads (before the framework starts its pools)."""
     keras = import_keras()

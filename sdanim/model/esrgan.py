@@ -22,7 +22,6 @@ memory and the seams match the whole-image result (tests/test_upscale.py measure
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -32,9 +31,11 @@ import numpy as np
 
 from sdanim.config.errors import SdanimError, check
 from sdanim.core.runtime import import_keras
+from sdanim.formats.digest import file_sha256
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.compiled import compiled
-from sdanim.model.registry import PinnedFile, fetch
+from sdanim.model.registry import CheckedFile, PinnedFile, fetch
+from sdanim.model.torch_weights import assign
 
 _RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download/"
 # The release assets of xinntao/Real-ESRGAN, with the SHA-256 several independent
@@ -154,15 +155,13 @@ def detect(tensors: dict, path: str = "") -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UpscalerFile:
+class UpscalerFile(CheckedFile):
     """Checked upscaler weights: the file, its SHA-256, and its architecture."""
 
-    path: str
-    sha256: str
     arch: Arch
 
     def record(self) -> dict:
-        return {"file": os.path.basename(self.path), "sha256": self.sha256, "arch": self.arch.describe()}
+        return {**super().record(), "arch": self.arch.describe()}
 
 
 def _tensors(path: str) -> dict:
@@ -192,11 +191,7 @@ def check_upscaler(source: Optional[str], scale: Optional[int] = None) -> Upscal
     check(scale is None or arch.scale == scale,
           f"this upscaler enlarges x{arch.scale}, not x{scale}; choose --upscale {arch.scale} or another model. "
           f"Received: upscale={scale}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return UpscalerFile(path, digest.hexdigest(), arch)
+    return UpscalerFile(path, file_sha256(path), arch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,25 +282,15 @@ def build(arch: Arch, layers: dict, height: int, width: int):
 
 
 def _assign(layers: dict, tensors: dict, path: str) -> None:
-    """The file's tensors into the built layers (torch (out, in, kh, kw) -> (kh, kw, in, out))."""
-    used = set()
-    for name, layer in layers.items():
-        key = f"{name}.weight"
-        if key not in tensors:
-            raise SdanimError(f"the upscaler file lacks {key}. Received: upscale_model={path!r}")
+    """The file's tensors into the built layers (`sdanim.model.torch_weights`; a PReLU's
+    weight (C,) is Keras's alpha (1, 1, C))."""
+
+    def prelu(name, layer):
         if type(layer).__name__ == "PReLU":
-            values = [tensors[key].load().reshape(1, 1, -1)]
-        else:
-            values = [np.transpose(tensors[key].load(), (2, 3, 1, 0)), tensors[f"{name}.bias"].load()]
-            used.add(f"{name}.bias")
-        if [tuple(v.shape) for v in values] != [tuple(w.shape) for w in layer.get_weights()]:
-            raise SdanimError(f"upscaler tensor {key} has the wrong shape. Received: upscale_model={path!r}")
-        layer.set_weights([v.astype(np.float32) for v in values])
-        used.add(key)
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise SdanimError(f"the upscaler file holds {len(extra)} tensors the recognised architecture has no place "
-                          f"for (e.g. {extra[0]}). Received: upscale_model={path!r}")
+            return [tensors[f"{name}.weight"].load().reshape(1, 1, -1)], [f"{name}.weight"]
+        return None
+
+    assign(layers, tensors, "the upscaler file", f"upscale_model={path!r}", special=prelu)
 
 
 def _physical_memory() -> int:
@@ -372,12 +357,20 @@ class Upscaler:
         b, h, w = (int(x) for x in shape[:3])
         s, side = self.scale, self.tile + 2 * self.overlap
         result = b * h * s * w * s * 3 * (4 + 1)  # the float32 result and its uint8 copy
-        tiles = b * side * side * s * s * self.file.arch.num_feat * 4 * 3  # a few feature maps at the output scale
+        tile_pixels = min(side, h) * min(side, w)  # a tile never reaches past the image
+        tiles = b * tile_pixels * s * s * self.file.arch.num_feat * 4 * 3  # a few feature maps at the output scale
         total = _physical_memory()
         check(result + tiles <= total / 2,
               f"{b} image(s) of {w}x{h} are too large to upscale in this machine's memory: x{s} needs about "
               f"{(result + tiles) / 2**30:.1f} GB of its {total / 2**30:.1f} GB; upscale fewer or smaller images. "
               f"Received: images of {w}x{h}")
+
+    def tile_count(self, shape) -> int:
+        """How many tiles an image of `shape` (H, W, ...) is upscaled in (`upscale` calls
+        `progress(1)` after each)."""
+        m = self.file.arch.unshuffle
+        h, w = int(shape[0]) + (-int(shape[0])) % m, int(shape[1]) + (-int(shape[1])) % m
+        return len(tiles(h, self.tile, self.overlap, m)) * len(tiles(w, self.tile, self.overlap, m))
 
     def upscale(self, images: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, s H, s W, 3) uint8, tile by tile (each tile over the

@@ -17,12 +17,49 @@ were traced with the old calls.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import types
 
 from sdanim.core.runtime import import_keras, import_keras_cv
 from sdanim.model import attention_interp, context_cache
 from sdanim.model.compiled import forget_compiled
+
+
+# Held while Keras's Layer class is patched for a build (`built_in_one_trace`, and the
+# loader's `_weights_loaded_later`): a build elsewhere must not see a half-set patch.
+BUILD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def built_in_one_trace():
+    """While KerasCV-structured models are constructed: a layer without a `build` method
+    of its own (KerasCV's SpatialTransformer, CrossAttention, GEGLU, PaddedConv2D ...)
+    is marked built when first called, and its sublayers build themselves when the call
+    reaches them. Keras would otherwise trace such a layer's call once more just to build
+    it, at every level of nesting (a SpatialTransformer's attention was traced eight
+    times). The same weights are created in the same order (the same random draws under
+    a seed) and the models compute the same; a KerasCV UNet builds 2.5x faster
+    (docs/benchmarks.md, "Building models")."""
+    import_keras()
+    from keras.src import utils
+    from keras.src.layers.layer import Layer
+
+    original = Layer._maybe_build
+
+    def maybe_build(self, call_spec):
+        if not self.built and utils.is_default(self.build):
+            self.built = True  # its sublayers build as this first call reaches them
+            return
+        return original(self, call_spec)
+
+    with BUILD_LOCK:
+        Layer._maybe_build = maybe_build
+        try:
+            yield
+        finally:
+            Layer._maybe_build = original
 
 
 def _keras_cv_layers():
@@ -201,6 +238,14 @@ def use_fast_layers(keras_model, enabled: bool = True) -> int:
             count += 1
     forget_compiled(keras_model)  # KerasCV's loop (predict_on_batch) retraces too
     return count
+
+
+def uses_fast_layers(keras_model) -> bool:
+    """Whether `use_fast_layers` switched any of the model's layers (nets built for it
+    take the same forms)."""
+    keras = import_keras()
+    return any(isinstance(layer, keras.layers.GroupNormalization) and "call" in layer.__dict__
+               for layer in keras_model._flatten_layers(include_self=False, recursive=True))
 
 
 def attach_context_cache(unet) -> int:

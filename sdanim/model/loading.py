@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import weakref
 from typing import Optional
 
@@ -31,43 +30,53 @@ from sdanim.formats.checkpoints import CHECKPOINT_SUFFIXES, is_diffusers_folder
 from sdanim.formats.lora_files import check_lora_files
 from sdanim.model.convert import bind_checkpoint, checked_checkpoint, write_keras_weights
 from sdanim.model.device import choose_onednn, detect_device, device_defaults
-from sdanim.model.layers import attach_attention_interp, attach_context_cache, use_fast_layers, use_fused_attention
-from sdanim.model.registry import MAX_PROMPT_LENGTH, PART_ORDER, WEIGHT_FILES, file_name, keras_cache_dir
+from sdanim.model.layers import (
+    BUILD_LOCK, attach_attention_interp, attach_context_cache, built_in_one_trace, use_fast_layers, use_fused_attention,
+)
+from sdanim.model.registry import (
+    MAX_PROMPT_LENGTH, PART_ORDER, PinnedFileError, fetch, file_name, keras_cache_dir, keras_cv_file,
+)
 from sdanim.model.stable_diffusion import StableDiffusionModel
 
 
 def _resolve_weight_files(version: str, weights: str, parts) -> dict:
     """Maps each part to a local .h5 path, or raises one error naming every missing file."""
     if weights == "keras-cv":
-        keras = import_keras()
-        found, missing = {}, []
+        # Checked by sdanim before Keras sees them: keras.utils.get_file deletes a cached
+        # file whose hash differs and downloads it again (a file the user copied there).
+        found, problems = {}, []
         for part in parts:
-            origin, file_hash = WEIGHT_FILES[version][part]
             try:
-                found[part] = keras.utils.get_file(origin=origin, file_hash=file_hash)
-            except Exception:  # KerasCV/Keras raise a bare Exception on URL failure.
-                missing.append(file_name(version, part))
-        where = keras_cache_dir()
-    else:
-        folder = weights
-        check(
-            os.path.isdir(folder),
-            "weights must be 'keras-cv', 'random' or a directory of KerasCV .h5 "
-            "files, or a checkpoint (.safetensors/.ckpt file or diffusers folder). "
-            f"Received: weights={weights!r}",
-        )
-        check(
-            os.access(folder, os.R_OK | os.X_OK),
-            f"the weights directory cannot be read. Received: weights={weights!r}",
-        )
-        found, missing = {}, []
-        for part in parts:
-            path = os.path.join(folder, file_name(version, part))
-            if os.path.isfile(path) and os.access(path, os.R_OK):
-                found[part] = path
-            else:
-                missing.append(file_name(version, part))
-        where = os.path.abspath(folder)
+                found[part] = fetch(keras_cv_file(version, part), "weights")
+            except PinnedFileError as error:
+                problems.append(error.reason)
+        if problems:
+            raise SdanimError(
+                f"Stable Diffusion {version} weights are not usable: {'; '.join(problems)} (cache: "
+                f"{keras_cache_dir()}). Connect to the internet once so KerasCV's files can be downloaded, copy "
+                "them into a folder and pass --weights DIR, or use --weights random for an offline smoke run. "
+                f"Received: weights={weights!r}"
+            )
+        return found
+    folder = weights
+    check(
+        os.path.isdir(folder),
+        "weights must be 'keras-cv', 'random' or a directory of KerasCV .h5 "
+        "files, or a checkpoint (.safetensors/.ckpt file or diffusers folder). "
+        f"Received: weights={weights!r}",
+    )
+    check(
+        os.access(folder, os.R_OK | os.X_OK),
+        f"the weights directory cannot be read. Received: weights={weights!r}",
+    )
+    found, missing = {}, []
+    for part in parts:
+        path = os.path.join(folder, file_name(version, part))
+        if os.path.isfile(path) and os.access(path, os.R_OK):
+            found[part] = path
+        else:
+            missing.append(file_name(version, part))
+    where = os.path.abspath(folder)
     if missing:
         raise SdanimError(
             f"Stable Diffusion {version} weights are missing: {', '.join(missing)} "
@@ -86,7 +95,7 @@ def _set_precision(precision: str) -> None:
 
 # Held while a part is built: `_weights_loaded_later` changes how every Keras layer
 # creates its weights, which must not leak into a build of random weights elsewhere.
-_BUILD_LOCK = threading.RLock()
+_BUILD_LOCK = BUILD_LOCK
 
 
 @contextlib.contextmanager
@@ -311,11 +320,11 @@ def _build(source: _WeightSource, choices: _DeviceChoices, height: int, width: i
     def build(part: str):
         if source.kind == "random":
             # Seed per part so a part's random weights do not depend on build order.
-            with _BUILD_LOCK:
+            with _BUILD_LOCK, built_in_one_trace():
                 keras.utils.set_random_seed(seed * 10 + PART_ORDER.index(part))
                 model = builders[part]()
         else:
-            with _weights_loaded_later():  # overwritten next: skip the random draws
+            with _weights_loaded_later(), built_in_one_trace():  # overwritten next: skip the random draws
                 model = builders[part]()
         if source.files is not None:
             if part not in files:

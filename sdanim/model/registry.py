@@ -3,20 +3,21 @@ of the other model families (frame interpolator, upscalers, tiny decoder).
 
 Every download goes through `keras.utils.get_file` into the Keras cache
 ($KERAS_HOME/datasets, default ~/.keras/datasets), from a fixed URL, and is checked
-against the hash its publisher's own records give before it is used; a file that does
-not match is deleted. Offline, a file already in the cache is used as it is (after the
-same check); without it, one line says which file is needed and where to get it.
+against the hash its publisher's own records give before it is used. Offline, a file
+already in the cache is used as it is (after the same check); without it, one line says
+which file is needed and where to get it. A file in the cache under a pinned name with
+other content is refused with one line and never deleted (a user may have put it there).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Optional
 
 from sdanim.config.errors import SdanimError
 from sdanim.core.runtime import import_keras
+from sdanim.formats.digest import file_sha256, git_blob_sha1
 
 MAX_PROMPT_LENGTH = 77
 CONTEXT_DIM = {"1.4": 768, "2.1": 1024}
@@ -67,6 +68,14 @@ def file_name(version: str, part: str) -> str:
     return WEIGHT_FILES[version][part][0].rsplit("/", 1)[-1]
 
 
+def keras_cv_file(version: str, part: str) -> "PinnedFile":
+    """One of KerasCV's weight files as a pinned download (its URL and SHA-256)."""
+    origin, sha256 = WEIGHT_FILES[version][part]
+    return PinnedFile(file_name(version, part), origin, sha256=sha256,
+                      what=f"KerasCV Stable Diffusion {version} {part.replace('_', ' ')}",
+                      flag="--weights DIR (a folder of KerasCV's .h5 files)")
+
+
 def keras_cache_dir() -> str:
     base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return os.path.join(base, "datasets")
@@ -93,34 +102,69 @@ class PinnedFile:
     what: str = ""
     flag: str = ""
 
+    @property
+    def path(self) -> str:
+        """Where the file lives in the Keras cache."""
+        return os.path.join(keras_cache_dir(), self.name)
+
+    def digest(self, path: str) -> str:
+        """The file's hash of the kind this entry is pinned by."""
+        return file_sha256(path) if self.sha256 is not None else git_blob_sha1(path)
+
     def matches(self, path: str) -> bool:
         """Whether the file at `path` has the pinned content."""
-        with open(path, "rb") as f:
-            data = f.read()
-        if self.sha256 is not None:
-            return hashlib.sha256(data).hexdigest() == self.sha256
-        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        return blob == self.git_blob
+        return self.digest(path) == (self.sha256 if self.sha256 is not None else self.git_blob)
 
-    def cached(self) -> Optional[str]:
-        """The checked file in the cache, or None (a file that does not match is removed)."""
-        path = os.path.join(keras_cache_dir(), self.name)
+    def cached(self, param: str = "weights") -> Optional[str]:
+        """The checked file in the cache, or None when it is not there. A file there with
+        other content (one a user copied in, say) is refused with one line naming both
+        hashes, and left where it is: sdanim never deletes a file it did not write."""
+        path = self.path
         if not os.path.isfile(path):
             return None
-        if self.matches(path):
-            return path
-        os.remove(path)
-        return None
+        found = self.digest(path)
+        expected = self.sha256 if self.sha256 is not None else self.git_blob
+        if found != expected:
+            kind = "SHA-256" if self.sha256 is not None else "git blob id"
+            raise PinnedFileError(
+                f"{path} is not the published {self.what} file: its {kind} is {found}, the pinned one's {expected} "
+                f"({self.url}); move it out of the way (sdanim leaves it as it is), or pass it with {self.flag}. "
+                f"Received: {param}=None", reason=f"{self.name} in the cache has another {kind} ({found[:12]}..., "
+                f"pinned {expected[:12]}...)")
+        return path
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedFile:
+    """A weights file that was read and recognised: its path and SHA-256 (what a manifest
+    records, so a resume can refuse outputs another file made)."""
+
+    path: str
+    sha256: str
+
+    def record(self) -> dict:
+        return {"file": os.path.basename(self.path), "sha256": self.sha256}
+
+
+class PinnedFileError(SdanimError):
+    """A pinned file that cannot be used: `reason` says why in a few words (for an error
+    that names several files)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def fetch(pinned: PinnedFile, param: str) -> str:
     """The local path of a pinned file: from the cache, else downloaded once and checked.
 
-    Raises a one-line `SdanimError` naming the file, where to get it and the option that
-    takes a local copy, when it is neither cached nor downloadable (offline), or when the
-    download does not match its hash.
+    Raises a one-line `PinnedFileError` naming the file, where to get it and the option
+    that takes a local copy, when it is neither cached nor downloadable (the download's
+    own error said in a few words), when the cache holds other content under its name,
+    or when the download does not match its hash (that download, sdanim's own, is
+    removed).
     """
-    path = pinned.cached()
+    path = pinned.cached(param)
     if path is not None:
         return path
     keras = import_keras()
@@ -129,15 +173,14 @@ def fetch(pinned: PinnedFile, param: str) -> str:
     except Exception as error:  # Keras raises a bare Exception on URL failures
         text = " ".join(str(error).split())
         reason = (text.rsplit(" -- ", 1)[-1] if " -- " in text else text)[:120] or type(error).__name__
-        raise SdanimError(
+        raise PinnedFileError(
             f"the {pinned.what} weights ({pinned.name}) are not in {keras_cache_dir()} and could not be "
             f"downloaded from {pinned.url} ({reason}); download them there once, or pass {pinned.flag}. "
-            f"Received: {param}=None"
-        ) from None
+            f"Received: {param}=None", reason=f"{pinned.name} could not be downloaded ({reason})") from None
     if not pinned.matches(path):
-        os.remove(path)
-        raise SdanimError(
-            f"the downloaded {pinned.name} does not match its published hash (removed); try again, or "
-            f"pass {pinned.flag}. Received: {param}=None"
-        )
+        os.remove(path)  # the download just made, never a file that was there before
+        raise PinnedFileError(
+            f"the downloaded {pinned.name} does not match its published hash (the download was removed); try "
+            f"again, or pass {pinned.flag}. Received: {param}=None",
+            reason=f"the download of {pinned.name} does not match its published hash")
     return path

@@ -27,17 +27,19 @@ align_corners=True), written with gathers (Keras has no grid_sample).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
+import re
 from typing import Optional
 
 import numpy as np
 
 from sdanim.config.errors import SdanimError, check
 from sdanim.core.runtime import import_keras
+from sdanim.formats.digest import file_sha256
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.compiled import compiled
-from sdanim.model.registry import PinnedFile, fetch
+from sdanim.model.registry import CheckedFile, PinnedFile, fetch
+from sdanim.model.torch_weights import assign
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +56,10 @@ class Version:
 VERSIONS = (
     Version("4.26.heavy", (16, 16), (192, 128, 96, 64, 32), (16, 8, 4, 2, 1)),
     Version("4.25.heavy", (16, 4), (384, 256, 192, 128, 64), (16, 8, 4, 2, 1)),
-    Version("4.26", (16, 4), (192, 128, 96, 64, 32), (16, 8, 4, 2, 1)),  # 4.25 has the same shapes
+    # Releases that share every tensor shape cannot be told apart by a file: named by both.
+    Version("4.25/4.26", (16, 4), (192, 128, 96, 64, 32), (16, 8, 4, 2, 1)),
     Version("4.25.lite", (16, 4), (192, 128, 96, 64, 24), (32, 16, 8, 4, 1)),
-    Version("4.22", (32, 8), (256, 192, 96, 48), (8, 4, 2, 1)),  # 4.23 has the same shapes
+    Version("4.22/4.23", (32, 8), (256, 192, 96, 48), (8, 4, 2, 1)),
     Version("4.22.lite", (32, 8), (192, 128, 64, 32), (8, 4, 2, 1)),
 )
 
@@ -212,7 +215,7 @@ def build_ifnet(version: Version, layers: dict, height: int, width: int):
         warped0, warped1 = warp(img0, flow[..., :2]), warp(img1, flow[..., 2:4])
     weight = ops.sigmoid(mask)
     out = warped0 * weight + warped1 * (1.0 - weight)
-    return keras.Model([frame0, frame1, t], out, name=f"ifnet_{version.name.replace('.', '_')}")
+    return keras.Model([frame0, frame1, t], out, name=f"ifnet_{re.sub(r'[^0-9a-z]+', '_', version.name)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,15 +253,13 @@ def detect_version(tensors: dict, path: str) -> Version:
 
 
 @dataclasses.dataclass(frozen=True)
-class RifeFile:
+class RifeFile(CheckedFile):
     """Checked RIFE weights: the file, its SHA-256 and the release it holds."""
 
-    path: str
-    sha256: str
     version: Version
 
     def record(self) -> dict:
-        return {"file": os.path.basename(self.path), "sha256": self.sha256, "version": self.version.name}
+        return {**super().record(), "version": self.version.name}
 
 
 def check_rife(source: Optional[str]) -> RifeFile:
@@ -267,35 +268,21 @@ def check_rife(source: Optional[str]) -> RifeFile:
     path = fetch(PINNED, "rife") if source is None else os.fspath(source)
     check(os.path.isfile(path), f"the RIFE weights file does not exist. Received: rife={path!r}")
     version = detect_version(_state(path), path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return RifeFile(path, digest.hexdigest(), version)
+    return RifeFile(path, file_sha256(path), version)
 
 
 def _assign(layers: dict, tensors: dict, path: str) -> None:
-    """The file's tensors into the built layers (torch conv (out, in, kh, kw) and
-    transposed conv (in, out, kh, kw) -> Keras (kh, kw, ., .); beta (1, C, 1, 1) -> a
-    depthwise kernel (1, 1, C, 1))."""
-    used = set()
-    for name, layer in layers.items():
-        key = name if name.endswith(".beta") else f"{name}.weight"
-        if key not in tensors:
-            raise SdanimError(f"the RIFE file lacks {key}. Received: rife={path!r}")
+    """The file's tensors into the built layers (`sdanim.model.torch_weights`; a block's
+    beta (1, C, 1, 1) is a depthwise kernel (1, 1, C, 1)); what the training scripts
+    keep beside IFNet (contextnet, unet, teacher, caltime) is not needed."""
+
+    def beta(name, layer):
         if name.endswith(".beta"):
-            values = [tensors[key].load().reshape(1, 1, -1, 1)]
-        else:
-            values = [np.transpose(tensors[key].load(), (2, 3, 1, 0)), tensors[f"{name}.bias"].load()]
-            used.add(f"{name}.bias")
-        if [tuple(v.shape) for v in values] != [tuple(w.shape) for w in layer.get_weights()]:
-            raise SdanimError(f"RIFE tensor {key} has the wrong shape. Received: rife={path!r}")
-        layer.set_weights([v.astype(np.float32) for v in values])
-        used.add(key)
-    extra = sorted(k for k in set(tensors) - used if not k.startswith(("contextnet.", "unet.", "teacher.", "caltime.")))
-    if extra:
-        raise SdanimError(f"the RIFE file holds {len(extra)} tensors this release has no place for "
-                          f"(e.g. {extra[0]}). Received: rife={path!r}")
+            return [tensors[name].load().reshape(1, 1, -1, 1)], [name]
+        return None
+
+    assign(layers, tensors, "the RIFE file", f"rife={path!r}", special=beta,
+           ignored=("contextnet.", "unet.", "teacher.", "caltime."))
 
 
 def _run(calls, frame0, frame1, t):

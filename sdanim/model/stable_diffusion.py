@@ -20,6 +20,8 @@ What a model derives and who invalidates it:
                      part's layers change (`sdanim.model.layers`), and when any weight
                      changes in a process whose oneDNN kernels keep the weights they
                      saw first (`sdanim.model.device.keep_weights_in_kernels`)
+    controlnets      ControlNets built for the UNet, by their files' SHA-256 (their own
+                     weights: kept when the model's change)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ModelState:
     prompt_encoder: Optional[PromptEncoder] = None
     lora_base: dict = dataclasses.field(default_factory=dict)  # id(variable) -> (variable, base value)
     lora_targets: Optional[dict] = None  # LoRA module name -> (part, layer): the layers' names, never stale
+    controlnets: dict = dataclasses.field(default_factory=dict)  # a net's SHA-256 -> its LoadedControlNet
 
     def invalidate(self, parts=(), *, base: bool = False, layers: bool = False) -> None:
         """Drops what a change made stale: always the prompt embeddings (weights changed);

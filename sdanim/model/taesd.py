@@ -21,17 +21,17 @@ pinned download of taesd_decoder.pth / taesd_encoder.pth (`PINNED`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from typing import Optional
 
-import numpy as np
 
 from sdanim.config.errors import SdanimError, check
 from sdanim.core.runtime import import_keras
+from sdanim.formats.digest import file_sha256
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.registry import PinnedFile, fetch
+from sdanim.model.torch_weights import assign
 
 # madebyollin/taesd at its "TAESD 1.3" commit (2024-11-07), the last to change these
 # files. The repository's own record of their content is their git blob id (the files
@@ -112,14 +112,6 @@ def build_encoder(latent_channels: int = LATENT_CHANNELS):
 # weight files
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _parts_of(tensors: dict) -> dict:
     """{"decoder"/"encoder": {original key: tensor}} of one file, whatever its layout."""
     parts: dict = {}
@@ -198,31 +190,14 @@ def check_taesd(source: Optional[str], parts=("decoder",)) -> TaesdFiles:
             check(source is None, f"no TAESD {part} in these weights; give a file or folder that has it "
                                   f"(taesd_{part}.pth). Received: taesd={source!r}")
             found[part] = fetch(PINNED[part], "taesd")
-    return TaesdFiles({part: (path, _sha256(path)) for part, path in found.items() if part in parts})
+    return TaesdFiles({part: (path, file_sha256(path)) for part, path in found.items() if part in parts})
 
 
 def _assign(model, tensors: dict, path: str) -> None:
-    """Copies the tensors into the Keras model's convolutions (torch (out, in, kh, kw)
-    kernels -> Keras (kh, kw, in, out)); every weight accounted for."""
-    used = set()
-    for layer in model.layers:
-        if not layer.weights or layer.name.endswith(".pad"):
-            continue
-        kernel_key, bias_key = f"{layer.name}.weight", f"{layer.name}.bias"
-        if kernel_key not in tensors:
-            raise SdanimError(f"the TAESD file lacks {kernel_key} (not a TAESD for SD 1.x/2.x?). Received: taesd={path!r}")
-        kernel = np.transpose(tensors[kernel_key].load(), (2, 3, 1, 0))  # (out, in, kh, kw) -> (kh, kw, in, out)
-        values = [kernel] + ([tensors[bias_key].load()] if layer.use_bias else [])
-        shapes = [tuple(w.shape) for w in layer.get_weights()]
-        if [tuple(v.shape) for v in values] != shapes:
-            raise SdanimError(f"TAESD tensor {kernel_key} has the wrong shape {tuple(tensors[kernel_key].shape)} "
-                              f"for this architecture. Received: taesd={path!r}")
-        layer.set_weights([v.astype(np.float32) for v in values])
-        used.update([kernel_key, bias_key] if layer.use_bias else [kernel_key])
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise SdanimError(f"the TAESD file holds {len(extra)} tensors this architecture has no place for "
-                          f"(e.g. {extra[0]}). Received: taesd={path!r}")
+    """Copies the tensors into the Keras model's convolutions, named as the file's
+    modules (`sdanim.model.torch_weights`); every weight accounted for."""
+    layers = {layer.name: layer for layer in model.layers if layer.weights and not layer.name.endswith(".pad")}
+    assign(layers, tensors, "the TAESD file (not a TAESD for SD 1.x/2.x?)", f"taesd={path!r}")
 
 
 def load_part(files: TaesdFiles, part: str):

@@ -13,7 +13,7 @@ import numpy as np
 
 from sdanim.config.errors import check
 from sdanim.config.export import ExportSettings, check_fps, check_quality, output_format
-from sdanim.core.audio import read_audio
+from sdanim.formats.audio import read_audio
 from sdanim.render.store import atomic_write, ensure_folder
 
 _CODECS = {".mp4": ("libx264", "aac"), ".webm": ("libvpx-vp9", "libopus")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -23,7 +23,9 @@ from sdanim.core.keyframes import Walk, mix_embeddings, normalize_prompt
 from sdanim.core.noise import seeded_noise
 from sdanim.core.plan import FramePlan, ImagePlan
 from sdanim.core.runtime import keras_ops
+from sdanim.model.controlnet import controlnets_for
 from sdanim.model.stable_diffusion import lora_text, prompt_encoder
+from sdanim.render.control import control_record
 from sdanim.render.sampling import Renderer
 
 
@@ -86,14 +88,17 @@ def frame_metadata(job: Job, index: int, model: dict) -> dict:
     return {"sdanim": {**job.frame_text(index), **lora_text(model.get("loras"))}}
 
 
-def make_renderer(model, settings: RenderSettings, negative_prompt: Optional[str] = None, strength: float = 1.0) -> Renderer:
+def make_renderer(model, settings: RenderSettings, negative_prompt: Optional[str] = None, strength: float = 1.0,
+                  controls: Sequence = ()) -> Renderer:
     """A `Renderer` over the model's UNet and decoder (TAESD's where settings.decoder is
-    "tiny"), the negative prompt encoded once."""
+    "tiny"), the negative prompt encoded once; with `controls` (`ControlInput`s), their
+    ControlNets built for the model (once per model)."""
     uncond = prompt_encoder(model).encode_one(negative_prompt or "")  # (77, D)
     decoder = model.tiny_decoder if settings.decoder == "tiny" else model.decoder
+    units = controlnets_for(model, [c.spec for c in controls]) if controls else ()
     return Renderer(
         model.diffusion_model, decoder, settings, uncond,
-        jit_compile=bool(getattr(model, "jit_compile", False)), strength=strength,
+        jit_compile=bool(getattr(model, "jit_compile", False)), strength=strength, controls=units,
     )
 
 
@@ -121,12 +126,15 @@ class FrameJob:
         negative_prompt: str or None.
         positions: tuple of float or None. Each frame's position along the keyframe
             path (uniform spacing and audio timing place them); None: the walk's own.
+        controls: tuple of `sdanim.render.control.ControlInput`: ControlNets and their
+            hints over the frames. Defaults to none.
     """
 
     walk: Walk
     settings: RenderSettings
     negative_prompt: Optional[str] = None
     positions: Optional[tuple] = None
+    controls: tuple = ()
 
     def frame_positions(self) -> np.ndarray:
         if self.positions is not None:
@@ -143,6 +151,7 @@ class FrameJob:
             "walk": self.walk.record(), "render": render_record(self.settings),
             "negative_prompt": self.negative_prompt,
             "positions": None if self.positions is None else [float(u) for u in self.positions],
+            **control_record(self.controls),
         }
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -162,15 +171,16 @@ class FrameJob:
             guides = np.stack([mix_embeddings(k.guide, encoder.encode) if k.guide is not None
                                else np.full_like(embeddings[0], np.nan) for k in transitions])  # (K - 1, 77, D)
         return FramePlan(embeddings, noises, seeds, self.frame_positions(), self.walk.interpolation, noise_mode,
-                         guides, self.walk.attention, self.walk.attention_warmup)
+                         guides, self.walk.attention, self.walk.attention_warmup, tuple(c.hints for c in self.controls))
 
     def renderer(self, model) -> Renderer:
-        return make_renderer(model, self.settings, self.negative_prompt)
+        return make_renderer(model, self.settings, self.negative_prompt, controls=self.controls)
 
     def frame_text(self, index: int) -> dict:
         """PNG metadata of one frame: enough to reproduce it."""
         u = float(self.frame_positions()[index])
-        return {"frame": index, "position": u, "walk": self.walk.record(), "render": self.settings.record()}
+        return {"frame": index, "position": u, "walk": self.walk.record(), "render": self.settings.record(),
+                **control_record(self.controls)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -187,6 +197,7 @@ class ImageMorphJob:
         interpolation: "slerp" or "linear", between the latents.
         settings: `RenderSettings`.
         negative_prompt: str or None.
+        controls: tuple of `ControlInput`, as `FrameJob`'s.
     """
 
     pixels: np.ndarray
@@ -197,6 +208,7 @@ class ImageMorphJob:
     interpolation: str
     settings: RenderSettings
     negative_prompt: Optional[str] = None
+    controls: tuple = ()
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -205,17 +217,20 @@ class ImageMorphJob:
     def key(self) -> str:
         digest = hashlib.sha256(np.ascontiguousarray(self.pixels).tobytes())
         digest.update(json.dumps([prompt_record(self.prompt), self.seed, list(self.positions), self.strength,
-                                  self.interpolation, self.settings.record(), self.negative_prompt],
-                                 sort_keys=True).encode())
+                                  self.interpolation, self.settings.record(), self.negative_prompt,
+                                  control_record(self.controls)], sort_keys=True).encode())
         return digest.hexdigest()
 
     def plan(self, model) -> ImagePlan:
         latents = encode_images(model, self.pixels)  # (2, h, w, 4)
         return ImagePlan(embed_prompt(model, self.prompt), latents, tuple([self.seed] * len(self)),
-                         np.asarray(self.positions, dtype=np.float64), interpolation=self.interpolation)
+                         np.asarray(self.positions, dtype=np.float64), interpolation=self.interpolation,
+                         controls=tuple(c.hints for c in self.controls))
 
     def renderer(self, model) -> Renderer:
-        return make_renderer(model, self.settings, self.negative_prompt, strength=self.strength)
+        return make_renderer(model, self.settings, self.negative_prompt, strength=self.strength,
+                             controls=self.controls)
 
     def frame_text(self, index: int) -> dict:
-        return {"tool": "image_morph", "frame": index, "position": float(self.positions[index])}
+        return {"tool": "image_morph", "frame": index, "position": float(self.positions[index]),
+                **control_record(self.controls)}

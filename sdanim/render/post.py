@@ -14,8 +14,6 @@ made them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sdanim.config.export import ExportSettings
+from sdanim.formats.digest import data_key, files_sha256
 from sdanim.model.esrgan import Upscaler, UpscalerFile, check_upscaler
 from sdanim.model.rife import Interpolator, RifeFile, check_rife
 from sdanim.render.store import FrameStore, ensure_folder, read_png, write_png
@@ -66,10 +65,6 @@ def check_post(export: ExportSettings, batch_size: int = 4) -> PostProcess:
     return PostProcess(export.interpolate, rife, upscaler, batch_size)
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def sequence(count: int, times: int, loop: bool) -> list:
     """The video's frames in order: ("frame", i) for rendered frame i and
     ("between", i, k) for the k-th of the times - 1 in-betweens after it."""
@@ -103,19 +98,15 @@ def _batches(items: list, size: int) -> list:
 def frames_digest(frames_dir: str, count: int) -> str:
     """SHA-256 of the rendered frames' files, in order: what the post-processed files
     are made from."""
-    digest = hashlib.sha256()
     store = FrameStore(frames_dir)
-    for i in range(count):
-        with open(store.path(i), "rb") as f:
-            digest.update(hashlib.sha256(f.read()).digest())
-    return digest.hexdigest()
+    return files_sha256(store.path(i) for i in range(count))
 
 
 def make_inbetweens(frames_dir: str, count: int, post: PostProcess, loop: bool, progress: bool = True,
                     source: str = "") -> str:
     """Writes the in-betweens of `count` rendered frames in `frames_dir` (missing ones
     only) into their folder; returns the folder. `source`: `frames_digest`."""
-    files = _Files(os.path.join(frames_dir, f"between-{_key(source, post.rife.sha256, post.times, loop)}"))
+    files = _Files(os.path.join(frames_dir, f"between-{data_key(source, post.rife.sha256, post.times, loop)}"))
     rendered = FrameStore(frames_dir)
     todo = [item for item in sequence(count, post.times, loop) if item[0] == "between" and not files.has(item)]
     if not todo:
@@ -143,7 +134,7 @@ def make_upscaled(frames_dir: str, sources: Sequence, source_path: Callable, pos
     """Writes an upscaled copy of every video frame in `sources` (missing ones only);
     `source_path(item)` is where an item's frame is. Returns the folder."""
     rife = post.rife.sha256 if post.rife is not None else None
-    files = _Files(os.path.join(frames_dir, f"upscaled-{_key(source, rife, post.times, post.upscaler.sha256)}"))
+    files = _Files(os.path.join(frames_dir, f"upscaled-{data_key(source, rife, post.times, post.upscaler.sha256)}"))
     todo = [item for item in sources if not files.has(item)]
     if not todo:
         return files.folder

@@ -25,7 +25,7 @@ from sdanim.render.ray import RayFrames, Workers
 from sdanim.render.store import FrameStore, ensure_folder, manifest_differences
 
 # Manifest keys that must match for frames on disk to be reused.
-RUN_KEYS = ("walk", "timing", "negative_prompt", "render", "model")
+RUN_KEYS = ("walk", "timing", "negative_prompt", "render", "model", "controlnets")
 
 
 def check_decoder(model, settings: RenderSettings) -> None:
@@ -38,7 +38,7 @@ def check_decoder(model, settings: RenderSettings) -> None:
 def tiny_decoder_available(model) -> bool:
     """Whether TAESD weights are at hand without a download: given to the model (or its
     spec), or already in the cache. Previews use the tiny decoder then."""
-    return getattr(model, "taesd", None) is not None or PINNED["decoder"].cached() is not None
+    return getattr(model, "taesd", None) is not None or PINNED["decoder"].cached("taesd") is not None
 
 
 def get_model(model, settings: RenderSettings):
@@ -59,6 +59,12 @@ def get_model(model, settings: RenderSettings):
     return model
 
 
+def known_version(model):
+    """The SD version of `model` before it is built, where it is known: a loaded model's,
+    or a ModelSpec's when it names one (else None: checked when the model is built)."""
+    return getattr(model, "version", None)
+
+
 def frame_source(model, settings: RenderSettings, workers=None):
     """Where a run's frames are rendered: in this process (`workers` None) with
     `get_model(model, settings)`, or on Ray workers (`workers`: a count or a `Workers`),
@@ -70,8 +76,10 @@ def frame_source(model, settings: RenderSettings, workers=None):
     return RayFrames(model, settings, workers if isinstance(workers, Workers) else Workers(count=workers))
 
 
-def open_run_folder(folder: str, manifest: dict, overwrite: bool):
-    """Opens a run's frames folder, refusing to mix frames of a different run.
+def open_run_folder(folder: str, manifest: dict, overwrite: bool, keys=RUN_KEYS):
+    """Opens a run's frames folder, refusing to mix frames of a different run: one whose
+    manifest differs on `keys` (what decides the frames), or frames without a manifest.
+    overwrite=True removes the frames and their in-betweens and upscaled copies instead.
 
     Returns the store and the stored manifest of the same run (None if new)."""
     store = FrameStore(ensure_folder(folder, "out"))
@@ -86,7 +94,7 @@ def open_run_folder(folder: str, manifest: dict, overwrite: bool):
             for path in glob.glob(os.path.join(folder, pattern)):
                 shutil.rmtree(path, ignore_errors=True)
     elif stored is not None:
-        diffs = manifest_differences(stored, manifest, RUN_KEYS)
+        diffs = manifest_differences(stored, manifest, keys)
         if diffs:
             raise SdanimError(
                 f"the frames folder {folder} belongs to another run ({'; '.join(diffs[:3])}); "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from typing import Iterable, Optional
 
 import numpy as np
@@ -19,20 +19,27 @@ from sdanim.config.errors import SdanimError
 MANIFEST = "manifest.json"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _new_file(folder: str, stem: str, ext: str) -> str:
+    """Creates an empty temporary file beside its final name, with the mode a new file
+    gets (0666 less the process's umask *now*, applied by the OS: nothing reads or sets
+    the umask here, which another thread could be changing). mkstemp would make it 0600."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(4)}.partial{ext}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {os.path.join(folder, stem + ext)}")
 
 
 def atomic_write(path: str, write) -> None:
     """Calls write(tmp_path) for a temporary file beside `path`, then renames it."""
     folder = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    stem, ext = os.path.splitext(base)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{ext}", dir=folder)
-    os.close(fd)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    tmp = _new_file(folder, stem, ext)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -127,9 +134,6 @@ class FrameStore:
 
     def read(self, index: int) -> np.ndarray:
         return read_png(self.path(index))
-
-    def read_all(self, count: int) -> np.ndarray:
-        return np.stack([self.read(i) for i in range(count)])
 
     # Manifest ---------------------------------------------------------------------
 

@@ -19,21 +19,23 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sdanim.config.control import ControlNetSpec
 from sdanim.config.errors import check
 from sdanim.config.export import ExportSettings
 from sdanim.config.settings import RenderSettings
+from sdanim.core.hints import control_inputs
 from sdanim.core.keyframes import normalize_prompt, prompt_texts
 from sdanim.core.noise import check_seed, seeded_noise
-from sdanim.core.pixels import (
-    composite, extend_canvas, fit_image, labelled_grid, latent_mask, load_image, load_mask, soft_mask,
-)
+from sdanim.core.pixels import composite, extend_canvas, fit_image, labelled_grid, latent_mask, soft_mask
 from sdanim.core.plan import FrameInputs, FramePlan, ImagePlan, ListPlan, step_seed
 from sdanim.core.runtime import keras_ops
 from sdanim.core.schedulers import steps_for_strength
+from sdanim.formats.images import load_image, load_mask
 from sdanim.render.export import check_output, write_video
+from sdanim.render.control import control_record, prepare_controls
 from sdanim.render.jobs import embed_prompt, encode_images, make_renderer, model_text, prompt_record
-from sdanim.render.run import get_model
-from sdanim.render.sampling import render_frames
+from sdanim.render.run import get_model, known_version
+from sdanim.render.sampling import ControlBatch, render_frames
 from sdanim.render.store import ensure_folder, write_png
 
 
@@ -78,6 +80,7 @@ def generate(
     out_dir: Optional[str] = "outputs",
     model=None,
     progress: bool = True,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> GenerateResult:
     """Text to image: `num_images` images of one prompt, image k from seed + k.
 
@@ -93,6 +96,8 @@ def generate(
         out_dir: str or None. Folder for `<prompt>-seed<seed>.png` files; None saves
             nothing. Defaults to "outputs".
         model, progress: as in `morph`.
+        controlnets: sequence of `sdanim.ControlNetSpec` (an image for every image, or a
+            folder or video: one per image). Defaults to none.
 
     Example:
     ```python
@@ -102,6 +107,7 @@ def generate(
     """
     settings = settings or RenderSettings()
     seed = check_generate_args(prompt, num_images, seed, out_dir)
+    controls = prepare_controls(controlnets, num_images, settings.height, settings.width, version=known_version(model))
     model = get_model(model, settings)
     seeds = [seed + k for k in range(num_images)]
     embedding = embed_prompt(model, prompt)  # (77, D)
@@ -112,14 +118,18 @@ def generate(
         seeds=tuple(seeds),
         positions=np.arange(num_images, dtype=np.float64),
         noise_mode="slerp",  # at integer positions: keyframe k's own noise
+        controls=tuple(c.hints for c in controls),
     )
-    images = render_frames(make_renderer(model, settings, negative_prompt), plan, range(num_images), settings.batch_size, progress=progress)
+    renderer = make_renderer(model, settings, negative_prompt, controls=controls)
+    images = render_frames(renderer, plan, range(num_images), settings.batch_size, progress=progress)
     stacked = np.stack([images[k] for k in range(num_images)])
     paths = []
     if out_dir is not None:
         for s, image in zip(seeds, stacked):
             path = os.path.join(out_dir, f"{slugify(prompt)}-seed{s}.png")
-            write_png(path, image, {"sdanim": {"prompt": prompt_record(prompt), "negative_prompt": negative_prompt, "seed": s, "render": settings.record(), **model_text(model)}})
+            write_png(path, image, {"sdanim": {"prompt": prompt_record(prompt), "negative_prompt": negative_prompt, "seed": s,
+                                               "render": settings.record(), **model_text(model),
+                                               **control_record(controls)}})
             paths.append(path)
     return GenerateResult(stacked, seeds, paths)
 
@@ -147,12 +157,12 @@ def _save(out_dir, stem, seeds, images, record) -> list:
     return paths
 
 
-def _render_from(model, settings, prompt, negative_prompt, latents, seeds, strength, mask, progress):
+def _render_from(model, settings, prompt, negative_prompt, latents, seeds, strength, mask, progress, controls=()):
     plan = ImagePlan(
         context=embed_prompt(model, prompt), latents=latents, seeds=tuple(seeds),
-        positions=np.zeros(len(seeds)), mask=mask,
+        positions=np.zeros(len(seeds)), mask=mask, controls=tuple(c.hints for c in controls),
     )
-    renderer = make_renderer(model, settings, negative_prompt, strength=strength)
+    renderer = make_renderer(model, settings, negative_prompt, strength=strength, controls=controls)
     images = render_frames(renderer, plan, range(len(plan)), settings.batch_size, progress=progress)
     return np.stack([images[k] for k in range(len(plan))])
 
@@ -169,6 +179,7 @@ def img2img(
     out_dir: Optional[str] = "outputs",
     model=None,
     progress: bool = True,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> GenerateResult:
     """Image to image: the image, noised to `strength`, redrawn with the prompt.
 
@@ -184,7 +195,7 @@ def img2img(
             call; 1 ignores it (the same image as `generate` with that seed).
             Defaults to 0.6.
         num_images, seed, settings, negative_prompt, out_dir, model,
-            progress: as in `sdanim.generate`; image k uses seed + k.
+            progress, controlnets: as in `sdanim.generate`; image k uses seed + k.
         fit: "crop" or "resize". Defaults to "crop".
 
     Example:
@@ -197,15 +208,18 @@ def img2img(
     steps_for_strength(strength, settings.num_steps)
     seeds = _seeds(seed, num_images, out_dir)
     pixels = prepare_image(image, settings, fit)
+    controls = prepare_controls(controlnets, num_images, settings.height, settings.width, fit,
+                                version=known_version(model))
     if strength == 0:
         images = np.repeat(pixels[None], num_images, axis=0)
     else:
         model = get_model(model, settings)
         latent = encode_images(model, pixels[None])  # (1, h, w, 4)
-        images = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, None, progress)
+        images = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, None, progress,
+                              controls)
     record = {"tool": "img2img", "prompt": prompt_record(prompt), "strength": strength,
               "negative_prompt": negative_prompt, "render": settings.record(),
-              **(model_text(model) if strength > 0 else {})}
+              **(model_text(model) if strength > 0 else {}), **control_record(controls)}
     return GenerateResult(images, seeds, _save(out_dir, f"img2img-{slugify(prompt)}", seeds, images, record))
 
 
@@ -232,6 +246,7 @@ def inpaint(
     out_dir: Optional[str] = "outputs",
     model=None,
     progress: bool = True,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> InpaintResult:
     """Redraws the white part of `mask` with the prompt; the rest of the image stays.
 
@@ -250,6 +265,8 @@ def inpaint(
             keeps some of what was there. Defaults to 1.
         feather: float. Pixels over which the repainted region blends into the
             original inside the mask's edge. Defaults to 4.
+        controlnets: as in `img2img`; the inpaint preprocessor takes this mask (an
+            inpainting ControlNet with the image itself: control image None -> the image).
         Others as in `img2img`.
     """
     settings = settings or RenderSettings()
@@ -262,18 +279,24 @@ def inpaint(
     pixels = fit_image(original, settings.height, settings.width, fit)
     hard = fit_image(hard.astype(np.uint8) * 255, settings.height, settings.width, fit, nearest=True) >= 128
     return _inpaint_fitted(pixels, hard, prompt, seeds, strength, feather, settings, negative_prompt, out_dir,
-                           model, progress, "inpaint")
+                           model, progress, "inpaint", controlnets)
 
 
 def _inpaint_fitted(pixels, hard, prompt, seeds, strength, feather, settings, negative_prompt, out_dir,
-                    model, progress, tool) -> InpaintResult:
+                    model, progress, tool, controlnets=()) -> InpaintResult:
     weight = soft_mask(hard, feather)  # (H, W), 0 outside the mask
+    # A ControlNet without an image of its own (an inpainting ControlNet) sees this image.
+    specs = [spec if spec.image is not None else dataclasses.replace(spec, image=pixels) for spec in controlnets]
+    controls = prepare_controls(specs, len(seeds), settings.height, settings.width, mask=hard,
+                                version=known_version(model))
     model = get_model(model, settings)
     latent = encode_images(model, pixels[None])  # (1, h, w, 4)
-    generated = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, latent_mask(hard), progress)
+    generated = _render_from(model, settings, prompt, negative_prompt, latent, seeds, strength, latent_mask(hard),
+                             progress, controls)
     images = np.stack([composite(g, pixels, weight) for g in generated])
     record = {"tool": tool, "prompt": prompt_record(prompt), "strength": strength, "feather": feather,
-              "negative_prompt": negative_prompt, "render": settings.record(), **model_text(model)}
+              "negative_prompt": negative_prompt, "render": settings.record(), **model_text(model),
+              **control_record(controls)}
     paths = _save(out_dir, f"{tool}-{slugify(prompt)}", seeds, images, record)
     return InpaintResult(images, seeds, paths, mask=hard, image=pixels)
 
@@ -293,6 +316,7 @@ def outpaint(
     out_dir: Optional[str] = "outputs",
     model=None,
     progress: bool = True,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> InpaintResult:
     """Extends the image by `left`/`right`/`top`/`bottom` pixels, painting the new
     borders with the prompt (inpainting with the borders as the mask). The image is
@@ -306,7 +330,7 @@ def outpaint(
     normalize_prompt(prompt)
     seeds = _seeds(seed, num_images, out_dir)
     return _inpaint_fitted(canvas, hard, prompt, seeds, 1.0, feather, settings, negative_prompt, out_dir,
-                           model, progress, "outpaint")
+                           model, progress, "outpaint", controlnets)
 
 
 def check_grid_args(prompts, seeds, guidance_scales, steps, settings: RenderSettings, out):
@@ -348,6 +372,7 @@ def grid(
     out: Optional[str] = "outputs/grid.png",
     model=None,
     progress: bool = True,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> GridResult:
     """A labelled comparison grid: one row per prompt, one column per combination of
     seed x guidance scale x step count, so a row shows what the settings do and a
@@ -361,9 +386,11 @@ def grid(
         guidance_scales: guidance scales to compare. Defaults to the settings'.
         steps: step counts to compare. Defaults to the settings'.
         out: PNG path of the grid, or None. Defaults to "outputs/grid.png".
+        controlnets: as in `generate` (one image for every cell, or one per column).
     """
     settings = settings or RenderSettings()
     prompts, seeds, variants = check_grid_args(prompts, seeds, guidance_scales, steps, settings, out)
+    controls = prepare_controls(controlnets, len(seeds), settings.height, settings.width, version=known_version(model))
     model = get_model(model, settings)
     contexts = [embed_prompt(model, p) for p in prompts]
     n_scales = len({v.guidance_scale for v in variants})
@@ -374,11 +401,12 @@ def grid(
         # One renderer per (guidance, steps); every prompt x seed of it in batches.
         pairs = list(itertools.product(range(len(prompts)), range(len(seeds))))
         frames = [
-            FrameInputs(k, contexts[r], seeded_noise(seeds[c], settings.latent_shape), step_seed(seeds[c]), 0.0)
+            FrameInputs(k, contexts[r], seeded_noise(seeds[c], settings.latent_shape), step_seed(seeds[c]), 0.0,
+                        control=control_inputs([x.hints for x in controls], c, 0.0))  # a seed's column: its hint
             for k, (r, c) in enumerate(pairs)
         ]
         plan = ListPlan(frames)
-        renderer = make_renderer(model, variant, negative_prompt)
+        renderer = make_renderer(model, variant, negative_prompt, controls=controls)
         images = render_frames(renderer, plan, range(len(frames)), settings.batch_size, progress=progress)
         for k, (r, c) in enumerate(pairs):
             cells[r, v_index * len(seeds) + c] = images[k]
@@ -397,7 +425,7 @@ def grid(
     if out is not None:
         write_png(out, sheet, {"sdanim": {"tool": "grid", "prompts": [prompt_record(p) for p in prompts],
                                          "columns": columns, "render": settings.record(),
-                                         **model_text(model)}})
+                                         **model_text(model), **control_record(controls)}})
     return GridResult(sheet, cells, columns, out)
 
 
@@ -435,6 +463,7 @@ def denoising_steps(
     fps: float = 4,
     model=None,
     progress: bool = True,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> StepsResult:
     """How the picture emerges: the decoded predicted clean image (x0) after chosen
     steps of one generation, as a labelled strip `<out stem>_strip.png` and a GIF.
@@ -450,8 +479,9 @@ def denoising_steps(
     settings = settings or RenderSettings()
     n = settings.num_steps
     show, seed = check_steps_args(prompt, seed, show, settings, out, fps)
+    controls = prepare_controls(controlnets, 1, settings.height, settings.width, version=known_version(model))
     model = get_model(model, settings)
-    renderer = make_renderer(model, settings, negative_prompt)
+    renderer = make_renderer(model, settings, negative_prompt, controls=controls)
     context = embed_prompt(model, prompt)[None]  # (1, 77, D)
     noise = seeded_noise(seed, settings.latent_shape)[None]
     captured = {}
@@ -460,7 +490,11 @@ def denoising_steps(
         if i + 1 in show:
             captured[i + 1] = denoised
 
-    final = renderer.sample_latents(context, noise, [step_seed(seed)], on_step=on_step)
+    control = None
+    if controls:  # each net's hint and scale for the one image: (1, H, W, 3) and (n, 1)
+        inputs = control_inputs([c.hints for c in controls], 0, 0.0)
+        control = ControlBatch(tuple(h[None] for h, _ in inputs), np.array([[s] for _, s in inputs], np.float32))
+    final = renderer.sample_latents(context, noise, [step_seed(seed)], on_step=on_step, control=control)
     captured[n] = final if n in show else captured.get(n)
     latents = ops.concatenate([captured[s] for s in show], axis=0)  # (S, h, w, 4)
     images = np.concatenate([renderer.decode(latents[k : k + 1]) for k in range(len(show))])

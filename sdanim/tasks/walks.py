@@ -19,23 +19,29 @@ import numpy as np
 
 from sdanim.config import __version__
 from sdanim.config.choices import INTERPOLATIONS, MORPH_NOISES
+from sdanim.config.control import ControlNetSpec
 from sdanim.config.errors import check
 from sdanim.config.export import ExportSettings
+from sdanim.config.limits import Limits
 from sdanim.config.settings import RenderSettings
 from sdanim.core import audio as audio_lib
 from sdanim.core.interpolation import check_easing, split_frames
 from sdanim.core.keyframes import Walk, normalize_prompt, walk_from_prompts
 from sdanim.core.noise import check_seed
-from sdanim.core.pixels import fit_image, load_image
+from sdanim.core.pixels import fit_image
 from sdanim.core.smoothness import consecutive_distances, smoothness_report
 from sdanim.core.spacing import beta_positions, check_spacing, uniform_positions
 from sdanim.core.schedulers import steps_for_strength
+from sdanim.formats.audio import read_audio
+from sdanim.formats.digest import file_sha256
+from sdanim.formats.images import load_image
 from sdanim.render.export import blend_double, check_output, contact_sheet, write_video
+from sdanim.render.control import control_record, prepare_controls
 from sdanim.render.jobs import FrameJob, ImageMorphJob, render_record
 from sdanim.render.ray import check_workers_args
-from sdanim.render.run import frame_source, open_run_folder, tiny_decoder_available, versions
+from sdanim.render.run import frame_source, known_version, open_run_folder, tiny_decoder_available, versions
 from sdanim.render.plots import audio_figure, save_figure
-from sdanim.render.post import PostProcess, check_post, post_process
+from sdanim.render.post import PostProcess, check_post, post_process, sequence
 from sdanim.render.store import FrameStore, PngSequence, ensure_folder, write_png
 
 
@@ -102,6 +108,8 @@ def morph(
     attention_interp: str = "off",
     attention_warmup: float = 0.5,
     guide=None,
+    limits: Optional[Limits] = None,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> MorphResult:
     """Renders a prompt-to-prompt morph A -> B (-> C ...) and exports it.
 
@@ -140,6 +148,8 @@ def morph(
             attention (plain attention after). Defaults to 0.5 (AID's).
         guide: str or mix or None. PAID's guide prompt: the in-between frames take its
             embedding instead of the blend of their keyframes'. Defaults to None.
+        limits: `sdanim.config.limits.Limits` or None: as in `animate`.
+        controlnets: as in `animate`.
 
     Example:
     ```python
@@ -156,7 +166,7 @@ def morph(
     return animate(
         walk, out=out, settings=settings, export=export, model=model, negative_prompt=negative_prompt,
         spacing=spacing, preview_steps=preview_steps, workers=workers, overwrite=overwrite, progress=progress,
-        on_batch=on_batch,
+        on_batch=on_batch, limits=limits, controlnets=controlnets,
     )
 
 
@@ -174,6 +184,8 @@ def animate(
     overwrite: bool = False,
     progress: bool = True,
     on_batch=None,
+    limits: Optional[Limits] = None,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> MorphResult:
     """Renders a keyframe walk (see `sdanim.keyframes`) and exports it.
 
@@ -200,6 +212,14 @@ def animate(
         on_batch: callable (frame indices, images) or None. Called after each batch is
             saved (live previews); an exception it raises stops the render, keeping
             every frame already saved (the same call resumes). Defaults to None.
+        limits: `sdanim.config.limits.Limits` or None. What one request may ask for (a
+            shared app's): checked on the final plan before anything is built: the
+            video's frames after audio timing and in-betweens, the output size after
+            upscaling, steps and batch. Defaults to None (no limits).
+        controlnets: sequence of `sdanim.ControlNetSpec`: ControlNets whose structure the
+            frames follow, each with its image (one for all frames, a folder or a video:
+            one per frame), or the walk's per-keyframe `control_image` and
+            `control_scale` (`sdanim.render.control`). Defaults to none.
 
     Example:
     ```python
@@ -212,7 +232,13 @@ def animate(
     export = export or ExportSettings()
     check_output(export, out)
     timing = _check_timing(walk, settings, export, spacing, preview_steps)
+    count = len(timing.positions) if timing.positions is not None else len(walk)  # audio timing decides it
+    if limits is not None:  # on the final plan
+        check_plan_limits(limits, settings, export, count, walk.loop)
     post = check_post(export, settings.batch_size)
+    images, scales = walk.control_stops(len(controlnets))
+    controls = prepare_controls(controlnets, count, settings.height, settings.width, keyframe_images=images,
+                                keyframe_scales=scales, version=known_version(model))
     if workers is not None:
         check_workers_args(model, workers)
     folder = os.path.splitext(out)[0] + "_frames"
@@ -223,12 +249,13 @@ def animate(
             "walk": walk.record(), "timing": timing.record(export), "negative_prompt": negative_prompt,
             "render": render_record(settings), "model": source.describe(), "fps": export.fps,
             **({"post": post.record()} if post.active else {}), "sdanim": __version__, "versions": versions(),
+            **control_record(controls),
         }
         store, stored = open_run_folder(folder, manifest, overwrite)
         start = time.perf_counter()
 
         # 3. Where each frame sits along the keyframe path (the plan is built per model).
-        job = FrameJob(walk, settings, negative_prompt)
+        job = FrameJob(walk, settings, negative_prompt, controls=controls)
         if timing.positions is not None:  # audio timing
             job = dataclasses.replace(job, positions=tuple(float(u) for u in timing.positions))
         if timing.spacing == "beta":
@@ -261,6 +288,21 @@ def animate(
                        timing.analysis.tempo if timing.analysis is not None else None)
 
 
+def video_frames(rendered: int, export: ExportSettings, loop: bool) -> int:
+    """The frames an animation's video has: the rendered ones and the in-betweens RIFE
+    adds (or the blended doubles)."""
+    times = export.interpolate if export.interpolate > 1 else 2 if export.double else 1
+    return len(sequence(rendered, times, loop))
+
+
+def check_plan_limits(limits: Limits, settings: RenderSettings, export: ExportSettings, rendered: int,
+                      loop: bool) -> None:
+    """A request's final plan against `limits`: sampling (size after upscaling, steps,
+    batch) and the video's frame count."""
+    limits.check_settings(settings, export.upscale)
+    limits.check_frames(video_frames(rendered, export, loop))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Timing:
     """Where the frames of a walk sit: `spacing` (and its preview's steps), or an audio
@@ -278,7 +320,7 @@ class _Timing:
     def record(self, export: ExportSettings) -> dict:
         audio = None
         if export.audio is not None:
-            audio = {"sha256": audio_lib.file_digest(export.audio), "mode": export.audio_mode, "fps": export.fps}
+            audio = {"sha256": file_sha256(export.audio), "mode": export.audio_mode, "fps": export.fps}
             if export.interpolate > 1:
                 audio["interpolate"] = export.interpolate
             if self.mode == "beats":
@@ -318,7 +360,7 @@ def _check_timing(walk: Walk, settings: RenderSettings, export: ExportSettings, 
           "audio_mode='beats' puts keyframes on beats; a circle noise walk has none. Received: noise='circle'")
     # Each rendered frame stands for `interpolate` video frames: its audio window is that long.
     fps = export.fps / export.interpolate
-    analysis = audio_lib.analyze(*audio_lib.read_audio(export.audio))
+    analysis = audio_lib.analyze(*read_audio(export.audio))
     if export.audio_mode == "beats":
         times = audio_lib.keyframe_times(analysis.beats, len(walk.intervals), export.beats_per_keyframe, analysis.duration)
         positions = audio_lib.beat_positions(times, fps, walk.easings, include_end=not walk.loop)
@@ -357,7 +399,8 @@ def _uniform_spacing(source, job: FrameJob, preview_steps: int, progress: bool, 
     walk = job.walk
     linear = walk.positions(eased=False)
     settings = dataclasses.replace(job.settings, num_steps=preview_steps, decoder=decoder)
-    preview = FrameJob(walk, settings, job.negative_prompt, positions=tuple(float(u) for u in linear))
+    preview = FrameJob(walk, settings, job.negative_prompt, positions=tuple(float(u) for u in linear),
+                       controls=job.controls)
     frames = source.render(preview, range(len(preview)), progress=progress)
     ordered = [frames[i] for i in range(len(preview))]
     distances = consecutive_distances(ordered + ([ordered[0]] if walk.loop else []), distance)
@@ -400,6 +443,8 @@ def image_morph(
     model=None,
     workers=None,
     progress: bool = True,
+    limits: Optional[Limits] = None,
+    controlnets: Sequence[ControlNetSpec] = (),
 ) -> ImageMorphResult:
     """A morph between two of your own images: both are encoded, their latents
     interpolated, and every frame is redrawn at `strength` with the prompt over one
@@ -415,19 +460,23 @@ def image_morph(
         export: `ExportSettings`; fps, ping_pong and quality apply. Defaults to
             ExportSettings().
         workers: int or `sdanim.Workers`: render on Ray workers, as `animate`.
-        out, frames, seed, settings, negative_prompt, fit, model, progress: as in
-            `morph` and `img2img`.
+        out, frames, seed, settings, negative_prompt, fit, model, progress, limits,
+            controlnets: as in `morph` and `img2img`.
     """
     settings = settings or RenderSettings()
     export = export or ExportSettings()
     count, seed = check_image_morph_args(prompt, out, frames, seed, strength, interpolation, settings, export)
+    if limits is not None:
+        check_plan_limits(limits, settings, export, count + 1, loop=False)
     post = check_post(export, settings.batch_size)
     pixels = np.stack([fit_image(load_image(image, name), settings.height, settings.width, fit)
                        for image, name in ((image_a, "image_a"), (image_b, "image_b"))])  # (2, H, W, 3)
     if workers is not None:
         check_workers_args(model, workers)
+    controls = prepare_controls(controlnets, count + 1, settings.height, settings.width, fit,
+                                version=known_version(model))
     job = ImageMorphJob(pixels, normalize_prompt(prompt), seed, tuple(float(u) for u in np.linspace(0.0, 1.0, count + 1)),
-                        float(strength), interpolation, settings, negative_prompt)
+                        float(strength), interpolation, settings, negative_prompt, controls)
     folder = os.path.splitext(out)[0] + "_frames"
     with frame_source(model, settings, workers) as source:
         start = time.perf_counter()

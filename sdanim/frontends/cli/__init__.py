@@ -7,6 +7,7 @@ Bad input prints one line, `sdanim: error: ...`, and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -45,8 +46,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as error:
         print(f"sdanim: error: {error}", file=sys.stderr)
         return 2
-    warnings.simplefilter("default")
-    warnings.formatwarning = lambda message, category, *a, **k: f"sdanim: warning: {message}\n"
+    with _command_warnings():
+        return _run(args, argv)
+
+
+@contextlib.contextmanager
+def _command_warnings():
+    """For the command only: every warning shown once per place, as one line
+    "sdanim: warning: ..."; the caller's filters and `warnings.formatwarning` are put
+    back after (main(argv) called from a script or a test leaves its process as it was)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        previous = warnings.formatwarning
+        warnings.formatwarning = lambda message, category, *a, **k: f"sdanim: warning: {message}\n"
+        try:
+            yield
+        finally:
+            warnings.formatwarning = previous
+
+
+def _run(args, argv) -> int:
     try:
         if args.one_job and argv is None:
             # The process's own command line (python -m sdanim, the sdanim script): it runs

@@ -6,8 +6,9 @@ import dataclasses
 
 from sdanim.config.choices import MORPH_NOISES
 from sdanim.core.interpolation import EASINGS
-from sdanim.core.keyframes import circle_walk, load_walk, parse_prompt_text
-from sdanim.core.pixels import load_image
+from sdanim.core.keyframes import circle_walk, parse_prompt_text
+from sdanim.formats.images import load_image
+from sdanim.formats.walk_files import load_walk
 from sdanim.frontends.cli import options
 from sdanim.frontends.cli.options import MIX_HELP, add_command
 from sdanim.tasks import walks
@@ -48,7 +49,7 @@ def run_morph(args) -> int:
         spacing=args.spacing, preview_steps=args.preview_steps, workers=options.workers(args),
         overwrite=args.overwrite, progress=not args.quiet, attention_interp=args.attention_interp,
         attention_warmup=args.attention_warmup,
-        guide=None if args.guide is None else parse_prompt_text(args.guide, "guide"),
+        guide=None if args.guide is None else parse_prompt_text(args.guide, "guide"), controlnets=options.controls(args),
     )
     report(result, args.fps)
     return 0
@@ -66,6 +67,7 @@ def run_walk(args) -> int:
         model=options.model_for(args, settings), negative_prompt=args.negative,
         spacing=getattr(args, "spacing", "linear"), preview_steps=getattr(args, "preview_steps", None),
         workers=options.workers(args), overwrite=args.overwrite, progress=not args.quiet,
+        controlnets=options.controls(args),
     )
     report(result, args.fps)
     return 0
@@ -78,7 +80,7 @@ def run_image_morph(args) -> int:
         image, load_image(args.image_b, "image_b"), parse_prompt_text(args.prompt), out=args.out, frames=args.frames,
         export=options.export(args), seed=args.seed, strength=args.strength, interpolation=args.interpolation,
         fit=args.fit, model=options.model_for(args, settings), workers=options.workers(args),
-        settings=settings, negative_prompt=args.negative, progress=not args.quiet,
+        settings=settings, negative_prompt=args.negative, progress=not args.quiet, controlnets=options.controls(args),
     )
     print(f"wrote {result.out} ({len(result.frames)} frames at {args.fps:g} fps)")
     print(f"frames: {result.frames_dir}")

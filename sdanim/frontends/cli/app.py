@@ -8,7 +8,7 @@ from sdanim.config.errors import SdanimError
 from sdanim.frontends.cli import options
 from sdanim.frontends.cli.options import add_command
 from sdanim.frontends.ui import app
-from sdanim.frontends.ui.model import NETWORK_LIMITS, Limits
+from sdanim.config.limits import NETWORK_LIMITS, Limits
 
 LIMIT_FLAGS = ("max_frames", "max_size", "max_steps", "max_images", "max_batch", "max_output_gb")
 
@@ -16,10 +16,8 @@ LIMIT_FLAGS = ("max_frames", "max_size", "max_steps", "max_images", "max_batch",
 def limits(args) -> Limits:
     """The operator's limits: each flag given replaces its default (none for a local
     app, `NETWORK_LIMITS` in network mode)."""
-    network = args.listen or args.share
-    base = NETWORK_LIMITS if network else Limits()
-    given = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
-    return Limits(**{**{f: getattr(base, f) for f in LIMIT_FLAGS}, **given})
+    given = Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
+    return given.over(NETWORK_LIMITS) if args.listen or args.share else given
 
 
 def run_ui(args) -> int:

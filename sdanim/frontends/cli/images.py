@@ -6,7 +6,8 @@ import os
 
 from sdanim.config.errors import SdanimError
 from sdanim.core.keyframes import normalize_prompt, parse_prompt_text
-from sdanim.core.pixels import extend_canvas, load_image
+from sdanim.core.pixels import extend_canvas
+from sdanim.formats.images import load_image
 from sdanim.frontends.cli import options
 from sdanim.frontends.cli.options import MIX_HELP, add_command
 from sdanim.model.esrgan import check_upscaler
@@ -30,8 +31,10 @@ def upscale_images(args, upscaler, result) -> None:
     if upscaler is None:
         return
     folder = os.path.join(args.out, f"x{upscaler.arch.scale}")
+    # The images were written by this command just now (over any of an earlier one with
+    # their names): their enlarged copies follow them.
     written = tools.upscale(result.paths, out_dir=folder, scale=upscaler.arch.scale, model=upscaler.path,
-                            progress=not args.quiet)
+                            progress=not args.quiet, overwrite=True)
     print(f"upscaled x{upscaler.arch.scale}: {len(written)} image(s) in {folder}")
 
 
@@ -49,7 +52,8 @@ def mix_pairs(tokens):
 
 
 def common(args, settings) -> dict:
-    return dict(settings=settings, negative_prompt=args.negative, progress=not args.quiet, model=options.model_for(args, settings))
+    return dict(settings=settings, negative_prompt=args.negative, progress=not args.quiet,
+                model=options.model_for(args, settings), controlnets=options.controls(args))
 
 
 def run_generate(args) -> int:

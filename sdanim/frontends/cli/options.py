@@ -7,8 +7,10 @@ import argparse
 from typing import Optional
 
 from sdanim.config.choices import (
-    ATTENTION_INTERPS, ATTENTIONS, AUDIO_MODES, DECODERS, INTERPOLATIONS, PRECISIONS, SCHEDULERS, SPACINGS, VERSIONS,
+    ATTENTION_INTERPS, ATTENTIONS, AUDIO_MODES, DECODERS, INTERPOLATIONS, PRECISIONS, PREPROCESSORS, SCHEDULERS,
+    SPACINGS, VERSIONS,
 )
+from sdanim.config.control import ControlNetSpec, parse_controlnet
 from sdanim.config.errors import SdanimError
 from sdanim.config.export import ExportSettings
 from sdanim.config.settings import RenderSettings, render_settings
@@ -89,7 +91,30 @@ def add_render_args(p: argparse.ArgumentParser, batch_default: int, size_default
                    help="full: the SD VAE decoder; tiny: TAESD, about 40x less decoding work, softer detail, for "
                    "drafts (default: full)")
     add_model_args(p)
+    add_control_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_control_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "ControlNet: structure that holds (each option once for every net, or once per --controlnet, in order)")
+    g.add_argument("--controlnet", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a ControlNet for SD 1.x/2.x: a diffusers folder, lllyasviel's ControlNet-v1-1 .pth/.safetensors, "
+                   "or an SD 2.1 net's file; SCALE its conditioning scale (default 1); repeat for several")
+    g.add_argument("--control-image", action="append", default=[], metavar="IMAGE|FOLDER|VIDEO",
+                   help="what the frames follow: one image for every frame, or a folder of images (sorted by name) or "
+                   "a video: one per frame, spread evenly over the frames (frame i of F takes image "
+                   "round(i (M-1)/(F-1)) of M); a walk file's keyframes may give control_image instead")
+    g.add_argument("--control-preprocess", action="append", default=[], choices=PREPROCESSORS,
+                   help="turn the image into the net's hint first: canny, lineart (standard), shuffle, tile, inpaint "
+                   "(the inpaint command's mask) or none (default: none, the image is the hint)")
+    g.add_argument("--control-start", action="append", default=[], type=float, metavar="FRACTION",
+                   help="the fraction of the steps before the net starts acting (default: 0)")
+    g.add_argument("--control-end", action="append", default=[], type=float, metavar="FRACTION",
+                   help="the fraction of the steps after which it stops (default: 1)")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="the nets decide the content: their residuals weighted 0.1 .. 1 and, under guidance, given to "
+                   "the conditional half only (for empty or vague prompts)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -232,6 +257,30 @@ def export(args) -> ExportSettings:
         interpolate=getattr(args, "interpolate", 1), rife=getattr(args, "rife", None),
         upscale=getattr(args, "upscale", None), upscale_model=getattr(args, "upscale_model", None),
     )
+
+
+def controls(args) -> list:
+    """The `ControlNetSpec`s of --controlnet and its options (each option given once for
+    every net, or once per net)."""
+    nets = [parse_controlnet(text) for text in getattr(args, "controlnet", [])]
+    per_net = {}
+    for flag in ("control_image", "control_preprocess", "control_start", "control_end"):
+        values = getattr(args, flag, [])
+        if values and not nets:
+            raise SdanimError(f"--{flag.replace('_', '-')} needs --controlnet FILE. Received: --controlnet not given")
+        if len(values) not in (0, 1, len(nets)):
+            raise SdanimError(f"--{flag.replace('_', '-')} is given {len(values)} times for {len(nets)} ControlNets: "
+                              f"give it once (for every net) or once per net. Received: {values}")
+        per_net[flag] = [values[0] if len(values) == 1 else values[k] if values else None for k in range(len(nets))]
+    if getattr(args, "guess_mode", False) and not nets:
+        raise SdanimError("--guess-mode needs --controlnet FILE. Received: --controlnet not given")
+    specs = []
+    for k, (path, scale) in enumerate(nets):
+        given = {name: per_net[flag][k] for name, flag in (("image", "control_image"), ("preprocess", "control_preprocess"),
+                                                           ("start", "control_start"), ("end", "control_end"))
+                 if per_net[flag][k] is not None}
+        specs.append(ControlNetSpec(path, scale=scale, guess_mode=bool(getattr(args, "guess_mode", False)), **given))
+    return specs
 
 
 def workers(args):

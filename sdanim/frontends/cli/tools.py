@@ -22,7 +22,7 @@ def run_convert(args) -> int:
 
 def run_interpolate(args) -> int:
     result = tools.interpolate(args.source, times=args.times, out=args.out, fps=args.fps, rife=args.rife, loop=args.loop,
-                               batch_size=args.batch_size, progress=not args.quiet)
+                               batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {result.out} ({result.frames} frames from {result.rendered} at {args.fps:g} fps, "
           f"in {result.seconds:.1f} s)")
     return 0
@@ -30,7 +30,7 @@ def run_interpolate(args) -> int:
 
 def run_upscale(args) -> int:
     written = tools.upscale(args.images, out_dir=args.out, scale=args.scale, model=args.upscale_model, tile=args.tile,
-                            progress=not args.quiet)
+                            batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 
@@ -52,8 +52,9 @@ def register(sub) -> None:
     ip = add_command(
         sub, "interpolate", run_interpolate, help="RIFE in-betweens for a folder of frames or a video",
         description="Fill TIMES-1 in-betweens between every pair of neighbouring frames (RIFE v4.22-v4.26) and "
-        "write a video at --fps. The frames go to <out>_frames/ and each in-between is written as it is made, "
-        "so the same command resumes.",
+        "write a video at --fps. The frames go to <out>_frames/ (with a manifest naming their source) and each "
+        "in-between is written as it is made, so the same command resumes; another source there is refused unless "
+        "--overwrite.",
         example="  python -m sdanim interpolate outputs/walk_frames --times 4 --fps 24 --out outputs/smooth.mp4",
         epilog="",
     )
@@ -64,12 +65,15 @@ def register(sub) -> None:
     ip.add_argument("--rife", default=None, metavar="FILE", help="RIFE weights (default: the pinned v4.26 heavy)")
     ip.add_argument("--loop", action="store_true", help="also fill between the last frame and the first")
     ip.add_argument("--batch-size", type=int, default=4, help="in-betweens per model call (default: 4)")
+    ip.add_argument("--overwrite", action="store_true",
+                    help="replace the frames of another source in <out>_frames (default: refused)")
     ip.add_argument("--quiet", action="store_true", help="no progress bar")
 
     up = add_command(
         sub, "upscale", run_upscale, help="enlarge images 2x or 4x with Real-ESRGAN",
         description="Enlarge images (files or folders of images) with Real-ESRGAN, in tiles so any size fits; "
-        "each result is written as PNG under its own name, and images already done are kept.",
+        "each result is written as PNG under its own name. <out>/manifest.json records what made each one: a rerun "
+        "keeps those made the same way and refuses others unless --overwrite.",
         example="  python -m sdanim upscale outputs/gen --scale 4 --out outputs/big",
         epilog="",
     )
@@ -81,4 +85,7 @@ def register(sub) -> None:
                     "realesr-general-x4v3, realesr-animevideov3 (default: the pinned model for --scale)")
     up.add_argument("--tile", type=int, default=256, help="input pixels per tile side (default: 256)")
     up.add_argument("--out", default="outputs/upscaled", help="output folder (default: outputs/upscaled)")
+    up.add_argument("--batch-size", type=int, default=1, help="images of one size per model call (default: 1)")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace outputs made from other images or settings (default: refused; the same ones resume)")
     up.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,10 +12,10 @@ import threading
 from sdanim.config.choices import ATTENTION_INTERPS, AUDIO_MODES, INTERPOLATIONS, SPACINGS
 from sdanim.config.export import ExportSettings
 from sdanim.core.interpolation import EASINGS
-from sdanim.core.audio import file_digest as audio_file_digest
-from sdanim.core.keyframes import load_walk
+from sdanim.formats.digest import data_key, file_sha256
+from sdanim.formats.walk_files import load_walk
 from sdanim.frontends.ui.common import (
-    EXAMPLE_KEYFRAMES, KEYFRAMES_HELP, AppContext, Stopped, digest, friendly, gallery, parse_keyframes,
+    EXAMPLE_KEYFRAMES, KEYFRAMES_HELP, AppContext, Stopped, friendly, gallery, parse_keyframes,
     sampling_inputs, walk_to_text,
 )
 from sdanim.render.export import check_output
@@ -117,35 +117,39 @@ def build(context: AppContext):
     @friendly
     def render(kf, neg, seed_, frames_, fps_, interp, noise_, easing_, spacing_, loop_, pp, fmt_,
                size_, sampler_, steps_, guidance_, batch_, attention_="off", warmup_=0.5, audio_=None,
-               audio_mode_="loudness", beats_=4, progress=gr.Progress()):
+               audio_mode_="loudness", beats_=4, progress=gr.Progress(), request=None):
         walk = parse_keyframes(kf, seed_, frames_, easing_, loop_, interp, noise_)
         walk = dataclasses.replace(walk, attention=attention_ or "off",
                                    attention_warmup=0.5 if warmup_ is None else float(warmup_))
-        context.limits.check_frames(len(walk))
         settings = context.settings(size_, steps_, guidance_, sampler_, batch_)
         timing = {} if not audio_ else {"audio": audio_, "audio_mode": audio_mode_ or "loudness",
                                          "beats_per_keyframe": int(beats_ or 4)}
         export = ExportSettings(fps=fps_, ping_pong=pp, sheet=True, **timing)
-        sound = [audio_file_digest(audio_), audio_mode_, beats_] if audio_ else None
+        sound = [file_sha256(audio_), audio_mode_, beats_] if audio_ else None
         out = os.path.join(context.out_dir,
-                           f"walk-{digest(walk.record(), neg, spacing_, settings.record(), sound)}.{fmt_}")
+                           f"walk-{data_key(walk.record(), neg, spacing_, settings.record(), sound)}.{fmt_}")
         check_output(export, out)
-        model = context.model(settings, gr.Info)
+        context.check_disk()
+
+        def model():  # loaded by `animate` once the final plan is within the limits
+            return context.model(settings, gr.Info)
+
         total = len(walk)
         store = FrameStore(os.path.splitext(out)[0] + "_frames")
-        context.stop.clear()
+        stop = context.stop(request)
+        stop.clear()
         state: dict = {"latest": []}
 
         def on_batch(indices, images):
             state["latest"] = ([(img, i) for i, img in zip(indices, images)] + state["latest"])[:8]
-            if context.stop.is_set():
+            if stop.is_set():
                 raise Stopped()
 
         def run():
             try:
                 state["result"] = walks.animate(walk, out=out, settings=settings, export=export, model=model,
                                                 negative_prompt=neg or None, spacing=spacing_, progress=False,
-                                                on_batch=on_batch)
+                                                on_batch=on_batch, limits=context.limits)
             except BaseException as error:  # noqa: BLE001 - handed to the page below
                 state["error"] = error
 
@@ -184,9 +188,13 @@ def build(context: AppContext):
     event = render_btn.click(render, inputs, [newest, gif, video, sheet, smooth, files, audio_plot, status],
                              api_name="render", concurrency_limit=1, concurrency_id="model")
 
-    def stop_render():
-        context.stop.set()
+    def stop_render(request=None):
+        context.stop(request).set()  # this visitor's render only
         return "Stopping after the current batch; every frame rendered so far is kept."
+
+    # Gradio hands a handler the visitor's request where its signature asks for one (the
+    # module's postponed annotations are strings: the class itself is set here).
+    render.__annotations__["request"] = stop_render.__annotations__["request"] = gr.Request
 
     stop_btn.click(stop_render, None, status, queue=False)
 
@@ -204,7 +212,7 @@ def build(context: AppContext):
         walk = parse_keyframes(kf, seed_, frames_, easing_, loop_, interp, noise_)
         walk = dataclasses.replace(walk, attention=attention_ or "off",
                                    attention_warmup=0.5 if warmup_ is None else float(warmup_))
-        path = os.path.join(context.out_dir, f"walk-{digest(walk.record())}.yaml")
+        path = os.path.join(context.out_dir, f"walk-{data_key(walk.record())}.yaml")
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(walk.record(), f, sort_keys=False, allow_unicode=True)
         return path

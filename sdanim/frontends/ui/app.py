@@ -25,7 +25,8 @@ from typing import Optional
 from sdanim.config.errors import SdanimError
 from sdanim.frontends.ui import animate, images
 from sdanim.frontends.ui.common import AppContext, friendly
-from sdanim.frontends.ui.model import NETWORK_LIMITS, Access, Limits, ModelHolder, offered_models
+from sdanim.config.limits import NETWORK_LIMITS, Limits
+from sdanim.frontends.ui.model import Access, ModelHolder, offered_models
 from sdanim.model.spec import ModelSpec
 
 
@@ -111,8 +112,9 @@ def launch(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outputs
         auth: (user, password) or None. Without it a network app says so on stderr.
         models_dir: str or None. Network mode: its checkpoints and LoRAs are offered by
             name beside `spec`'s weights and LoRAs.
-        limits: `Limits` or None: what one request may ask for. Defaults to none for a
-            local app, `NETWORK_LIMITS` in network mode.
+        limits: `Limits` or None: what one request may ask for. A local app has none but
+            these; in network mode every limit left None is `NETWORK_LIMITS`'s (pass
+            math.inf to lift one). Defaults to None.
         host: str or None. The address to bind; defaults to 0.0.0.0 with `listen`, else
             127.0.0.1 (tests bind a network-mode app to 127.0.0.1).
 
@@ -133,7 +135,8 @@ def launch(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outputs
     if network and auth is None:
         print("sdanim: warning: the app is reachable from the network without --auth: anyone who reaches it can "
               "render on this machine and see every render in its output folder", file=sys.stderr)
-    app = build_app(model, spec, out_dir, access, limits or (NETWORK_LIMITS if network else Limits()))
+    limits = limits or Limits()
+    app = build_app(model, spec, out_dir, access, limits.over(NETWORK_LIMITS) if network else limits)
     in_notebook = _in_notebook()
     import gradio as gr
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import re
 import threading
 
@@ -14,12 +12,14 @@ from sdanim.config.choices import SCHEDULERS
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.settings import RenderSettings, render_settings
 from sdanim.core.keyframes import parse_prompt_text, parse_walk
-from sdanim.frontends.ui.model import Limits, ModelHolder
+from sdanim.config.limits import Limits
+from sdanim.frontends.ui.model import ModelHolder, check_disk
 
 SIZES = ("512x512", "768x512", "512x768", "640x640", "384x384", "256x256", "128x128", "64x64")
 KEYFRAMES_HELP = (
     "One keyframe per line: the prompt, then optionally [seed=1 frames=24 easing=ease-in-out] "
-    "(frames to the next keyframe). A weighted mix: a rabbit:0.5 | a frog:0.5"
+    "(frames to the next keyframe; with noise 'fixed' one seed for all, over the Seed field). "
+    "A weighted mix: a rabbit:0.5 | a frog:0.5"
 )
 EXAMPLE_KEYFRAMES = "a ford truck on a dirt road, mountains [seed=42 frames=12]\nan electric car in a city, skyline"
 
@@ -30,13 +30,21 @@ class Stopped(Exception):
 
 @dataclasses.dataclass
 class AppContext:
-    """What the tabs share: the model holder, the limits, the output folder, Stop."""
+    """What the tabs share: the model holder, the limits, the output folder, and each
+    visitor's Stop (one per browser session: a visitor stops only their own render)."""
 
     holder: ModelHolder
     limits: Limits
     out_dir: str
     default_size: str
-    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    stops: dict = dataclasses.field(default_factory=dict)  # session -> threading.Event
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def stop(self, request) -> threading.Event:
+        """The Stop of the visitor making `request` (a gr.Request; None: the app's own)."""
+        session = getattr(request, "session_hash", None)
+        with self._lock:
+            return self.stops.setdefault(session, threading.Event())
 
     def settings(self, size: str, steps, guidance, sampler: str, batch) -> RenderSettings:
         """The request's settings (0 in the steps or guidance field: the sampler's
@@ -45,9 +53,13 @@ class AppContext:
         self.limits.check_settings(settings)
         return settings
 
+    def check_disk(self) -> None:
+        """No new render once the output folder holds the operator's --max-output-gb."""
+        check_disk(self.limits, self.out_dir)
+
     def model(self, settings: RenderSettings, notify):
         """The model for `settings`, after the output folder's limit is checked."""
-        self.limits.check_disk(self.out_dir)
+        self.check_disk()
         return self.holder.get(settings, notify)
 
 
@@ -87,10 +99,6 @@ def gallery(items) -> list:
     return [(image, f"frame {i}") for image, i in sorted(items, key=lambda item: item[1])]
 
 
-def digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def parse_keyframes(text: str, seed: int, frames: int, easing: str, loop: bool, interpolation: str, noise: str):
     """The Animate tab's keyframe lines -> a checked `Walk` (errors name the line)."""
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
@@ -112,10 +120,23 @@ def parse_keyframes(text: str, seed: int, frames: int, easing: str, loop: bool, 
         prompt = parse_prompt_text(line, f"keyframes[{i}].prompt")
         keyframes.append({
             "prompt": prompt if isinstance(prompt, str) else [list(p) for p in prompt],
-            "seed": int(seed) if noise == "fixed" else options.get("seed", int(seed) + i),
+            "seed": options.get("seed", int(seed) + i),
             "frames": options.get("frames", int(frames)),
             "easing": options.get("easing", easing),
+            "typed": "seed" in options,
         })
+    if noise == "fixed":
+        # One noise for every frame: a seed typed on the lines is that noise's seed (over
+        # the Seed field); lines that type different seeds ask for per-keyframe noise.
+        typed = sorted({k["seed"] for k in keyframes if k["typed"]})
+        check(len(typed) <= 1,
+              f"the keyframe lines give seeds {', '.join(map(str, typed))}, but noise 'fixed' draws one noise for "
+              "every frame: choose noise 'per keyframe' to use each line's seed, or type one seed. "
+              f"Received: seeds={typed}")
+        for k in keyframes:
+            k["seed"] = typed[0] if typed else int(seed)
+    for k in keyframes:
+        del k["typed"]
     check(len(keyframes) >= (1 if loop else 2),
           f"keyframes needs at least {'1 line' if loop else '2 lines'} (one prompt each). Received: {len(keyframes)} line(s)")
     return parse_walk({"keyframes": keyframes, "loop": bool(loop), "interpolation": interpolation})

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
 
 from sdanim.config.errors import check
 from sdanim.core.keyframes import parse_prompt_text
-from sdanim.core.pixels import extend_canvas, load_image
-from sdanim.frontends.ui.common import AppContext, digest, friendly, sampling_inputs
+from sdanim.core.pixels import extend_canvas
+from sdanim.formats.digest import data_key
+from sdanim.formats.images import load_image
+from sdanim.frontends.ui.common import AppContext, friendly, sampling_inputs
 from sdanim.tasks import images, walks
 
 QUEUE = dict(concurrency_limit=1, concurrency_id="model")  # every model-using event: one queue
@@ -120,12 +123,14 @@ def image_morph_tab(context: AppContext) -> None:
     def image_morph(a, b, prompt_, count, strength_, size_, sampler_, steps_, guidance_, batch_):
         check(a is not None and b is not None, "upload both images. Received: a missing image")
         a, b = load_image(a, "image_a"), load_image(b, "image_b")
-        context.limits.check_frames(int(count))
         settings = context.settings(size_, steps_, guidance_, sampler_, batch_)
-        name = digest(str(np.asarray(a).sum()), str(np.asarray(b).sum()), prompt_, count, strength_)
+        pixels = [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in (a, b)]
+        name = data_key(pixels, prompt_, count, strength_, settings.record())
+        context.check_disk()
         result = walks.image_morph(a, b, prompt_, out=os.path.join(context.out_dir, f"image-morph-{name}.gif"),
                                    frames=int(count), strength=float(strength_), settings=settings,
-                                   model=context.model(settings, gr.Info), progress=False)
+                                   model=lambda: context.model(settings, gr.Info), progress=False,
+                                   limits=context.limits)
         return result.out
 
     button.click(image_morph, [first, last, prompt, frames, strength, *sampling], out, api_name="image_morph", **QUEUE)
@@ -143,7 +148,7 @@ def steps_tab(context: AppContext) -> None:
     @friendly
     def steps_view(prompt_, seed_, size_, sampler_, steps_, guidance_, batch_):
         settings = context.settings(size_, steps_, guidance_, sampler_, 1)
-        out_path = os.path.join(context.out_dir, f"steps-{digest(prompt_, seed_, settings.record())}.gif")
+        out_path = os.path.join(context.out_dir, f"steps-{data_key(prompt_, seed_, settings.record())}.gif")
         result = images.denoising_steps(prompt_, seed=int(seed_), settings=settings, out=out_path,
                                         model=context.model(settings, gr.Info), progress=False)
         return result.strip

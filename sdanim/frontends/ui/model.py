@@ -3,84 +3,37 @@
 Two modes (`Access`): a local app (bound to 127.0.0.1) takes weights and LoRA paths typed
 in its Model section, as the person at the keyboard owns the machine; an app reachable
 from the network (`--listen`, `--share`) offers only the weights and LoRAs the operator
-named at start, by name, and no endpoint accepts a path. Server-side `Limits` bound
-every request whatever the widgets allow.
+named at start, by name, and no endpoint accepts a path. Server-side `Limits`
+(`sdanim.config.limits`) bound every request whatever the widgets allow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import threading
 from typing import Optional
 
 from sdanim.config.errors import SdanimError, check
-from sdanim.config.settings import RenderSettings
+from sdanim.config.limits import Limits
 from sdanim.formats.checkpoints import inspect_checkpoint
 from sdanim.formats.lora_files import Lora, as_loras, check_lora_files, read_lora
 from sdanim.model.loading import weight_source_kind
 from sdanim.model.spec import ModelSpec
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What one request may ask for, checked by every endpoint (None: no limit).
-
-    Args:
-        max_frames: int. Frames of one animation. Defaults to None.
-        max_size: int. Pixels on the longer side of an image. Defaults to None.
-        max_steps: int. Denoising steps. Defaults to None.
-        max_images: int. Images of one generate call. Defaults to None.
-        max_batch: int. Images per model call. Defaults to None.
-        max_output_gb: float. The output folder's size beyond which no render starts.
-            Defaults to None.
-    """
-
-    max_frames: Optional[int] = None
-    max_size: Optional[int] = None
-    max_steps: Optional[int] = None
-    max_images: Optional[int] = None
-    max_batch: Optional[int] = None
-    max_output_gb: Optional[float] = None
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
-                  f"{field.name} must be a number > 0. Received: {field.name}={value!r}")
-
-    def _within(self, name: str, value, what: str) -> None:
-        limit = getattr(self, name)
-        if limit is None:
-            return
-        check(value <= limit,
-              f"this app renders at most {limit:g} {what} per request (the operator's --{name.replace('_', '-')}). "
-              f"Received: {what}={value}")
-
-    def check_settings(self, settings: RenderSettings) -> None:
-        self._within("max_size", max(settings.height, settings.width), "pixels")
-        self._within("max_steps", settings.num_steps, "steps")
-        self._within("max_batch", settings.batch_size, "batch_size")
-
-    def check_frames(self, frames: int) -> None:
-        self._within("max_frames", frames, "frames")
-
-    def check_images(self, images: int) -> None:
-        self._within("max_images", images, "images")
-
-    def check_disk(self, folder: str) -> None:
-        if self.max_output_gb is None:
-            return
-        used = sum(os.path.getsize(os.path.join(root, f)) for root, _, names in os.walk(folder) for f in names
-                   if os.path.isfile(os.path.join(root, f)))
-        check(used < self.max_output_gb * 2**30,
-              f"the app's output folder holds {used / 2**30:.1f} GB, its limit (the operator's --max-output-gb); "
-              f"no new render starts until it is cleared. Received: output folder={folder!r}")
-
-
-# Defaults for an app reachable from the network: a GPU-sized request, not a day of rendering.
-NETWORK_LIMITS = Limits(max_frames=240, max_size=768, max_steps=50, max_images=8, max_batch=8, max_output_gb=20.0)
+def check_disk(limits: Limits, folder: str) -> None:
+    """No new render once the output folder holds `limits.max_output_gb`."""
+    limit = limits.max_output_gb
+    if limit is None or math.isinf(limit):
+        return
+    used = sum(os.path.getsize(os.path.join(root, f)) for root, _, names in os.walk(folder) for f in names
+               if os.path.isfile(os.path.join(root, f)))
+    check(used < limit * 2**30,
+          f"the app's output folder holds {used / 2**30:.1f} GB, its limit (the operator's --max-output-gb); "
+          f"no new render starts until it is cleared. Received: output folder={folder!r}")
 
 
 @dataclasses.dataclass(frozen=True)
