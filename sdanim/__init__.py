@@ -37,6 +37,8 @@ _EXPORTS = {
     "RenderSettings": "sdanim.config.settings",
     "ExportSettings": "sdanim.config.export",
     "ModelSpec": "sdanim.model.spec",
+    "ControlNetSpec": "sdanim.config.control",
+    "Limits": "sdanim.config.limits",
     "Lora": "sdanim.formats.lora_files",
     "Workers": "sdanim.render.ray",
     "FailedFrames": "sdanim.render.ray",

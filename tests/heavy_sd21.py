@@ -95,3 +95,11 @@ def test_sd21_architecture_matches_keras_cv_v2_loop(sd21_model):
     diff = int(np.abs(ours.astype(int) - np.asarray(theirs).astype(int)).max())
     print(f"sd2.1 max pixel diff {diff}, image std {ours.std():.1f}")
     assert diff <= 2 and ours.std() > 1
+
+
+def test_sd21_controlnet_matches_diffusers(sd21_model, tmp_path, monkeypatch, capsys):
+    """SD 2.1's ControlNet shapes (linear projections, a 1024-wide context), as
+    tests/test_heavy_controlnet.py checks SD 1.5's."""
+    from test_heavy_controlnet import controlnet_parity
+
+    controlnet_parity(sd21_model, "2.1", tmp_path, monkeypatch, capsys)

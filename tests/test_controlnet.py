@@ -389,3 +389,41 @@ def test_bad_controlnet_input_is_one_line_before_anything_renders(pair, tmp_path
         assert err.startswith("sdanim: error: ") and err.count("\n") == 1, err
         assert __import__("re").search(match, err), (match, err)
         assert not (tmp_path / "bad_frames" / "frame_00000.png").exists()
+
+
+def test_the_app_renders_with_an_offered_controlnet_and_refuses_any_other(pair, tmp_path):
+    """A network app offers the operator's ControlNets by name; the Animate tab renders
+    with one (the manifest records it), and a typed path is refused whether it exists or
+    not; Generate takes a net too. The hint preview shows what the net follows."""
+    from PIL import Image
+
+    from conftest import free_port, read_manifest
+    from test_ui import ARGS
+
+    gr_client = require("gradio_client")
+    import sdanim.ui as ui
+
+    Image.fromarray(_picture(5)).save(tmp_path / "photo.png")
+    app = ui.launch(model=pair["model"], out_dir=str(tmp_path / "out"), port=free_port(), listen=True, host="127.0.0.1",
+                    controlnets=[pair["paths"][0]], limits=ui.Limits(max_frames=8), inline=False,
+                    prevent_thread_lock=True)
+    try:
+        client = gr_client.Client(app.local_url, verbose=False)
+        photo = gr_client.handle_file(str(tmp_path / "photo.png"))
+        args = dict(ARGS, kf="a red house\na blue boat", frames=2, steps=2)
+        control = ["net0", photo, "canny", 1.0, 0.0, 1.0, False]
+        done = client.predict(*args.values(), *control, api_name="/render")
+        assert done[-1].startswith("Done: 3 frames rendered"), done[-1]
+        manifest = [p for p in done[5] if str(p.get("path", p) if isinstance(p, dict) else p).endswith("manifest.json")]
+        record = read_manifest(manifest[0]["path"] if isinstance(manifest[0], dict) else manifest[0])["controlnets"][0]
+        assert record["file"] == "net0" and record["preprocess"] == "canny"
+        for typed in (pair["paths"][0], str(tmp_path / "missing")):
+            with pytest.raises(gr_client.exceptions.AppError, match=r"not in the list of choices|this app offers"):
+                client.predict(*args.values(), typed, photo, "canny", 1.0, 0.0, 1.0, False, api_name="/render")
+        images = client.predict("a cat", "", 4, 1, "64x64", "ddim", 2, 0, 1, *control, api_name="/generate")
+        assert len(images) == 1
+        hint = client.predict(photo, "canny", api_name="/show_hint")
+        with Image.open(hint) as im:
+            assert im.size == (64, 64) and np.asarray(im).max() == 255  # white edges on black
+    finally:
+        app.close()

@@ -202,8 +202,8 @@ def test_uniform_spacing_on_the_real_architecture(sd_model, tmp_path):
 
 @pytest.mark.own_process
 def test_sd21_in_its_own_process():
-    """The SD 2.1 tests (tests/heavy_sd21.py: KerasCV V2 loop parity, checkpoint import)
-    run in a child pytest. TensorFlow keeps the weights that traced functions captured
+    """The SD 2.1 tests (tests/heavy_sd21.py: KerasCV V2 loop parity, checkpoint import,
+    ControlNet parity) run in a child pytest. TensorFlow keeps the weights that traced functions captured
     after a model is dropped (about 3.5 GB of the SD 1.4 UNet here), so a second
     architecture in this process would push the suite past 12 GB; the child's memory
     goes back when it exits."""
@@ -212,7 +212,8 @@ def test_sd21_in_its_own_process():
                            "-q", "-s"], capture_output=True, text=True)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "2 passed" in proc.stdout and "SD 2.x parity" in proc.stdout and "sd2.1 max pixel diff" in proc.stdout
+    assert "3 passed" in proc.stdout and "SD 2.x parity" in proc.stdout and "sd2.1 max pixel diff" in proc.stdout
+    assert "ControlNet SD 2.1 parity" in proc.stdout
     assert "still referenced" not in proc.stdout
 
 

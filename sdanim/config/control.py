@@ -31,7 +31,9 @@ class ControlNetSpec:
     Args:
         file: str. The net's weights: a diffusers folder (config.json +
             diffusion_pytorch_model.safetensors), lllyasviel's ControlNet-v1-1
-            .pth/.safetensors (`control_model.*`), or a file with bare keys (SD 2.1 nets).
+            .pth/.safetensors (`control_model.*`), or a file with bare keys (SD 2.1 nets);
+            "random": the model's exact architecture with seeded random weights
+            (offline smoke runs, as --weights random).
         image: str or None. What the frames are conditioned on: an image (every frame),
             a folder of images (sorted by name) or a video (one image per frame); None
             where each keyframe of a walk gives its own. Defaults to None.

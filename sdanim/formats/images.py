@@ -179,18 +179,18 @@ def load_mask(source, image_shape: Sequence[int], name: str = "mask") -> np.ndar
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def load_pictures(source, name: str = "image", fit=None) -> list:
+def load_pictures(source, name: str = "image", fit=None, first: bool = False) -> list:
     """The pictures of an image file, a folder of images (sorted by name) or a video, each
     as `load_image` reads it, and passed through `fit` (picture -> picture) as it is read
-    (a long video is not held at its own size). One line for a source that does not
-    exist, an unreadable file, or a folder without images."""
+    (a long video is not held at its own size); only the first with first=True. One line
+    for a source that does not exist, an unreadable file, or a folder without images."""
     fit = fit or (lambda picture: picture)
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         names = sorted(n for n in os.listdir(source) if n.lower().endswith(IMAGE_SUFFIXES))
         check(names, f"{name} is a folder without images. Received: {name}={os.fspath(source)!r}")
-        return [fit(load_image(os.path.join(source, n), name)) for n in names]
+        return [fit(load_image(os.path.join(source, n), name)) for n in names[:1 if first else None]]
     if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and _is_video(os.fspath(source)):
-        return read_video_frames(os.fspath(source), name, fit)
+        return read_video_frames(os.fspath(source), name, fit, first)
     return [fit(load_image(source, name))]
 
 

@@ -8,15 +8,20 @@ import numpy as np
 from sdanim.config.errors import SdanimError
 
 
-def read_video_frames(path: str, name: str = "source", fit=None) -> list:
-    """Every frame of a video file, in order, each passed through `fit` (frame -> frame)
-    as it is read; one line (naming `name`) for a file ffmpeg cannot read."""
+def read_video_frames(path: str, name: str = "source", fit=None, first: bool = False) -> list:
+    """Every frame of a video file (or only the first), in order, each passed through
+    `fit` (frame -> frame) as it is read; one line (naming `name`) for a file ffmpeg
+    cannot read."""
     import imageio.v2 as imageio
 
     try:
         reader = imageio.get_reader(path, format="FFMPEG")
         try:
-            frames = [(fit or np.asarray)(np.asarray(f)[..., :3]) for f in reader]
+            frames = []
+            for frame in reader:
+                frames.append((fit or np.asarray)(np.asarray(frame)[..., :3]))
+                if first:
+                    break
         finally:
             reader.close()
     except Exception as error:  # imageio-ffmpeg raises OSError/RuntimeError for what ffmpeg cannot read

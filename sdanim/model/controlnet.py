@@ -39,7 +39,7 @@ from sdanim.formats.controlnet_files import ControlNetFile, inspect_controlnet
 from sdanim.formats.digest import file_sha256, files_sha256
 from sdanim.formats.weight_map import bind
 from sdanim.model.layers import (
-    attach_context_cache, built_in_one_trace, use_fast_layers, use_fused_attention, uses_fast_layers,
+    BUILD_LOCK, attach_context_cache, built_in_one_trace, use_fast_layers, use_fused_attention, uses_fast_layers,
 )
 from sdanim.model.stable_diffusion import model_state
 
@@ -245,6 +245,20 @@ def controlnet_digest(path: str) -> str:
     return file_sha256(path)
 
 
+def random_controlnet(unet, version: str, seed: int = 0) -> LoadedControlNet:
+    """A ControlNet for `unet` with seeded random weights, the zero convolutions too (every
+    residual non-zero): the whole pipeline runs offline, as --weights random does."""
+    keras = import_keras()
+    config = ControlNetConfig.from_unet(unet)
+    latent = unet.inputs[0].shape
+    with BUILD_LOCK, built_in_one_trace():
+        keras.utils.set_random_seed(seed)
+        net = build_controlnet(config, int(latent[1]), int(latent[2]), int(unet.inputs[2].shape[1]))
+    attach_context_cache(net)
+    file = ControlNetFile(path=RANDOM, layout="random", version=version, tensors={}, context_dim=config.context_dim)
+    return LoadedControlNet(net, file, RANDOM)
+
+
 def load_controlnet(unet, file: ControlNetFile, version: str, digest: str = None) -> LoadedControlNet:
     """A ControlNet for `unet` (of SD `version`) with `file`'s weights: a net for another
     SD version is refused in one line; every tensor is checked before any is assigned."""
@@ -283,9 +297,15 @@ class ControlUnit:
 _CHECKED: dict = {}
 
 
+RANDOM = "random"  # a ControlNet of the model's exact architecture with seeded random weights (offline smoke runs)
+
+
 def checked_controlnet(path: str) -> tuple:
     """(ControlNetFile, its SHA-256) for a ControlNet file or folder: recognised (one
-    line for anything else), hashed once while the file stays as it is."""
+    line for anything else), hashed once while the file stays as it is. "random": (None,
+    "random"), a net with random weights built for the model."""
+    if path == RANDOM:
+        return None, RANDOM
     path = os.fspath(path)
     check(os.path.exists(path), f"the ControlNet weights do not exist. Received: controlnet={path!r}")
     stat = os.stat(path)
@@ -308,7 +328,8 @@ def controlnets_for(model, specs: Sequence[ControlNetSpec]) -> list:
         loaded = state.controlnets.get(digest)
         if loaded is None:
             with _dtype_policy(getattr(model, "precision", None)):
-                loaded = load_controlnet(model.diffusion_model, file, version, digest)
+                loaded = (random_controlnet(model.diffusion_model, version) if file is None
+                          else load_controlnet(model.diffusion_model, file, version, digest))
             if getattr(model, "attention", "keras-cv") == "fused":
                 use_fused_attention(loaded.net)
             if uses_fast_layers(model.diffusion_model):

@@ -76,15 +76,16 @@ def _unet_call(calls, latent, t_emb, context):
     return calls[0]([latent, t_emb, context])
 
 
-def write_keras_weights(model: StableDiffusionModel, out: str) -> dict:
-    """Writes the four sub-models' weights as KerasCV .h5 files in `out`; {part: path}."""
+def write_keras_weights(model: StableDiffusionModel, out: str, parts=PART_ORDER) -> dict:
+    """Writes the sub-models' weights (`parts`: the four by default) as KerasCV .h5 files
+    in `out`; {part: path}."""
     import h5py
 
     import_keras()
     from keras.src.legacy.saving import legacy_h5_format
 
     written = {}
-    for part in PART_ORDER:
+    for part in parts:
         path = os.path.join(out, file_name(model.version, part))
         partial = path + ".partial"
         with h5py.File(partial, "w") as f:

@@ -78,7 +78,7 @@ def prepare_controls(specs: Sequence[ControlNetSpec], frames: int, height: int, 
     out = []
     for k, spec in enumerate(specs):
         file, sha256 = checked_controlnet(spec.file)
-        if version is not None:
+        if version is not None and file is not None:
             check(file.version == version,
                   f"this ControlNet is for Stable Diffusion {file.version[0]}.x and the model is {version[0]}.x; use "
                   f"a ControlNet made for it. Received: controlnet={spec.file!r}")
@@ -101,7 +101,7 @@ def prepare_controls(specs: Sequence[ControlNetSpec], frames: int, height: int, 
             at, order = "keyframes", ()
         scale_table = np.asarray(scales if scales is not None else [1.0], np.float32)
         net = NetHints(hints, at, scale_table, float(spec.scale), order)
-        out.append(ControlInput(spec, net, sha256, _digest(net), file.version))
+        out.append(ControlInput(spec, net, sha256, _digest(net), None if file is None else file.version))
     return tuple(out)
 
 

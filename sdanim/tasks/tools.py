@@ -13,10 +13,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sdanim.config import __version__
+from sdanim.config.choices import PREPROCESSORS
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.export import ExportSettings
 from sdanim.formats.digest import file_sha256, files_sha256
-from sdanim.formats.images import load_image
+from sdanim.core.hints import make_hint
+from sdanim.core.pixels import fit_image
+from sdanim.formats.images import load_image, load_pictures
 from sdanim.formats.video import read_video_frames
 from sdanim.model.esrgan import Upscaler, check_upscaler
 from sdanim.render.export import check_output, write_video
@@ -212,4 +215,37 @@ def _made(entry) -> str:
     return f"from {os.path.basename(entry.get('source', '?'))} x{entry.get('scale')} with {entry.get('model', {}).get('file')}"
 
 
-__all__ = ["interpolate", "upscale", "source_frames", "InterpolateResult"]
+def control_hints(source, preprocess: str = "canny", out_dir: str = "outputs/hints", size: Optional[tuple] = None,
+                  fit: str = "crop", seed: int = 0) -> list:
+    """The hint images a ControlNet would be given, written as PNG to look at first:
+    one per picture of an image, a folder of images or a video (`sdanim.core.hints`).
+
+    Args:
+        source: str. An image, a folder of images or a video.
+        preprocess: str. "canny", "lineart", "shuffle", "tile" or "none". Defaults to "canny".
+        out_dir: str. Defaults to "outputs/hints".
+        size: (height, width) or None: each picture fitted to it first (as a render fits
+            its control images); None: the pictures' own size. Defaults to None.
+        fit: "crop" or "resize". Defaults to "crop".
+        seed: int. The shuffle's seed. Defaults to 0.
+
+    Returns:
+        The paths written, hint_00000.png, ...
+    """
+    check(preprocess in PREPROCESSORS and preprocess != "inpaint",
+          f"preprocess must be one of {', '.join(p for p in PREPROCESSORS if p != 'inpaint')} (inpaint hints need the "
+          f"inpaint command's mask). Received: preprocess={preprocess!r}")
+    fitted = (lambda picture: fit_image(picture, size[0], size[1], fit)) if size is not None else None
+    pictures = load_pictures(source, "source", fitted)
+    ensure_folder(out_dir, "out")
+    paths = []
+    for i, picture in enumerate(pictures):
+        hint = make_hint(picture, preprocess, seed)
+        path = os.path.join(out_dir, f"hint_{i:05d}.png")
+        write_png(path, hint if hint.dtype == np.uint8 else np.clip(np.rint(hint * 255), 0, 255).astype(np.uint8),
+                  {"sdanim": {"hint": preprocess, "from": os.path.basename(os.fspath(source)), "index": i}})
+        paths.append(path)
+    return paths
+
+
+__all__ = ["interpolate", "upscale", "control_hints", "source_frames", "InterpolateResult"]

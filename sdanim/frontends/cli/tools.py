@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from sdanim.config.choices import VERSIONS
+from sdanim.config.choices import PREPROCESSORS, VERSIONS
+from sdanim.config.settings import parse_size
 from sdanim.frontends.cli.options import add_command
 from sdanim.model.loading import convert_checkpoint
 from sdanim.tasks import tools
@@ -32,6 +33,14 @@ def run_upscale(args) -> int:
     written = tools.upscale(args.images, out_dir=args.out, scale=args.scale, model=args.upscale_model, tile=args.tile,
                             batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {len(written)} image(s) to {args.out}")
+    return 0
+
+
+def run_control(args) -> int:
+    size = parse_size(args.size) if args.size else None
+    written = tools.control_hints(args.source, preprocess=args.preprocess, out_dir=args.out, size=size, fit=args.fit,
+                                  seed=args.seed)
+    print(f"wrote {len(written)} {args.preprocess} hint(s) to {args.out}")
     return 0
 
 
@@ -89,3 +98,26 @@ def register(sub) -> None:
     up.add_argument("--overwrite", action="store_true",
                     help="replace outputs made from other images or settings (default: refused; the same ones resume)")
     up.add_argument("--quiet", action="store_true", help="no progress bar")
+    _register_control(sub)
+
+
+def _register_control(sub) -> None:
+    ct = add_command(
+        sub, "control", run_control, help="ControlNet hint images from a photo, a folder or a video, to look at first",
+        description="Turn pictures into the hint images a ControlNet follows (no weights needed): canny edges, "
+        "lineart (standard), shuffle, tile. One PNG per picture of an image, a folder of images or a video. "
+        "Hints that need networks (depth, pose, HED) come from other tools: pass their images with "
+        "--control-image and --control-preprocess none.",
+        example="  python -m sdanim control photo.jpg --preprocess canny --out outputs/hints\n"
+        "  python -m sdanim morph \"a cat\" \"a dog\" --controlnet control_v11p_sd15_canny.pth "
+        "--control-image photo.jpg --control-preprocess canny",
+        epilog="",
+    )
+    ct.add_argument("source", help="an image, a folder of images (sorted by name) or a video")
+    ct.add_argument("--preprocess", default="canny", choices=[p for p in PREPROCESSORS if p != "inpaint"],
+                    help="the hint to make (default: canny)")
+    ct.add_argument("--out", default="outputs/hints", help="output folder (default: outputs/hints)")
+    ct.add_argument("--size", default=None, metavar="WxH",
+                    help="fit each picture to this size first, as a render does (default: the pictures' own size)")
+    ct.add_argument("--fit", default="crop", choices=("crop", "resize"), help="how pictures meet --size (default: crop)")
+    ct.add_argument("--seed", type=int, default=0, help="the shuffle's seed (default: 0)")

@@ -8,11 +8,16 @@ import functools
 import re
 import threading
 
-from sdanim.config.choices import SCHEDULERS
+import numpy as np
+
+from sdanim.config.choices import PREPROCESSORS, SCHEDULERS
+from sdanim.config.control import ControlNetSpec
 from sdanim.config.errors import SdanimError, check
-from sdanim.config.settings import RenderSettings, render_settings
-from sdanim.core.keyframes import parse_prompt_text, parse_walk
 from sdanim.config.limits import Limits
+from sdanim.config.settings import RenderSettings, render_settings
+from sdanim.core.hints import make_hint
+from sdanim.core.keyframes import parse_prompt_text, parse_walk
+from sdanim.formats.images import load_pictures
 from sdanim.frontends.ui.model import ModelHolder, check_disk
 
 SIZES = ("512x512", "768x512", "512x768", "640x640", "384x384", "256x256", "128x128", "64x64")
@@ -92,6 +97,54 @@ def sampling_inputs(context: AppContext):
         guidance = gr.Number(value=0, label="Guidance (0 = the sampler's default)")
         batch = gr.Number(value=4, precision=0, label="Batch size", minimum=1)
     return size, sampler, steps, guidance, batch
+
+
+def control_inputs(context: AppContext):
+    """The ControlNet section (Animate and Generate): the net (typed in a local app,
+    chosen from the operator's offer in a network app), the image or video it follows,
+    its preprocessor, scale, steps and guess mode, and the hint it makes. Returns the
+    inputs in order (the render events take them after their own)."""
+    import gradio as gr
+
+    with gr.Accordion("ControlNet: structure that holds while the prompt travels", open=False):
+        with gr.Row():
+            if context.holder.access.network:
+                net = gr.Dropdown(["none", *context.holder.access.controlnets], value="none",
+                                  label="ControlNet (offered by this app)")
+            else:
+                net = gr.Textbox("", label="ControlNet weights: a diffusers folder or a ControlNet-v1-1 .pth/.safetensors "
+                                           "(empty: none)")
+            picture = gr.File(label="Control image or video (one image for every frame, a video: one per frame)",
+                              file_types=["image", "video"], type="filepath")
+            hint = gr.Image(label="Hint (what the net follows)", type="numpy", interactive=False, format="png")
+        with gr.Row():
+            preprocess = gr.Dropdown([p for p in PREPROCESSORS if p != "inpaint"], value="canny", label="Preprocess")
+            scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Scale")
+            start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Start (fraction of the steps)")
+            end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="End")
+            guess = gr.Checkbox(False, label="Guess mode")
+
+    @friendly
+    def show_hint(path, preprocess_):
+        if not path:
+            return None
+        made = make_hint(load_pictures(path, "control_image", first=True)[0], preprocess_)
+        return made if made.dtype == np.uint8 else None
+
+    picture.change(show_hint, [picture, preprocess], hint, queue=False)
+    preprocess.change(show_hint, [picture, preprocess], hint, queue=False)
+    return net, picture, preprocess, scale, start, end, guess
+
+
+def control_specs(context: AppContext, net, picture, preprocess, scale, start, end, guess) -> list:
+    """The request's ControlNets (none without a net), checked: a network app takes only
+    nets it offers, by name."""
+    chosen = str(net or "").strip()
+    if not chosen or chosen == "none":
+        return []
+    check(picture, "a ControlNet needs a control image or video; upload one. Received: control_image=None")
+    return [ControlNetSpec(context.holder.access.controlnet(chosen), image=str(picture), preprocess=preprocess or "none",
+                           scale=float(scale), start=float(start), end=float(end), guess_mode=bool(guess))]
 
 
 def gallery(items) -> list:

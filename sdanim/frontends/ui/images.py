@@ -12,7 +12,7 @@ from sdanim.core.keyframes import parse_prompt_text
 from sdanim.core.pixels import extend_canvas
 from sdanim.formats.digest import data_key
 from sdanim.formats.images import load_image
-from sdanim.frontends.ui.common import AppContext, friendly, sampling_inputs
+from sdanim.frontends.ui.common import AppContext, control_inputs, control_specs, friendly, sampling_inputs
 from sdanim.tasks import images, walks
 
 QUEUE = dict(concurrency_limit=1, concurrency_id="model")  # every model-using event: one queue
@@ -27,19 +27,22 @@ def generate_tab(context: AppContext) -> None:
         seed = gr.Number(value=4, precision=0, label="Seed of the first image (image k: seed + k)")
         count = gr.Number(value=4, precision=0, label="Images", minimum=1)
     sampling = sampling_inputs(context)
+    control = control_inputs(context)
     button = gr.Button("Generate", variant="primary")
     out = gr.Gallery(label="Images", columns=4, format="png")  # lossless (Gradio's default is WebP)
 
     @friendly
-    def generate(prompt_, neg, seed_, count_, size_, sampler_, steps_, guidance_, batch_):
+    def generate(prompt_, neg, seed_, count_, size_, sampler_, steps_, guidance_, batch_, *control_):
         context.limits.check_images(int(count_))
         settings = context.settings(size_, steps_, guidance_, sampler_, batch_)
+        nets = control_specs(context, *control_) if control_ else []
+        context.check_disk()
         result = images.generate(parse_prompt_text(prompt_), num_images=int(count_), seed=int(seed_), settings=settings,
                                  negative_prompt=neg or None, out_dir=context.out_dir,
-                                 model=context.model(settings, gr.Info), progress=False)
+                                 model=lambda: context.model(settings, gr.Info), progress=False, controlnets=nets)
         return [(img, f"seed {s}") for img, s in zip(result.images, result.seeds)]
 
-    button.click(generate, [prompt, negative, seed, count, *sampling], out, api_name="generate", **QUEUE)
+    button.click(generate, [prompt, negative, seed, count, *sampling, *control], out, api_name="generate", **QUEUE)
 
 
 def edit_tab(context: AppContext) -> None:

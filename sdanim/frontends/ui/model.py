@@ -19,6 +19,7 @@ from typing import Optional
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.limits import Limits
 from sdanim.formats.checkpoints import inspect_checkpoint
+from sdanim.formats.controlnet_files import inspect_controlnet
 from sdanim.formats.lora_files import Lora, as_loras, check_lora_files, read_lora
 from sdanim.model.loading import weight_source_kind
 from sdanim.model.spec import ModelSpec
@@ -41,22 +42,38 @@ class Access:
     """What visitors may choose.
 
     Args:
-        network: bool. Reachable from the network: choose among `weights` and `loras`
-            by name only. False: a local app, paths typed in the Model section.
+        network: bool. Reachable from the network: choose among `weights`, `loras` and
+            `controlnets` by name only. False: a local app, paths typed in.
         weights: {name: weight source} offered (network mode).
         loras: {name: LoRA file} offered (network mode).
+        controlnets: {name: ControlNet file or folder} offered (network mode).
     """
 
     network: bool = False
     weights: dict = dataclasses.field(default_factory=dict)
     loras: dict = dataclasses.field(default_factory=dict)
+    controlnets: dict = dataclasses.field(default_factory=dict)
+
+    def controlnet(self, chosen: str) -> str:
+        """The ControlNet weights a request names: in network mode one the operator
+        offered, by name (nothing typed is opened); locally the path typed."""
+        chosen = str(chosen or "").strip()
+        if not self.network:
+            return chosen
+        check(chosen in self.controlnets,
+              f"choose a ControlNet from the list this app offers ({', '.join(self.controlnets) or 'none'}). "
+              f"Received: controlnet={chosen!r}")
+        return self.controlnets[chosen]
 
 
-def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None) -> Access:
-    """The network mode's offer: the weights and LoRAs named at start, and the files in
-    `models_dir` recognised by their headers (a checkpoint or a LoRA; anything else is
-    left out), listed by name. Nothing a visitor types is ever opened."""
-    weights, loras = {}, {}
+def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, controlnets=()) -> Access:
+    """The network mode's offer: the weights, LoRAs and ControlNets named at start, and the
+    files in `models_dir` recognised by their headers (a checkpoint, a ControlNet or a
+    LoRA; anything else is left out), listed by name. Nothing a visitor types is ever
+    opened."""
+    weights, loras, nets = {}, {}, {}
+    for path in controlnets:
+        nets[os.path.basename(os.fspath(path).rstrip("/"))] = os.fspath(path)
     if spec is not None:
         weights[os.path.basename(spec.weights.rstrip("/")) or spec.weights] = spec.weights
         for lora in spec.loras:
@@ -65,6 +82,12 @@ def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None) 
         check(os.path.isdir(models_dir), f"models_dir must be a folder. Received: models_dir={models_dir!r}")
         for name in sorted(os.listdir(models_dir)):
             path = os.path.join(models_dir, name)
+            try:
+                inspect_controlnet(path)
+                nets.setdefault(name, path)
+                continue
+            except SdanimError:
+                pass
             if weight_source_kind(path) == "checkpoint":
                 try:
                     inspect_checkpoint(path)
@@ -78,7 +101,7 @@ def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None) 
                     loras.setdefault(name, path)
                 except SdanimError:
                     pass
-    return Access(network=True, weights=weights, loras=loras)
+    return Access(network=True, weights=weights, loras=loras, controlnets=nets)
 
 
 class ModelHolder:
