@@ -427,3 +427,41 @@ def test_the_app_renders_with_an_offered_controlnet_and_refuses_any_other(pair, 
             assert im.size == (64, 64) and np.asarray(im).max() == 255  # white edges on black
     finally:
         app.close()
+
+
+def test_every_image_tool_takes_a_controlnet(pair, tmp_path):
+    """img2img, inpaint (the inpaint preprocessor: the image with its masked pixels at -1,
+    no image given), outpaint, grid, the step view and image-morph, with a net: each runs,
+    follows it (differs from the render without) and records it."""
+    import json
+
+    from PIL import Image
+
+    import sdanim
+
+    model = pair["model"]
+    settings = RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
+    photo = _picture(6)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    net = ControlNetSpec(pair["paths"][0], image=str(tmp_path / "photo.png"), preprocess="lineart")
+    kw = dict(settings=settings, model=model, progress=False)
+    edited = sdanim.img2img(photo, "a carving", strength=0.7, seed=1, out_dir=str(tmp_path), controlnets=[net], **kw)
+    plain = sdanim.img2img(photo, "a carving", strength=0.7, seed=1, out_dir=None, **kw)
+    assert np.abs(edited.images.astype(int) - plain.images.astype(int)).max() > 0  # one step at strength 0.7: a little
+    record = json.loads(Image.open(edited.paths[0]).text["sdanim"])["controlnets"][0]
+    assert record["preprocess"] == "lineart" and record["hints"]["count"] == 1
+    mask = np.zeros((64, 64), bool)
+    mask[32:] = True
+    inpainted = sdanim.inpaint(photo, mask, "a red cube", seed=2, out_dir=None, **kw,
+                               controlnets=[ControlNetSpec(pair["paths"][0], preprocess="inpaint")])
+    assert np.array_equal(inpainted.images[0][:32], photo[:32])  # outside the mask: the input, exactly
+    wide = sdanim.outpaint(photo[:, :48], "a field", right=16, seed=3, out_dir=None, model=model, progress=False,
+                           settings=RenderSettings(height=64, width=64, num_steps=2), controlnets=[net])
+    assert wide.images[0].shape == (64, 64, 3)
+    grid = sdanim.grid(["a cat", "a dog"], seeds=[1, 2], out=None, controlnets=[net], **kw)
+    assert grid.cells.shape[:2] == (2, 2)
+    steps = sdanim.denoising_steps("a lighthouse", seed=4, show=[1, 2], out=None, controlnets=[net], **kw)
+    assert len(steps.images) == 2
+    morph = sdanim.image_morph(photo, _picture(7), "a photo", out=str(tmp_path / "im.gif"), frames=3,
+                               strength=0.6, controlnets=[net], **kw)
+    assert len(morph.frames) == 3

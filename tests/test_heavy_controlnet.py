@@ -103,3 +103,27 @@ def controlnet_parity(model, version: str, tmp_path, monkeypatch, capsys) -> Non
 
 def test_controlnet_matches_diffusers_at_sd15_shapes(sd_model, tmp_path, monkeypatch, capsys):
     controlnet_parity(sd_model, "1.4", tmp_path, monkeypatch, capsys)
+
+
+def test_the_compiled_program_with_a_controlnet_on_jax_gives_tensorflows_frames(tmp_path):
+    """The residuals inside the loop on JAX (one jax.jit per batch) and TensorFlow: the
+    program and the step loop agree on each, and JAX's frames are TensorFlow's within 1
+    level (the same weights)."""
+    import subprocess
+    import sys
+
+    require("jax")
+    here = os.path.dirname(os.path.abspath(__file__))
+    weights, frames = str(tmp_path / "weights.npz"), {}
+    for backend in ("tensorflow", "jax"):  # TensorFlow first: it writes the weights JAX reads
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        out = str(tmp_path / f"{backend}.npz")
+        proc = subprocess.run([sys.executable, os.path.join(here, "backend_controlnet.py"), weights, out],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with np.load(out) as data:
+            frames[backend] = {k: data[k].astype(int) for k in data.files}
+    for backend, f in frames.items():
+        assert np.abs(f["program"] - f["steps"]).max() <= 1, backend
+        assert np.abs(f["program"] - f["plain"]).max() > 10, backend  # the net acts
+    assert max(np.abs(frames["jax"][k] - frames["tensorflow"][k]).max() for k in frames["jax"]) <= 1
