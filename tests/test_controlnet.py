@@ -9,6 +9,8 @@ diffusers' own single-file converter. (The real SD 1.5 shapes: tests/test_heavy_
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -465,3 +467,38 @@ def test_every_image_tool_takes_a_controlnet(pair, tmp_path):
     morph = sdanim.image_morph(photo, _picture(7), "a photo", out=str(tmp_path / "im.gif"), frames=3,
                                strength=0.6, controlnets=[net], **kw)
     assert len(morph.frames) == 3
+
+
+def test_a_walk_schedules_images_and_scales_per_keyframe_and_aid_keeps_its_keyframes(pair, tmp_path):
+    """A walk file's control_image and control_scale per keyframe: the frame between two
+    keyframes takes the blend of their hints at the blended scale (a weight schedule is a
+    walk); a keyframe whose scale is 0 is the render without the net. With attention
+    interpolation the keyframes' helper rows get their hints: its keyframe frames are
+    the plain render's (with the net) bit for bit."""
+    from PIL import Image
+
+    import sdanim
+
+    from conftest import read_manifest
+
+    Image.fromarray(_picture(1)).save(tmp_path / "a.png")
+    Image.fromarray(_picture(2)).save(tmp_path / "b.png")
+    (tmp_path / "walk.yaml").write_text(
+        "keyframes:\n"
+        "  - {prompt: a red house, seed: 3, frames: 2, control_image: a.png, control_scale: 1.0}\n"
+        "  - {prompt: a blue boat, seed: 3, control_image: b.png, control_scale: 0.0}\n")
+    walk = sdanim.load_walk(str(tmp_path / "walk.yaml"))
+    settings = RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
+    net = ControlNetSpec(pair["paths"][0], preprocess="canny")
+    kw = dict(settings=settings, model=pair["model"], progress=False)
+    walked = sdanim.animate(walk, out=str(tmp_path / "w.gif"), controlnets=[net], **kw)
+    plain = sdanim.animate(walk, out=str(tmp_path / "p.gif"), **kw)
+    gaps = [int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(walked.frames, plain.frames)]
+    assert gaps[0] > 10 and gaps[1] > 0 and gaps[2] == 0, gaps  # scale 1 -> 0.5 -> 0
+    record = read_manifest(walked.frames_dir)["controlnets"][0]
+    assert record["hints"]["at"] == "keyframes" and record["hints"]["count"] == 2
+    assert read_manifest(walked.frames_dir)["walk"]["keyframes"][1]["control_scale"] == 0.0
+    aid = sdanim.animate(dataclasses.replace(walk, attention="fused"), out=str(tmp_path / "aid.gif"),
+                         controlnets=[net], **kw)
+    assert np.array_equal(aid.frames[0], walked.frames[0]) and np.array_equal(aid.frames[2], walked.frames[2])
+    assert np.abs(aid.frames[1].astype(int) - walked.frames[1].astype(int)).max() > 0  # the in-between attends
