@@ -38,6 +38,7 @@ _EXPORTS = {
     "ExportSettings": "sdanim.config.export",
     "ModelSpec": "sdanim.model.spec",
     "ControlNetSpec": "sdanim.config.control",
+    "MotionSpec": "sdanim.config.motion",
     "Limits": "sdanim.config.limits",
     "Lora": "sdanim.formats.lora_files",
     "Workers": "sdanim.render.ray",

@@ -15,7 +15,7 @@ in an order that keeps the suite's process tree at about 13 GiB (a 16 GB laptop)
 
 (`sd21_model` is the same arrangement inside the SD 2.1 child, tests/heavy_sd21.py.)
 
-With pytest-xdist's `-n 2` (the README's quick tier) the tests run in two workers a
+With pytest-xdist's `-n 2` (the README's command and its quick tier) the tests run in two workers a
 module at a time; all the heavy tests (they live in tests/test_heavy*.py) are one unit
 that one worker runs in that order (`pytest_xdist_make_scheduler`).
 
@@ -225,10 +225,10 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_xdist_make_scheduler(config, log):
     """Work for pytest-xdist's workers (-n N): each quick test module is one unit (its
     fixtures, like a Ray instance, made once), and all the heavy tests (tests/test_heavy*.py)
-    are one unit that one worker runs first to last in the memory plan's order. (The full
-    suite in two workers takes about 12 min instead of 20 on 2 cores, but the heavy tests'
-    processes and the quick ones' add up to 16-17 GiB resident: the README's command runs
-    it in one process.)"""
+    are one unit that one worker runs first to last in the memory plan's order, while the
+    other takes the quick modules (the README's command: about 20 min instead of 30 on 2
+    slow cores; 13.7 GiB at the peak counting shared pages once, 16.7 GiB summing resident
+    sets)."""
     if config.getoption("dist") not in ("load", "loadscope"):
         return None  # another --dist asked for by name
     from xdist.scheduler import LoadScopeScheduling

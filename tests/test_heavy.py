@@ -201,9 +201,11 @@ def test_uniform_spacing_on_the_real_architecture(sd_model, tmp_path):
 
 
 @pytest.mark.own_process
+@pytest.mark.family
 def test_sd21_in_its_own_process():
     """The SD 2.1 tests (tests/heavy_sd21.py: KerasCV V2 loop parity, checkpoint import,
-    ControlNet parity) run in a child pytest. TensorFlow keeps the weights that traced functions captured
+    ControlNet parity) run in a child pytest, in the family tier (`-m family`: SD 2.1's
+    real shapes, once per CI run, outside the README's command). TensorFlow keeps the weights that traced functions captured
     after a model is dropped (about 3.5 GB of the SD 1.4 UNet here), so a second
     architecture in this process would push the suite past 12 GB; the child's memory
     goes back when it exits."""

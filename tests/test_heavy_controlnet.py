@@ -1,8 +1,14 @@
 """ControlNet at the real SD 1.5 shapes (SD 2.1's: tests/heavy_sd21.py) against diffusers'
 ControlNetModel and UNet2DConditionModel holding the same random weights -- every
-parameter drawn, the zero convolutions too -- on the shared real-architecture UNet at
-64x64: the 13 residuals (from lllyasviel's `control_model.*` layout), the UNet's output
-with them, guess mode's weights and the shuffle model's pooling."""
+parameter drawn, the zero convolutions too -- on the real-architecture UNet at 64x64: the 13 residuals (from
+lllyasviel's `control_model.*` layout), the UNet's output with them and guess mode's
+weights; the compiled program with a net on JAX against TensorFlow; and a net on a Ray
+worker.
+
+The family tier (`python -m pytest -m family`, which .ci/run runs after the README's
+command): a model family's real-shape parity runs once per CI, outside the README's
+20-minute command; the quick tier checks the same code on tiny configurations
+(tests/test_controlnet.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ torch = require("torch")
 require("diffusers")
 
 import sd_reference as ref  # noqa: E402
+from test_distributed import ray_local  # noqa: E402,F401 - the module's fixture: one local Ray instance
 
-pytestmark = pytest.mark.heavy
+pytestmark = [pytest.mark.heavy, pytest.mark.family]
 
 
 def controlnet_parity(model, version: str, tmp_path, monkeypatch, capsys) -> None:
@@ -103,6 +110,31 @@ def controlnet_parity(model, version: str, tmp_path, monkeypatch, capsys) -> Non
 
 def test_controlnet_matches_diffusers_at_sd15_shapes(sd_model, tmp_path, monkeypatch, capsys):
     controlnet_parity(sd_model, "1.4", tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.own_process  # a Ray worker builds its own model: before this process holds the real one
+def test_a_controlnet_on_workers_gives_the_frames_of_one_process(ray_local, tmp_path):
+    """A ControlNet travels with the job (its spec and the frames' hints): a Ray worker
+    builds the same net for its own (tiny) model, so the frames are the ones this process
+    renders. (Here, not in the quick tier: the worker's model and net take about 100 s on
+    one slow CPU.)"""
+    from PIL import Image
+
+    import sdanim
+    from conftest import read_manifest
+    from sdanim.config.control import ControlNetSpec
+    from test_distributed import _morph, tiny_sd_model
+
+    rng = np.random.default_rng(0)
+    picture = tmp_path / "edges.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(picture)
+    nets = [ControlNetSpec("random", image=str(picture), preprocess="canny", scale=0.8)]
+    here = _morph(tmp_path, "cn_here", model=tiny_sd_model(), controlnets=nets)
+    there = _morph(tmp_path, "cn_there", model=tiny_sd_model, controlnets=nets,
+                   workers=sdanim.Workers(count=1, cpus_per_worker=1))
+    gap = np.abs(there.frames.astype(int) - here.frames.astype(int))  # thread counts: see the AID test
+    assert gap.max() <= 1 and (gap > 0).mean() < 1e-3, (gap.max(), (gap > 0).mean())
+    assert read_manifest(tmp_path / "cn_there_frames")["controlnets"][0]["file"] == "random"
 
 
 def test_the_compiled_program_with_a_controlnet_on_jax_gives_tensorflows_frames(tmp_path):

@@ -177,6 +177,7 @@ def test_stop_keeps_frames_and_render_resumes(app):
 
     client_lib = require("gradio_client")
     client = client_lib.Client(app.local_url, verbose=False)
+    other = client_lib.Client(app.local_url, verbose=False)  # another visitor, connected before the render starts
     # Long enough (301 frames, 4 steps each) that Stop lands mid-render on a loaded machine.
     args = dict(ARGS, kf="a slow walk [seed=5 frames=300]\nits end", batch=1, steps=4)
     job = client.submit(*args.values(), api_name="/render")
@@ -187,7 +188,7 @@ def test_stop_keeps_frames_and_render_resumes(app):
             break
         time.sleep(0.1)
     # Another visitor (another browser session) pressing Stop does not stop this render.
-    client_lib.Client(app.local_url, verbose=False).predict(api_name="/stop_render")
+    other.predict(api_name="/stop_render")
     seen = len(job.outputs())
     while len(job.outputs()) < seen + 3 and not job.done():  # the render goes on for three more updates
         time.sleep(0.1)

@@ -25,7 +25,9 @@ from sdanim.render.ray import RayFrames, Workers
 from sdanim.render.store import FrameStore, ensure_folder, manifest_differences
 
 # Manifest keys that must match for frames on disk to be reused.
-RUN_KEYS = ("walk", "timing", "negative_prompt", "render", "model", "controlnets")
+RUN_KEYS = ("walk", "timing", "negative_prompt", "render", "model", "controlnets", "motion")
+# A motion render's sampling state (render/motion.py): the run's own file, in its frames folder.
+STATE_FILE = "motion_state.npz"
 
 
 def check_decoder(model, settings: RenderSettings) -> None:
@@ -83,8 +85,9 @@ def open_run_folder(folder: str, manifest: dict, overwrite: bool, keys=RUN_KEYS)
 
     Returns the store and the stored manifest of the same run (None if new)."""
     store = FrameStore(ensure_folder(folder, "out"))
-    for stale in glob.glob(os.path.join(folder, ".frame_*.partial*")):
-        os.remove(stale)  # a write cut short by a kill (the frame itself was never renamed in)
+    partial = [".frame_*.partial*", STATE_FILE + ".*.part"]
+    for stale in [path for pattern in partial for path in glob.glob(os.path.join(folder, pattern))]:
+        os.remove(stale)  # a write cut short by a kill (the file itself was never renamed in)
     stored = store.read_manifest()
     has_frames = bool(glob.glob(os.path.join(folder, "frame_*.png")))
     if overwrite:
@@ -93,6 +96,8 @@ def open_run_folder(folder: str, manifest: dict, overwrite: bool, keys=RUN_KEYS)
         for pattern in POST_FOLDERS:  # in-betweens and upscaled copies of the frames just removed
             for path in glob.glob(os.path.join(folder, pattern)):
                 shutil.rmtree(path, ignore_errors=True)
+        if os.path.isfile(os.path.join(folder, STATE_FILE)):  # the removed run's sampling state
+            os.remove(os.path.join(folder, STATE_FILE))
     elif stored is not None:
         diffs = manifest_differences(stored, manifest, keys)
         if diffs:

@@ -23,6 +23,7 @@ from sdanim.config.control import ControlNetSpec
 from sdanim.config.errors import check
 from sdanim.config.export import ExportSettings
 from sdanim.config.limits import Limits
+from sdanim.config.motion import MotionSpec
 from sdanim.config.settings import RenderSettings
 from sdanim.core import audio as audio_lib
 from sdanim.core.interpolation import check_easing, split_frames
@@ -38,6 +39,7 @@ from sdanim.formats.images import load_image
 from sdanim.render.export import blend_double, check_output, contact_sheet, write_video
 from sdanim.render.control import control_record, prepare_controls
 from sdanim.render.jobs import FrameJob, ImageMorphJob, render_record
+from sdanim.render.motion import check_motion, motion_record, render_motion
 from sdanim.render.ray import check_workers_args
 from sdanim.render.run import frame_source, known_version, open_run_folder, tiny_decoder_available, versions
 from sdanim.render.plots import audio_figure, save_figure
@@ -110,6 +112,7 @@ def morph(
     guide=None,
     limits: Optional[Limits] = None,
     controlnets: Sequence[ControlNetSpec] = (),
+    motion: Optional[MotionSpec] = None,
 ) -> MorphResult:
     """Renders a prompt-to-prompt morph A -> B (-> C ...) and exports it.
 
@@ -149,7 +152,7 @@ def morph(
         guide: str or mix or None. PAID's guide prompt: the in-between frames take its
             embedding instead of the blend of their keyframes'. Defaults to None.
         limits: `sdanim.config.limits.Limits` or None: as in `animate`.
-        controlnets: as in `animate`.
+        controlnets, motion: as in `animate`.
 
     Example:
     ```python
@@ -166,7 +169,7 @@ def morph(
     return animate(
         walk, out=out, settings=settings, export=export, model=model, negative_prompt=negative_prompt,
         spacing=spacing, preview_steps=preview_steps, workers=workers, overwrite=overwrite, progress=progress,
-        on_batch=on_batch, limits=limits, controlnets=controlnets,
+        on_batch=on_batch, limits=limits, controlnets=controlnets, motion=motion,
     )
 
 
@@ -186,6 +189,7 @@ def animate(
     on_batch=None,
     limits: Optional[Limits] = None,
     controlnets: Sequence[ControlNetSpec] = (),
+    motion: Optional[MotionSpec] = None,
 ) -> MorphResult:
     """Renders a keyframe walk (see `sdanim.keyframes`) and exports it.
 
@@ -220,6 +224,12 @@ def animate(
             frames follow, each with its image (one for all frames, a folder or a video:
             one per frame), or the walk's per-keyframe `control_image` and
             `control_scale` (`sdanim.render.control`). Defaults to none.
+        motion: `sdanim.MotionSpec` or None. AnimateDiff motion modules (SD 1.x): the
+            frames are denoised together in context windows, so they move coherently,
+            each with its own interpolated prompt (prompt travel); a stopped run resumes
+            from the state its frames folder keeps (docs/architecture.md). Renders in
+            this process; not with workers, attention interpolation, ControlNets or
+            uniform spacing (each refused with the reason). Defaults to None.
 
     Example:
     ```python
@@ -236,6 +246,9 @@ def animate(
     if limits is not None:  # on the final plan
         check_plan_limits(limits, settings, export, count, walk.loop)
     post = check_post(export, settings.batch_size)
+    if motion is not None:
+        _check_motion(motion, walk, workers, controlnets, timing)
+        check_motion(motion, count, known_version(model))
     images, scales = walk.control_stops(len(controlnets))
     controls = prepare_controls(controlnets, count, settings.height, settings.width, keyframe_images=images,
                                 keyframe_scales=scales, version=known_version(model))
@@ -249,7 +262,7 @@ def animate(
             "walk": walk.record(), "timing": timing.record(export), "negative_prompt": negative_prompt,
             "render": render_record(settings), "model": source.describe(), "fps": export.fps,
             **({"post": post.record()} if post.active else {}), "sdanim": __version__, "versions": versions(),
-            **control_record(controls),
+            **control_record(controls), **({"motion": motion_record(motion)} if motion is not None else {}),
         }
         store, stored = open_run_folder(folder, manifest, overwrite)
         start = time.perf_counter()
@@ -276,7 +289,10 @@ def animate(
 
         # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
         todo = store.missing(range(len(job)))
-        images = source.render(job, todo, store=store, progress=progress, on_batch=on_batch) if todo else {}
+        if motion is not None:  # frames denoised together: the clip, then its frames
+            images = render_motion(source.model, job, motion, store, job.renderer(source.model), progress, on_batch)
+        else:
+            images = source.render(job, todo, store=store, progress=progress, on_batch=on_batch) if todo else {}
     all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(job))])
 
     # 5. In-betweens and upscaling, the video, and how evenly it moves.
@@ -286,6 +302,19 @@ def animate(
     plot = timing.save_plot(os.path.splitext(out)[0] + "_audio.png", job.frame_positions())
     return MorphResult(all_frames, out, folder, sheet, len(todo), time.perf_counter() - start, report, plot,
                        timing.analysis.tempo if timing.analysis is not None else None)
+
+
+def _check_motion(motion: MotionSpec, walk: Walk, workers, controlnets, timing) -> None:
+    """What motion modules do not combine with (yet), each refused with the reason."""
+    check(isinstance(motion, MotionSpec), f"motion must be a MotionSpec. Received: motion={motion!r}")
+    check(workers is None, "motion modules render in one process: the windows of a step are not sharded over Ray "
+                           f"workers yet. Received: workers={workers!r}")
+    check(walk.attention == "off", "attention interpolation adds helper rows to a batch, which motion modules would "
+                                   f"mix into the clip; use one or the other. Received: attention_interp={walk.attention!r}")
+    check(not controlnets, "ControlNets with motion modules are not supported yet. "
+                           f"Received: {len(controlnets)} ControlNet(s)")
+    check(timing.spacing != "uniform", "uniform spacing previews frames one by one, which motion modules do not "
+                                       "render; use linear or beta. Received: spacing='uniform'")
 
 
 def video_frames(rendered: int, export: ExportSettings, loop: bool) -> int:

@@ -50,6 +50,7 @@ def run_morph(args) -> int:
         overwrite=args.overwrite, progress=not args.quiet, attention_interp=args.attention_interp,
         attention_warmup=args.attention_warmup,
         guide=None if args.guide is None else parse_prompt_text(args.guide, "guide"), controlnets=options.controls(args),
+        motion=options.motion(args),
     )
     report(result, args.fps)
     return 0
@@ -67,7 +68,7 @@ def run_walk(args) -> int:
         model=options.model_for(args, settings), negative_prompt=args.negative,
         spacing=getattr(args, "spacing", "linear"), preview_steps=getattr(args, "preview_steps", None),
         workers=options.workers(args), overwrite=args.overwrite, progress=not args.quiet,
-        controlnets=options.controls(args),
+        controlnets=options.controls(args), motion=options.motion(args),
     )
     report(result, args.fps)
     return 0
@@ -109,6 +110,7 @@ def register(sub) -> None:
     options.add_timing_args(m)
     options.add_output_args(m)
     options.add_render_args(m, batch_default=4)
+    options.add_motion_args(m)
     options.add_workers_args(m)
 
     w = add_command(
@@ -124,6 +126,7 @@ def register(sub) -> None:
     w.add_argument("--out", default="outputs/walk.gif", help="output .gif, .mp4 or .webm (default: outputs/walk.gif)")
     options.add_output_args(w)
     options.add_render_args(w, batch_default=4)
+    options.add_motion_args(w)
     options.add_workers_args(w)
 
     c = add_command(

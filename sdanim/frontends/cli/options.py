@@ -13,6 +13,7 @@ from sdanim.config.choices import (
 from sdanim.config.control import ControlNetSpec, parse_controlnet
 from sdanim.config.errors import SdanimError
 from sdanim.config.export import ExportSettings
+from sdanim.config.motion import MOTION_NORMS, WEIGHTINGS, MotionSpec
 from sdanim.config.settings import RenderSettings, render_settings
 from sdanim.core.pixels import auto_size
 from sdanim.model.spec import ModelSpec
@@ -115,6 +116,35 @@ def add_control_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guess-mode", action="store_true",
                    help="the nets decide the content: their residuals weighted 0.1 .. 1 and, under guidance, given to "
                    "the conditional half only (for empty or vague prompts)")
+
+
+def add_motion_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("motion modules (AnimateDiff, SD 1.x): frames denoised together, so they move")
+    g.add_argument("--motion-module", default=None, metavar="FILE|random",
+                   help="AnimateDiff motion modules: guoyww's mm_sd_v15*.ckpt/.safetensors (v1, v2, v3), AnimateLCM's, "
+                   "or a diffusers MotionAdapter folder; random: the architecture with seeded random weights")
+    g.add_argument("--context", type=int, default=16, metavar="FRAMES",
+                   help="frames denoised together in one window (default: 16)")
+    g.add_argument("--context-stride", type=int, default=4, metavar="FRAMES",
+                   help="frames between the starts of consecutive windows (default: 4)")
+    g.add_argument("--context-weighting", default="pyramid", choices=WEIGHTINGS,
+                   help="how overlapping windows blend: pyramid (by how central a frame is) or flat (default: pyramid)")
+    g.add_argument("--motion-norm", default="frame", choices=MOTION_NORMS,
+                   help="the motion GroupNorm's statistics: per frame (as the modules were trained) or over the "
+                   "window (diffusers) (default: frame)")
+
+
+def motion(args):
+    """The `MotionSpec` of --motion-module and its options, or None."""
+    if getattr(args, "motion_module", None) is None:
+        for flag, default in (("context", 16), ("context_stride", 4), ("context_weighting", "pyramid"),
+                              ("motion_norm", "frame")):
+            if getattr(args, flag, default) != default:
+                raise SdanimError(f"--{flag.replace('_', '-')} needs --motion-module FILE. "
+                                  "Received: --motion-module not given")
+        return None
+    return MotionSpec(args.motion_module, context=args.context, stride=args.context_stride,
+                      weighting=args.context_weighting, norm=args.motion_norm)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -32,10 +32,12 @@ def generate_tab(context: AppContext) -> None:
     out = gr.Gallery(label="Images", columns=4, format="png")  # lossless (Gradio's default is WebP)
 
     @friendly
-    def generate(prompt_, neg, seed_, count_, size_, sampler_, steps_, guidance_, batch_, *control_):
+    def generate(prompt_, neg, seed_, count_, size_, sampler_, steps_, guidance_, batch_, net_=None, picture_=None,
+                 preprocess_="canny", scale_=1.0, start_=0.0, end_=1.0, guess_=False):
+        # The ControlNet inputs have defaults, so API callers that send none still work.
         context.limits.check_images(int(count_))
         settings = context.settings(size_, steps_, guidance_, sampler_, batch_)
-        nets = control_specs(context, *control_) if control_ else []
+        nets = control_specs(context, net_, picture_, preprocess_, scale_, start_, end_, guess_)
         context.check_disk()
         result = images.generate(parse_prompt_text(prompt_), num_images=int(count_), seed=int(seed_), settings=settings,
                                  negative_prompt=neg or None, out_dir=context.out_dir,

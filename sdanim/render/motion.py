@@ -1,0 +1,261 @@
+"""Sampling a clip with motion modules: a window at a step is the unit of work
+(docs/architecture.md, "Motion modules").
+
+At step i every frame's latent is known; each window's frames go through the motion UNet
+together (classifier-free guidance: the window's negative rows and its conditional rows,
+two clips of one call), and its prediction is added, weighted, to a per-frame sum, in
+window order. When every window has run, each frame's prediction is its weighted mean and
+the sampler steps all frames at once. A unit's result is a pure function of (the clip,
+the step's latents, the window), so
+
+- a run's state (step, next window, latents, the sampler's previous prediction and the
+  partial sums) saved after any unit and loaded again gives the same frames bit for bit
+  as a run never stopped (`ClipState`, written to a temporary name and renamed);
+- memory is one window's UNet call plus every frame's latent, whatever the length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdanim.config.errors import SdanimError, check
+from sdanim.config.motion import MotionSpec
+from sdanim.core.noise import step_noise
+from sdanim.core.runtime import keras_ops
+from sdanim.core.schedulers import Scheduler, timestep_embedding
+from sdanim.core.windows import context_windows, coverage, free_noise, window_weights
+from sdanim.formats.digest import data_key
+from sdanim.formats.motion_files import inspect_motion_module
+from sdanim.model.compiled import compiled
+from sdanim.model.motion import motion_digest, motion_modules_for, motion_unet
+from sdanim.render.jobs import FrameJob, frame_metadata, model_record
+from sdanim.render.run import STATE_FILE
+from sdanim.render.store import FrameStore
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Clip:
+    """What sampling a clip needs besides the model.
+
+    contexts: (F, 77, D) each frame's conditional text context (prompt travel).
+    negatives: (F, 77, D) each frame's negative context.
+    noise: (F, h, w, 4) the initial noise (`sdanim.core.windows.free_noise`).
+    windows: list of int arrays, the context windows (`context_windows`), all one length.
+    weighting: "pyramid" or "flat".
+    guidance: classifier-free guidance scale (1: the conditional rows alone).
+    seed: the clip's seed, for samplers that draw noise at every step.
+    key: a digest of everything above and the model (a saved state of another clip is
+        never resumed).
+    """
+
+    contexts: np.ndarray
+    negatives: np.ndarray
+    noise: np.ndarray
+    windows: list
+    weighting: str
+    guidance: float
+    seed: int
+    key: str
+
+    def __post_init__(self):
+        frames = len(self.noise)
+        check(len(self.contexts) == frames and len(self.negatives) == frames,
+              f"a clip needs one context and one negative context per frame. Received: {len(self.contexts)} and "
+              f"{len(self.negatives)} for {frames} frames")
+        lengths = {len(w) for w in self.windows}
+        check(len(lengths) == 1, f"a clip's windows are all one length. Received: lengths {sorted(lengths)}")
+        check(bool(np.all(coverage(frames, self.windows, self.weighting) > 0)),
+              "every frame of a clip must be in a window")
+
+    @property
+    def window_length(self) -> int:
+        return len(self.windows[0])
+
+
+@dataclasses.dataclass
+class ClipState:
+    """Where a clip's sampling stands: before window `window` of step `step`."""
+
+    step: int
+    window: int
+    latents: np.ndarray
+    sums: np.ndarray
+    previous: Optional[np.ndarray] = None  # the sampler's previous denoised prediction
+
+    def save(self, path: str, key: str) -> None:
+        """Writes the state atomically (a temporary name, then a rename)."""
+        part = f"{path}.{os.getpid()}.part"
+        arrays = {"latents": self.latents, "sums": self.sums,
+                  "meta": np.array([STATE_VERSION, self.step, self.window], np.int64),
+                  "key": np.frombuffer(key.encode(), np.uint8)}
+        if self.previous is not None:
+            arrays["previous"] = self.previous
+        with open(part, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(part, path)
+
+    @classmethod
+    def load(cls, path: str, key: str) -> Optional["ClipState"]:
+        """The state saved for this clip, or None where there is none (another clip's
+        state, or an unreadable file, is refused: never silently reused)."""
+        if not os.path.exists(path):
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                saved_key = bytes(data["key"]).decode()
+                version, step, window = (int(v) for v in data["meta"])
+                state = cls(step, window, data["latents"].copy(), data["sums"].copy(),
+                            data["previous"].copy() if "previous" in data.files else None)
+        except (OSError, ValueError, KeyError) as error:
+            raise SdanimError(f"the saved motion state cannot be read ({error}); remove it to start the clip again. "
+                              f"Received: {path}") from None
+        if saved_key != key or version != STATE_VERSION:
+            raise SdanimError(f"the saved motion state is another clip's (other prompts, settings or weights); "
+                              f"pass overwrite to start again. Received: {path}")
+        return state
+
+
+def _guided(eps_fn: Callable, clip: Clip, latents: np.ndarray, i: int, t: float, window: np.ndarray) -> np.ndarray:
+    """The window's noise prediction at step i, with classifier-free guidance."""
+    n = len(window)
+    t_emb = timestep_embedding(t).astype(np.float32)
+    if clip.guidance == 1.0:  # the conditional rows alone (as the renderer: any other scale guides)
+        return eps_fn(latents, np.repeat(t_emb[None], n, axis=0), clip.contexts[window])
+    rows = np.concatenate([latents, latents])
+    contexts = np.concatenate([clip.negatives[window], clip.contexts[window]])
+    eps = eps_fn(rows, np.repeat(t_emb[None], 2 * n, axis=0), contexts)
+    unconditional, conditional = eps[:n], eps[n:]
+    return unconditional + clip.guidance * (conditional - unconditional)
+
+
+def sample_clip(eps_fn: Callable, clip: Clip, scheduler: Scheduler, state_path: Optional[str] = None,
+                save_every: float = 30.0, on_unit: Optional[Callable] = None) -> np.ndarray:
+    """The clip's final latents (F, h, w, 4).
+
+    eps_fn: (latents (2n or n, h, w, 4), t_emb, contexts) -> eps, the motion UNet on one
+        window's rows (clip-major: the negative clip, then the conditional one).
+    state_path: where the state is saved (after every step, and after a unit when
+        `save_every` seconds have passed since the last save) and resumed from.
+    on_unit: callable (step, window) after each unit (progress; an exception it raises
+        stops the run, and the state saved last resumes it).
+    """
+    frames = len(clip.noise)
+    weights = window_weights(clip.window_length, clip.weighting)
+    total = coverage(frames, clip.windows, clip.weighting)[:, None, None, None]
+    state = ClipState.load(state_path, clip.key) if state_path else None
+    if state is None:
+        state = ClipState(0, 0, (clip.noise * scheduler.init_noise_sigma).astype(np.float32),
+                          np.zeros_like(clip.noise, dtype=np.float32))
+    saved = time.monotonic()
+    noises = None
+    if scheduler.needs_noise:  # each frame's per-step noise, from the clip's seed and the frame
+        seeds = [int(np.random.SeedSequence([clip.seed, f]).generate_state(1, np.uint64)[0] >> 1) for f in range(frames)]
+        noises = np.stack([step_noise(s, scheduler.num_steps, clip.noise.shape[1:]) for s in seeds], axis=1)
+    while state.step < scheduler.num_steps:
+        i = state.step
+        scaled = state.latents * scheduler.input_scale(i)
+        while state.window < len(clip.windows):
+            window = clip.windows[state.window]
+            eps = _guided(eps_fn, clip, scaled[window], i, float(scheduler.timesteps[i]), window)
+            np.add.at(state.sums, window, weights[:, None, None, None] * np.asarray(eps, np.float32))
+            state.window += 1
+            if state_path and time.monotonic() - saved >= save_every:
+                state.save(state_path, clip.key)
+                saved = time.monotonic()
+            if on_unit is not None:
+                on_unit(i, state.window - 1)
+        eps = state.sums / total
+        x_next, denoised = scheduler.step(i, state.latents, eps, state.previous,
+                                          None if noises is None else noises[i])
+        state = ClipState(i + 1, 0, np.asarray(x_next, np.float32), np.zeros_like(state.sums),
+                          np.asarray(denoised, np.float32))
+        if state_path:
+            state.save(state_path, clip.key)
+            saved = time.monotonic()
+    return state.latents
+
+
+def check_motion(spec: MotionSpec, frames: int, version) -> None:
+    """What can be checked before a model is built: the SD version where it is known, the
+    file (read, not loaded: one line for anything but motion modules) and the window
+    against its position encoding."""
+    check(version is None or str(version).startswith("1"),
+          f"motion modules are for SD 1.x (no SD 2.x modules exist). Received: model version {version}")
+    if spec.file == "random":
+        return
+    file = inspect_motion_module(spec.file)
+    window = min(spec.context, frames)
+    check(window <= file.positions, f"context must be at most {file.positions} frames for these motion modules "
+                                    f"({file.describe()}). Received: context={spec.context}")
+
+
+def motion_record(spec: MotionSpec) -> dict:
+    """What a run's manifest keeps of its motion modules (the file by its SHA-256)."""
+    sha = None if spec.file == "random" else motion_digest(spec.file)
+    return {"file": spec.file, "sha256": sha, "context": spec.context, "stride": spec.stride,
+            "weighting": spec.weighting, "norm": spec.norm}
+
+
+def clip_for(model, job: FrameJob, spec: MotionSpec, renderer) -> Clip:
+    """The clip of a walk: each frame's context from the frame plan (prompt travel), the
+    negative prompt's for every frame, FreeNoise's noise from the first keyframe's seed,
+    and the windows (closed when the walk loops)."""
+    plan = job.plan(model)
+    frames = len(job)
+    contexts = np.stack([plan.frame(i).context for i in range(frames)]).astype(np.float32)
+    negatives = np.repeat(renderer.unconditional_context[None], frames, axis=0)
+    seed = int(job.walk.noise_seeds()[0])
+    context = min(spec.context, frames)
+    noise = free_noise(seed, frames, context, spec.stride, job.settings.latent_shape)
+    windows = context_windows(frames, context, spec.stride, closed=job.walk.loop and frames > context)
+    key = data_key(job.key, motion_record(spec), model_record(model), length=32)
+    return Clip(contexts, negatives, noise, windows, spec.weighting, float(job.settings.guidance_scale), seed, key)
+
+
+def _motion_eps(calls, latents, t_emb, contexts):
+    """One window's rows through the motion UNet (compiled by `compiled`)."""
+    return calls[0]([latents, t_emb, contexts])
+
+
+def render_motion(model, job: FrameJob, spec: MotionSpec, store: FrameStore, renderer, progress: bool = True,
+                  on_batch: Optional[Callable] = None) -> dict:
+    """Renders a walk's frames with motion modules into `store`: {index: image} of the
+    frames written now. The clip is sampled (or resumed from the state the folder keeps),
+    then the frames not on disk are decoded in batches of the settings' batch size."""
+    todo = store.missing(range(len(job)))
+    if not todo:
+        return {}
+    ops = keras_ops()
+    clip = clip_for(model, job, spec, renderer)
+    unet = motion_unet(model.diffusion_model, motion_modules_for(model, spec), clip.window_length)
+    step = compiled(_motion_eps, (unet,), bool(getattr(model, "jit_compile", False)))  # traced once per model
+
+    def eps_fn(latents, t_emb, contexts):
+        return ops.convert_to_numpy(step(latents, t_emb, contexts))
+
+    with tqdm(total=renderer.scheduler.num_steps * len(clip.windows), desc="windows x steps", unit="unit",
+              disable=not progress) as bar:
+        latents = sample_clip(eps_fn, clip, renderer.scheduler, state_path=os.path.join(store.folder, STATE_FILE),
+                              on_unit=lambda _step, _window: bar.update(1))
+    record, images = model_record(model), {}
+    size = max(1, job.settings.batch_size)
+    for start in range(0, len(todo), size):
+        batch = todo[start:start + size]
+        decoded = renderer.decode(latents[batch])
+        for index, image in zip(batch, decoded):
+            store.write(index, image, frame_metadata(job, index, record))
+            images[index] = image
+        if on_batch is not None:
+            on_batch(batch, decoded)
+    return images
+
+
+__all__ = ["Clip", "ClipState", "STATE_FILE", "check_motion", "clip_for", "motion_record", "render_motion", "sample_clip"]

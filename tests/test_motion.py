@@ -1,0 +1,259 @@
+"""AnimateDiff motion modules (sdanim.model.motion) against diffusers' UNetMotionModel
+holding the same random weights, on a tiny UNet of SD 1.x's structure: every parameter
+drawn first (the original modules' zero-initialised proj_out would make every module the
+identity, and parity on that proves nothing). The weight layouts (guoyww's original
+`.ckpt`, diffusers' MotionAdapter folder) load to the same modules, the original names
+checked against diffusers' own single-file converter; versions are told from the tensors,
+and anything else is refused in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import relative_gap, require
+
+torch = require("torch")
+diffusers = require("diffusers")
+
+from sdanim.config.errors import SdanimError  # noqa: E402
+from sdanim.core.schedulers import timestep_embedding  # noqa: E402
+from sdanim.formats.checkpoints import Checkpoint  # noqa: E402
+from sdanim.formats.motion_files import inspect_motion_module  # noqa: E402
+from sdanim.formats.tensors import CheckpointError  # noqa: E402
+from sdanim.formats.weight_map import bind  # noqa: E402
+from sdanim.model.motion import load_motion_modules, motion_unet, random_motion_modules  # noqa: E402
+from test_controlnet import _configs, _lazy, _with_sd_time_embedding, randomize_everything  # noqa: E402
+from tiny import TINY_SD, make_tiny_sd_model  # noqa: E402
+
+FRAMES = 4
+
+
+@pytest.fixture(autouse=True)
+def _geglu(monkeypatch):
+    """diffusers' GEGLU with KerasCV's tanh GELU in the spatial blocks (sdanim's UNet is
+    KerasCV's); the motion modules keep the exact GELU (marked `_erf`), as sdanim's do."""
+    import torch.nn.functional as F
+    from diffusers.models import activations
+
+    monkeypatch.setattr(activations.GEGLU, "gelu",
+                        lambda self, gate: F.gelu(gate, approximate="none" if getattr(self, "_erf", False) else "tanh"))
+
+
+class _PerFrameNorm(torch.nn.Module):
+    """diffusers' motion GroupNorm (on (B, C, F, h, w)) taking each frame's statistics on
+    its own: the original modules' normalisation, for the reference."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        b, c, f, h, w = x.shape
+        flat = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        return self.norm(flat).reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def reference(mid: bool = True, positions: int = 32, seed: int = 0):
+    """A tiny diffusers UNetMotionModel (SD 1.x's structure), every parameter random."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_configs(False)[0])
+    adapter = MotionAdapter(block_out_channels=TINY_SD["channels"], motion_layers_per_block=2,
+                            motion_num_attention_heads=8, motion_norm_num_groups=32,
+                            motion_max_seq_length=positions, use_motion_mid_block=mid)
+    motion = _with_sd_time_embedding(UNetMotionModel.from_unet2d(unet, adapter)).eval()
+    randomize_everything(motion, seed + 1)
+    for name, module in motion.named_modules():
+        if "motion_modules" in name and isinstance(module, GEGLU):
+            module._erf = True
+    return motion
+
+
+def _original_names(state: dict) -> dict:
+    """diffusers' motion module names -> guoyww's original layout (the positions under both
+    attention blocks, as the original files store them)."""
+    out = {}
+    for key, value in state.items():
+        block, rest = key.split(".motion_modules.", 1)
+        index, rest = rest.split(".", 1)
+        prefix = f"{block}.motion_modules.{index}.temporal_transformer."
+        if rest.endswith("pos_embed.pe"):
+            for k in (0, 1):
+                out[prefix + f"transformer_blocks.0.attention_blocks.{k}.pos_encoder.pe"] = value
+            continue
+        for ours, theirs in ((".attn1.", ".attention_blocks.0."), (".attn2.", ".attention_blocks.1."),
+                             (".norm1.", ".norms.0."), (".norm2.", ".norms.1."), (".norm3.", ".ff_norm.")):
+            rest = rest.replace(ours, theirs)
+        out[prefix + rest] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The reference, sdanim's tiny model bound to its 2-D weights, and its motion modules
+    written in both layouts."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("motion")
+    motion = reference()
+    state = {k: v.detach().contiguous() for k, v in motion.state_dict().items()}
+    modules = {k: v for k, v in state.items() if ".motion_modules." in k}
+    spatial = {k: v for k, v in state.items() if ".motion_modules." not in k}
+    model = make_tiny_sd_model(context_dim=768)
+    bind(model.diffusion_model, Checkpoint("reference", "diffusers", "1.4", _lazy(spatial, "unet.")), "diffusion_model")
+    (folder / "adapter").mkdir()
+    save_file(modules, str(folder / "adapter" / "diffusion_pytorch_model.safetensors"))
+    torch.save({"state_dict": _original_names(modules)}, str(folder / "mm_sd_v15_v2.ckpt"))
+    paths = {"diffusers": str(folder / "adapter"), "original": str(folder / "mm_sd_v15_v2.ckpt")}
+    unet = model.diffusion_model
+    return {"reference": motion, "model": model, "modules": modules, "folder": folder, "paths": paths,
+            # diffusers' statistics over the window, and the original's per frame (the default),
+            # each from one layout (both layouts give the same tensors: tested below)
+            "window": load_motion_modules(unet, inspect_motion_module(paths["diffusers"]), norm="window"),
+            "frame": load_motion_modules(unet, inspect_motion_module(paths["original"]))}
+
+
+def _inputs(clips: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    rows = clips * FRAMES
+    return {"latent": rng.standard_normal((rows, 8, 8, 4), dtype=np.float32),
+            "context": rng.standard_normal((rows, 77, 768), dtype=np.float32),  # each frame its own prompt
+            "t": 601}
+
+
+def _reference_eps(motion, x: dict, clips: int) -> np.ndarray:
+    latent = torch.from_numpy(x["latent"]).reshape(clips, FRAMES, 8, 8, 4).permute(0, 4, 1, 2, 3)
+    with torch.no_grad():
+        eps = motion(latent, torch.tensor(x["t"]), torch.from_numpy(x["context"])).sample  # (B, C, F, h, w)
+    return eps.permute(0, 2, 3, 4, 1).reshape(clips * FRAMES, 8, 8, 4).numpy()
+
+
+def _ours(pair, modules, x: dict, frames: int = FRAMES) -> np.ndarray:
+    unet = motion_unet(pair["model"].diffusion_model, modules, frames)
+    t_emb = np.repeat(timestep_embedding(x["t"])[None].astype(np.float32), len(x["latent"]), axis=0)
+    return np.asarray(unet([x["latent"], t_emb, x["context"]]))
+
+
+def test_motion_unet_matches_diffusers_with_its_norm_and_with_the_originals(pair):
+    """diffusers' statistics over the window (norm="window") and the original's per frame
+    (the default), two clips of 4 frames, each frame its own context: sdanim's eps is the
+    reference's within 1e-4 of its scale."""
+    x = _inputs(clips=2)
+    theirs = _reference_eps(pair["reference"], x, clips=2)
+    assert relative_gap(_ours(pair, pair["window"], x), theirs) < 1e-4
+    per_frame = pair["frame"]
+    assert per_frame.config.norm == "frame" and pair["window"].config.norm == "window"
+    motion = pair["reference"]
+    norms = [(m, m.norm) for name, m in motion.named_modules() if name.endswith(tuple(
+        f"motion_modules.{j}" for j in range(3)))]
+    try:
+        for module, norm in norms:
+            module.norm = _PerFrameNorm(norm)
+        theirs_per_frame = _reference_eps(motion, x, clips=2)
+    finally:
+        for module, norm in norms:
+            module.norm = norm
+    assert relative_gap(_ours(pair, per_frame, x), theirs_per_frame) < 1e-4
+    assert relative_gap(theirs_per_frame, theirs) > 1e-3  # the two norms differ: the choice matters
+
+
+def test_frames_move_together_only_within_a_clip(pair):
+    """A change to one frame's latent changes the other frames of its clip (temporal
+    attention), never another clip's; without motion modules it changes no other frame."""
+    unet = pair["model"].diffusion_model
+    modules = pair["frame"]
+    x = _inputs(clips=2, seed=3)
+    changed = dict(x, latent=x["latent"].copy())
+    changed["latent"][0] += 1.0
+    before, after = _ours(pair, modules, x), _ours(pair, modules, changed)
+    moved = [float(np.abs(after[i] - before[i]).max()) for i in range(2 * FRAMES)]
+    assert min(moved[1:FRAMES]) > 1e-3 and max(moved[FRAMES:]) == 0.0, moved
+    t_emb = np.repeat(timestep_embedding(x["t"])[None].astype(np.float32), 2 * FRAMES, axis=0)
+    plain = [np.asarray(unet([v["latent"], t_emb, v["context"]])) for v in (x, changed)]
+    assert max(float(np.abs(plain[1][i] - plain[0][i]).max()) for i in range(1, 2 * FRAMES)) < 1e-6
+
+
+def test_both_layouts_give_the_same_modules_and_diffusers_reads_the_original_names(pair):
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    original = _original_names(pair["modules"])
+    converted = convert_animatediff_checkpoint_to_diffusers(dict(original))
+    expected = {k for k in pair["modules"] if not k.endswith(".pe")}
+    assert set(converted) == expected  # diffusers' converter reads our original names as its own
+    files = {layout: inspect_motion_module(path) for layout, path in pair["paths"].items()}
+    assert {f.layout for f in files.values()} == {"original", "diffusers"}
+    assert all((f.version, f.positions, f.mid) == ("v2", 32, True) for f in files.values())
+    a, b = files["original"].tensors, files["diffusers"].tensors
+    assert set(a) - {k for k in a if ".pe." in k} == set(b) - {k for k in b if ".pe." in k}
+    assert all(np.array_equal(a[k].load(), b[k].load()) for k in b if ".pe." not in k)
+
+
+def test_versions_are_told_from_the_tensors(pair, tmp_path):
+    from safetensors.torch import save_file
+
+    modules = pair["modules"]
+    no_mid = {k: v for k, v in modules.items() if not k.startswith("mid_block.")}
+    v1 = {k: (v[:, :24].contiguous() if k.endswith(".pe") else v) for k, v in no_mid.items()}
+    lcm = {k: v for k, v in modules.items() if not k.endswith(".pe")}
+    cases = {"v1": (v1, 24, False), "v3": (no_mid, 32, False), "animatelcm": (lcm, 32, True)}
+    unet = pair["model"].diffusion_model
+    for version, (state, positions, mid) in cases.items():
+        path = str(tmp_path / f"{version}.safetensors")
+        save_file(state, path)
+        file = inspect_motion_module(path)
+        assert (file.version, file.positions, file.mid) == (version, positions, mid), version
+        loaded = load_motion_modules(unet, file)
+        assert loaded.config.positions == positions
+    with pytest.raises(SdanimError, match=r"context must be at most 24 frames .* Received: context=32"):
+        motion_unet(unet, load_motion_modules(unet, inspect_motion_module(str(tmp_path / "v1.safetensors"))), 32)
+
+
+def test_other_files_are_refused_in_one_line(pair, tmp_path):
+    from safetensors.torch import save_file
+
+    modules = pair["modules"]
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(CheckpointError, match=r"^not an AnimateDiff motion module \(a LoRA\)\. Received: "
+                                              r"motion_module='.*lora.safetensors'$"):
+        inspect_motion_module(str(tmp_path / "lora.safetensors"))
+    partial = {k: v for k, v in modules.items() if not k.startswith("up_blocks.3.")}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(CheckpointError, match=r"do not fit SD 1.x's UNet: 3 modules missing \(up_blocks.3.motion_modules.0\)"):
+        inspect_motion_module(str(tmp_path / "partial.safetensors"))
+    motion_lora = dict(modules)
+    motion_lora["down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.lora.down.weight"] = torch.zeros(4, 32)
+    save_file(motion_lora, str(tmp_path / "motion_lora.safetensors"))
+    with pytest.raises(CheckpointError, match=r"is not a temporal transformer \(has .*lora.*\); motion LoRAs"):
+        inspect_motion_module(str(tmp_path / "motion_lora.safetensors"))
+    with pytest.raises(CheckpointError, match=r"the motion module does not exist\. Received: motion_module="):
+        inspect_motion_module(str(tmp_path / "nothing.ckpt"))
+    with pytest.raises(SdanimError, match=r"^motion_norm must be one of frame, window\. Received: 'clip'$"):
+        load_motion_modules(pair["model"].diffusion_model, inspect_motion_module(pair["paths"]["diffusers"]), "clip")
+
+
+def test_random_modules_have_the_files_shapes_and_act(pair):
+    """`random_motion_modules` (smoke runs) fits the UNet like a file and changes the
+    output (no zero proj_out)."""
+    unet = pair["model"].diffusion_model
+    modules = random_motion_modules(unet, seed=1)
+    loaded = load_motion_modules(unet, inspect_motion_module(pair["paths"]["diffusers"]))
+    assert {n: sorted(w) for n, w in modules.weights.items()} == {n: sorted(w) for n, w in loaded.weights.items()}
+    assert all(modules.weights[n][k].shape == loaded.weights[n][k].shape for n in loaded.weights for k in loaded.weights[n])
+    x = _inputs(clips=1, seed=4)
+    t_emb = np.repeat(timestep_embedding(x["t"])[None].astype(np.float32), FRAMES, axis=0)
+    plain = np.asarray(unet([x["latent"], t_emb, x["context"]]))
+    assert relative_gap(_ours(pair, modules, x), plain) > 1e-2
+
+
+def test_an_sd2_unet_is_refused_with_the_reason(pair):
+    import keras
+
+    inputs = [keras.Input((8, 8, 4)), keras.Input((320,)), keras.Input((77, 1024))]  # SD 2.x's call signature
+    sd2 = keras.Model(inputs, inputs[0] + keras.ops.mean(inputs[2]), name="sd2_unet")
+    with pytest.raises(SdanimError, match=r"^motion modules are for SD 1.x \(no SD 2.x modules exist\); this UNet "
+                                          r"takes a 1024-wide text context"):
+        load_motion_modules(sd2, inspect_motion_module(pair["paths"]["diffusers"]))
