@@ -226,8 +226,8 @@ def pytest_xdist_make_scheduler(config, log):
     """Work for pytest-xdist's workers (-n N): each quick test module is one unit (its
     fixtures, like a Ray instance, made once), and all the heavy tests (tests/test_heavy*.py)
     are one unit that one worker runs first to last in the memory plan's order, while the
-    other takes the quick modules (the README's command: about 20 min instead of 30 on 2
-    slow cores; 13.7 GiB at the peak counting shared pages once, 16.7 GiB summing resident
+    other takes the quick modules (the README's command: about 18 min instead of 30 on 2
+    slow cores; 14.1 GiB at the peak counting shared pages once, 19.7 GiB summing resident
     sets)."""
     if config.getoption("dist") not in ("load", "loadscope"):
         return None  # another --dist asked for by name
