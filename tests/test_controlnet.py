@@ -25,7 +25,7 @@ from sdanim.config.settings import RenderSettings  # noqa: E402
 from sdanim.core.schedulers import timestep_embedding  # noqa: E402
 from sdanim.formats.checkpoints import Checkpoint  # noqa: E402
 from sdanim.formats.controlnet_files import inspect_controlnet  # noqa: E402
-from sdanim.formats.tensors import LazyTensor  # noqa: E402
+from sdanim.formats.tensors import CheckpointError, LazyTensor  # noqa: E402
 from sdanim.formats.weight_map import bind, spec  # noqa: E402
 from sdanim.model.controlnet import ControlUnit, controlled_unet, load_controlnet  # noqa: E402
 from sdanim.render.sampling import ControlBatch, Renderer  # noqa: E402
@@ -278,6 +278,13 @@ def test_pooling_and_wrong_files_are_told_from_the_files(pair, tmp_path):
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(
         {"model": {"params": {"control_stage_config": {"params": {"global_average_pooling": True}}}}}))
     assert inspect_controlnet(str(tmp_path / "mine.safetensors")).pooled
+    save_file(state, str(tmp_path / "odd.safetensors"))
+    for text, reason in (("model: {params: {}}\n", r"no model\.params\.control_stage_config\.params"),
+                         ("model: [unclosed\n", r".+")):
+        (tmp_path / "odd.yaml").write_text(text)  # a .yaml there says something: never ignored
+        with pytest.raises(CheckpointError, match=rf"^the \.yaml beside the ControlNet is not a ControlNet config "
+                                                  rf"\({reason}\); fix or remove .*odd\.yaml\. Received: controlnet="):
+            inspect_controlnet(str(tmp_path / "odd.safetensors"))
     cases = {
         "lora.safetensors": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.zeros((4, 32), "f")},
                              r"not a ControlNet for SD 1\.x/2\.x .*a LoRA\)"),

@@ -18,7 +18,7 @@ import sdanim
 from sdanim.frontends.cli import main
 from sdanim.config.errors import SdanimError
 
-from conftest import read_manifest, gif_frames, require
+from conftest import gif_frames, require
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 S = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from sdanim.formats.tensors import CheckpointError, read_tensors
 
@@ -110,31 +110,41 @@ def _refuse(what: str, path: str) -> None:
     )
 
 
-def _sidecar_parameterization(path: str) -> Optional[str]:
-    """`parameterization` from a config .yaml beside a single-file checkpoint (A1111's
-    convention; "eps" where the config names none), or None without one. A .yaml there
-    that cannot be read, or is not such a config, is one line naming it: it was put
-    there to say what the model predicts, and ignoring it could sample a v-model as eps."""
+def sidecar_yaml(path: str, unreadable: Callable[[str, str], Exception]):
+    """The config .yaml (or .yml) beside a weights file: (its path, its parsed content), or
+    None without one. One that cannot be read raises `unreadable(yaml_path, reason)`: it
+    was put there to say something about the weights, and is never silently ignored."""
+    import yaml
+
     stem = os.path.splitext(path)[0]
     for yaml_path in (stem + ".yaml", stem + ".yml"):
         if not os.path.isfile(yaml_path):
             continue
-        import yaml
-
         try:
             with open(yaml_path, encoding="utf-8") as f:
-                config = yaml.safe_load(f)
+                return yaml_path, yaml.safe_load(f)
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            reason = " ".join(str(error).split())[:120] or type(error).__name__
-            raise CheckpointError(f"the config beside the checkpoint cannot be read ({reason}); fix or remove "
-                                  f"{yaml_path}. Received: checkpoint={path!r}") from None
-        params = config.get("model", {}).get("params") if isinstance(config, dict) and isinstance(
-            config.get("model"), dict) else None
-        if not isinstance(params, dict):
-            raise CheckpointError(f"the .yaml beside the checkpoint is not a Stable Diffusion config (no "
-                                  f"model.params); fix or remove {yaml_path}. Received: checkpoint={path!r}")
-        return str(params.get("parameterization", "eps"))
+            raise unreadable(yaml_path, " ".join(str(error).split())[:120] or type(error).__name__) from None
     return None
+
+
+def _sidecar_parameterization(path: str) -> Optional[str]:
+    """`parameterization` from a config .yaml beside a single-file checkpoint (A1111's
+    convention; "eps" where the config names none), or None without one. A .yaml there
+    that cannot be read, or is not such a config, is one line naming it: ignoring it could
+    sample a v-model as eps."""
+    found = sidecar_yaml(path, lambda yaml_path, reason: CheckpointError(
+        f"the config beside the checkpoint cannot be read ({reason}); fix or remove {yaml_path}. "
+        f"Received: checkpoint={path!r}"))
+    if found is None:
+        return None
+    yaml_path, config = found
+    params = config.get("model", {}).get("params") if isinstance(config, dict) and isinstance(
+        config.get("model"), dict) else None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"the .yaml beside the checkpoint is not a Stable Diffusion config (no "
+                              f"model.params); fix or remove {yaml_path}. Received: checkpoint={path!r}")
+    return str(params.get("parameterization", "eps"))
 
 
 def inspect_checkpoint(path: str) -> Checkpoint:

@@ -22,15 +22,13 @@ import json
 import os
 from typing import Optional
 
-from sdanim.formats.checkpoints import Checkpoint
-from sdanim.formats.tensors import CheckpointError, read_tensors
+from sdanim.formats.checkpoints import Checkpoint, sidecar_yaml
+from sdanim.formats.tensors import CheckpointError, diffusers_weights, read_tensors
 from sdanim.formats.weight_map import spec
 
 _ORIGINAL_PREFIX = "control_model."
 _DIFFUSERS_PROBE = "controlnet_cond_embedding.conv_in.weight"
 _ORIGINAL_PROBE = "input_hint_block.0.weight"
-_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 
 
 @dataclasses.dataclass
@@ -61,21 +59,19 @@ def _read_json(path: str) -> dict:
 def _sidecar_pooling(path: str) -> Optional[bool]:
     """`global_average_pooling` from the .yaml beside an original file (lllyasviel's
     release ships one per net), or None without one."""
-    stem = os.path.splitext(path)[0]
-    for yaml_path in (stem + ".yaml", stem + ".yml"):
-        if not os.path.isfile(yaml_path):
-            continue
-        import yaml
+    def not_a_config(yaml_path: str, reason: str) -> CheckpointError:
+        return _error(f"the .yaml beside the ControlNet is not a ControlNet config ({reason}); fix or remove "
+                      f"{yaml_path}", path)
 
-        try:
-            with open(yaml_path, encoding="utf-8") as f:
-                config = yaml.safe_load(f)
-            params = config["model"]["params"]["control_stage_config"]["params"]
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as error:
-            raise _error(f"the .yaml beside the ControlNet is not a ControlNet config ({type(error).__name__}: "
-                         f"{str(error)[:80]}); fix or remove {yaml_path}", path) from None
+    found = sidecar_yaml(path, not_a_config)
+    if found is None:
+        return None
+    yaml_path, config = found
+    try:
+        params = config["model"]["params"]["control_stage_config"]["params"]
         return bool(params.get("global_average_pooling", False))
-    return None
+    except (KeyError, TypeError, AttributeError):
+        raise not_a_config(yaml_path, "no model.params.control_stage_config.params") from None
 
 
 def _what_else(keys: set) -> str:
@@ -99,7 +95,7 @@ def inspect_controlnet(path: str) -> ControlNetFile:
         raise _error("the ControlNet weights do not exist", path)
     config: dict = {}
     if os.path.isdir(path):
-        weights = next((os.path.join(path, n) for n in _WEIGHT_NAMES if os.path.isfile(os.path.join(path, n))), None)
+        weights = diffusers_weights(path)
         if weights is None:
             raise _error("the folder is not a diffusers ControlNet (no diffusion_pytorch_model.safetensors or .bin)",
                          path)

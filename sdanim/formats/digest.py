@@ -42,6 +42,27 @@ def files_sha256(paths: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+_WEIGHTS: dict = {}  # (path, sizes and times of its files) -> SHA-256
+
+
+def weights_sha256(path: str) -> str:
+    """What identifies a network's weights (ControlNets, motion modules): the SHA-256 of its
+    file, or of a diffusers folder's config.json and diffusion_pytorch_model* files. Hashed
+    once while the files stay as they are (a file can be gigabytes; a run asks several
+    times: the manifest, the state key, the model cache)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        files = [os.path.join(path, n) for n in sorted(os.listdir(path))
+                 if n == "config.json" or n.startswith("diffusion_pytorch_model")]
+    else:
+        files = [path]
+    stats = [os.stat(f) for f in files]
+    key = (path, tuple((f, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = files_sha256(files) if os.path.isdir(path) else file_sha256(path)
+    return _WEIGHTS[key]
+
+
 def data_key(*parts, length: int = 12) -> str:
     """A short SHA-256 of JSON-able data (dict keys sorted; anything else by `str`):
     names folders by what decides their content."""
@@ -49,4 +70,4 @@ def data_key(*parts, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-__all__ = ["file_sha256", "git_blob_sha1", "files_sha256", "data_key"]
+__all__ = ["file_sha256", "git_blob_sha1", "files_sha256", "data_key", "weights_sha256"]

@@ -23,13 +23,11 @@ import dataclasses
 import os
 import re
 
-from sdanim.formats.tensors import CheckpointError, read_tensors
+from sdanim.formats.tensors import CheckpointError, diffusers_weights, read_tensors
 
 # SD 1.x's UNet: two motion modules per down level (after each resnet/attention pair),
 # three per up level, and v2's one in the mid block.
 DOWN_MODULES, UP_MODULES, LEVELS = 2, 3, 4
-_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 _MODULE = re.compile(r"^((?:down_blocks|up_blocks)\.\d+|mid_block)\.motion_modules\.(\d+)\.(.*)$")
 _ORIGINAL_RENAMES = ((re.compile(r"^temporal_transformer\."), ""),
                      (re.compile(r"attention_blocks\.(\d)\."), lambda m: f"attn{int(m.group(1)) + 1}."),
@@ -97,7 +95,7 @@ def inspect_motion_module(path: str) -> MotionFile:
     if not os.path.exists(path):
         raise _error("the motion module does not exist", path)
     if os.path.isdir(path):
-        weights = next((os.path.join(path, n) for n in _WEIGHT_NAMES if os.path.isfile(os.path.join(path, n))), None)
+        weights = diffusers_weights(path)
         if weights is None:
             raise _error("the folder is not a diffusers MotionAdapter (no diffusion_pytorch_model.safetensors)", path)
         tensors = read_tensors(weights, name="motion_module")

@@ -277,6 +277,15 @@ def _read_torch(path: str, where: str) -> dict:
     return _flatten(tree)
 
 
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+
+
+def diffusers_weights(folder: str):
+    """The weights file of a diffusers model folder (safetensors first), or None."""
+    return next((os.path.join(folder, n) for n in DIFFUSERS_WEIGHTS if os.path.isfile(os.path.join(folder, n))), None)
+
+
 def read_tensors(path: str, name: str = "checkpoint") -> dict:
     """{tensor name: LazyTensor} of one weights file (.safetensors, or PyTorch's zip
     format through the restricted unpickler). `name` is the parameter errors name."""

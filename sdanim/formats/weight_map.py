@@ -105,9 +105,10 @@ def _unet_transformer(d: str, o: str) -> list:
     return leaves
 
 
-def _unet_spec() -> list:
-    s = [_leaf("time_embedding.linear_1", "time_embed.0"), _leaf("time_embedding.linear_2", "time_embed.2"),
-         _leaf("conv_in", "input_blocks.0.0")]
+def _unet_down_and_mid() -> list:
+    """The UNet's four down levels and mid block, in the order KerasCV builds them (the
+    UNet's and a ControlNet's copy of its encoder)."""
+    s = []
     for i in range(4):
         for j in range(2):
             n = 3 * i + j + 1
@@ -119,6 +120,13 @@ def _unet_spec() -> list:
     s += _unet_resnet("mid_block.resnets.0", "middle_block.0", False)
     s += _unet_transformer("mid_block.attentions.0", "middle_block.1")
     s += _unet_resnet("mid_block.resnets.1", "middle_block.2", False)
+    return s
+
+
+def _unet_spec() -> list:
+    s = [_leaf("time_embedding.linear_1", "time_embed.0"), _leaf("time_embedding.linear_2", "time_embed.2"),
+         _leaf("conv_in", "input_blocks.0.0")]
+    s += _unet_down_and_mid()
     for i in range(4):
         for j in range(3):
             n = 3 * i + j
@@ -141,17 +149,7 @@ def _controlnet_spec() -> list:
          _leaf("conv_in", "input_blocks.0.0"), _leaf("controlnet_cond_embedding.conv_in", "input_hint_block.0")]
     s += [_leaf(f"controlnet_cond_embedding.blocks.{k}", f"input_hint_block.{2 * k + 2}") for k in range(6)]
     s.append(_leaf("controlnet_cond_embedding.conv_out", "input_hint_block.14"))
-    for i in range(4):
-        for j in range(2):
-            n = 3 * i + j + 1
-            s += _unet_resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0", j == 0 and i in (1, 2))
-            if i < 3:
-                s += _unet_transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1")
-        if i < 3:
-            s.append(_leaf(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{3 * i + 3}.0.op"))
-    s += _unet_resnet("mid_block.resnets.0", "middle_block.0", False)
-    s += _unet_transformer("mid_block.attentions.0", "middle_block.1")
-    s += _unet_resnet("mid_block.resnets.1", "middle_block.2", False)
+    s += _unet_down_and_mid()
     s += [_leaf(f"controlnet_down_blocks.{k}", f"zero_convs.{k}.0") for k in range(12)]
     return s + [_leaf("controlnet_mid_block", "middle_block_out.0")]
 

@@ -36,7 +36,7 @@ from sdanim.config.control import ControlNetSpec
 from sdanim.config.errors import check
 from sdanim.core.runtime import import_keras, import_keras_cv
 from sdanim.formats.controlnet_files import ControlNetFile, inspect_controlnet
-from sdanim.formats.digest import file_sha256, files_sha256
+from sdanim.formats.digest import weights_sha256
 from sdanim.formats.weight_map import bind
 from sdanim.model.layers import (
     BUILD_LOCK, attach_context_cache, built_in_one_trace, use_fast_layers, use_fused_attention, uses_fast_layers,
@@ -236,15 +236,6 @@ class LoadedControlNet:
                 "version": self.file.version, "pooled": self.pooled}
 
 
-def controlnet_digest(path: str) -> str:
-    """The SHA-256 that identifies a ControlNet: of its file, or of a diffusers folder's
-    config and weights."""
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n == "config.json" or n.startswith("diffusion_pytorch_model"))
-        return files_sha256(os.path.join(path, n) for n in names)
-    return file_sha256(path)
-
-
 def random_controlnet(unet, version: str, seed: int = 0) -> LoadedControlNet:
     """A ControlNet for `unet` with seeded random weights, the zero convolutions too (every
     residual non-zero): the whole pipeline runs offline, as --weights random does."""
@@ -274,7 +265,7 @@ def load_controlnet(unet, file: ControlNetFile, version: str, digest: str = None
         net = build_controlnet(config, int(latent[1]), int(latent[2]), int(unet.inputs[2].shape[1]))
     bind(net, file, "controlnet")
     attach_context_cache(net)  # the text's keys and values once per batch, as the UNet's
-    return LoadedControlNet(net, file, digest or controlnet_digest(file.path))
+    return LoadedControlNet(net, file, digest or weights_sha256(file.path))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -312,7 +303,7 @@ def checked_controlnet(path: str) -> tuple:
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKED:
         file = inspect_controlnet(path)
-        _CHECKED[key] = (file, controlnet_digest(path))
+        _CHECKED[key] = (file, weights_sha256(path))
     return _CHECKED[key]
 
 
@@ -360,4 +351,4 @@ def guess_scales() -> np.ndarray:
 
 
 __all__ = ["ControlNetConfig", "ControlUnit", "checked_controlnet", "controlnets_for", "build_controlnet", "controlled_unet", "residual_shapes",
-           "load_controlnet", "LoadedControlNet", "controlnet_digest", "guess_scales", "HINT_CHANNELS", "RESIDUALS"]
+           "load_controlnet", "LoadedControlNet", "guess_scales", "HINT_CHANNELS", "RESIDUALS"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import weakref
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.motion import MOTION_NORMS, MotionSpec
 from sdanim.core.runtime import import_keras
-from sdanim.formats.digest import file_sha256, files_sha256
+from sdanim.formats.digest import weights_sha256
 from sdanim.formats.motion_files import MODULE_TENSORS, MotionFile, inspect_motion_module, module_names
 from sdanim.model.torch_weights import assign
 
@@ -353,20 +352,12 @@ def motion_modules_for(model, spec: MotionSpec) -> MotionModules:
         if key not in cache:
             cache[key] = random_motion_modules(unet, norm=spec.norm)
         return cache[key]
-    digest = motion_digest(spec.file)
+    digest = weights_sha256(spec.file)
     key = (digest, spec.norm)
     if key not in cache:
         cache[key] = load_motion_modules(unet, inspect_motion_module(spec.file), spec.norm, digest)
     return cache[key]
 
 
-def motion_digest(path: str) -> str:
-    """SHA-256 of a motion module file, or of a MotionAdapter folder's files."""
-    if os.path.isdir(path):
-        return files_sha256(sorted(os.path.join(path, n) for n in os.listdir(path)
-                                   if os.path.isfile(os.path.join(path, n))))
-    return file_sha256(path)
-
-
-__all__ = ["MotionConfig", "motion_digest", "motion_modules_for", "MotionModules", "NORMS", "load_motion_modules", "motion_positions", "motion_unet",
+__all__ = ["MotionConfig", "motion_modules_for", "MotionModules", "NORMS", "load_motion_modules", "motion_positions", "motion_unet",
            "random_motion_modules", "sinusoid", "temporal_transformer"]

@@ -30,10 +30,10 @@ from sdanim.core.noise import step_noise
 from sdanim.core.runtime import keras_ops
 from sdanim.core.schedulers import Scheduler, timestep_embedding
 from sdanim.core.windows import context_windows, coverage, free_noise, window_weights
-from sdanim.formats.digest import data_key
+from sdanim.formats.digest import data_key, weights_sha256
 from sdanim.formats.motion_files import inspect_motion_module
 from sdanim.model.compiled import compiled
-from sdanim.model.motion import motion_digest, motion_modules_for, motion_unet
+from sdanim.model.motion import motion_modules_for, motion_unet
 from sdanim.render.jobs import FrameJob, frame_metadata, model_record
 from sdanim.render.run import STATE_FILE
 from sdanim.render.store import FrameStore
@@ -199,7 +199,7 @@ def check_motion(spec: MotionSpec, frames: int, version) -> None:
 
 def motion_record(spec: MotionSpec) -> dict:
     """What a run's manifest keeps of its motion modules (the file by its SHA-256)."""
-    sha = None if spec.file == "random" else motion_digest(spec.file)
+    sha = None if spec.file == "random" else weights_sha256(spec.file)
     return {"file": spec.file, "sha256": sha, "context": spec.context, "stride": spec.stride,
             "weighting": spec.weighting, "norm": spec.norm}
 
