@@ -60,6 +60,7 @@ class PeakRSS:
 
         self._proc = psutil.Process()
         self.peak = 0
+        self.start = self._proc.memory_info().rss
         self._stop = False
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -69,7 +70,7 @@ class PeakRSS:
             time.sleep(0.02)
 
     def reset(self):
-        self.peak = self._proc.memory_info().rss
+        self.peak = self.start = self._proc.memory_info().rss
 
 
 def device_peak_bytes():

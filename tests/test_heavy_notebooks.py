@@ -35,6 +35,9 @@ def _check_outputs(nb, folder):
     for made in ("grid.png", "image_morph.gif", "steps.gif", "steps_strip.png"):
         assert (folder / "outputs" / made).is_file(), made
     assert len(list((folder / "outputs").glob("inpaint-*.png"))) == 1
+    with Image.open(folder / "outputs" / "motion.gif") as im:  # motion modules (random in the smoke run)
+        assert im.n_frames == 6
+    assert (folder / "outputs" / "motion_frames" / "motion_state.npz").is_file()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/gif" in o.get("data", {}) for o in outputs)
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)

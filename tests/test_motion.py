@@ -8,6 +8,8 @@ and anything else is refused in one line."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -257,3 +259,178 @@ def test_an_sd2_unet_is_refused_with_the_reason(pair):
     with pytest.raises(SdanimError, match=r"^motion modules are for SD 1.x \(no SD 2.x modules exist\); this UNet "
                                           r"takes a 1024-wide text context"):
         load_motion_modules(sd2, inspect_motion_module(pair["paths"]["diffusers"]))
+
+
+def _pipeline(pair, context: int, stride: int):
+    """diffusers' AnimateDiffPipeline around the reference UNet, FreeNoise on, Euler with
+    trailing spacing on AnimateDiff's linear betas (Lightning's sampler)."""
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, EulerDiscreteScheduler, MotionAdapter
+    from diffusers.models.activations import GEGLU
+
+    adapter = MotionAdapter(block_out_channels=TINY_SD["channels"], motion_layers_per_block=2,
+                            motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32,
+                            use_motion_mid_block=True)
+    vae = AutoencoderKL(block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                                       timestep_spacing="trailing")
+    pipe = AnimateDiffPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=copy.deepcopy(pair["reference"]),
+                               motion_adapter=adapter, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_free_noise(context_length=context, context_stride=stride, weighting_scheme="pyramid")
+    for name, module in pipe.unet.named_modules():  # FreeNoise's new blocks: the motion modules' exact GELU again
+        if "motion_modules" in name and isinstance(module, GEGLU):
+            module._erf = True
+    return pipe
+
+
+def _prompt_table(seed: int = 5) -> dict:
+    """Stand-in prompt embeddings (text encoders are checked in test_models)."""
+    rng = np.random.default_rng(seed)
+    return {p: rng.standard_normal((77, 768)).astype(np.float32) for p in ("a", "b", "c", "n0", "n1")}
+
+
+def _lerp_frames(keys: dict, table: dict, frames: int) -> np.ndarray:
+    """Each frame's embedding, linear between keyframes (the last one held to the end)."""
+    keys = dict(sorted(keys.items()))
+    keys[frames - 1] = keys[list(keys)[-1]]
+    marks = list(keys)
+    out = np.zeros((frames, 77, 768), np.float32)
+    for a, b in zip(marks[:-1], marks[1:]):
+        for i in range(a, b + 1):
+            t = (i - a) / (b - a)
+            out[i] = (1 - t) * table[keys[a]] + t * table[keys[b]]
+    return out
+
+
+def test_a_prompt_travel_clip_ends_on_diffusers_freenoise_latents(pair, monkeypatch):
+    """AnimateDiffPipeline with `enable_free_noise` (windows blended inside the motion
+    modules' attention), prompt and negative-prompt dicts, the same full-length latents
+    (its shuffle bypassed; the shuffle is tested below), 3 Euler-trailing steps on linear
+    betas, guidance 7.5: sdanim's `sample_clip` with blend "attention" and the window norm
+    ends on the same latents. 12 frames in windows of 8 every 2."""
+    from sdanim.core.schedulers import make_scheduler
+    from sdanim.core.windows import context_windows, fusion_weights
+    from sdanim.render.motion import Clip, sample_clip
+
+    frames, context, stride, steps = 12, 8, 2, 3
+    pipe = _pipeline(pair, context, stride)
+    table = _prompt_table()
+
+    def encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                      **kwargs):
+        positive = torch.from_numpy(np.stack([table.get(p, table["a"] * 0) for p in prompt]))
+        negative = torch.from_numpy(np.stack([table[p] for p in negative_prompt])) if do_classifier_free_guidance else None
+        return positive, negative
+
+    monkeypatch.setattr(pipe, "encode_prompt", encode_prompt)
+    prompts, negatives = {0: "a", 5: "b", 9: "c"}, {0: "n0", 11: "n1"}
+    noise = np.random.default_rng(9).standard_normal((frames, 8, 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, negative_prompt=negatives, num_frames=frames, height=64, width=64,
+                      num_inference_steps=steps, guidance_scale=7.5, output_type="latent",
+                      latents=torch.from_numpy(noise).permute(3, 0, 1, 2)[None]).frames
+    theirs = theirs[0].permute(1, 2, 3, 0).numpy()  # (F, h, w, C)
+
+    windows = context_windows(frames, context, stride)
+    assert len(windows) == 3
+    fusion = fusion_weights(frames, windows, stride)
+    unet = motion_unet(pair["model"].diffusion_model, pair["window"], frames, windows, fusion)
+    clip = Clip(_lerp_frames(prompts, table, frames), _lerp_frames(negatives, table, frames), noise,
+                [np.arange(frames)], "pyramid", 7.5, 0, "pipeline", windows, fusion)
+    ours = sample_clip(lambda x, t, c, **_: np.asarray(unet([x, t, c])), clip, make_scheduler("euler_trailing", steps, "linear"))
+    assert relative_gap(ours, theirs) < 1e-4, relative_gap(ours, theirs)  # 8.2e-6 here
+    assert relative_gap(ours, noise * 14.0) > 0.1  # the steps went somewhere
+
+
+def test_attention_windows_match_diffusers_freenoise_block_except_its_last_partial_window(pair):
+    """One motion module with FreeNoise's fusion, 13 frames in windows of 8 every 3:
+    (0, 8), (3, 11) and, the stride not landing on the end, (5, 13), which (diffusers'
+    rule, kept) fills only frames 11 and 12. diffusers adds that window's weight for them
+    as one number (`weights[:, -2]`, 2) where it weights their values by (2, 1): frame 12
+    comes out at half its value. sdanim divides each frame by its own weights: frames
+    0-11 agree within 1e-4, frame 12 differs (the divergence the README states)."""
+    from sdanim.core.windows import context_windows, fusion_weights
+
+    frames, context, stride = 13, 8, 3
+    pipe = _pipeline(pair, context, stride)
+    theirs_module = pipe.unet.down_blocks[0].motion_modules[0]
+    windows = context_windows(frames, context, stride)
+    fusion = fusion_weights(frames, windows, stride)
+    assert list(fusion[-1]) == [0, 0, 0, 0, 0, 0, 2, 1]
+    unet = motion_unet(pair["model"].diffusion_model, pair["window"], frames, windows, fusion)
+    ours_module = unet.motion_layers[0]
+    assert [(int(w[0]), int(w[-1]) + 1) for w in windows] == [(0, 8), (3, 11), (5, 13)]
+    x = np.random.default_rng(2).standard_normal((frames, 8, 8, 32)).astype(np.float32)
+    with torch.no_grad():
+        theirs = theirs_module(torch.from_numpy(x).permute(0, 3, 1, 2), num_frames=frames)
+    theirs = theirs.permute(0, 2, 3, 1).numpy()
+    ours = np.asarray(ours_module(x))
+    assert relative_gap(ours[:12] - x[:12], theirs[:12] - x[:12]) < 1e-4
+    assert relative_gap(ours[12] - x[12], theirs[12] - x[12]) > 1e-2
+
+
+def test_free_noise_shuffle_matches_diffusers_with_the_same_permutations(pair, monkeypatch):
+    """FreeNoise's noise for 30 frames (windows of 8 every 3; a last run of 2 frames cut
+    from 3): handed the first window's noise in place of its draw (the rest is written
+    by the shuffle) and the permutations sdanim draws, diffusers'
+    `_prepare_latents_free_noise` builds the same clip."""
+    from diffusers.pipelines import free_noise_utils
+
+    from sdanim.core.windows import free_noise
+
+    frames, context, stride = 30, 8, 3
+    pipe = _pipeline(pair, context, stride)
+    drawn = []
+    ours = free_noise(4, frames, context, stride, (8, 8, 4), on_permutation=drawn.append)
+    handed = iter(drawn)
+    monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.from_numpy(next(handed)[:n]))
+    first = np.concatenate([ours[:context], np.full((frames - context, 8, 8, 4), np.nan, np.float32)])
+    monkeypatch.setattr(free_noise_utils, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(first).permute(3, 0, 1, 2)[None].clone())
+    theirs = pipe._prepare_latents_free_noise(1, 4, frames, 64, 64, torch.float32, "cpu")
+    assert np.array_equal(theirs[0].permute(1, 2, 3, 0).numpy(), ours)
+    assert next(handed, None) is None and len(drawn) == 8
+
+
+def test_controlnet_residuals_enter_the_motion_unet_where_diffusers_adds_them(pair):
+    """The motion UNet with ControlNet's 13 residuals (random, at their real shapes) against
+    UNetMotionModel's `down_block_additional_residuals` / `mid_block_additional_residual`:
+    within 1e-4 of the output's scale, and the residuals change the output."""
+    from sdanim.model.controlnet import residual_shapes
+
+    unet = pair["model"].diffusion_model
+    x = _inputs(clips=1, seed=6)
+    rng = np.random.default_rng(7)
+    residuals = [rng.standard_normal((FRAMES, *shape)).astype(np.float32) for shape in residual_shapes(unet)]
+    ours = np.asarray(motion_unet(unet, pair["window"], FRAMES)([x["latent"], np.repeat(
+        timestep_embedding(x["t"])[None].astype(np.float32), FRAMES, axis=0), x["context"], *residuals]))
+    latent = torch.from_numpy(x["latent"]).reshape(1, FRAMES, 8, 8, 4).permute(0, 4, 1, 2, 3)
+    as_torch = [torch.from_numpy(r).permute(0, 3, 1, 2) for r in residuals]
+    with torch.no_grad():
+        theirs = pair["reference"](latent, torch.tensor(x["t"]), torch.from_numpy(x["context"]),
+                                   down_block_additional_residuals=as_torch[:12],
+                                   mid_block_additional_residual=as_torch[12]).sample
+    theirs = theirs.permute(0, 2, 3, 4, 1).reshape(FRAMES, 8, 8, 4).numpy()
+    assert relative_gap(ours, theirs) < 1e-4
+    assert relative_gap(ours, _ours(pair, pair["window"], x)) > 1e-2
+
+
+def test_attention_windows_that_wrap_round_gather_and_scatter_their_frames(pair):
+    """A looping walk's windows wrap round the end ([8, 9, 0, 1]): each window's frames
+    attend among themselves in window order and their results land back on those frames,
+    weighted: the module's fusion equals the fusion written out window by window."""
+    from sdanim.core.windows import context_windows, fusion_weights
+
+    frames = 10
+    windows = context_windows(frames, 4, 2, closed=True)
+    assert [list(map(int, w)) for w in windows][-1] == [8, 9, 0, 1]
+    fusion = fusion_weights(frames, windows, 2)
+    layer = motion_unet(pair["model"].diffusion_model, pair["window"], frames, windows, fusion).motion_layers[0]
+    hidden = np.random.default_rng(3).standard_normal((6, frames, 32)).astype(np.float32)
+    total, weight = np.zeros_like(hidden), np.zeros(frames, np.float32)
+    for window, w in zip(windows, fusion):
+        out = np.asarray(layer._attentions(hidden[:, window]))
+        total[:, window] += out * w[None, :, None]  # a window holds each frame once
+        np.add.at(weight, window, w)
+    assert relative_gap(np.asarray(layer._windowed_attentions(hidden)), total / weight[None, :, None]) < 1e-5

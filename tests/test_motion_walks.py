@@ -42,7 +42,7 @@ def test_a_motion_morph_renders_records_and_resumes(model, tmp_path, monkeypatch
     assert first.rendered == 10 and first.frames.shape == (10, 64, 64, 3)
     record = read_manifest(first.frames_dir)["motion"]
     assert record == {"file": "random", "sha256": None, "context": 6, "stride": 2, "weighting": "pyramid",
-                      "norm": "frame"}
+                      "norm": "frame", "blend": "unet", "betas": "linear"}
     assert os.path.isfile(os.path.join(first.frames_dir, motion_render.STATE_FILE))
     plain = walks.morph(PROMPTS, out=str(tmp_path / "plain.gif"), frames=10, seed=5, settings=SETTINGS, model=model,
                         progress=False)
@@ -63,6 +63,57 @@ def _sample_from_state_only(eps_fn, clip, scheduler, state_path=None, **kwargs):
     return state.latents
 
 
+def test_frames_are_coupled_only_with_motion_modules(model, tmp_path):
+    """Only the last keyframe's prompt changes: with motion modules the first frame changes
+    too (it is denoised together with the frames that prompt reaches: one window of 16),
+    without them it does not (frames are independent)."""
+    other = [*PROMPTS[:2], "a desert at noon"]
+    motion = MotionSpec("random")
+    a = _morph(model, tmp_path / "a.gif", motion=motion).frames
+    b = walks.morph(other, out=str(tmp_path / "b.gif"), frames=10, seed=5, settings=SETTINGS, model=model,
+                    progress=False, motion=motion).frames
+    assert np.abs(a[0].astype(int) - b[0].astype(int)).max() > 0
+    plain = [walks.morph(p, out=str(tmp_path / f"plain{i}.gif"), frames=10, seed=5, settings=SETTINGS, model=model,
+                         progress=False).frames for i, p in enumerate((PROMPTS, other))]
+    assert np.array_equal(plain[0][0], plain[1][0]) and not np.array_equal(plain[0][-1], plain[1][-1])
+
+
+def test_the_two_blends_differ_and_agree_on_one_window(model, tmp_path):
+    """Windows blended in the UNet's predictions or in the motion modules' attention: two
+    ways to sample a long clip, so their frames differ; a clip of one window is the same
+    either way (one UNet call on every frame)."""
+    long = {blend: _morph(model, tmp_path / f"long_{blend}.gif", motion=MotionSpec("random", context=6, stride=2,
+                                                                                     blend=blend)).frames
+            for blend in ("unet", "attention")}
+    assert np.abs(long["unet"].astype(int) - long["attention"].astype(int)).max() > 2
+    short = {blend: _morph(model, tmp_path / f"short_{blend}.gif", frames=6,
+                           motion=MotionSpec("random", context=6, stride=2, blend=blend)).frames
+             for blend in ("unet", "attention")}
+    assert np.array_equal(short["unet"], short["attention"])
+
+
+def test_a_controlnet_holds_the_structure_of_a_motion_clip(model, tmp_path):
+    """A ControlNet (random weights, every parameter drawn) with motion modules: its record
+    beside the motion record, its residuals acting on every window (the frames change), and
+    scale 0 giving the clip without a net bit for bit."""
+    from PIL import Image
+
+    from sdanim.config.control import ControlNetSpec
+
+    picture = tmp_path / "edges.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(picture)
+    motion = MotionSpec("random", context=6, stride=2)
+    plain = _morph(model, tmp_path / "plain.gif", motion=motion)
+    controlled = _morph(model, tmp_path / "net.gif", motion=motion,
+                        controlnets=[ControlNetSpec("random", image=str(picture), scale=1.0)])
+    manifest = read_manifest(controlled.frames_dir)
+    assert manifest["motion"]["context"] == 6 and len(manifest["controlnets"]) == 1
+    assert np.abs(controlled.frames.astype(int) - plain.frames.astype(int)).max() > 2
+    zero = _morph(model, tmp_path / "zero.gif", motion=motion,
+                  controlnets=[ControlNetSpec("random", image=str(picture), scale=0.0)])
+    assert np.array_equal(zero.frames, plain.frames)
+
+
 def test_other_motion_settings_are_refused_unless_overwrite(model, tmp_path):
     _morph(model, tmp_path / "clip.gif", frames=7)
     with pytest.raises(SdanimError, match="motion"):
@@ -73,8 +124,6 @@ def test_other_motion_settings_are_refused_unless_overwrite(model, tmp_path):
 
 
 def test_what_does_not_combine_is_refused_before_any_model(tmp_path):
-    from sdanim.config.control import ControlNetSpec
-
     def model():  # never built
         raise AssertionError("the model was built")
 
@@ -82,7 +131,6 @@ def test_what_does_not_combine_is_refused_before_any_model(tmp_path):
         (dict(workers=1), r"^motion modules render in one process: .* Received: workers=1$"),
         (dict(attention_interp="fused"), r"^attention interpolation adds helper rows .* Received: attention_interp='fused'$"),
         (dict(spacing="uniform"), r"^uniform spacing previews frames one by one, .* Received: spacing='uniform'$"),
-        (dict(controlnets=[ControlNetSpec("random", image=None)]), r"^ControlNets with motion modules are not supported"),
     ]
     for kwargs, message in cases:
         with pytest.raises(SdanimError, match=message):
@@ -110,6 +158,12 @@ def test_the_command_line(model, tmp_path, monkeypatch, capsys):
               "--out", str(tmp_path / "cli.gif")]
     assert main([*common, "--motion-module", "random", "--context", "4", "--context-stride", "2"]) == 0
     assert read_manifest(tmp_path / "cli_frames")["motion"]["context"] == 4
+    lightning = ["--scheduler", "euler_trailing", "--guidance", "1", "--context-blend", "attention",
+                 "--betas", "scaled_linear", "--overwrite"]
+    assert main([*common, "--motion-module", "random", "--context", "4", "--context-stride", "2", *lightning]) == 0
+    manifest = read_manifest(tmp_path / "cli_frames")
+    assert (manifest["motion"]["blend"], manifest["motion"]["betas"]) == ("attention", "scaled_linear")
+    assert manifest["render"]["scheduler"] == "euler_trailing"
     assert main([*common, "--context", "8"]) == 2
     err = capsys.readouterr().err
     assert "--context needs --motion-module FILE" in err and "Traceback" not in err

@@ -59,3 +59,43 @@ def test_killed_render_resumes_to_the_same_frames(tmp_path, capsys):
         assert np.abs(resumed[name].astype(int) - reference[name].astype(int)).max() <= 1, name
     with Image.open(tmp_path / "cut.gif") as im:
         assert im.n_frames == 9
+
+
+def test_a_motion_clip_killed_mid_step_resumes_to_the_same_frames(tmp_path, capsys):
+    """Motion modules couple the frames, so no frame is written before the clip is sampled:
+    a run killed (SIGKILL) mid-step, after its state was saved, restarts from that state
+    and gives the uninterrupted run's frames bit for bit."""
+    proc = _run(tmp_path / "cut.gif", mode="motion-hold")
+    morph_tiny.main(str(tmp_path / "ref.gif"), "motion")
+    reference = _frames(tmp_path / "ref_frames")
+    assert len(reference) == 9
+    marker = tmp_path / "cut.gif.writing"
+    deadline = time.time() + 240
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "the run never saved its state mid-step"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    folder = tmp_path / "cut_frames"
+    assert _frames(folder) == {} and os.path.isfile(folder / "motion_state.npz")
+
+    calls = []
+    from sdanim.render import motion as motion_render
+
+    sample = motion_render.sample_clip
+
+    def counted(eps_fn, *args, **kwargs):
+        return sample(lambda *a, **k: calls.append(1) or eps_fn(*a, **k), *args, **kwargs)
+
+    motion_render.sample_clip = counted
+    try:
+        capsys.readouterr()
+        morph_tiny.main(str(tmp_path / "cut.gif"), "motion")
+    finally:
+        motion_render.sample_clip = sample
+    assert "rendered 9" in capsys.readouterr().out
+    assert len(calls) == 3 * 4 - 4 - 2  # 3 steps x 4 windows, less step 0 and step 1's first two windows
+    resumed = _frames(folder)
+    assert sorted(resumed) == sorted(reference)
+    for name in reference:
+        assert np.array_equal(resumed[name], reference[name]), name

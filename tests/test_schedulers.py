@@ -22,14 +22,17 @@ SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num
 SHAPE = (2, 4, 8, 8)
 
 
-def _reference(name):
+def _reference(name, betas="scaled_linear"):
     d = diffusers
+    SD = dict(globals()["SD"], beta_schedule=betas)
     if name == "ddim":
         return d.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     if name == "ddpm":
         return d.DDPMScheduler(**SD, clip_sample=False, variance_type="fixed_small", steps_offset=1, timestep_spacing="leading")
     if name == "euler":
         return d.EulerDiscreteScheduler(**SD, timestep_spacing="linspace")
+    if name == "euler_trailing":  # AnimateDiff-Lightning's card: trailing spacing on linear betas
+        return d.EulerDiscreteScheduler(**SD, timestep_spacing="trailing")
     if name == "euler_a":
         return d.EulerAncestralDiscreteScheduler(**SD, timestep_spacing="linspace")
     if name == "lcm":  # LCMScheduler.from_config(SD's scheduler config), as LCM-LoRA's card loads it
@@ -44,8 +47,8 @@ def _reference(name):
     raise KeyError(name)
 
 
-def _ours(name, n):
-    return DDIM(n, spacing="leading") if name == "ddim" else make_scheduler(name, n)
+def _ours(name, n, betas="scaled_linear"):
+    return DDIM(n, spacing="leading", betas=betas) if name == "ddim" else make_scheduler(name, n, betas)
 
 
 def _model(x, t):
@@ -54,16 +57,30 @@ def _model(x, t):
     return 0.3 * x * np.cos(t / 250.0) + 0.2 * np.sin(x + t / 100.0)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd"])
+ALL = ["ddim", "ddpm", "euler", "euler_trailing", "euler_a", "dpmpp_2m", "lcm", "tcd"]
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("num_steps", [4, 20])
 def test_matches_diffusers_step_by_step(name, num_steps, monkeypatch):
+    _step_by_step(name, num_steps, "scaled_linear", monkeypatch)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_animatediffs_linear_betas_match_diffusers(name, monkeypatch):
+    """The "linear" betas motion modules were trained on, with every sampler."""
+    assert np.abs(alphas_cumprod("linear") - alphas_cumprod()).max() > 1e-3  # not the same schedule
+    _step_by_step(name, 6, "linear", monkeypatch)
+
+
+def _step_by_step(name, num_steps, betas, monkeypatch):
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(SHAPE).astype(np.float32)
     step_noises = rng.standard_normal((num_steps, *SHAPE)).astype(np.float32)
 
-    ref = _reference(name)
+    ref = _reference(name, betas)
     ref.set_timesteps(num_steps)
-    ours = _ours(name, num_steps)
+    ours = _ours(name, num_steps, betas)
     np.testing.assert_allclose(np.asarray(ref.timesteps, np.float64), ours.timesteps, atol=1e-4)
     assert abs(float(ref.init_noise_sigma) - ours.init_noise_sigma) < 1e-4
 
@@ -109,7 +126,7 @@ def test_unknown_scheduler():
         make_scheduler("lms", 10)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd"])
+@pytest.mark.parametrize("name", ALL)
 def test_noised_matches_diffusers_add_noise(name):
     """Where image-to-image starts and what inpainting restores: x0 noised to step i,
     as diffusers' add_noise puts it (img2img/inpaint pipelines call exactly that)."""

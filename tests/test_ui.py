@@ -65,6 +65,11 @@ def test_api_renders_resumes_and_explains_bad_input(app):
     assert walk["attention"] == "fused" and walk["attention_warmup"] == 1.0
     with pytest.raises(Exception, match=r"sideways is not in the list of choices"):
         client.predict(*dict(args, attention="sideways").values(), api_name="/render")
+    # Motion modules from the Animate tab reach the render (this tiny model is not SD 1.x-shaped:
+    # refused in one line, before anything is written).
+    motion = [*args.values(), "", None, "canny", 1.0, 0.0, 1.0, False, "random", 8, 2, "unet"]
+    with pytest.raises(Exception, match=r"motion modules are for SD 1.x"):
+        client.predict(*motion, api_name="/render")
 
 
 def _chromium() -> str:

@@ -37,6 +37,7 @@ def shared(tmp_path_factory):
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": rng.standard_normal((320, 4)).astype(np.float32)},
               str(models / "style.safetensors"))
     (models / "notes.txt").write_text("not a model")
+    _motion_module_file(str(models / "mm_sd_v15_v2.safetensors"))
     out = tmp_path_factory.mktemp("shared_out")
     secret = tmp_path_factory.mktemp("secret") / "private.txt"
     secret.write_text("the server's own file")
@@ -45,6 +46,20 @@ def shared(tmp_path_factory):
                     inline=False, prevent_thread_lock=True)
     yield app, str(secret)
     app.close()
+
+
+def _motion_module_file(path: str) -> None:
+    """A file with every tensor name of v2 motion modules (shapes aside: the offer reads
+    names and positions, nothing is built from it)."""
+    from safetensors.numpy import save_file
+
+    from sdanim.formats.motion_files import MODULE_TENSORS, module_names
+
+    tensors = {}
+    for name in module_names(True):
+        tensors.update({f"{name}.{k}": np.zeros(1, np.float32) for k in MODULE_TENSORS})
+        tensors[f"{name}.transformer_blocks.0.attn1.pos_embed.pe"] = np.zeros((1, 32, 4), np.float32)
+    save_file(tensors, path)
 
 
 def _client(app):
@@ -58,6 +73,14 @@ def test_the_offer_is_by_name_and_typed_paths_reveal_nothing(shared):
     holder = app.sdanim_context.holder
     model, spec = holder.model, holder.spec
     assert list(holder.access.weights) == ["random"] and list(holder.access.loras) == ["style.safetensors"]
+    assert list(holder.access.motion_modules) == ["mm_sd_v15_v2.safetensors"]  # recognised by its tensors
+    from sdanim.frontends.ui.common import motion_spec
+
+    chosen = motion_spec(app.sdanim_context, "mm_sd_v15_v2.safetensors", 8, 2, "attention")
+    assert chosen.file == holder.access.motion_modules["mm_sd_v15_v2.safetensors"] and chosen.context == 8
+    for typed in (secret, "random", "/etc/passwd"):  # a network app opens nothing typed, not even "random"
+        with pytest.raises(Exception, match=r"choose motion modules from the list this app offers"):
+            motion_spec(app.sdanim_context, typed, 16, 4, "unet")
     messages = []
     for path in (secret, secret + ".missing", "/etc/passwd", "../../etc/hostname"):
         with pytest.raises(client_lib.exceptions.AppError) as error:

@@ -67,7 +67,7 @@ class Coupled:
     def __init__(self):
         self.rows = []
 
-    def __call__(self, latents, t_emb, contexts):
+    def __call__(self, latents, t_emb, contexts, window=None, step=None):
         self.rows.append(len(latents))
         half = len(latents) // 2 if len(latents) > 1 and len(contexts) == len(latents) else len(latents)
         out = []

@@ -4,17 +4,21 @@
 
 The frames of a motion render are denoised together in windows of `context` frames every
 `stride` frames (docs/architecture.md, "Motion modules"); `weighting` blends the windows
-where they overlap, `norm` chooses the motion GroupNorm's statistics.
+where they overlap, `blend` says where (the UNet's predictions, or inside the motion
+modules' attention), `norm` chooses the motion GroupNorm's statistics, `betas` the
+noise schedule the sampler runs on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from sdanim.config.choices import BETA_SCHEDULES
 from sdanim.config.errors import check
 
 WEIGHTINGS = ("pyramid", "flat")
 MOTION_NORMS = ("frame", "window")
+BLENDS = ("unet", "attention")
 
 
 def _whole(value) -> bool:
@@ -37,8 +41,17 @@ class MotionSpec:
         weighting: str. "pyramid" (a frame's prediction weighted by how central it is in
             each window) or "flat". Defaults to "pyramid".
         norm: str. "frame": the motion GroupNorm's statistics per frame (as the original
-            modules were trained; ComfyUI); "window": over the window's frames
+            modules were trained; ComfyUI); "window": over the frames of a UNet call
             (diffusers). Defaults to "frame".
+        blend: str. "unet": each window goes through the whole UNet and the windows'
+            noise predictions are blended (AnimateDiff-Evolved, animatediff-cli): memory
+            is one window's, whatever the length. "attention": every frame goes through
+            the UNet at once and the windows are blended inside each motion module's
+            attention (the FreeNoise paper, diffusers' `enable_free_noise`): memory grows
+            with the length. Defaults to "unet".
+        betas: str. The noise schedule: "linear" (0.00085-0.012, what AnimateDiff,
+            AnimateLCM and AnimateDiff-Lightning were trained on) or "scaled_linear"
+            (SD's). Defaults to "linear".
     """
 
     file: str
@@ -46,6 +59,8 @@ class MotionSpec:
     stride: int = 4
     weighting: str = "pyramid"
     norm: str = "frame"
+    blend: str = "unet"
+    betas: str = "linear"
 
     def __post_init__(self):
         check(isinstance(self.file, str) and self.file.strip() != "",
@@ -59,6 +74,10 @@ class MotionSpec:
               f"context_weighting must be one of {', '.join(WEIGHTINGS)}. Received: context_weighting={self.weighting!r}")
         check(self.norm in MOTION_NORMS,
               f"motion_norm must be one of {', '.join(MOTION_NORMS)}. Received: motion_norm={self.norm!r}")
+        check(self.blend in BLENDS,
+              f"context_blend must be one of {', '.join(BLENDS)}. Received: context_blend={self.blend!r}")
+        check(self.betas in BETA_SCHEDULES,
+              f"betas must be one of {', '.join(BETA_SCHEDULES)}. Received: betas={self.betas!r}")
 
 
-__all__ = ["MOTION_NORMS", "MotionSpec", "WEIGHTINGS"]
+__all__ = ["BLENDS", "MOTION_NORMS", "MotionSpec", "WEIGHTINGS"]

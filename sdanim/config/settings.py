@@ -61,10 +61,11 @@ class RenderSettings:
         guidance_scale: float. Classifier-free guidance scale; 1 disables the
             unconditional pass (one UNet pass per step). Defaults to 7.5, or 1 for
             "lcm" and "tcd".
-        scheduler: str. One of "ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm"
-            (Latent Consistency Models, for LCM-LoRA weights), "tcd" (Trajectory
-            Consistency Distillation, gamma 0.3). Defaults to "ddim" (KerasCV's
-            sampler and timestep spacing).
+        scheduler: str. One of "ddim", "ddpm", "euler", "euler_trailing" (Euler on
+            trailing spacing, for few-step distilled weights such as
+            AnimateDiff-Lightning), "euler_a", "dpmpp_2m", "lcm" (Latent Consistency
+            Models, for LCM-LoRA weights), "tcd" (Trajectory Consistency Distillation,
+            gamma 0.3). Defaults to "ddim" (KerasCV's sampler and timestep spacing).
         batch_size: int. Frames rendered per model call. Defaults to 4.
         decoder: str. "full" (the SD VAE decoder) or "tiny" (TAESD: about 40x less
             work, softer detail; for previews and fast drafts). Defaults to "full".

@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from sdanim.config.errors import check
-from sdanim.config.choices import SCHEDULERS
+from sdanim.config.choices import BETA_SCHEDULES, SCHEDULERS
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
@@ -41,11 +41,21 @@ def timestep_embedding(timestep: float, dim: int = 320, max_period: float = 1000
     return np.concatenate([np.cos(args), np.sin(args)]).astype(np.float32)
 
 
-def alphas_cumprod() -> np.ndarray:
-    """SD's "scaled_linear" schedule: betas = linspace(sqrt(b0), sqrt(b1), 1000)**2,
-    alpha_bar_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4)."""
-    betas = np.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
+def check_betas(betas: str) -> None:
+    check(betas in BETA_SCHEDULES,
+          f"betas must be one of {', '.join(BETA_SCHEDULES)}. Received: betas={betas!r}")
+
+
+def alphas_cumprod(betas: str = "scaled_linear") -> np.ndarray:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4) for SD's "scaled_linear"
+    betas, linspace(sqrt(b0), sqrt(b1), 1000)**2, or the "linear" betas
+    linspace(b0, b1, 1000) AnimateDiff's motion modules were trained on."""
+    check_betas(betas)
+    if betas == "linear":
+        values = np.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=np.float64)
+    else:
+        values = np.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - values)
 
 
 def keras_cv_timesteps(num_steps: int) -> np.ndarray:
@@ -67,13 +77,14 @@ class Scheduler:
     needs_noise = False
     init_noise_sigma = 1.0
 
-    def __init__(self, num_steps: int):
+    def __init__(self, num_steps: int, betas: str = "scaled_linear"):
         check(
             isinstance(num_steps, int) and num_steps >= 1,
             f"steps must be at least 1. Received: steps={num_steps}",
         )
         self.num_steps = num_steps
-        self.alphas_cumprod = alphas_cumprod()
+        self.betas = betas
+        self.alphas_cumprod = alphas_cumprod(betas)
 
     def input_scale(self, i: int) -> float:
         return 1.0
@@ -138,8 +149,8 @@ class DDIM(Scheduler):
 
     name = "ddim"
 
-    def __init__(self, num_steps: int, spacing: str = "keras-cv"):
-        super().__init__(num_steps)
+    def __init__(self, num_steps: int, spacing: str = "keras-cv", betas: str = "scaled_linear"):
+        super().__init__(num_steps, betas)
         ac = self.alphas_cumprod
         if spacing == "keras-cv":
             self.timesteps = keras_cv_timesteps(num_steps)
@@ -174,8 +185,8 @@ class DDPM(Scheduler):
     name = "ddpm"
     needs_noise = True
 
-    def __init__(self, num_steps: int):
-        super().__init__(num_steps)
+    def __init__(self, num_steps: int, betas: str = "scaled_linear"):
+        super().__init__(num_steps, betas)
         ac = self.alphas_cumprod
         self.timesteps = leading_timesteps(num_steps)
         ratio = NUM_TRAIN_TIMESTEPS // num_steps
@@ -202,13 +213,19 @@ class DDPM(Scheduler):
 class _SigmaScheduler(Scheduler):
     """Schedules in sigma space, sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et
     al. 2022), on diffusers' "linspace" spacing with sigmas interpolated at fractional
-    timesteps and a final sigma of 0."""
+    timesteps (or "trailing": every 1000/N-th timestep counted down from 999, as
+    few-step distilled models were trained to be sampled) and a final sigma of 0."""
 
-    def __init__(self, num_steps: int):
-        super().__init__(num_steps)
+    spacing = "linspace"
+
+    def __init__(self, num_steps: int, betas: str = "scaled_linear"):
+        super().__init__(num_steps, betas)
         ac = self.alphas_cumprod
         all_sigmas = np.sqrt((1.0 - ac) / ac)
-        self.timesteps = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, num_steps)[::-1].copy()
+        if self.spacing == "trailing":
+            self.timesteps = np.arange(NUM_TRAIN_TIMESTEPS, 0, -NUM_TRAIN_TIMESTEPS / num_steps).round() - 1.0
+        else:
+            self.timesteps = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, num_steps)[::-1].copy()
         sigmas = np.interp(self.timesteps, np.arange(NUM_TRAIN_TIMESTEPS), all_sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]])
         self.init_noise_sigma = float(self.sigmas.max())
@@ -229,6 +246,15 @@ class Euler(_SigmaScheduler):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         denoised = x - sigma * eps
         return x + (sigma_next - sigma) * eps, denoised
+
+
+class EulerTrailing(Euler):
+    """Euler on "trailing" spacing (diffusers' EulerDiscreteScheduler with
+    timestep_spacing="trailing"): what AnimateDiff-Lightning and other few-step distilled
+    models are sampled with (1-8 steps, guidance 1)."""
+
+    name = "euler_trailing"
+    spacing = "trailing"
 
 
 class EulerAncestral(_SigmaScheduler):
@@ -256,8 +282,8 @@ class DPMSolverPP2M(Scheduler):
 
     name = "dpmpp_2m"
 
-    def __init__(self, num_steps: int):
-        super().__init__(num_steps)
+    def __init__(self, num_steps: int, betas: str = "scaled_linear"):
+        super().__init__(num_steps, betas)
         ac = self.alphas_cumprod
         all_sigmas = np.sqrt((1.0 - ac) / ac)
         t = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, num_steps + 1).round()[::-1][:-1]
@@ -323,8 +349,8 @@ class LCM(Scheduler):
     SIGMA_DATA = 0.5
     TIMESTEP_SCALING = 10.0
 
-    def __init__(self, num_steps: int):
-        super().__init__(num_steps)
+    def __init__(self, num_steps: int, betas: str = "scaled_linear"):
+        super().__init__(num_steps, betas)
         ac = self.alphas_cumprod
         self.timesteps = consistency_timesteps(num_steps)
         self.alphas = np.array([ac[t] for t in self.timesteps])
@@ -365,8 +391,8 @@ class TCD(Scheduler):
     name = "tcd"
     needs_noise = True
 
-    def __init__(self, num_steps: int, gamma: float = 0.3):
-        super().__init__(num_steps)
+    def __init__(self, num_steps: int, gamma: float = 0.3, betas: str = "scaled_linear"):
+        super().__init__(num_steps, betas)
         check(0.0 <= gamma <= 1.0, f"gamma must be in [0, 1]. Received: gamma={gamma!r}")
         self.gamma = float(gamma)
         ac = self.alphas_cumprod
@@ -395,6 +421,7 @@ _REGISTRY = {
     "ddim": DDIM,
     "ddpm": DDPM,
     "euler": Euler,
+    "euler_trailing": EulerTrailing,
     "euler_a": EulerAncestral,
     "dpmpp_2m": DPMSolverPP2M,
     "lcm": LCM,
@@ -403,11 +430,12 @@ _REGISTRY = {
 assert tuple(_REGISTRY) == SCHEDULERS
 
 
-def make_scheduler(name: str, num_steps: int) -> Scheduler:
-    """The scheduler called `name` ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m",
-    "lcm", "tcd")."""
+def make_scheduler(name: str, num_steps: int, betas: str = "scaled_linear") -> Scheduler:
+    """The scheduler called `name` (one of `SCHEDULERS`) on SD's "scaled_linear" betas or
+    the "linear" ones AnimateDiff's motion modules were trained on."""
     check(
         name in _REGISTRY,
         f"scheduler must be one of {', '.join(SCHEDULERS)}. Received: scheduler={name!r}",
     )
-    return _REGISTRY[name](num_steps)
+    check_betas(betas)
+    return _REGISTRY[name](num_steps, betas=betas)

@@ -65,9 +65,24 @@ def coverage(frames: int, windows: list, weighting: str = "pyramid") -> np.ndarr
     return total
 
 
-def free_noise(seed: int, frames: int, context: int, stride: int, latent_shape: tuple) -> np.ndarray:
+def fusion_weights(frames: int, windows: list, stride: int, weighting: str = "pyramid") -> list:
+    """Each window's per-frame weights for FreeNoise's fusion inside the motion modules'
+    attention, by diffusers' rule (`FreeNoiseTransformerBlock`): `window_weights`, except
+    that a last window added to end on the last frame (its start off the stride) fills
+    only the frames no earlier window covers (weight 0 on the others)."""
+    weights = [window_weights(len(w), weighting) for w in windows]
+    last = windows[-1]
+    if len(windows) > 1 and int(last[-1]) == frames - 1 and int(last[0]) % stride != 0:
+        covered = np.isin(last, np.concatenate(windows[:-1]))
+        weights[-1] = np.where(covered, 0.0, weights[-1]).astype(np.float32)
+    return weights
+
+
+def free_noise(seed: int, frames: int, context: int, stride: int, latent_shape: tuple,
+               on_permutation=None) -> np.ndarray:
     """(frames, h, w, 4) float32: FreeNoise's noise for a clip (see the module docstring),
-    determined by the seed, the context and the stride alone."""
+    determined by the seed, the context and the stride alone. `on_permutation` is handed
+    each shuffle as it is drawn (tests replay them in diffusers' implementation)."""
     seed = check_seed(seed)
     check_context(frames, context, stride)
     first = min(frames, context)
@@ -79,9 +94,11 @@ def free_noise(seed: int, frames: int, context: int, stride: int, latent_shape: 
     for start in range(context, frames, stride):
         source = np.arange(start - context, min(start - context + stride, frames))
         order = rng.permutation(len(source))
+        if on_permutation is not None:
+            on_permutation(order)
         count = min(stride, frames - start)
         noise[start:start + count] = noise[source[order][:count]]
     return noise
 
 
-__all__ = ["WEIGHTINGS", "check_context", "context_windows", "coverage", "free_noise", "window_weights"]
+__all__ = ["WEIGHTINGS", "check_context", "context_windows", "coverage", "free_noise", "fusion_weights", "window_weights"]

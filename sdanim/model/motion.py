@@ -74,12 +74,21 @@ def _temporal_transformer_class():
         """One motion module on (B*F, h, w, C) rows, F = `frames` (see the module docstring)."""
 
         def __init__(self, channels: int, frames: int, positions: int, norm: str = "frame", heads: int = HEADS,
-                     groups: int = 32, **kwargs):
+                     groups: int = 32, windows=None, fusion=None, **kwargs):
             super().__init__(**kwargs)
-            check(frames <= positions, f"context must be at most {positions} frames for these motion modules "
-                                       f"(their position encoding's length). Received: context={frames}")
             self.channels, self.frames, self.norm_mode, self.heads = channels, frames, norm, heads
-            self.pe = sinusoid(positions, channels)[:frames]
+            # Attention windows (FreeNoise's fusion): each window's frames attend among
+            # themselves, the results blended per frame; None: all `frames` attend together.
+            self.windows = None if windows is None or len(windows) == 1 else [np.asarray(w) for w in windows]
+            length = frames if self.windows is None else len(self.windows[0])
+            check(length <= positions, f"context must be at most {positions} frames for these motion modules "
+                                       f"(their position encoding's length). Received: context={length}")
+            self.pe = sinusoid(positions, channels)[:length]
+            if self.windows is not None:
+                self.fusion = [np.asarray(w, np.float32) for w in fusion]
+                self.coverage = np.zeros(frames, np.float32)
+                for window, weights in zip(self.windows, self.fusion):
+                    np.add.at(self.coverage, window, weights)
             dense = keras.layers.Dense
             self.norm = keras.layers.GroupNormalization(groups, epsilon=1e-6, name="norm")
             self.proj_in = dense(channels, name="proj_in")
@@ -112,7 +121,7 @@ def _temporal_transformer_class():
             return layers
 
         def _attend(self, x, attn):
-            f, c, heads = self.frames, self.channels, self.heads
+            f, c, heads = x.shape[1], self.channels, self.heads
 
             def split(t):  # (N, F, C) -> (N, heads, F, C / heads)
                 return ops.transpose(ops.reshape(t, (-1, f, heads, c // heads)), (0, 2, 1, 3))
@@ -131,9 +140,10 @@ def _temporal_transformer_class():
                 hidden = self.norm(x)
             hidden = ops.reshape(ops.transpose(ops.reshape(hidden, (-1, f, h, w, c)), (0, 2, 3, 1, 4)), (-1, f, c))
             hidden = self.proj_in(hidden)
-            pe = ops.convert_to_tensor(self.pe[None], dtype=hidden.dtype)
-            for attn, norm in zip(self.attn, self.norms[:2]):
-                hidden = self._attend(norm(hidden) + pe, attn) + hidden
+            if self.windows is None:
+                hidden = self._attentions(hidden)
+            else:
+                hidden = self._windowed_attentions(hidden)
             projected = self.ff_in(self.norms[2](hidden))
             value, gate = ops.split(projected, 2, axis=-1)
             hidden = self.ff_out(value * keras.activations.gelu(gate, approximate=False)) + hidden
@@ -141,16 +151,44 @@ def _temporal_transformer_class():
             hidden = ops.reshape(ops.transpose(ops.reshape(hidden, (-1, h, w, f, c)), (0, 3, 1, 2, 4)), (-1, h, w, c))
             return hidden + x
 
+        def _attentions(self, hidden):
+            """The two temporal self-attentions (each with its residual) over axis 1."""
+            pe = ops.convert_to_tensor(self.pe[None], dtype=hidden.dtype)
+            for attn, norm in zip(self.attn, self.norms[:2]):
+                hidden = self._attend(norm(hidden) + pe, attn) + hidden
+            return hidden
+
+        def _windowed_attentions(self, hidden):
+            """FreeNoise's window fusion (diffusers' FreeNoiseTransformerBlock): each window's
+            frames through `_attentions` on their own, positions counted from the window's
+            start; each frame's results averaged with the window weights. A window that wraps
+            round (a closed loop) is gathered and scattered in its consecutive runs."""
+            f = self.frames
+            total = None
+            for window, fusion in zip(self.windows, self.fusion):
+                runs = np.split(window, np.flatnonzero(np.diff(window) != 1) + 1)
+                chunk = ops.concatenate([hidden[:, int(r[0]):int(r[-1]) + 1] for r in runs], axis=1)
+                weights = ops.convert_to_tensor(fusion[None, :, None], dtype=hidden.dtype)
+                out = self._attentions(chunk) * weights
+                start = 0
+                for r in runs:
+                    piece = out[:, start:start + len(r)]
+                    start += len(r)
+                    piece = ops.pad(piece, [[0, 0], [int(r[0]), f - int(r[-1]) - 1], [0, 0]])
+                    total = piece if total is None else total + piece
+            return total / ops.convert_to_tensor(self.coverage[None, :, None], dtype=hidden.dtype)
+
     return TemporalTransformer
 
 
 _CLASS = []
 
 
-def temporal_transformer(channels: int, frames: int, positions: int, norm: str = "frame", name: str = None):
+def temporal_transformer(channels: int, frames: int, positions: int, norm: str = "frame", name: str = None,
+                         windows=None, fusion=None):
     if not _CLASS:
         _CLASS.append(_temporal_transformer_class())
-    return _CLASS[0](channels, frames, positions, norm, name=name)
+    return _CLASS[0](channels, frames, positions, norm, name=name, windows=windows, fusion=fusion)
 
 
 def motion_positions(unet, mid: bool) -> list:
@@ -303,16 +341,49 @@ def _motion_unet_class():
             return followed
 
         def call(self, inputs):
-            return self.unet._run_through_graph(list(inputs), operation_fn=self._operation)
+            """inputs: [latent, t_emb, context], or those and ControlNet's 13 residuals
+            (r_0 .. r_11, r_mid), added where `controlnet.controlled_unet` adds them."""
+            inputs = list(inputs)
+            residuals = inputs[3:]
+            if not residuals:
+                return self.unet._run_through_graph(inputs, operation_fn=self._operation)
+            check(len(residuals) == 13, f"a motion UNet takes 0 or 13 ControlNet residuals. Received: {len(residuals)}")
+            ops = keras.ops
+            skips, mid = residuals[:12], residuals[12]
+            joins = [0]
+
+            def operation(op):
+                if type(op).__name__ != "Concatenate":
+                    return self._operation(op)
+
+                def joined(tensors, *args, **kwargs):
+                    x, skip = tensors  # the up flow's tensor and the skip connection it takes
+                    k = joins[0]
+                    joins[0] += 1
+                    if k == 0:
+                        x = x + ops.cast(mid, x.dtype)
+                    return op([x, skip + ops.cast(skips[11 - k], skip.dtype)], *args, **kwargs)
+
+                return joined
+
+            eps = self.unet._run_through_graph(inputs[:3], operation_fn=operation)
+            check(joins[0] == 12, f"internal: {joins[0]} skip connections joined, not 12")
+            return eps
 
     return MotionUNet
 
 
-def motion_unet(unet, modules: MotionModules, frames: int):
+def motion_unet(unet, modules: MotionModules, frames: int, windows=None, fusion=None):
     """The UNet with `modules` after each resnet/attention pair, on clips of `frames` rows
-    (see the module docstring). Made once per (UNet, modules, frames)."""
+    (see the module docstring). `windows` (index arrays into the `frames`, all one
+    length) and `fusion` (each window's per-frame weights, `core.windows.fusion_weights`):
+    the motion modules' attention in those windows, each frame's results blended by the
+    weights (FreeNoise's fusion, as diffusers' `enable_free_noise`); None: all frames
+    attend together. Made once per (UNet, modules, frames, windows, fusion)."""
     cache = _MOTION.setdefault(unet, {})
-    key = (id(modules), frames)
+    shape = None if windows is None else (tuple(tuple(int(i) for i in w) for w in windows),
+                                          tuple(tuple(float(v) for v in w) for w in fusion))
+    key = (id(modules), frames, shape)
     if key in cache and cache[key][0] is modules:
         return cache[key][1]
     check(isinstance(frames, int) and frames >= 1, f"context must be a whole number of frames. Received: {frames!r}")
@@ -321,7 +392,7 @@ def motion_unet(unet, modules: MotionModules, frames: int):
     for name, layer in zip(module_names(config.mid), motion_positions(unet, config.mid)):
         channels = int(layer.output.shape[-1])
         module = temporal_transformer(channels, frames, config.positions, config.norm,
-                                      name="motion_" + name.replace(".", "_"))
+                                      name="motion_" + name.replace(".", "_"), windows=windows, fusion=fusion)
         module.build((None, None, None, channels))
         assign(module.torch_layers(), modules.weights[name], "the motion module file", f"module={name!r}",
                special=_values(modules.weights[name]))

@@ -28,14 +28,15 @@ from sdanim.config.errors import SdanimError, check
 from sdanim.config.motion import MotionSpec
 from sdanim.core.noise import step_noise
 from sdanim.core.runtime import keras_ops
-from sdanim.core.schedulers import Scheduler, timestep_embedding
-from sdanim.core.windows import context_windows, coverage, free_noise, window_weights
+from sdanim.core.schedulers import Scheduler, make_scheduler, timestep_embedding
+from sdanim.core.windows import context_windows, coverage, free_noise, fusion_weights, window_weights
 from sdanim.formats.digest import data_key, weights_sha256
 from sdanim.formats.motion_files import inspect_motion_module
 from sdanim.model.compiled import compiled
 from sdanim.model.motion import motion_modules_for, motion_unet
 from sdanim.render.jobs import FrameJob, frame_metadata, model_record
 from sdanim.render.run import STATE_FILE
+from sdanim.render.sampling import control_residuals
 from sdanim.render.store import FrameStore
 
 STATE_VERSION = 1
@@ -54,6 +55,10 @@ class Clip:
     seed: the clip's seed, for samplers that draw noise at every step.
     key: a digest of everything above and the model (a saved state of another clip is
         never resumed).
+    attention_windows, attention_weights: where the windows are blended inside the motion
+        modules' attention (MotionSpec.blend "attention"): those windows and their
+        `fusion_weights`, `windows` then being one of all the frames; None where the
+        UNet's predictions are blended.
     """
 
     contexts: np.ndarray
@@ -64,6 +69,8 @@ class Clip:
     guidance: float
     seed: int
     key: str
+    attention_windows: Optional[list] = None
+    attention_weights: Optional[list] = None
 
     def __post_init__(self):
         frames = len(self.noise)
@@ -128,10 +135,10 @@ def _guided(eps_fn: Callable, clip: Clip, latents: np.ndarray, i: int, t: float,
     n = len(window)
     t_emb = timestep_embedding(t).astype(np.float32)
     if clip.guidance == 1.0:  # the conditional rows alone (as the renderer: any other scale guides)
-        return eps_fn(latents, np.repeat(t_emb[None], n, axis=0), clip.contexts[window])
+        return eps_fn(latents, np.repeat(t_emb[None], n, axis=0), clip.contexts[window], window=window, step=i)
     rows = np.concatenate([latents, latents])
     contexts = np.concatenate([clip.negatives[window], clip.contexts[window]])
-    eps = eps_fn(rows, np.repeat(t_emb[None], 2 * n, axis=0), contexts)
+    eps = eps_fn(rows, np.repeat(t_emb[None], 2 * n, axis=0), contexts, window=window, step=i)
     unconditional, conditional = eps[:n], eps[n:]
     return unconditional + clip.guidance * (conditional - unconditional)
 
@@ -140,8 +147,10 @@ def sample_clip(eps_fn: Callable, clip: Clip, scheduler: Scheduler, state_path: 
                 save_every: float = 30.0, on_unit: Optional[Callable] = None) -> np.ndarray:
     """The clip's final latents (F, h, w, 4).
 
-    eps_fn: (latents (2n or n, h, w, 4), t_emb, contexts) -> eps, the motion UNet on one
-        window's rows (clip-major: the negative clip, then the conditional one).
+    eps_fn: (latents (2n or n, h, w, 4), t_emb, contexts, window=, step=) -> eps, the
+        motion UNet on one window's rows (clip-major: the negative clip, then the
+        conditional one); `window` (the frames' indices) and `step` for what varies with
+        them (ControlNet hints and schedules).
     state_path: where the state is saved (after every step, and after a unit when
         `save_every` seconds have passed since the last save) and resumed from.
     on_unit: callable (step, window) after each unit (progress; an exception it raises
@@ -201,14 +210,14 @@ def motion_record(spec: MotionSpec) -> dict:
     """What a run's manifest keeps of its motion modules (the file by its SHA-256)."""
     sha = None if spec.file == "random" else weights_sha256(spec.file)
     return {"file": spec.file, "sha256": sha, "context": spec.context, "stride": spec.stride,
-            "weighting": spec.weighting, "norm": spec.norm}
+            "weighting": spec.weighting, "norm": spec.norm, "blend": spec.blend, "betas": spec.betas}
 
 
-def clip_for(model, job: FrameJob, spec: MotionSpec, renderer) -> Clip:
+def clip_for(model, job: FrameJob, spec: MotionSpec, renderer, plan=None) -> Clip:
     """The clip of a walk: each frame's context from the frame plan (prompt travel), the
     negative prompt's for every frame, FreeNoise's noise from the first keyframe's seed,
     and the windows (closed when the walk loops)."""
-    plan = job.plan(model)
+    plan = job.plan(model) if plan is None else plan
     frames = len(job)
     contexts = np.stack([plan.frame(i).context for i in range(frames)]).astype(np.float32)
     negatives = np.repeat(renderer.unconditional_context[None], frames, axis=0)
@@ -216,8 +225,13 @@ def clip_for(model, job: FrameJob, spec: MotionSpec, renderer) -> Clip:
     context = min(spec.context, frames)
     noise = free_noise(seed, frames, context, spec.stride, job.settings.latent_shape)
     windows = context_windows(frames, context, spec.stride, closed=job.walk.loop and frames > context)
+    attention = fusion = None
+    if spec.blend == "attention" and len(windows) > 1:
+        windows, attention = [np.arange(frames)], windows
+        fusion = fusion_weights(frames, attention, spec.stride, spec.weighting)
     key = data_key(job.key, motion_record(spec), model_record(model), length=32)
-    return Clip(contexts, negatives, noise, windows, spec.weighting, float(job.settings.guidance_scale), seed, key)
+    return Clip(contexts, negatives, noise, windows, spec.weighting, float(job.settings.guidance_scale), seed, key,
+                attention, fusion)
 
 
 def _motion_eps(calls, latents, t_emb, contexts):
@@ -225,26 +239,82 @@ def _motion_eps(calls, latents, t_emb, contexts):
     return calls[0]([latents, t_emb, contexts])
 
 
+def _motion_control_eps(units: tuple, guided: bool) -> Callable:
+    """One window's rows through the motion UNet with the ControlNets' residuals
+    (`sampling.control_residuals`: guess mode, pooled nets, several nets summed), as the
+    renderer's controlled step makes them. Under guidance the rows are (negative clip,
+    conditional clip), the nets seeing the frame's hint on both halves."""
+
+    def eps(calls, latents, t_emb, contexts, uncond, hints, scales):
+        ops = keras_ops()
+        m = {f"net{k}": call for k, call in enumerate(calls[1:])}
+        residuals = control_residuals(m, units, latents, t_emb, contexts, uncond if guided else None,
+                                       (hints, scales, [None] * len(units)))
+        if guided:
+            latents, t_emb = ops.concatenate([latents, latents], 0), ops.concatenate([t_emb, t_emb], 0)
+            contexts = ops.concatenate([uncond, contexts], axis=0)
+        return calls[0]([latents, t_emb, contexts, *residuals])
+
+    eps.__name__ = f"motion_control_eps_{int(guided)}_" + "".join(f"{int(g)}{int(p)}" for g, p in units)
+    return eps
+
+
+def _eps_fn(unet, renderer, plan, jit_compile: bool) -> Callable:
+    """The window's eps as `sample_clip` calls it: the compiled motion UNet, with the
+    renderer's ControlNets (each frame's hints and scales from the frame plan, each net's
+    schedule at the step) where it has any."""
+    ops = keras_ops()
+    if not renderer.controls:
+        program = compiled(_motion_eps, (unet,), jit_compile)  # traced once per model
+        return lambda latents, t_emb, contexts, window, step: ops.convert_to_numpy(program(latents, t_emb, contexts))
+    units = tuple((bool(c.guess_mode), bool(c.net.pooled)) for c in renderer.controls)
+    nets = tuple(c.net.net for c in renderer.controls)
+    keeps = np.stack([c.keeps(renderer.scheduler.num_steps) for c in renderer.controls], axis=1)  # (N, n)
+    programs = {guided: compiled(_motion_control_eps(units, guided), (unet, *nets), jit_compile)
+                for guided in (False, True)}
+
+    def eps(latents, t_emb, contexts, window, step):
+        n = len(window)
+        frames = [plan.frame(int(j)).control for j in window]
+        hints = tuple(np.stack([f[k][0] for f in frames]).astype(np.float32) for k in range(len(nets)))
+        scales = np.array([[f[k][1] * keeps[step, k] for f in frames] for k in range(len(nets))], np.float32)
+        if len(latents) == 2 * n:  # (negative clip, conditional clip)
+            out = programs[True](latents[:n], t_emb[:n], contexts[n:], contexts[:n], hints, scales)
+        else:
+            out = programs[False](latents, t_emb, contexts, contexts, hints, scales)
+        return ops.convert_to_numpy(out)
+
+    return eps
+
+
+def _unit_done(bar, on_batch) -> None:
+    bar.update(1)
+    if on_batch is not None:
+        on_batch([], [])
+
+
 def render_motion(model, job: FrameJob, spec: MotionSpec, store: FrameStore, renderer, progress: bool = True,
                   on_batch: Optional[Callable] = None) -> dict:
     """Renders a walk's frames with motion modules into `store`: {index: image} of the
     frames written now. The clip is sampled (or resumed from the state the folder keeps),
-    then the frames not on disk are decoded in batches of the settings' batch size."""
+    then the frames not on disk are decoded in batches of the settings' batch size.
+    `on_batch(indices, images)` is called after each decoded batch, and with no frames
+    after each window of each step (progress; an exception it raises stops the run, the
+    state saved last resuming it)."""
     todo = store.missing(range(len(job)))
     if not todo:
         return {}
-    ops = keras_ops()
-    clip = clip_for(model, job, spec, renderer)
-    unet = motion_unet(model.diffusion_model, motion_modules_for(model, spec), clip.window_length)
-    step = compiled(_motion_eps, (unet,), bool(getattr(model, "jit_compile", False)))  # traced once per model
+    plan = job.plan(model)
+    clip = clip_for(model, job, spec, renderer, plan)
+    unet = motion_unet(model.diffusion_model, motion_modules_for(model, spec), clip.window_length,
+                       clip.attention_windows, clip.attention_weights)
+    scheduler = make_scheduler(job.settings.scheduler, job.settings.num_steps, spec.betas)
+    eps_fn = _eps_fn(unet, renderer, plan, bool(getattr(model, "jit_compile", False)))
 
-    def eps_fn(latents, t_emb, contexts):
-        return ops.convert_to_numpy(step(latents, t_emb, contexts))
-
-    with tqdm(total=renderer.scheduler.num_steps * len(clip.windows), desc="windows x steps", unit="unit",
+    with tqdm(total=scheduler.num_steps * len(clip.windows), desc="windows x steps", unit="unit",
               disable=not progress) as bar:
-        latents = sample_clip(eps_fn, clip, renderer.scheduler, state_path=os.path.join(store.folder, STATE_FILE),
-                              on_unit=lambda _step, _window: bar.update(1))
+        latents = sample_clip(eps_fn, clip, scheduler, state_path=os.path.join(store.folder, STATE_FILE),
+                              on_unit=lambda _step, _window: _unit_done(bar, on_batch))
     record, images = model_record(model), {}
     size = max(1, job.settings.batch_size)
     for start in range(0, len(todo), size):

@@ -92,7 +92,7 @@ def _net_kvs(m, units: tuple, context, uncond, guided: bool) -> list:
             for k, (guess, _) in enumerate(units)]
 
 
-def _control_residuals(m, units: tuple, latent, t_emb, context, uncond, control) -> list:
+def control_residuals(m, units: tuple, latent, t_emb, context, uncond, control) -> list:
     """The 13 residuals the UNet's batch takes, summed over the ControlNets.
 
     units: ((guess_mode, pooled), ...) per net; control: (hints, scales, net_kvs) with
@@ -135,11 +135,11 @@ def _control_residuals(m, units: tuple, latent, t_emb, context, uncond, control)
 
 def _controlled_eps(units: tuple, guided: bool) -> Callable:
     """`_guided_eps` / `_cond_eps` through the UNet that takes ControlNet residuals
-    (`controlnet.controlled_unet`): control as `_control_residuals` takes it."""
+    (`controlnet.controlled_unet`): control as `control_residuals` takes it."""
 
     def eps(m, latent, t_emb, context, uncond, guidance, kv, control):
         ops = keras_ops()
-        residuals = _control_residuals(m, units, latent, t_emb, context, uncond if guided else None, control)
+        residuals = control_residuals(m, units, latent, t_emb, context, uncond if guided else None, control)
         if guided:
             latent, t_emb = ops.concatenate([latent, latent], 0), ops.concatenate([t_emb, t_emb], 0)
             context = ops.concatenate([uncond, context], axis=0)  # (2B, 77, D)

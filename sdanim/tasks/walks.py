@@ -215,7 +215,9 @@ def animate(
         progress: bool. Show a progress bar. Defaults to True.
         on_batch: callable (frame indices, images) or None. Called after each batch is
             saved (live previews); an exception it raises stops the render, keeping
-            every frame already saved (the same call resumes). Defaults to None.
+            every frame already saved (the same call resumes). With motion modules it
+            is also called with no frames after each window of each step (the clip's
+            state is kept instead). Defaults to None.
         limits: `sdanim.config.limits.Limits` or None. What one request may ask for (a
             shared app's): checked on the final plan before anything is built: the
             video's frames after audio timing and in-betweens, the output size after
@@ -228,8 +230,9 @@ def animate(
             frames are denoised together in context windows, so they move coherently,
             each with its own interpolated prompt (prompt travel); a stopped run resumes
             from the state its frames folder keeps (docs/architecture.md). Renders in
-            this process; not with workers, attention interpolation, ControlNets or
-            uniform spacing (each refused with the reason). Defaults to None.
+            this process; ControlNets act on every window; not with workers, attention
+            interpolation or uniform spacing (each refused with the reason). Defaults
+            to None.
 
     Example:
     ```python
@@ -247,7 +250,7 @@ def animate(
         check_plan_limits(limits, settings, export, count, walk.loop)
     post = check_post(export, settings.batch_size)
     if motion is not None:
-        _check_motion(motion, walk, workers, controlnets, timing)
+        _check_motion(motion, walk, workers, timing)
         check_motion(motion, count, known_version(model))
     images, scales = walk.control_stops(len(controlnets))
     controls = prepare_controls(controlnets, count, settings.height, settings.width, keyframe_images=images,
@@ -304,15 +307,13 @@ def animate(
                        timing.analysis.tempo if timing.analysis is not None else None)
 
 
-def _check_motion(motion: MotionSpec, walk: Walk, workers, controlnets, timing) -> None:
+def _check_motion(motion: MotionSpec, walk: Walk, workers, timing) -> None:
     """What motion modules do not combine with (yet), each refused with the reason."""
     check(isinstance(motion, MotionSpec), f"motion must be a MotionSpec. Received: motion={motion!r}")
     check(workers is None, "motion modules render in one process: the windows of a step are not sharded over Ray "
                            f"workers yet. Received: workers={workers!r}")
     check(walk.attention == "off", "attention interpolation adds helper rows to a batch, which motion modules would "
                                    f"mix into the clip; use one or the other. Received: attention_interp={walk.attention!r}")
-    check(not controlnets, "ControlNets with motion modules are not supported yet. "
-                           f"Received: {len(controlnets)} ControlNet(s)")
     check(timing.spacing != "uniform", "uniform spacing previews frames one by one, which motion modules do not "
                                        "render; use linear or beta. Received: spacing='uniform'")
 

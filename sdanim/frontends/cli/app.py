@@ -33,7 +33,7 @@ def run_ui(args) -> int:
         raise SdanimError('the app needs Gradio: pip install "sdanim[ui]". Received: command=ui')
     app.launch(spec=options.spec(args), out_dir=args.out_dir, port=args.port, share=args.share, listen=args.listen,
                auth=auth, inline=False, prevent_thread_lock=False, models_dir=args.models_dir, limits=limits(args),
-               controlnets=args.controlnet)
+               controlnets=args.controlnet, motion_modules=args.motion_module)
     return 0
 
 
@@ -54,9 +54,13 @@ def register(sub) -> None:
         "sharing (--listen / --share): visitors choose only the weights and LoRAs named here, by name, and every "
         "request is checked against these limits")
     net.add_argument("--models-dir", default=None, metavar="DIR",
-                     help="also offer the checkpoints, ControlNets and LoRA files in DIR, listed by name (network mode only)")
+                     help="also offer the checkpoints, ControlNets, motion modules and LoRA files in DIR, listed by name "
+                     "(network mode only)")
     net.add_argument("--controlnet", action="append", default=[], metavar="FILE",
                      help="offer this ControlNet (file or diffusers folder) by name (network mode; repeatable)")
+    net.add_argument("--motion-module", action="append", default=[], metavar="FILE",
+                     help="offer these AnimateDiff motion modules (file or diffusers folder) by name (network mode; "
+                     "repeatable)")
     defaults = {f: getattr(NETWORK_LIMITS, f) for f in LIMIT_FLAGS}
     net.add_argument("--max-frames", type=int, default=None, help=f"frames per animation (network default: {defaults['max_frames']})")
     net.add_argument("--max-size", type=int, default=None, help=f"pixels on an image's longer side (network default: {defaults['max_size']})")

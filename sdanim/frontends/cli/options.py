@@ -7,13 +7,13 @@ import argparse
 from typing import Optional
 
 from sdanim.config.choices import (
-    ATTENTION_INTERPS, ATTENTIONS, AUDIO_MODES, DECODERS, INTERPOLATIONS, PRECISIONS, PREPROCESSORS, SCHEDULERS,
+    ATTENTION_INTERPS, ATTENTIONS, AUDIO_MODES, BETA_SCHEDULES, DECODERS, INTERPOLATIONS, PRECISIONS, PREPROCESSORS, SCHEDULERS,
     SPACINGS, VERSIONS,
 )
 from sdanim.config.control import ControlNetSpec, parse_controlnet
 from sdanim.config.errors import SdanimError
 from sdanim.config.export import ExportSettings
-from sdanim.config.motion import MOTION_NORMS, WEIGHTINGS, MotionSpec
+from sdanim.config.motion import BLENDS, MOTION_NORMS, WEIGHTINGS, MotionSpec
 from sdanim.config.settings import RenderSettings, render_settings
 from sdanim.core.pixels import auto_size
 from sdanim.model.spec import ModelSpec
@@ -132,19 +132,27 @@ def add_motion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--motion-norm", default="frame", choices=MOTION_NORMS,
                    help="the motion GroupNorm's statistics: per frame (as the modules were trained) or over the "
                    "window (diffusers) (default: frame)")
+    g.add_argument("--context-blend", default="unet", choices=BLENDS,
+                   help="where windows are blended: unet (each window through the whole UNet, predictions blended; "
+                   "memory of one window at any length) or attention (inside the motion modules' attention, FreeNoise "
+                   "and diffusers; memory grows with the length) (default: unet)")
+    g.add_argument("--betas", default="linear", choices=BETA_SCHEDULES,
+                   help="the sampler's noise schedule: linear (what AnimateDiff, AnimateLCM and Lightning were trained "
+                   "on) or scaled_linear (SD's) (default: linear). Lightning: --scheduler euler_trailing --guidance 1")
 
 
 def motion(args):
     """The `MotionSpec` of --motion-module and its options, or None."""
     if getattr(args, "motion_module", None) is None:
         for flag, default in (("context", 16), ("context_stride", 4), ("context_weighting", "pyramid"),
-                              ("motion_norm", "frame")):
+                              ("motion_norm", "frame"), ("context_blend", "unet"), ("betas", "linear")):
             if getattr(args, flag, default) != default:
                 raise SdanimError(f"--{flag.replace('_', '-')} needs --motion-module FILE. "
                                   "Received: --motion-module not given")
         return None
     return MotionSpec(args.motion_module, context=args.context, stride=args.context_stride,
-                      weighting=args.context_weighting, norm=args.motion_norm)
+                      weighting=args.context_weighting, norm=args.motion_norm, blend=args.context_blend,
+                      betas=args.betas)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ from sdanim.core.interpolation import EASINGS
 from sdanim.formats.digest import data_key, file_sha256
 from sdanim.formats.walk_files import load_walk
 from sdanim.frontends.ui.common import (
-    EXAMPLE_KEYFRAMES, KEYFRAMES_HELP, AppContext, Stopped, control_inputs, control_specs, friendly, gallery, parse_keyframes,
-    sampling_inputs, walk_to_text,
+    EXAMPLE_KEYFRAMES, KEYFRAMES_HELP, AppContext, Stopped, control_inputs, control_specs, friendly, gallery,
+    motion_inputs, motion_spec, parse_keyframes, sampling_inputs, walk_to_text,
 )
 from sdanim.render.export import check_output
 from sdanim.render.plots import smoothness_figure
@@ -96,6 +96,7 @@ def build(context: AppContext):
                 fmt = gr.Dropdown(["gif", "mp4"], value="gif", label="Format")
     size, sampler, steps, guidance, batch = sampling_inputs(context)
     control = control_inputs(context)
+    motion = motion_inputs(context)
     with gr.Row():
         render_btn = gr.Button("Render", variant="primary", elem_id="render")
         stop_btn = gr.Button("Stop", elem_id="stop")
@@ -119,7 +120,8 @@ def build(context: AppContext):
     def render(kf, neg, seed_, frames_, fps_, interp, noise_, easing_, spacing_, loop_, pp, fmt_,
                size_, sampler_, steps_, guidance_, batch_, attention_="off", warmup_=0.5, audio_=None,
                audio_mode_="loudness", beats_=4, net_=None, picture_=None, preprocess_="canny", scale_=1.0,
-               start_=0.0, end_=1.0, guess_=False, progress=gr.Progress(), request=None):
+               start_=0.0, end_=1.0, guess_=False, module_=None, window_=16, stride_=4, blend_="unet",
+               progress=gr.Progress(), request=None):
         walk = parse_keyframes(kf, seed_, frames_, easing_, loop_, interp, noise_)
         walk = dataclasses.replace(walk, attention=attention_ or "off",
                                    attention_warmup=0.5 if warmup_ is None else float(warmup_))
@@ -130,8 +132,10 @@ def build(context: AppContext):
         sound = [file_sha256(audio_), audio_mode_, beats_] if audio_ else None
         nets = control_specs(context, net_, picture_, preprocess_, scale_, start_, end_, guess_)
         steer = [[dataclasses.replace(s, image=None), file_sha256(s.image)] for s in nets]  # the picture's bytes
-        out = os.path.join(context.out_dir,
-                           f"walk-{data_key(walk.record(), neg, spacing_, settings.record(), sound, steer)}.{fmt_}")
+        motion = motion_spec(context, module_, window_, stride_, blend_)
+        moved = [] if motion is None else [dataclasses.asdict(motion)]  # (no motion: the names renders had before)
+        key = data_key(walk.record(), neg, spacing_, settings.record(), sound, steer, *moved)
+        out = os.path.join(context.out_dir, f"walk-{key}.{fmt_}")
         check_output(export, out)
         context.check_disk()
 
@@ -153,7 +157,8 @@ def build(context: AppContext):
             try:
                 state["result"] = walks.animate(walk, out=out, settings=settings, export=export, model=model,
                                                 negative_prompt=neg or None, spacing=spacing_, progress=False,
-                                                on_batch=on_batch, limits=context.limits, controlnets=nets)
+                                                on_batch=on_batch, limits=context.limits, controlnets=nets,
+                                                motion=motion)
             except BaseException as error:  # noqa: BLE001 - handed to the page below
                 state["error"] = error
 
@@ -187,7 +192,8 @@ def build(context: AppContext):
 
     # New inputs go at the end: API clients that send the earlier ones keep working.
     inputs = [keyframes, negative, seed, frames, fps, interpolation, noise, easing, spacing, loop, ping_pong,
-              fmt, size, sampler, steps, guidance, batch, attention, warmup, audio, audio_mode, beats, *control]
+              fmt, size, sampler, steps, guidance, batch, attention, warmup, audio, audio_mode, beats, *control,
+              *motion]
     # New outputs go before the status (clients read the status last).
     event = render_btn.click(render, inputs, [newest, gif, video, sheet, smooth, files, audio_plot, status],
                              api_name="render", concurrency_limit=1, concurrency_id="model")

@@ -97,7 +97,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
 def launch(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outputs/ui", port: Optional[int] = None,
            share: bool = False, listen: bool = False, auth: Optional[tuple] = None, inline: Optional[bool] = None,
            prevent_thread_lock: Optional[bool] = None, models_dir: Optional[str] = None,
-           limits: Optional[Limits] = None, host: Optional[str] = None, controlnets=()):
+           limits: Optional[Limits] = None, host: Optional[str] = None, controlnets=(), motion_modules=()):
     """Starts the app. In a notebook it shows inline (Jupyter, Colab) and returns at once.
 
     Args:
@@ -119,6 +119,8 @@ def launch(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outputs
             127.0.0.1 (tests bind a network-mode app to 127.0.0.1).
         controlnets: ControlNet files or folders offered to visitors by name (network
             mode, beside those in `models_dir`); a local app takes typed paths.
+        motion_modules: AnimateDiff motion module files or folders offered by name
+            (network mode, beside those in `models_dir`); a local app takes typed paths.
 
     Returns:
         The Gradio app (`app.local_url`; `app.close()` stops it).
@@ -133,7 +135,8 @@ def launch(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outputs
     if models_dir is not None and not network:
         raise SdanimError(f"models_dir offers files to visitors of a network app; add --listen or --share. "
                           f"Received: models_dir={models_dir!r}")
-    access = offered_models(spec or ModelHolder(model).spec, models_dir, controlnets) if network else Access()
+    access = (offered_models(spec or ModelHolder(model).spec, models_dir, controlnets, motion_modules) if network
+              else Access())
     if network and auth is None:
         print("sdanim: warning: the app is reachable from the network without --auth: anyone who reaches it can "
               "render on this machine and see every render in its output folder", file=sys.stderr)

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import re
 import threading
+from typing import Optional
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from sdanim.config.choices import PREPROCESSORS, SCHEDULERS
 from sdanim.config.control import ControlNetSpec
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.limits import Limits
+from sdanim.config.motion import BLENDS, MotionSpec
 from sdanim.config.settings import RenderSettings, render_settings
 from sdanim.core.hints import make_hint
 from sdanim.core.keyframes import parse_prompt_text, parse_walk
@@ -134,6 +136,37 @@ def control_inputs(context: AppContext):
     picture.change(show_hint, [picture, preprocess], hint, queue=False)
     preprocess.change(show_hint, [picture, preprocess], hint, queue=False)
     return net, picture, preprocess, scale, start, end, guess
+
+
+def motion_inputs(context: AppContext):
+    """The Animate tab's motion-module section: the modules (typed in a local app, "random"
+    for the architecture with random weights; chosen from the operator's offer in a
+    network app), the window, its stride and where windows blend. Returns the inputs in
+    order."""
+    import gradio as gr
+
+    with gr.Accordion("Motion modules (AnimateDiff, SD 1.x): frames denoised together, so they move", open=False):
+        with gr.Row():
+            if context.holder.access.network:
+                module = gr.Dropdown(["none", *context.holder.access.motion_modules], value="none",
+                                     label="Motion modules (offered by this app)")
+            else:
+                module = gr.Textbox("", label="Motion modules: mm_sd_v15*.ckpt/.safetensors, AnimateLCM's, a diffusers "
+                                              "MotionAdapter folder, or random (empty: none)")
+            window = gr.Number(value=16, precision=0, label="Context (frames per window)")
+            stride = gr.Number(value=4, precision=0, label="Context stride")
+            blend = gr.Dropdown(list(BLENDS), value="unet", label="Blend windows in",
+                                info="unet: memory of one window at any length; attention: FreeNoise/diffusers")
+    return module, window, stride, blend
+
+
+def motion_spec(context: AppContext, module, window, stride, blend) -> Optional[MotionSpec]:
+    """The request's motion modules, or None; a network app takes only modules it offers."""
+    chosen = str(module or "").strip()
+    if not chosen or chosen == "none":
+        return None
+    return MotionSpec(context.holder.access.motion_module(chosen), context=16 if window is None else int(window),
+                      stride=4 if stride is None else int(stride), blend=blend or "unet")
 
 
 def control_specs(context: AppContext, net, picture, preprocess, scale, start, end, guess) -> list:

@@ -2,8 +2,8 @@
 
 Two modes (`Access`): a local app (bound to 127.0.0.1) takes weights and LoRA paths typed
 in its Model section, as the person at the keyboard owns the machine; an app reachable
-from the network (`--listen`, `--share`) offers only the weights and LoRAs the operator
-named at start, by name, and no endpoint accepts a path. Server-side `Limits`
+from the network (`--listen`, `--share`) offers only the weights, LoRAs, ControlNets and
+motion modules the operator named at start, by name, and no endpoint accepts a path. Server-side `Limits`
 (`sdanim.config.limits`) bound every request whatever the widgets allow.
 """
 
@@ -21,6 +21,7 @@ from sdanim.config.limits import Limits
 from sdanim.formats.checkpoints import inspect_checkpoint
 from sdanim.formats.controlnet_files import inspect_controlnet
 from sdanim.formats.lora_files import Lora, as_loras, check_lora_files, read_lora
+from sdanim.formats.motion_files import inspect_motion_module
 from sdanim.model.loading import weight_source_kind
 from sdanim.model.spec import ModelSpec
 
@@ -47,12 +48,25 @@ class Access:
         weights: {name: weight source} offered (network mode).
         loras: {name: LoRA file} offered (network mode).
         controlnets: {name: ControlNet file or folder} offered (network mode).
+        motion_modules: {name: motion module file or folder} offered (network mode).
     """
 
     network: bool = False
     weights: dict = dataclasses.field(default_factory=dict)
     loras: dict = dataclasses.field(default_factory=dict)
     controlnets: dict = dataclasses.field(default_factory=dict)
+    motion_modules: dict = dataclasses.field(default_factory=dict)
+
+    def motion_module(self, chosen: str) -> str:
+        """The motion modules a request names: in network mode ones the operator offered,
+        by name (nothing typed is opened); locally the path typed (or "random")."""
+        chosen = str(chosen or "").strip()
+        if not self.network:
+            return chosen
+        check(chosen in self.motion_modules,
+              f"choose motion modules from the list this app offers ({', '.join(self.motion_modules) or 'none'}). "
+              f"Received: motion_module={chosen!r}")
+        return self.motion_modules[chosen]
 
     def controlnet(self, chosen: str) -> str:
         """The ControlNet weights a request names: in network mode one the operator
@@ -66,14 +80,18 @@ class Access:
         return self.controlnets[chosen]
 
 
-def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, controlnets=()) -> Access:
-    """The network mode's offer: the weights, LoRAs and ControlNets named at start, and the
-    files in `models_dir` recognised by their headers (a checkpoint, a ControlNet or a
-    LoRA; anything else is left out), listed by name. Nothing a visitor types is ever
-    opened."""
-    weights, loras, nets = {}, {}, {}
+def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, controlnets=(),
+                   motion_modules=()) -> Access:
+    """The network mode's offer: the weights, LoRAs, ControlNets and motion modules named at
+    start, and the files in `models_dir` recognised by their headers (a checkpoint, a
+    ControlNet, motion modules or a LoRA; anything else is left out), listed by name.
+    Nothing a visitor types is ever opened."""
+    weights, loras, nets, motions = {}, {}, {}, {}
     for path in controlnets:
         nets[os.path.basename(os.fspath(path).rstrip("/"))] = os.fspath(path)
+    for path in motion_modules:
+        inspect_motion_module(os.fspath(path))  # the operator's file: one line if it is not motion modules
+        motions[os.path.basename(os.fspath(path).rstrip("/"))] = os.fspath(path)
     if spec is not None:
         weights[os.path.basename(spec.weights.rstrip("/")) or spec.weights] = spec.weights
         for lora in spec.loras:
@@ -85,6 +103,12 @@ def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, 
             try:
                 inspect_controlnet(path)
                 nets.setdefault(name, path)
+                continue
+            except SdanimError:
+                pass
+            try:
+                inspect_motion_module(path)
+                motions.setdefault(name, path)
                 continue
             except SdanimError:
                 pass
@@ -101,7 +125,7 @@ def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, 
                     loras.setdefault(name, path)
                 except SdanimError:
                     pass
-    return Access(network=True, weights=weights, loras=loras, controlnets=nets)
+    return Access(network=True, weights=weights, loras=loras, controlnets=nets, motion_modules=motions)
 
 
 class ModelHolder:
