@@ -3,7 +3,8 @@
 python morph_tiny.py OUT.gif [MODE]: MODE "0" runs straight through; "hold-write"
 writes frame 4's PNG to its temporary name, touches OUT.gif + ".writing" and waits
 there (before the rename), so a test can kill the process in the middle of a write.
-"motion" renders a clip with (random) motion modules, its state saved after every window;
+"motion" renders a 7-frame clip (3 windows, 3 steps) with random motion modules, its state
+saved after every window;
 "motion-hold" does so, touches OUT.gif + ".writing" once the state after the second
 window of step 1 is saved (mid-step) and waits there.
 """
@@ -60,9 +61,9 @@ def motion(out, hold=False):
                 time.sleep(120)  # killed here, mid-step, the state on disk
 
         motion_render.ClipState.save = save_then_hold
-    settings = sdanim.RenderSettings(height=64, width=64, num_steps=3, guidance_scale=3.0, batch_size=4)
+    settings = sdanim.RenderSettings(height=64, width=64, num_steps=3, guidance_scale=1.0, batch_size=4)
     try:
-        result = sdanim.morph(["a red cube", "a blue sphere", "a green cone"], out=out, frames=9, seed=1,
+        result = sdanim.morph(["a red cube", "a blue sphere", "a green cone"], out=out, frames=7, seed=1,
                               settings=settings, model=make_tiny_sd_model(context_dim=768), progress=False,
                               motion=sdanim.MotionSpec("random", context=4, stride=2))
     finally:  # this process's other renders as they were (a test calls it in its own)

@@ -19,6 +19,8 @@ from sdanim.config.settings import RenderSettings
 from sdanim.render import motion as motion_render
 from sdanim.tasks import walks
 
+pytestmark = pytest.mark.once  # end to end, no tolerance: once per CI, not on every CPU path
+
 SETTINGS = RenderSettings(height=64, width=64, num_steps=2, guidance_scale=2.0, batch_size=3, scheduler="ddim")
 PROMPTS = ["a red barn", "a snowy forest", "a city at night"]
 
@@ -37,23 +39,35 @@ def _morph(model, out, **kwargs):
     return walks.morph(PROMPTS, out=str(out), **args)
 
 
-def test_a_motion_morph_renders_records_and_resumes(model, tmp_path, monkeypatch):
-    first = _morph(model, tmp_path / "clip.gif")
+@pytest.fixture(scope="module")
+def clip(model, tmp_path_factory):
+    """The default motion morph (10 frames, windows of 6 every 2), rendered once for the
+    module's tests (they read its frames; the first one also resumes it)."""
+    return _morph(model, tmp_path_factory.mktemp("clip") / "clip.gif")
+
+
+@pytest.fixture(scope="module")
+def plain(model, tmp_path_factory):
+    """The same morph without motion modules."""
+    return walks.morph(PROMPTS, out=str(tmp_path_factory.mktemp("plain") / "plain.gif"), frames=10, seed=5,
+                       settings=SETTINGS, model=model, progress=False)
+
+
+def test_a_motion_morph_renders_records_and_resumes(model, clip, plain, monkeypatch):
+    first = clip
     assert first.rendered == 10 and first.frames.shape == (10, 64, 64, 3)
     record = read_manifest(first.frames_dir)["motion"]
     assert record == {"file": "random", "sha256": None, "context": 6, "stride": 2, "weighting": "pyramid",
                       "norm": "frame", "blend": "unet", "betas": "linear"}
     assert os.path.isfile(os.path.join(first.frames_dir, motion_render.STATE_FILE))
-    plain = walks.morph(PROMPTS, out=str(tmp_path / "plain.gif"), frames=10, seed=5, settings=SETTINGS, model=model,
-                        progress=False)
     assert np.abs(first.frames.astype(int) - plain.frames.astype(int)).max() > 10  # the modules act
 
-    again = _morph(model, tmp_path / "clip.gif")
+    again = _morph(model, first.out)
     assert again.rendered == 0 and np.array_equal(again.frames, first.frames)
     # A lost frame: decoded again from the saved clip, no window sampled.
     os.remove(os.path.join(first.frames_dir, "frame_00004.png"))
     monkeypatch.setattr(motion_render, "sample_clip", _sample_from_state_only)
-    healed = _morph(model, tmp_path / "clip.gif")
+    healed = _morph(model, first.out)
     assert healed.rendered == 1 and np.array_equal(healed.frames, first.frames)
 
 
@@ -63,7 +77,7 @@ def _sample_from_state_only(eps_fn, clip, scheduler, state_path=None, **kwargs):
     return state.latents
 
 
-def test_frames_are_coupled_only_with_motion_modules(model, tmp_path):
+def test_frames_are_coupled_only_with_motion_modules(model, plain, tmp_path):
     """Only the last keyframe's prompt changes: with motion modules the first frame changes
     too (it is denoised together with the frames that prompt reaches: one window of 16),
     without them it does not (frames are independent)."""
@@ -73,18 +87,17 @@ def test_frames_are_coupled_only_with_motion_modules(model, tmp_path):
     b = walks.morph(other, out=str(tmp_path / "b.gif"), frames=10, seed=5, settings=SETTINGS, model=model,
                     progress=False, motion=motion).frames
     assert np.abs(a[0].astype(int) - b[0].astype(int)).max() > 0
-    plain = [walks.morph(p, out=str(tmp_path / f"plain{i}.gif"), frames=10, seed=5, settings=SETTINGS, model=model,
-                         progress=False).frames for i, p in enumerate((PROMPTS, other))]
-    assert np.array_equal(plain[0][0], plain[1][0]) and not np.array_equal(plain[0][-1], plain[1][-1])
+    changed = walks.morph(other, out=str(tmp_path / "plain_other.gif"), frames=10, seed=5, settings=SETTINGS,
+                          model=model, progress=False).frames
+    assert np.array_equal(plain.frames[0], changed[0]) and not np.array_equal(plain.frames[-1], changed[-1])
 
 
-def test_the_two_blends_differ_and_agree_on_one_window(model, tmp_path):
+def test_the_two_blends_differ_and_agree_on_one_window(model, clip, tmp_path):
     """Windows blended in the UNet's predictions or in the motion modules' attention: two
     ways to sample a long clip, so their frames differ; a clip of one window is the same
     either way (one UNet call on every frame)."""
-    long = {blend: _morph(model, tmp_path / f"long_{blend}.gif", motion=MotionSpec("random", context=6, stride=2,
-                                                                                     blend=blend)).frames
-            for blend in ("unet", "attention")}
+    long = {"unet": clip.frames, "attention": _morph(model, tmp_path / "long_attention.gif", motion=MotionSpec(
+        "random", context=6, stride=2, blend="attention")).frames}
     assert np.abs(long["unet"].astype(int) - long["attention"].astype(int)).max() > 2
     short = {blend: _morph(model, tmp_path / f"short_{blend}.gif", frames=6,
                            motion=MotionSpec("random", context=6, stride=2, blend=blend)).frames
@@ -92,7 +105,7 @@ def test_the_two_blends_differ_and_agree_on_one_window(model, tmp_path):
     assert np.array_equal(short["unet"], short["attention"])
 
 
-def test_a_controlnet_holds_the_structure_of_a_motion_clip(model, tmp_path):
+def test_a_controlnet_holds_the_structure_of_a_motion_clip(model, clip, tmp_path):
     """A ControlNet (random weights, every parameter drawn) with motion modules: its record
     beside the motion record, its residuals acting on every window (the frames change), and
     scale 0 giving the clip without a net bit for bit."""
@@ -103,7 +116,7 @@ def test_a_controlnet_holds_the_structure_of_a_motion_clip(model, tmp_path):
     picture = tmp_path / "edges.png"
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(picture)
     motion = MotionSpec("random", context=6, stride=2)
-    plain = _morph(model, tmp_path / "plain.gif", motion=motion)
+    plain = clip  # the same clip without a net
     controlled = _morph(model, tmp_path / "net.gif", motion=motion,
                         controlnets=[ControlNetSpec("random", image=str(picture), scale=1.0)])
     manifest = read_manifest(controlled.frames_dir)

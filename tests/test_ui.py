@@ -13,6 +13,8 @@ from PIL import Image
 
 from conftest import free_port, missing, require
 
+pytestmark = pytest.mark.once  # end to end, no tolerance: once per CI, not on every CPU path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEYFRAMES = "a red cube [seed=1 frames=4]\na blue sphere"
 # render's inputs, in the Animate tab's order

@@ -16,6 +16,8 @@ from conftest import free_port, require
 
 from test_ui import ARGS  # the Animate tab's inputs, in order
 
+pytestmark = pytest.mark.once  # end to end, no tolerance: once per CI, not on every CPU path
+
 LIMITS = dict(max_frames=6, max_size=64, max_steps=3, max_images=2, max_batch=2)
 PLAIN = dict(ARGS, kf="a red cube\na blue sphere")  # every transition takes the frames field
 
