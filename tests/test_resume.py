@@ -26,6 +26,16 @@ def _frames(folder):
             for name in sorted(os.listdir(folder)) if name.startswith("frame_")}
 
 
+def _kill_at(proc, marker, never: str) -> None:
+    """SIGKILLs `proc` once it touches `marker` (where morph_tiny.py holds)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), never
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
 def test_killed_render_resumes_to_the_same_frames(tmp_path, capsys):
     # A run killed while frame 4 (first of the third batch) is being written, in a process
     # of its own; the reference, one uninterrupted run, in this process meanwhile.
@@ -34,13 +44,7 @@ def test_killed_render_resumes_to_the_same_frames(tmp_path, capsys):
     reference = _frames(tmp_path / "ref_frames")
     assert len(reference) == 9
     folder = tmp_path / "cut_frames"
-    marker = tmp_path / "cut.gif.writing"
-    deadline = time.time() + 240
-    while time.time() < deadline and not marker.exists() and proc.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists(), "the run never reached frame 4's write"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    _kill_at(proc, tmp_path / "cut.gif.writing", "the run never reached frame 4's write")
     kept = _frames(folder)
     assert sorted(kept) == [f"frame_{i:05d}.png" for i in range(4)]  # two whole batches
     assert not (tmp_path / "cut.gif").exists()  # no export of a half-done run
@@ -71,13 +75,7 @@ def test_a_motion_clip_killed_mid_step_resumes_to_the_same_frames(tmp_path, caps
     morph_tiny.main(str(tmp_path / "ref.gif"), "motion")
     reference = _frames(tmp_path / "ref_frames")
     assert len(reference) == 7
-    marker = tmp_path / "cut.gif.writing"
-    deadline = time.time() + 240
-    while time.time() < deadline and not marker.exists() and proc.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists(), "the run never saved its state mid-step"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    _kill_at(proc, tmp_path / "cut.gif.writing", "the run never saved its state mid-step")
     folder = tmp_path / "cut_frames"
     assert _frames(folder) == {} and os.path.isfile(folder / "motion_state.npz")
 

@@ -101,6 +101,15 @@ def sampling_inputs(context: AppContext):
     return size, sampler, steps, guidance, batch
 
 
+def _offered_or_typed(context: AppContext, offer: dict, offered_label: str, typed_label: str):
+    """A file widget: the operator's offer by name in a network app, a typed path locally."""
+    import gradio as gr
+
+    if context.holder.access.network:
+        return gr.Dropdown(["none", *offer], value="none", label=offered_label)
+    return gr.Textbox("", label=typed_label)
+
+
 def control_inputs(context: AppContext):
     """The ControlNet section (Animate and Generate): the net (typed in a local app,
     chosen from the operator's offer in a network app), the image or video it follows,
@@ -110,12 +119,9 @@ def control_inputs(context: AppContext):
 
     with gr.Accordion("ControlNet: structure that holds while the prompt travels", open=False):
         with gr.Row():
-            if context.holder.access.network:
-                net = gr.Dropdown(["none", *context.holder.access.controlnets], value="none",
-                                  label="ControlNet (offered by this app)")
-            else:
-                net = gr.Textbox("", label="ControlNet weights: a diffusers folder or a ControlNet-v1-1 .pth/.safetensors "
-                                           "(empty: none)")
+            net = _offered_or_typed(context, context.holder.access.controlnets, "ControlNet (offered by this app)",
+                                    "ControlNet weights: a diffusers folder or a ControlNet-v1-1 .pth/.safetensors "
+                                    "(empty: none)")
             picture = gr.File(label="Control image or video (one image for every frame, a video: one per frame)",
                               file_types=["image", "video"], type="filepath")
             hint = gr.Image(label="Hint (what the net follows)", type="numpy", interactive=False, format="png")
@@ -147,12 +153,10 @@ def motion_inputs(context: AppContext):
 
     with gr.Accordion("Motion modules (AnimateDiff, SD 1.x): frames denoised together, so they move", open=False):
         with gr.Row():
-            if context.holder.access.network:
-                module = gr.Dropdown(["none", *context.holder.access.motion_modules], value="none",
-                                     label="Motion modules (offered by this app)")
-            else:
-                module = gr.Textbox("", label="Motion modules: mm_sd_v15*.ckpt/.safetensors, AnimateLCM's, a diffusers "
-                                              "MotionAdapter folder, or random (empty: none)")
+            module = _offered_or_typed(context, context.holder.access.motion_modules,
+                                       "Motion modules (offered by this app)",
+                                       "Motion modules: mm_sd_v15*.ckpt/.safetensors, AnimateLCM's, a diffusers "
+                                       "MotionAdapter folder, or random (empty: none)")
             window = gr.Number(value=16, precision=0, label="Context (frames per window)")
             stride = gr.Number(value=4, precision=0, label="Context stride")
             blend = gr.Dropdown(list(BLENDS), value="unet", label="Blend windows in",

@@ -57,27 +57,23 @@ class Access:
     controlnets: dict = dataclasses.field(default_factory=dict)
     motion_modules: dict = dataclasses.field(default_factory=dict)
 
-    def motion_module(self, chosen: str) -> str:
-        """The motion modules a request names: in network mode ones the operator offered,
-        by name (nothing typed is opened); locally the path typed (or "random")."""
+    def _offered(self, chosen: str, offer: dict, what: str, parameter: str) -> str:
+        """What a request names: in network mode a file the operator offered, by name
+        (nothing typed is opened); locally the path typed."""
         chosen = str(chosen or "").strip()
         if not self.network:
             return chosen
-        check(chosen in self.motion_modules,
-              f"choose motion modules from the list this app offers ({', '.join(self.motion_modules) or 'none'}). "
-              f"Received: motion_module={chosen!r}")
-        return self.motion_modules[chosen]
+        check(chosen in offer, f"choose {what} from the list this app offers ({', '.join(offer) or 'none'}). "
+                               f"Received: {parameter}={chosen!r}")
+        return offer[chosen]
+
+    def motion_module(self, chosen: str) -> str:
+        """The motion modules a request names (locally a path, or "random")."""
+        return self._offered(chosen, self.motion_modules, "motion modules", "motion_module")
 
     def controlnet(self, chosen: str) -> str:
-        """The ControlNet weights a request names: in network mode one the operator
-        offered, by name (nothing typed is opened); locally the path typed."""
-        chosen = str(chosen or "").strip()
-        if not self.network:
-            return chosen
-        check(chosen in self.controlnets,
-              f"choose a ControlNet from the list this app offers ({', '.join(self.controlnets) or 'none'}). "
-              f"Received: controlnet={chosen!r}")
-        return self.controlnets[chosen]
+        """The ControlNet weights a request names."""
+        return self._offered(chosen, self.controlnets, "a ControlNet", "controlnet")
 
 
 def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, controlnets=(),
