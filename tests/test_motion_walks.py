@@ -151,6 +151,10 @@ def test_what_does_not_combine_is_refused_before_any_model(tmp_path):
     with pytest.raises(SdanimError, match=r"^context_stride must be a whole number of frames in \[1, context=4\]\. "
                                           r"Received: context_stride=5$"):
         MotionSpec("random", context=4, stride=5)
+    with pytest.raises(SdanimError, match=r"^context_blend must be one of unet, attention\. Received: context_blend='frames'$"):
+        MotionSpec("random", blend="frames")
+    with pytest.raises(SdanimError, match=r"^betas must be one of scaled_linear, linear\. Received: betas='cosine'$"):
+        MotionSpec("random", betas="cosine")
 
 
 def test_an_sd2_model_is_refused_before_anything_runs(tmp_path):
