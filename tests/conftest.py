@@ -51,6 +51,17 @@ try:
 except ImportError:
     pass
 
+# pytest-xdist's workers (-n N) share the machine's cores: each computes with its share
+# (TensorFlow's and torch's thread pools, and every process a test starts, inherit it),
+# instead of every process running a pool as wide as the machine. Oversubscribed pools
+# made the two-worker suite's tests 2-3x slower than alone (the ControlNet pipeline
+# test: 137 s beside the heavy tests, 41 s alone, on 2 cores).
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    _SHARE = str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+    for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, _SHARE)
+
 # The CPU path this run computes on, made explicit before anything imports TensorFlow:
 # TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS) and bfloat16 for precision "auto"
 # (SDANIM_CPU_BF16), each as the machine would have it unless the run sets it. Without

@@ -97,6 +97,26 @@ def poisoned(index: int):
     return tiny_model()
 
 
+def tiny_sd_motion_units(folder: str):
+    """A tiny SD 1.x model whose worker notes each unit of a motion render it computes
+    (a file "pid_step_window" in `folder`); the first worker to reach window 1 of step 1
+    dies there (os._exit), once."""
+    from sdanim.render.motion import MotionRun
+
+    real = MotionRun.window_eps
+
+    def window_eps(self, i, t, w, latents):
+        marker = os.path.join(folder, "died")
+        if (i, w) == (1, 1) and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        open(os.path.join(folder, f"{os.getpid()}_{i}_{w}"), "w").close()
+        return real(self, i, t, w, latents)
+
+    MotionRun.window_eps = window_eps
+    return tiny_sd_model()
+
+
 def slow_early_frames():
     """Lower frame indices take longer, so batches finish out of order (batch [0, 1]
     last of the first four)."""
@@ -255,6 +275,29 @@ def test_attention_interpolation_on_workers_gives_the_frames_of_one_process(ray_
     # pixels by float rounding (3 of 110592 by 1 level, measured); with oneDNN on they match.
     gap = np.abs(there.frames.astype(int) - here.frames.astype(int))
     assert gap.max() <= 1 and (gap > 0).mean() < 1e-3, (gap.max(), (gap > 0).mean())
+
+
+@pytest.mark.once  # the sharing, not the kernels' rounding: once per CI
+def test_a_motion_walk_on_workers_shares_out_each_steps_windows(ray_local, tmp_path):
+    """Motion modules on workers: every window of every step computed once, the first
+    step's on both workers (one dies in the last step and its window is computed again
+    on the other), and the frames those of one process."""
+    from tiny import make_tiny_sd_model
+
+    units = tmp_path / "units"
+    units.mkdir()
+    kw = dict(frames=8, seed=5, settings=S, progress=False, motion=sdanim.MotionSpec("random", context=4, stride=2))
+    here = sdanim.morph(PROMPTS, out=str(tmp_path / "here.gif"), model=make_tiny_sd_model(context_dim=768), **kw)
+    there = sdanim.morph(PROMPTS, out=str(tmp_path / "there.gif"), model=functools.partial(tiny_sd_motion_units, str(units)),
+                         workers=sdanim.Workers(count=2, cpus_per_worker=1), **kw)
+    done = [name.split("_") for name in os.listdir(units) if name != "died"]
+    assert sorted((int(i), int(w)) for _, i, w in done) == [(i, w) for i in range(2) for w in range(3)]
+    assert len({pid for pid, i, _ in done if i == "0"}) == 2 and (units / "died").exists()
+    assert there.rendered == 8 and sorted(os.listdir(there.frames_dir))[:8] == [f"frame_{i:05d}.png" for i in range(8)]
+    # One thread per worker, two here: float rounding may move a pixel by a level (as for AID).
+    gap = np.abs(there.frames.astype(int) - here.frames.astype(int))
+    assert gap.max() <= 1 and (gap > 0).mean() < 1e-3, (gap.max(), (gap > 0).mean())
+    assert np.abs(here.frames.astype(int) - here.frames[:1].astype(int)).max() > 10  # frames that move
 
 
 def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):

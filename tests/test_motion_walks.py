@@ -141,7 +141,6 @@ def test_what_does_not_combine_is_refused_before_any_model(tmp_path):
         raise AssertionError("the model was built")
 
     cases = [
-        (dict(workers=1), r"^motion modules render in one process: .* Received: workers=1$"),
         (dict(attention_interp="fused"), r"^attention interpolation adds helper rows .* Received: attention_interp='fused'$"),
         (dict(spacing="uniform"), r"^uniform spacing previews frames one by one, .* Received: spacing='uniform'$"),
     ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional, Protocol, runtime_checkable
 
 from sdanim.render.jobs import Job, frame_metadata, model_record
+from sdanim.render.motion import render_motion
 from sdanim.render.sampling import render_frames
 from sdanim.render.store import FrameStore
 
@@ -23,6 +24,12 @@ class FrameSource(Protocol):
         """Renders frames `indices` of `job` in the batches an uninterrupted run makes;
         with a store, each frame is written to it (with `frame_metadata`) as soon as it
         exists. Returns {index: image} of the frames it returns to the caller."""
+
+    def render_motion(self, job: Job, spec, store: FrameStore, progress: bool = True,
+                      on_batch: Optional[Callable] = None) -> dict:
+        """Renders a walk's frames with motion modules (`sdanim.MotionSpec`: frames denoised
+        together in windows) into `store`; resumes from the clip's saved state. Returns
+        {index: image} of the frames written now."""
 
     def close(self) -> None: ...
 
@@ -60,6 +67,11 @@ class LocalFrames:
                 on_batch(batch, images)
 
         return render_frames(renderer, plan, indices, job.settings.batch_size, on_batch=save, progress=progress)
+
+    def render_motion(self, job: Job, spec, store: FrameStore, progress: bool = True,
+                      on_batch: Optional[Callable] = None) -> dict:
+        plan, renderer = self.prepare(job)
+        return render_motion(self.model, job, spec, store, plan, renderer, progress, on_batch)
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""

@@ -35,9 +35,8 @@ from sdanim.formats.motion_files import inspect_motion_module
 from sdanim.model.compiled import compiled
 from sdanim.model.motion import motion_modules_for, motion_unet
 from sdanim.render.jobs import FrameJob, frame_metadata, model_record
-from sdanim.render.run import STATE_FILE
 from sdanim.render.sampling import control_residuals
-from sdanim.render.store import FrameStore
+from sdanim.render.store import STATE_FILE, FrameStore
 
 STATE_VERSION = 1
 
@@ -130,8 +129,10 @@ class ClipState:
         return state
 
 
-def _guided(eps_fn: Callable, clip: Clip, latents: np.ndarray, i: int, t: float, window: np.ndarray) -> np.ndarray:
-    """The window's noise prediction at step i, with classifier-free guidance."""
+def window_eps(eps_fn: Callable, clip: Clip, i: int, t: float, w: int, latents: np.ndarray) -> np.ndarray:
+    """A unit of work: window `w`'s noise prediction at step i (timestep t) from its frames'
+    scaled latents, with classifier-free guidance."""
+    window = clip.windows[w]
     n = len(window)
     t_emb = timestep_embedding(t).astype(np.float32)
     if clip.guidance == 1.0:  # the conditional rows alone (as the renderer: any other scale guides)
@@ -143,8 +144,9 @@ def _guided(eps_fn: Callable, clip: Clip, latents: np.ndarray, i: int, t: float,
     return unconditional + clip.guidance * (conditional - unconditional)
 
 
-def sample_clip(eps_fn: Callable, clip: Clip, scheduler: Scheduler, state_path: Optional[str] = None,
-                save_every: float = 30.0, on_unit: Optional[Callable] = None) -> np.ndarray:
+def sample_clip(eps_fn: Optional[Callable], clip: Clip, scheduler: Scheduler, state_path: Optional[str] = None,
+                save_every: float = 30.0, on_unit: Optional[Callable] = None,
+                step_windows: Optional[Callable] = None) -> np.ndarray:
     """The clip's final latents (F, h, w, 4).
 
     eps_fn: (latents (2n or n, h, w, 4), t_emb, contexts, window=, step=) -> eps, the
@@ -155,6 +157,11 @@ def sample_clip(eps_fn: Callable, clip: Clip, scheduler: Scheduler, state_path: 
         `save_every` seconds have passed since the last save) and resumed from.
     on_unit: callable (step, window) after each unit (progress; an exception it raises
         stops the run, and the state saved last resumes it).
+    step_windows: callable (step, t, window numbers, the step's scaled latents) -> each
+        of those windows' guided predictions (`window_eps`), in order: where a step's
+        windows are computed elsewhere and at once (Ray workers). None: here, one after
+        another, with `eps_fn`. The sums are added in window order either way, so the
+        frames do not depend on where the windows ran.
     """
     frames = len(clip.noise)
     weights = window_weights(clip.window_length, clip.weighting)
@@ -168,14 +175,16 @@ def sample_clip(eps_fn: Callable, clip: Clip, scheduler: Scheduler, state_path: 
     if scheduler.needs_noise:  # each frame's per-step noise, from the clip's seed and the frame
         seeds = [int(np.random.SeedSequence([clip.seed, f]).generate_state(1, np.uint64)[0] >> 1) for f in range(frames)]
         noises = np.stack([step_noise(s, scheduler.num_steps, clip.noise.shape[1:]) for s in seeds], axis=1)
+    if step_windows is None:
+        def step_windows(i, t, numbers, scaled):
+            return (window_eps(eps_fn, clip, i, t, w, scaled[clip.windows[w]]) for w in numbers)  # lazily, in turn
     while state.step < scheduler.num_steps:
         i = state.step
         scaled = state.latents * scheduler.input_scale(i)
-        while state.window < len(clip.windows):
-            window = clip.windows[state.window]
-            eps = _guided(eps_fn, clip, scaled[window], i, float(scheduler.timesteps[i]), window)
-            np.add.at(state.sums, window, weights[:, None, None, None] * np.asarray(eps, np.float32))
-            state.window += 1
+        numbers = range(state.window, len(clip.windows))
+        for w, eps in zip(numbers, step_windows(i, float(scheduler.timesteps[i]), numbers, scaled)):
+            np.add.at(state.sums, clip.windows[w], weights[:, None, None, None] * np.asarray(eps, np.float32))
+            state.window = w + 1
             if state_path and time.monotonic() - saved >= save_every:
                 state.save(state_path, clip.key)
                 saved = time.monotonic()
@@ -287,39 +296,59 @@ def _eps_fn(unet, renderer, plan, jit_compile: bool) -> Callable:
     return eps
 
 
-def _unit_done(bar, on_batch) -> None:
-    bar.update(1)
-    if on_batch is not None:
-        on_batch([], [])
+class MotionRun:
+    """A walk's clip prepared on a model: the frame plan, the clip (`clip_for`), the motion
+    UNet with the renderer's ControlNets, and what a unit of work computes with them.
+
+    Args:
+        model: the SD 1.x model.
+        job: the walk's `FrameJob`.
+        spec: `MotionSpec`.
+        plan, renderer: the job's, where the caller has them (else made here).
+    """
+
+    def __init__(self, model, job: FrameJob, spec: MotionSpec, plan=None, renderer=None):
+        self.renderer = job.renderer(model) if renderer is None else renderer
+        self.plan = job.plan(model) if plan is None else plan
+        self.clip = clip_for(model, job, spec, self.renderer, self.plan)
+        unet = motion_unet(model.diffusion_model, motion_modules_for(model, spec), self.clip.window_length,
+                           self.clip.attention_windows, self.clip.attention_weights)
+        self.eps_fn = _eps_fn(unet, self.renderer, self.plan, bool(getattr(model, "jit_compile", False)))
+
+    def window_eps(self, i: int, t: float, w: int, latents: np.ndarray) -> np.ndarray:
+        """Window `w`'s guided prediction at step i (see `window_eps`)."""
+        return window_eps(self.eps_fn, self.clip, i, t, w, latents)
 
 
-def render_motion(model, job: FrameJob, spec: MotionSpec, store: FrameStore, renderer, progress: bool = True,
-                  on_batch: Optional[Callable] = None) -> dict:
-    """Renders a walk's frames with motion modules into `store`: {index: image} of the
-    frames written now. The clip is sampled (or resumed from the state the folder keeps),
-    then the frames not on disk are decoded in batches of the settings' batch size.
-    `on_batch(indices, images)` is called after each decoded batch, and with no frames
-    after each window of each step (progress; an exception it raises stops the run, the
-    state saved last resuming it)."""
+def render_clip(clip: Clip, job: FrameJob, spec: MotionSpec, store: FrameStore, record: dict,
+                step_windows: Optional[Callable], decode: Callable, progress: bool = True,
+                on_batch: Optional[Callable] = None, eps_fn: Optional[Callable] = None) -> dict:
+    """Samples `clip` (or resumes it from the state its folder keeps) and writes the frames
+    not on disk: {index: image} of the frames written now.
+
+    step_windows, eps_fn: where the units run (`sample_clip`).
+    decode: callable (list of index batches, the clip's latents) -> each batch's images, in
+        order.
+    on_batch(indices, images): after each decoded batch, and with no frames after each
+        window of each step (progress; an exception it raises stops the run, the state
+        saved last resuming it).
+    """
     todo = store.missing(range(len(job)))
-    if not todo:
-        return {}
-    plan = job.plan(model)
-    clip = clip_for(model, job, spec, renderer, plan)
-    unet = motion_unet(model.diffusion_model, motion_modules_for(model, spec), clip.window_length,
-                       clip.attention_windows, clip.attention_weights)
     scheduler = make_scheduler(job.settings.scheduler, job.settings.num_steps, spec.betas)
-    eps_fn = _eps_fn(unet, renderer, plan, bool(getattr(model, "jit_compile", False)))
+
+    def unit_done(_step, _window):
+        bar.update(1)
+        if on_batch is not None:
+            on_batch([], [])
 
     with tqdm(total=scheduler.num_steps * len(clip.windows), desc="windows x steps", unit="unit",
               disable=not progress) as bar:
         latents = sample_clip(eps_fn, clip, scheduler, state_path=os.path.join(store.folder, STATE_FILE),
-                              on_unit=lambda _step, _window: _unit_done(bar, on_batch))
-    record, images = model_record(model), {}
+                              on_unit=unit_done, step_windows=step_windows)
     size = max(1, job.settings.batch_size)
-    for start in range(0, len(todo), size):
-        batch = todo[start:start + size]
-        decoded = renderer.decode(latents[batch])
+    batches = [todo[start:start + size] for start in range(0, len(todo), size)]
+    images = {}
+    for batch, decoded in zip(batches, decode(batches, latents)):
         for index, image in zip(batch, decoded):
             store.write(index, image, frame_metadata(job, index, record))
             images[index] = image
@@ -328,4 +357,17 @@ def render_motion(model, job: FrameJob, spec: MotionSpec, store: FrameStore, ren
     return images
 
 
-__all__ = ["Clip", "ClipState", "STATE_FILE", "check_motion", "clip_for", "motion_record", "render_motion", "sample_clip"]
+def render_motion(model, job: FrameJob, spec: MotionSpec, store: FrameStore, plan=None, renderer=None,
+                  progress: bool = True, on_batch: Optional[Callable] = None) -> dict:
+    """Renders a walk's frames with motion modules into `store`, in this process:
+    `render_clip` with the units and the decoding here."""
+    if not store.missing(range(len(job))):
+        return {}
+    run = MotionRun(model, job, spec, plan, renderer)
+    decode = lambda batches, latents: (run.renderer.decode(latents[batch]) for batch in batches)  # noqa: E731
+    return render_clip(run.clip, job, spec, store, model_record(model), None, decode, progress, on_batch,
+                       eps_fn=run.eps_fn)
+
+
+__all__ = ["Clip", "ClipState", "MotionRun", "STATE_FILE", "check_motion", "clip_for", "motion_record", "render_clip",
+           "render_motion", "sample_clip", "window_eps"]

@@ -14,6 +14,12 @@ Why Ray Core actors and not Ray Data or `ray.util.ActorPool`: Data's actor pools
 hang when the actors take every CPU (ray-project/ray#44687) and bring pyarrow;
 ActorPool is a DeveloperAPI. The scheduling here is a dozen lines around `ray.wait`.
 
+With motion modules (frames denoised together) the unit is a window at a step: the
+driver holds the clip's latents and state, sends the step's windows to the workers at
+once, and adds what comes back in window order (`RayFrames.render_motion`); the frames
+are then decoded on the workers. A step's windows run in parallel, its steps one after
+another; windows blended inside the motion modules' attention are one unit, on one worker.
+
 Frames land on shared storage when the workers can see the frames folder (the driver
 writes a probe file there and each worker looks for it: one machine, NFS); otherwise
 the workers send the images back and the driver writes them. Only the driver writes
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import importlib.util
 import math
@@ -43,6 +50,7 @@ from sdanim.model.device import KEEP_WEIGHTS, choose_onednn, limit_threads, oned
 from sdanim.model.spec import ModelSpec
 from sdanim.render.jobs import Job, frame_metadata
 from sdanim.render.local import LocalFrames
+from sdanim.render.motion import Clip, MotionRun, render_clip
 from sdanim.render.sampling import batches
 from sdanim.render.store import FrameStore
 
@@ -241,9 +249,32 @@ class FrameWorker:
         else:
             model = model()
         self.frames = LocalFrames(model)
+        self._motion_run: Optional[tuple] = None  # (job and spec, MotionRun)
 
     def describe(self) -> dict:
         return self.frames.describe()
+
+    def _motion(self, job: Job, spec) -> MotionRun:
+        """The job's clip prepared on this worker's model (kept for the job's next units)."""
+        key = (job.key, repr(spec))
+        if self._motion_run is None or self._motion_run[0] != key:
+            self._motion_run = None  # the last clip's motion UNet goes before the next is built
+            plan, renderer = self.frames.prepare(job)
+            self._motion_run = (key, MotionRun(self.frames.model, job, spec, plan, renderer))
+        return self._motion_run[1]
+
+    def motion_clip(self, job: Job, spec) -> Clip:
+        """The walk's clip (contexts, noise, windows), as every worker computes it."""
+        return self._motion(job, spec).clip
+
+    def window_eps(self, job: Job, spec, i: int, t: float, w: int, latents):
+        """A unit of work: window `w`'s guided prediction at step i from its frames' scaled
+        latents."""
+        return self._motion(job, spec).window_eps(i, t, w, latents)
+
+    def decode(self, job: Job, latents):
+        """The frames of a clip's latents."""
+        return self.frames.prepare(job)[1].decode(latents)
 
     def render(self, job: Job, indices: list, folder: Optional[str] = None, probe: Optional[str] = None):
         """Renders `indices`. Where `folder/probe` is visible (shared storage) the frames
@@ -402,6 +433,34 @@ class RayFrames:
             raise FailedFrames(failed, self.workers.max_attempts, folder)
         return out
 
+    def render_motion(self, job: Job, spec, store: FrameStore, progress: bool = True,
+                      on_batch=None) -> dict:
+        """A walk's frames with motion modules on the workers. The driver keeps the clip's
+        state (saved and resumed as in one process); at every step it sends each window's
+        frames' latents to a live worker (round robin) and adds the predictions that come
+        back to the step's sums in window order, so the frames do not depend on the number
+        of workers. Then the workers decode the frames in batches and the driver writes
+        them. A unit that fails is tried on the next live worker, up to `max_attempts`
+        times; a worker that died takes work again once Ray has restarted it."""
+        import ray
+
+        if not store.missing(range(len(job))):
+            return {}
+        units = _Units(self, store.folder)
+        job_ref = ray.put(job)
+        clip = next(units.run([functools.partial(_clip_call, job_ref, spec)], ["preparing the clip"]))
+
+        def step_windows(i, t, numbers, scaled):
+            calls = [functools.partial(_window_call, job_ref, spec, i, t, w, scaled[clip.windows[w]]) for w in numbers]
+            return units.run(calls, [f"window {w} of step {i}" for w in numbers])
+
+        def decode(batches, latents):
+            calls = [functools.partial(_decode_call, job_ref, latents[batch]) for batch in batches]
+            return units.run(calls, [f"decoding frames {batch[0]}-{batch[-1]}" for batch in batches])
+
+        return render_clip(clip, job, spec, store, getattr(self, "_record", {}), step_windows, decode, progress,
+                           on_batch)
+
     def close(self) -> None:
         """Stops the workers (freeing their models) and the Ray instance this started."""
         import ray
@@ -420,6 +479,80 @@ class RayFrames:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Units:
+    """Calls on a `RayFrames`' workers whose results are wanted in order (a motion render's
+    units): all handed out at once, round robin over the live workers; a failed call tried
+    again on the next live worker, one line naming it after `max_attempts` failures."""
+
+    def __init__(self, frames: RayFrames, folder: str):
+        self.frames = frames
+        self.folder = folder
+        self.revivals: dict = {}  # ObjectRef -> worker that died: a call that returns once Ray restarted it
+
+    def _live(self) -> list:
+        """The workers taking work (waiting for a restart where none is)."""
+        import ray
+
+        frames = self.frames
+        while True:
+            if self.revivals:
+                ready, _ = ray.wait(list(self.revivals), num_returns=len(self.revivals), timeout=0)
+                for ref in ready:
+                    w = self.revivals.pop(ref)
+                    try:
+                        ray.get(ref)
+                        frames._alive[w] = True  # restarted
+                    except ray.exceptions.RayError:
+                        pass  # out of restarts
+            live = [w for w, alive in enumerate(frames._alive) if alive]
+            if live or not self.revivals:
+                return live
+            ray.wait(list(self.revivals), num_returns=1)
+
+    def _submit(self, call, k: int):
+        live = self._live()
+        if not live:
+            raise SdanimError(f"no Ray worker is left; the clip's sampling state is saved in {self.folder}: run the "
+                              f"same command again to resume. Received: workers={len(self.frames.actors)}")
+        w = live[k % len(live)]
+        return call(self.frames.actors[w]), w
+
+    def run(self, calls: list, names: list):
+        """Each call's result, in order (a generator: the calls are all made first)."""
+        import ray
+
+        attempts = self.frames.workers.max_attempts
+        pending = [self._submit(call, k) for k, call in enumerate(calls)]
+        for k, (call, name, (ref, w)) in enumerate(zip(calls, names, pending)):
+            for attempt in range(attempts):
+                try:
+                    result = ray.get(ref)
+                    break
+                except ray.exceptions.RayError as error:
+                    if isinstance(error, ray.exceptions.RayActorError) and self.frames._alive[w]:
+                        self.frames._alive[w] = False  # died: no more work until Ray restarted it
+                        self.revivals[self.frames.actors[w].describe.remote()] = w
+                    if attempt + 1 == attempts:
+                        raise SdanimError(
+                            f"{name} failed on every attempt ({attempts}) ({_one_line(error)}); the clip's sampling "
+                            f"state is saved in {self.folder}: run the same command again to resume. "
+                            f"Received: max_attempts={attempts}") from None
+                    ref, w = self._submit(call, k + attempt + 1)
+            yield result
+
+
+def _clip_call(job_ref, spec, actor):
+    return actor.motion_clip.remote(job_ref, spec)
+
+
+def _window_call(job_ref, spec, i, t, w, latents, actor):
+    return actor.window_eps.remote(job_ref, spec, i, t, w, latents)
+
+
+def _decode_call(job_ref, latents, actor):
+    return actor.decode.remote(job_ref, latents)
 
 
 def _remove(path: str) -> None:

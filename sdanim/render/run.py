@@ -22,12 +22,10 @@ from sdanim.model.taesd import PINNED, check_taesd
 from sdanim.render.local import LocalFrames
 from sdanim.render.post import POST_FOLDERS
 from sdanim.render.ray import RayFrames, Workers
-from sdanim.render.store import FrameStore, ensure_folder, manifest_differences
+from sdanim.render.store import STATE_FILE, FrameStore, ensure_folder, manifest_differences
 
 # Manifest keys that must match for frames on disk to be reused.
 RUN_KEYS = ("walk", "timing", "negative_prompt", "render", "model", "controlnets", "motion")
-# A motion render's sampling state (render/motion.py): the run's own file, in its frames folder.
-STATE_FILE = "motion_state.npz"
 
 
 def check_decoder(model, settings: RenderSettings) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 from sdanim.config.errors import SdanimError
 
 MANIFEST = "manifest.json"
+# A motion render's sampling state (render/motion.py): the run's own file, in its frames folder.
+STATE_FILE = "motion_state.npz"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
 def _new_file(folder: str, stem: str, ext: str) -> str:

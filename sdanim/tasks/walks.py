@@ -39,7 +39,7 @@ from sdanim.formats.images import load_image
 from sdanim.render.export import blend_double, check_output, contact_sheet, write_video
 from sdanim.render.control import control_record, prepare_controls
 from sdanim.render.jobs import FrameJob, ImageMorphJob, render_record
-from sdanim.render.motion import check_motion, motion_record, render_motion
+from sdanim.render.motion import check_motion, motion_record
 from sdanim.render.ray import check_workers_args
 from sdanim.render.run import frame_source, known_version, open_run_folder, tiny_decoder_available, versions
 from sdanim.render.plots import audio_figure, save_figure
@@ -229,8 +229,9 @@ def animate(
         motion: `sdanim.MotionSpec` or None. AnimateDiff motion modules (SD 1.x): the
             frames are denoised together in context windows, so they move coherently,
             each with its own interpolated prompt (prompt travel); a stopped run resumes
-            from the state its frames folder keeps (docs/architecture.md). Renders in
-            this process; ControlNets act on every window; not with workers, attention
+            from the state its frames folder keeps (docs/architecture.md). With workers,
+            each step's windows are shared out among them (the frames do not depend on
+            how many); ControlNets act on every window; not with attention
             interpolation or uniform spacing (each refused with the reason). Defaults
             to None.
 
@@ -250,7 +251,7 @@ def animate(
         check_plan_limits(limits, settings, export, count, walk.loop)
     post = check_post(export, settings.batch_size)
     if motion is not None:
-        _check_motion(motion, walk, workers, timing)
+        _check_motion(motion, walk, timing)
         check_motion(motion, count, known_version(model))
     images, scales = walk.control_stops(len(controlnets))
     controls = prepare_controls(controlnets, count, settings.height, settings.width, keyframe_images=images,
@@ -293,7 +294,7 @@ def animate(
         # 4. Batched sampling of the frames not yet on disk; each batch saved at once.
         todo = store.missing(range(len(job)))
         if motion is not None:  # frames denoised together: the clip, then its frames
-            images = render_motion(source.model, job, motion, store, job.renderer(source.model), progress, on_batch)
+            images = source.render_motion(job, motion, store, progress, on_batch)
         else:
             images = source.render(job, todo, store=store, progress=progress, on_batch=on_batch) if todo else {}
     all_frames = np.stack([images[i] if i in images else store.read(i) for i in range(len(job))])
@@ -307,11 +308,9 @@ def animate(
                        timing.analysis.tempo if timing.analysis is not None else None)
 
 
-def _check_motion(motion: MotionSpec, walk: Walk, workers, timing) -> None:
+def _check_motion(motion: MotionSpec, walk: Walk, timing) -> None:
     """What motion modules do not combine with (yet), each refused with the reason."""
     check(isinstance(motion, MotionSpec), f"motion must be a MotionSpec. Received: motion={motion!r}")
-    check(workers is None, "motion modules render in one process: the windows of a step are not sharded over Ray "
-                           f"workers yet. Received: workers={workers!r}")
     check(walk.attention == "off", "attention interpolation adds helper rows to a batch, which motion modules would "
                                    f"mix into the clip; use one or the other. Received: attention_interp={walk.attention!r}")
     check(timing.spacing != "uniform", "uniform spacing previews frames one by one, which motion modules do not "
