@@ -45,6 +45,7 @@ _EXPORTS = {
     "FailedFrames": "sdanim.render.ray",
     "SdanimError": "sdanim.config.errors",
     "hardware_report": "sdanim.model.device",
+    "doctor": "sdanim.tasks.doctor",
     "plot_images": "sdanim.frontends.notebook",
     "save_image": "sdanim.frontends.notebook",
     "show_gif": "sdanim.frontends.notebook",

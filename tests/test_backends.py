@@ -62,3 +62,21 @@ def test_backend_matches_tensorflow(tmp_path_factory, other):
         diff = np.abs(outs["tensorflow"][scheduler][0] - outs[other][scheduler][0]).max()
         assert diff <= 1, f"{other} and tensorflow frames differ by {diff} levels ({scheduler})"
         assert outs[other][scheduler][0].std() > 1
+
+
+@pytest.mark.once  # which tensors torch makes, not the CPU's rounding: once per CI
+def test_no_float64_tensor_reaches_the_torch_backend(tmp_path):
+    """Apple's MPS device crashes on any float64 tensor (keras-team/keras#23700). Every
+    tool renders on the torch backend (on this CPU) under a guard that records each float64
+    tensor torch makes (tests/backend_float64.py): there must be none."""
+    require("torch")
+    out = tmp_path / "float64.json"
+    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_float64.py"), str(tmp_path), str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    report = json.loads(out.read_text())
+    assert len(report["ran"]) >= 12, report["ran"]  # every sampler and every task ran
+    assert report["float64"] == [], "\n".join(f"{s['op']} x{s['count']} at {s['where']}" for s in report["float64"])

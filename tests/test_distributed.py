@@ -99,17 +99,12 @@ def poisoned(index: int):
 
 def tiny_sd_motion_units(folder: str):
     """A tiny SD 1.x model whose worker notes each unit of a motion render it computes
-    (a file "pid_step_window" in `folder`); the first worker to reach window 1 of step 1
-    dies there (os._exit), once."""
+    (a file "pid_step_window" in `folder`)."""
     from sdanim.render.motion import MotionRun
 
     real = MotionRun.window_eps
 
     def window_eps(self, i, t, w, latents):
-        marker = os.path.join(folder, "died")
-        if (i, w) == (1, 1) and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
         open(os.path.join(folder, f"{os.getpid()}_{i}_{w}"), "w").close()
         return real(self, i, t, w, latents)
 
@@ -279,25 +274,69 @@ def test_attention_interpolation_on_workers_gives_the_frames_of_one_process(ray_
 
 @pytest.mark.once  # the sharing, not the kernels' rounding: once per CI
 def test_a_motion_walk_on_workers_shares_out_each_steps_windows(ray_local, tmp_path):
-    """Motion modules on workers: every window of every step computed once, the first
-    step's on both workers (one dies in the last step and its window is computed again
-    on the other), and the frames those of one process."""
+    """Motion modules on workers: every window of every step computed once, each step's
+    on both workers, and the frames those of one process."""
     from tiny import make_tiny_sd_model
 
     units = tmp_path / "units"
     units.mkdir()
-    kw = dict(frames=8, seed=5, settings=S, progress=False, motion=sdanim.MotionSpec("random", context=4, stride=2))
+    kw = dict(frames=6, seed=5, settings=S, progress=False, motion=sdanim.MotionSpec("random", context=4, stride=2))
     here = sdanim.morph(PROMPTS, out=str(tmp_path / "here.gif"), model=make_tiny_sd_model(context_dim=768), **kw)
     there = sdanim.morph(PROMPTS, out=str(tmp_path / "there.gif"), model=functools.partial(tiny_sd_motion_units, str(units)),
                          workers=sdanim.Workers(count=2, cpus_per_worker=1), **kw)
-    done = [name.split("_") for name in os.listdir(units) if name != "died"]
-    assert sorted((int(i), int(w)) for _, i, w in done) == [(i, w) for i in range(2) for w in range(3)]
-    assert len({pid for pid, i, _ in done if i == "0"}) == 2 and (units / "died").exists()
-    assert there.rendered == 8 and sorted(os.listdir(there.frames_dir))[:8] == [f"frame_{i:05d}.png" for i in range(8)]
-    # One thread per worker, two here: float rounding may move a pixel by a level (as for AID).
+    done = [name.split("_") for name in os.listdir(units)]
+    assert sorted((int(i), int(w)) for _, i, w in done) == [(i, w) for i in range(2) for w in range(2)]
+    assert all(len({pid for pid, i, _ in done if i == step}) == 2 for step in ("0", "1"))
+    assert there.rendered == 6 and sorted(os.listdir(there.frames_dir))[:6] == [f"frame_{i:05d}.png" for i in range(6)]
+    # One thread per worker: float rounding may move a pixel by a level (as for AID).
     gap = np.abs(there.frames.astype(int) - here.frames.astype(int))
     assert gap.max() <= 1 and (gap > 0).mean() < 1e-3, (gap.max(), (gap > 0).mean())
     assert np.abs(here.frames.astype(int) - here.frames[:1].astype(int)).max() > 10  # frames that move
+
+
+class _Actor:
+    """A stand-in for a Ray actor handle: `window_eps.remote` returns (actor, unit) as the
+    "object ref" (`_FakeRay.get` resolves it)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.window_eps = type("Method", (), {"remote": lambda _, *a: (name, a[4])})()
+        self.describe = type("Method", (), {"remote": lambda _: (name, "describe")})()
+
+
+def test_a_failed_motion_unit_is_tried_on_the_next_live_worker(monkeypatch):
+    """The driver's units (`ray._Units`), with Ray's get and wait stood in: a worker that
+    dies is given no more units until a call says Ray restarted it, its unit goes to the
+    next live worker, the results come back in window order; a unit that fails on every
+    attempt is one line naming it and where the state is."""
+    ray = require("ray")
+    from sdanim.render import ray as sdanim_ray
+
+    calls, dead = [], {"b"}
+
+    def get(ref):
+        calls.append(ref)
+        name, unit = ref
+        if unit == "describe":
+            return {}
+        if name in dead or unit == "poison":
+            raise ray.exceptions.RayActorError() if name in dead else ray.exceptions.RayError("bad unit")
+        return f"{unit} by {name}"
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: ([], refs))  # never restarted
+    frames = type("Frames", (), {})()
+    frames.actors, frames._alive = [_Actor("a"), _Actor("b")], [True, True]
+    frames.workers = sdanim.Workers(count=2, max_attempts=2)
+    units = sdanim_ray._Units(frames, "/frames")
+    window = lambda w: functools.partial(sdanim_ray._window_call, "job", "spec", 0, 1.0, w, None)  # noqa: E731
+    out = list(units.run([window(w) for w in range(4)], [f"window {w}" for w in range(4)]))
+    assert out == ["0 by a", "1 by a", "2 by a", "3 by a"]  # 1 and 3 were b's: b died, a took them
+    assert frames._alive == [True, False] and list(units.revivals.values()) == [1]
+    with pytest.raises(SdanimError, match=r"^window 9 of step 0 failed on every attempt \(2\) \(RayError: bad unit\); "
+                                          r"the clip's sampling state is saved in /frames: run the same command again"):
+        list(units.run([functools.partial(sdanim_ray._window_call, "job", "spec", 0, 1.0, "poison", None)],
+                       ["window 9 of step 0"]))
 
 
 def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):

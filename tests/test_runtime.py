@@ -216,3 +216,23 @@ def test_weights_kept_in_kernels_follow_weight_changes(tmp_path):
     here = sdanim.generate("a red cube", num_images=2, seed=3, settings=settings, model=make_tiny_model(seed=0),
                            out_dir=None, progress=False).images
     assert np.abs(here.astype(int) - child["before"].astype(int)).max() <= 1
+
+
+def test_an_apple_silicon_mac_gets_the_torch_backend_unless_one_was_chosen(tmp_path):
+    """Keras's torch backend (MPS) on an Apple-silicon Mac with torch installed; never where
+    the user chose a backend (KERAS_BACKEND, or keras.json), on another machine, or without
+    torch."""
+    from sdanim.core.runtime import default_backend
+
+    home = str(tmp_path)
+    assert default_backend("Darwin", "arm64", {}, home, True) == "torch"
+    assert default_backend("Darwin", "arm64", {"KERAS_BACKEND": "tensorflow"}, home, True) is None
+    assert default_backend("Darwin", "arm64", {}, home, False) is None
+    assert default_backend("Darwin", "x86_64", {}, home, True) is None
+    assert default_backend("Linux", "aarch64", {}, home, True) is None
+    (tmp_path / "keras.json").write_text('{"floatx": "float32"}')  # a config without a backend
+    assert default_backend("Darwin", "arm64", {}, home, True) == "torch"
+    (tmp_path / "keras.json").write_text('{"backend": "tensorflow"}')  # what Keras writes by itself
+    assert default_backend("Darwin", "arm64", {}, home, True) == "torch"
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')  # a choice
+    assert default_backend("Darwin", "arm64", {}, home, True) is None

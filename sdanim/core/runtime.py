@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import json
 import os
+import platform
 import sys
 import tempfile
 import threading
@@ -119,9 +122,61 @@ def quiet_import(name: str):
             raise friendly from None
 
 
+def default_backend(system: str, machine: str, env: dict, keras_home: str, has_torch: bool) -> Optional[str]:
+    """The Keras backend sdanim picks where the user picked none: "torch" on an Apple-silicon
+    Mac with torch installed (Keras's torch backend runs on the GPU through MPS, the
+    maintained path; tensorflow-metal is frozen, jax-metal broken), else None (Keras's own
+    default, TensorFlow). A backend is chosen by KERAS_BACKEND, or by a "backend" other than
+    "tensorflow" in `keras_home`/keras.json: Keras writes that file with "tensorflow" by
+    itself on its first import, so "tensorflow" there says nothing (KERAS_BACKEND=tensorflow
+    keeps TensorFlow on a Mac)."""
+    if env.get("KERAS_BACKEND") or system != "Darwin" or machine != "arm64" or not has_torch:
+        return None
+    if _config_backend(keras_home) not in (None, "tensorflow"):
+        return None
+    return "torch"
+
+
+def _config_backend(keras_home: str) -> Optional[str]:
+    """The backend named in Keras's config file, or None."""
+    try:
+        with open(os.path.join(keras_home, "keras.json")) as f:
+            backend = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None  # no config (or not one Keras reads either)
+    return backend if isinstance(backend, str) and backend else None
+
+
 def import_keras():
-    """Keras (and so its backend), imported quietly once."""
+    """Keras (and so its backend), imported quietly once. On an Apple-silicon Mac with
+    torch installed and no backend chosen, the backend is torch (`default_backend`): set in
+    KERAS_BACKEND before Keras is imported, where the user's own process would read it."""
+    if "keras" not in sys.modules:
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+        backend = default_backend(platform.system(), platform.machine(), dict(os.environ), home,
+                                  importlib.util.find_spec("torch") is not None)
+        if backend is not None:
+            os.environ["KERAS_BACKEND"] = backend
+            global _BACKEND_CHOICE
+            _BACKEND_CHOICE = "sdanim's default on an Apple-silicon Mac with torch"
     return quiet_import("keras")
+
+
+# Why Keras runs the backend it does, where sdanim chose it (`import_keras`).
+_BACKEND_CHOICE: Optional[str] = None
+
+
+def backend_choice() -> str:
+    """How the Keras backend was chosen, in words (sdanim's Mac default, KERAS_BACKEND,
+    keras.json, or Keras's own default)."""
+    if _BACKEND_CHOICE is not None:
+        return _BACKEND_CHOICE
+    if os.environ.get("KERAS_BACKEND"):
+        return "KERAS_BACKEND"
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    if _config_backend(home) is not None:
+        return f"{os.path.join(home, 'keras.json')} (Keras writes it on first use)"
+    return "Keras's default"
 
 
 def import_keras_cv():

@@ -35,7 +35,7 @@ from sdanim.formats.digest import file_sha256
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.compiled import compiled
 from sdanim.model.registry import CheckedFile, PinnedFile, fetch
-from sdanim.model.torch_weights import assign
+from sdanim.model.torch_weights import assign, keras_layer_name
 
 _RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download/"
 # The release assets of xinntao/Real-ESRGAN, with the SHA-256 several independent
@@ -240,7 +240,7 @@ def make_layers(arch: Arch) -> dict:
             names[f"conv_up{k + 1}"] = conv(arch.num_feat)
         names["conv_hr"] = conv(arch.num_feat)
         names["conv_last"] = conv(3)
-    return {name: make(name) for name, make in names.items()}
+    return {name: make(keras_layer_name(name)) for name, make in names.items()}
 
 
 def build(arch: Arch, layers: dict, height: int, width: int):

@@ -39,7 +39,7 @@ from sdanim.formats.digest import file_sha256
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.compiled import compiled
 from sdanim.model.registry import CheckedFile, PinnedFile, fetch
-from sdanim.model.torch_weights import assign
+from sdanim.model.torch_weights import assign, keras_layer_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ def make_layers(version: Version) -> dict:
             names[f"block{k}.convblock.{r}.conv"] = conv(width_k, 1)
             names[f"block{k}.convblock.{r}.beta"] = lambda name: keras.layers.DepthwiseConv2D(1, use_bias=False, name=name)
         names[f"block{k}.lastconv.0"] = deconv(4 * 13)
-    return {name: make(name) for name, make in names.items()}
+    return {name: make(keras_layer_name(name)) for name, make in names.items()}
 
 
 def _conv(layer, x):

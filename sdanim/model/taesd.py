@@ -31,7 +31,7 @@ from sdanim.core.runtime import import_keras
 from sdanim.formats.digest import file_sha256
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.registry import PinnedFile, fetch
-from sdanim.model.torch_weights import assign
+from sdanim.model.torch_weights import assign, keras_layer_name, module_name
 
 # madebyollin/taesd at its "TAESD 1.3" commit (2024-11-07), the last to change these
 # files. The repository's own record of their content is their git blob id (the files
@@ -60,9 +60,9 @@ def _conv(keras, x, filters: int, name: str, stride: int = 1, bias: bool = True)
     """A 3x3 convolution padded by 1 on every side, as torch's Conv2d(padding=1).
     (Keras's "same" at stride 2 pads only the bottom and right: not the same pixels.)"""
     if stride == 2:
-        x = keras.layers.ZeroPadding2D(1, name=f"{name}.pad")(x)
+        x = keras.layers.ZeroPadding2D(1, name=keras_layer_name(f"{name}.pad"))(x)
     return keras.layers.Conv2D(filters, 3, strides=stride, padding="valid" if stride == 2 else "same",
-                               use_bias=bias, name=name)(x)
+                               use_bias=bias, name=keras_layer_name(name))(x)
 
 
 def _block(keras, x, name: str):
@@ -196,7 +196,8 @@ def check_taesd(source: Optional[str], parts=("decoder",)) -> TaesdFiles:
 def _assign(model, tensors: dict, path: str) -> None:
     """Copies the tensors into the Keras model's convolutions, named as the file's
     modules (`sdanim.model.torch_weights`); every weight accounted for."""
-    layers = {layer.name: layer for layer in model.layers if layer.weights and not layer.name.endswith(".pad")}
+    layers = {module_name(layer.name): layer for layer in model.layers
+              if layer.weights and not module_name(layer.name).endswith(".pad")}
     assign(layers, tensors, "the TAESD file (not a TAESD for SD 1.x/2.x?)", f"taesd={path!r}")
 
 

@@ -17,6 +17,20 @@ import numpy as np
 
 from sdanim.config.errors import SdanimError
 
+# A torch module's dotted name cannot name a Keras layer on Keras's torch backend: its
+# layers register their variables as torch parameters, whose names may not contain ".".
+_DOT = "-"
+
+
+def keras_layer_name(module: str) -> str:
+    """The Keras layer name of a torch module's name ("encode.cnn0" -> "encode-cnn0")."""
+    return module.replace(".", _DOT)
+
+
+def module_name(layer: str) -> str:
+    """The torch module's name of a layer named by `keras_layer_name`."""
+    return layer.replace(_DOT, ".")
+
 
 def conv_values(tensors: dict, name: str, bias: bool = True) -> tuple:
     """A torch convolution's (values in Keras's order, the keys they came from)."""
