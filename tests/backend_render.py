@@ -40,10 +40,22 @@ def render(weights_path, scheduler):
     from sdanim.config.settings import RenderSettings
     from tiny import CONTEXT_DIM, make_tiny_model, random_inputs
 
+    import keras
+
+    from sdanim.model.layers import keep_conv_kernels_in_torch_layout
+
     model = make_tiny_model()
+    if keras.backend.backend() == "torch":  # as load_model lays them out (weights assigned after: the layout stays)
+        assert keep_conv_kernels_in_torch_layout(model.diffusion_model) > 0
+        assert keep_conv_kernels_in_torch_layout(model.decoder) > 0
     data = np.load(weights_path)
     model.diffusion_model.set_weights([data[f"unet_{i}"] for i in range(len(model.diffusion_model.weights))])
     model.decoder.set_weights([data[f"dec_{i}"] for i in range(len(model.decoder.weights))])
+    if keras.backend.backend() == "torch":  # the weights were copied in: still the layout conv2d reads
+        import torch
+
+        kernels = [w.value for w in model.diffusion_model.weights if len(w.shape) == 4]
+        assert all(k.permute(3, 2, 0, 1).is_contiguous(memory_format=torch.channels_last) for k in kernels)
     contexts, noises = random_inputs(3, 64, 64)
     settings = RenderSettings(height=64, width=64, num_steps=4, batch_size=3, scheduler=scheduler)
     uncond = np.zeros((77, CONTEXT_DIM), np.float32)

@@ -200,6 +200,36 @@ def _pads_like_same(layer) -> bool:
     )
 
 
+def keep_conv_kernels_in_torch_layout(keras_model) -> int:
+    """On Keras's torch backend, lays every Conv2D kernel out in memory the way torch's
+    conv2d reads it, so that `keras.ops.conv` stops copying it on every call.
+
+    Keras's torch backend views an HWIO kernel as OIHW and makes that view channels_last
+    contiguous, a copy of every kernel at every call: half of a UNet step on a CPU
+    (docs/benchmarks.md). Stored as (O, H, W, I), the view is already channels_last and
+    nothing is copied. The variable keeps its HWIO shape and values; assigning it (weights
+    loaded, LoRAs merged: `copy_`) keeps the layout.
+
+    Returns:
+        The kernels laid out (0 on other backends).
+    """
+    keras = import_keras()
+    if keras.backend.backend() != "torch":
+        return 0
+    import torch
+
+    count = 0
+    for layer in keras_model._flatten_layers(include_self=False, recursive=True):
+        kernel = getattr(layer, "kernel", None) if isinstance(layer, keras.layers.Conv2D) else None
+        if kernel is None or len(kernel.shape) != 4:
+            continue
+        value = kernel.value
+        with torch.no_grad():
+            value.data = value.data.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+        count += 1
+    return count
+
+
 def use_fast_layers(keras_model, enabled: bool = True) -> int:
     """Swaps two of a KerasCV model's layer kinds for faster equivalents on a CPU:
     GroupNormalization with its statistics reduced in two stages (`_group_norm_call`),

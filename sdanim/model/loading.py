@@ -31,7 +31,8 @@ from sdanim.formats.lora_files import check_lora_files
 from sdanim.model.convert import bind_checkpoint, checked_checkpoint, write_keras_weights
 from sdanim.model.device import choose_onednn, detect_device, device_defaults
 from sdanim.model.layers import (
-    BUILD_LOCK, attach_attention_interp, attach_context_cache, built_in_one_trace, use_fast_layers, use_fused_attention,
+    BUILD_LOCK, attach_attention_interp, attach_context_cache, built_in_one_trace, keep_conv_kernels_in_torch_layout,
+    use_fast_layers, use_fused_attention,
 )
 from sdanim.model.registry import (
     MAX_PROMPT_LENGTH, PART_ORDER, PinnedFileError, fetch, file_name, keras_cache_dir, keras_cv_file,
@@ -334,6 +335,7 @@ def _build(source: _WeightSource, choices: _DeviceChoices, height: int, width: i
             use_fused_attention(model)
         if choices.fast_layers:
             use_fast_layers(model)
+        keep_conv_kernels_in_torch_layout(model)  # torch backend only
         if part == "diffusion_model":
             attach_context_cache(model)  # the text's keys and values once per batch
             attach_attention_interp(model)  # AID's attention interpolation, when a walk asks
