@@ -95,7 +95,7 @@ def _job(frames: int, height: int, steps: int, batch: int):
     return FrameJob(walk, RenderSettings(height=height, width=height, num_steps=steps, batch_size=batch))
 
 
-def time_render(model, job, workers, out_dir: str, motion=None) -> float:
+def time_render(model, job, workers, out_dir: str, motion=None, trace: bool = False) -> float:
     import ray
 
     from sdanim.render.ray import RayFrames
@@ -103,7 +103,7 @@ def time_render(model, job, workers, out_dir: str, motion=None) -> float:
 
     with RayFrames(model, job.settings, workers) as source:
         ray.get([a.describe.remote() for a in source.actors])  # every worker up (model built)
-        if motion is not None and not isinstance(model, functools.partial):  # trace the motion UNet (one step)
+        if motion is not None and trace:  # trace the motion UNet first (a one-step render)
             warm = dataclasses.replace(job, settings=dataclasses.replace(job.settings, num_steps=1))
             source.render_motion(warm, motion, FrameStore(tempfile.mkdtemp(dir=out_dir)), progress=False)
         folder = tempfile.mkdtemp(dir=out_dir)
@@ -160,7 +160,7 @@ def main() -> None:
     print(f"{args.frames} frames; {what}; Ray {ray.__version__}")
     base = None
     for n in counts:
-        seconds = time_render(model, job, make(n), out_dir, motion)
+        seconds = time_render(model, job, make(n), out_dir, motion, trace=args.real)
         base = base or seconds
         print(f"workers {n}: {seconds:7.2f} s  {seconds / args.frames:.4f} s/frame  "
               f"speed-up {base / seconds:5.2f}x  efficiency {base / (n * seconds):6.1%}", flush=True)

@@ -317,10 +317,10 @@ def test_a_failed_motion_unit_is_tried_on_the_next_live_worker(monkeypatch):
     def get(ref):
         calls.append(ref)
         name, unit = ref
+        if name in dead or unit == "poison":  # a dead worker's calls fail, its revival call too
+            raise ray.exceptions.RayActorError() if name in dead else ray.exceptions.RayError("bad unit")
         if unit == "describe":
             return {}
-        if name in dead or unit == "poison":
-            raise ray.exceptions.RayActorError() if name in dead else ray.exceptions.RayError("bad unit")
         return f"{unit} by {name}"
 
     monkeypatch.setattr(ray, "get", get)
@@ -337,6 +337,12 @@ def test_a_failed_motion_unit_is_tried_on_the_next_live_worker(monkeypatch):
                                           r"the clip's sampling state is saved in /frames: run the same command again"):
         list(units.run([functools.partial(sdanim_ray._window_call, "job", "spec", 0, 1.0, "poison", None)],
                        ["window 9 of step 0"]))
+    # b's restart fails (out of restarts) and a dies too: no worker is left.
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (refs, []))
+    dead.add("a")
+    with pytest.raises(SdanimError, match=r"^no Ray worker is left; the clip's sampling state is saved in /frames: "
+                                          r"run the same command again to resume. Received: workers=2$"):
+        list(units.run([window(0)], ["window 0"]))
 
 
 def test_workers_without_ray_installed_say_how_to_get_it(monkeypatch, tmp_path):

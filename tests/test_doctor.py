@@ -5,6 +5,7 @@ import hashlib
 
 import pytest
 
+from sdanim.config.errors import SdanimError
 from sdanim.frontends.cli import main
 from sdanim.model.registry import PinnedFile
 from sdanim.tasks import doctor as doctor_module
@@ -56,3 +57,10 @@ def test_the_command_line(cache, capsys):
     assert "per guided UNet step" not in out  # --no-speed builds nothing
     assert main(["doctor", "--quick", "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_one_line():
+    with pytest.raises(SdanimError, match=r"^speed must be True or False. Received: speed='yes'$"):
+        doctor_module.doctor(speed="yes", print_report=False)
+    with pytest.raises(SdanimError, match=r"^quick must be True or False. Received: quick=1$"):
+        doctor_module.doctor(quick=1, print_report=False)

@@ -122,6 +122,11 @@ def quiet_import(name: str):
             raise friendly from None
 
 
+def keras_home() -> str:
+    """Keras's own folder (KERAS_HOME, default ~/.keras): its config file and download cache."""
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
 def default_backend(system: str, machine: str, env: dict, keras_home: str, has_torch: bool) -> Optional[str]:
     """The Keras backend sdanim picks where the user picked none: "torch" on an Apple-silicon
     Mac with torch installed (Keras's torch backend runs on the GPU through MPS, the
@@ -152,8 +157,7 @@ def import_keras():
     torch installed and no backend chosen, the backend is torch (`default_backend`): set in
     KERAS_BACKEND before Keras is imported, where the user's own process would read it."""
     if "keras" not in sys.modules:
-        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-        backend = default_backend(platform.system(), platform.machine(), dict(os.environ), home,
+        backend = default_backend(platform.system(), platform.machine(), dict(os.environ), keras_home(),
                                   importlib.util.find_spec("torch") is not None)
         if backend is not None:
             os.environ["KERAS_BACKEND"] = backend
@@ -173,7 +177,7 @@ def backend_choice() -> str:
         return _BACKEND_CHOICE
     if os.environ.get("KERAS_BACKEND"):
         return "KERAS_BACKEND"
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    home = keras_home()
     if _config_backend(home) is not None:
         return f"{os.path.join(home, 'keras.json')} (Keras writes it on first use)"
     return "Keras's default"

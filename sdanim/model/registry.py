@@ -16,7 +16,7 @@ import os
 from typing import Optional
 
 from sdanim.config.errors import SdanimError
-from sdanim.core.runtime import import_keras
+from sdanim.core.runtime import import_keras, keras_home
 from sdanim.formats.digest import file_sha256, git_blob_sha1
 
 MAX_PROMPT_LENGTH = 77
@@ -77,8 +77,7 @@ def keras_cv_file(version: str, part: str) -> "PinnedFile":
 
 
 def keras_cache_dir() -> str:
-    base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return os.path.join(base, "datasets")
+    return os.path.join(keras_home(), "datasets")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -122,7 +122,7 @@ def _accelerator(backend: str, device: str) -> str:
     return f"CPU: {_cpu_name()}, {os.cpu_count()} cores, features {' '.join(_cpu_features()) or 'none of ' + '/'.join(CPU_FEATURES)}"
 
 
-def _precision_why(device: str, backend: str, precision: str, jit: bool) -> str:
+def _precision_why(device: str, backend: str, precision: str) -> str:
     if device == "cuda":
         return "a CUDA GPU: mixed float16 with XLA"
     if device == "cpu" and precision == "mixed_bfloat16":
@@ -234,7 +234,7 @@ def doctor(speed: bool = True, quick: bool = False, model=None, verify: bool = T
                     f"keras-cv {_version('keras-cv')}, numpy {np.__version__}",
         "backend": f"{backend} ({backend_choice()})",
         "device": _accelerator(backend, device),
-        "precision auto": f"{precision}, jit_compile={jit}: {_precision_why(device, backend, precision, jit)}",
+        "precision auto": f"{precision}, jit_compile={jit}: {_precision_why(device, backend, precision)}",
     }
     if backend == "tensorflow" and device == "cpu":
         why = report.get("onednn_choice") or ("TF_ENABLE_ONEDNN_OPTS=" + report["overrides"]["TF_ENABLE_ONEDNN_OPTS"]
