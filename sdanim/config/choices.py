@@ -2,9 +2,12 @@
 front-ends offer them (argparse `choices=`, the UI's dropdowns)."""
 
 VERSIONS = ("1.4", "2.1")  # KerasCV's StableDiffusion (SD 1.x) and StableDiffusionV2 (SD 2.x)
+SD3_VERSIONS = ("sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo")  # KerasHub's SD3 pieces
+MODELS = VERSIONS + SD3_VERSIONS  # what --model takes
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 ATTENTIONS = ("auto", "fused", "keras-cv")
-SCHEDULERS = ("ddim", "ddpm", "euler", "euler_trailing", "euler_a", "dpmpp_2m", "lcm", "tcd")
+SCHEDULERS = ("ddim", "ddpm", "euler", "euler_trailing", "euler_a", "dpmpp_2m", "lcm", "tcd", "flow_euler")
+FLOW_SCHEDULERS = ("flow_euler",)  # flow matching (SD3): the only samplers SD3 models take, and only they
 BETA_SCHEDULES = ("scaled_linear", "linear")  # SD's training betas, and AnimateDiff's
 LOOPS = ("auto", "program", "steps")
 DECODERS = ("full", "tiny")  # the SD VAE decoder, or TAESD

@@ -13,6 +13,9 @@ from sdanim.config.errors import check
 # step-distilled weights (LCM-LoRA, TCD-LoRA): a few steps, no unconditional pass.
 DEFAULT_STEPS_AND_GUIDANCE = (25, 7.5)
 SAMPLER_DEFAULTS = {"lcm": (4, 1.0), "tcd": (4, 1.0)}
+# Flow matching (SD3): SD3 medium's card (28 steps, guidance 7); the other SD3 models'
+# own defaults are the CLI's (`sdanim.model.sd3.SD3_CONFIGS`).
+FLOW_DEFAULTS = {"flow_euler": (28, 7.0)}
 
 
 # Fields added after manifests were first written, with their defaults (see `record`).
@@ -21,7 +24,7 @@ _LATER_FIELDS = {"decoder": "full"}
 
 def sampler_defaults(scheduler: str) -> tuple[int, float]:
     """(num_steps, guidance_scale) used for `scheduler` when not given."""
-    return SAMPLER_DEFAULTS.get(scheduler, DEFAULT_STEPS_AND_GUIDANCE)
+    return SAMPLER_DEFAULTS.get(scheduler) or FLOW_DEFAULTS.get(scheduler) or DEFAULT_STEPS_AND_GUIDANCE
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -65,7 +68,9 @@ class RenderSettings:
             trailing spacing, for few-step distilled weights such as
             AnimateDiff-Lightning), "euler_a", "dpmpp_2m", "lcm" (Latent Consistency
             Models, for LCM-LoRA weights), "tcd" (Trajectory Consistency Distillation,
-            gamma 0.3). Defaults to "ddim" (KerasCV's sampler and timestep spacing).
+            gamma 0.3), "flow_euler" (flow matching: the SD3 models' only sampler, and
+            for them only; 28 steps, guidance 7 unless given). Defaults to "ddim"
+            (KerasCV's sampler and timestep spacing).
         batch_size: int. Frames rendered per model call. Defaults to 4.
         decoder: str. "full" (the SD VAE decoder) or "tiny" (TAESD: about 40x less
             work, softer detail; for previews and fast drafts). Defaults to "full".

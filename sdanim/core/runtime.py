@@ -189,6 +189,16 @@ def import_keras_cv():
     return quiet_import("keras_cv")
 
 
+def import_keras_hub():
+    """KerasHub (Stable Diffusion 3 and 3.5), imported quietly once; one line naming the
+    extra that installs it when it is missing."""
+    import_keras()
+    if importlib.util.find_spec("keras_hub") is None:
+        raise SdanimError("Stable Diffusion 3 models need KerasHub: pip install 'sdanim[sd3]' (keras-hub>=0.32). "
+                          "Received: keras_hub=None")
+    return quiet_import("keras_hub")
+
+
 def import_tensorflow():
     """TensorFlow, imported quietly once."""
     return quiet_import("tensorflow")

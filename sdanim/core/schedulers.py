@@ -417,6 +417,39 @@ class TCD(Scheduler):
         return math.sqrt(ratio) * noised + math.sqrt(1.0 - ratio) * noise, x0
 
 
+class FlowEuler(Scheduler):
+    """Euler on the rectified flow of SD3 (Esser et al. 2024): x_t = (1 - sigma) x0 +
+    sigma noise, the model predicts the velocity v = noise - x0, and a step moves x along
+    it, x_next = x + (sigma_next - sigma) v. The sigmas are diffusers'
+    FlowMatchEulerDiscreteScheduler's (and KerasHub's): the training sigmas t / 1000
+    shifted, sigma -> shift sigma / (1 + (shift - 1) sigma), N of them spaced evenly
+    between the first and last of those, shifted once more, then 0. The model takes
+    timestep = 1000 sigma.
+    """
+
+    name = "flow_euler"
+
+    def __init__(self, num_steps: int, betas: str = "scaled_linear", shift: float = 3.0):
+        super().__init__(num_steps, betas)
+        self.shift = float(shift)
+        train = self._shifted(np.arange(NUM_TRAIN_TIMESTEPS, 0, -1) / NUM_TRAIN_TIMESTEPS)
+        spaced = np.linspace(train[0] * NUM_TRAIN_TIMESTEPS, train[-1] * NUM_TRAIN_TIMESTEPS, num_steps)
+        sigmas = self._shifted(spaced / NUM_TRAIN_TIMESTEPS)
+        self.timesteps = sigmas * NUM_TRAIN_TIMESTEPS
+        self.sigmas = np.concatenate([sigmas, [0.0]])
+
+    def _shifted(self, sigma):
+        return self.shift * sigma / (1.0 + (self.shift - 1.0) * sigma)
+
+    def noise_levels(self, i: int) -> tuple[float, float]:
+        sigma = float(self.sigmas[min(i, self.num_steps)])
+        return 1.0 - sigma, sigma
+
+    def step(self, i, x, eps, prev_denoised=None, noise=None):
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        return x + (sigma_next - sigma) * eps, x - sigma * eps  # eps: the velocity
+
+
 _REGISTRY = {
     "ddim": DDIM,
     "ddpm": DDPM,
@@ -426,6 +459,7 @@ _REGISTRY = {
     "dpmpp_2m": DPMSolverPP2M,
     "lcm": LCM,
     "tcd": TCD,
+    "flow_euler": FlowEuler,
 }
 assert tuple(_REGISTRY) == SCHEDULERS
 

@@ -110,6 +110,14 @@ def _refuse(what: str, path: str) -> None:
     )
 
 
+def _refuse_sd3(path: str) -> None:
+    raise CheckpointError(
+        "this checkpoint is a Stable Diffusion 3 model (an MMDiT transformer, not a UNet): pass --model "
+        "sd3-medium (or sd3.5-medium, sd3.5-large, sd3.5-large-turbo) with --weights keras-hub; sdanim does not read "
+        f"SD3 checkpoint files yet. Received: checkpoint={path!r}"
+    )
+
+
 def sidecar_yaml(path: str, unreadable: Callable[[str, str], Exception]):
     """The config .yaml (or .yml) beside a weights file: (its path, its parsed content), or
     None without one. One that cannot be read raises `unreadable(yaml_path, reason)`: it
@@ -154,6 +162,8 @@ def inspect_checkpoint(path: str) -> Checkpoint:
     hold (named in the message).
     """
     path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "transformer", "config.json")):
+        _refuse_sd3(path)
     if os.path.isdir(path):
         if not is_diffusers_folder(path):
             raise CheckpointError(
@@ -169,6 +179,8 @@ def inspect_checkpoint(path: str) -> Checkpoint:
         proj_in = "unet.down_blocks.0.attentions.0.proj_in.weight"
     else:
         tensors = read_tensors(path)
+        if any(k.startswith("model.diffusion_model.joint_blocks.") for k in tensors):
+            _refuse_sd3(path)
         if any(k.startswith("conditioner.embedders.") for k in tensors):
             _refuse("SDXL", path)
         if not any(k.startswith("model.diffusion_model.") for k in tensors):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from sdanim.config.choices import ATTENTIONS, PRECISIONS, VERSIONS
+from sdanim.config.choices import ATTENTIONS, MODELS, PRECISIONS
 from sdanim.config.errors import check
 from sdanim.formats.lora_files import as_loras
 from sdanim.model.loading import load_model
+from sdanim.model.sd3 import is_sd3, load_sd3
 from sdanim.model.tokenizer import clip_vocab_path
 
 
@@ -20,9 +21,12 @@ class ModelSpec:
 
     Args:
         version: str or None. "1.4" or "2.1"; None: what `weights` holds, else "1.4".
-            Defaults to None.
+            Or an SD3-family model: "sd3-medium", "sd3.5-medium", "sd3.5-large",
+            "sd3.5-large-turbo" (KerasHub's pieces, `sdanim.model.sd3`). Defaults to None.
         weights: str. "keras-cv", "random", a directory of KerasCV .h5 files or a
-            checkpoint (.safetensors, .ckpt, diffusers folder). Defaults to "keras-cv".
+            checkpoint (.safetensors, .ckpt, diffusers folder). For SD3: "keras-cv"
+            (the default) or "keras-hub" means KerasHub's preset; "random", or a
+            diffusers folder. Defaults to "keras-cv".
         precision: str. "auto", "float32", "mixed_float16" or "mixed_bfloat16".
             Defaults to "auto" (see `load_model`).
         jit_compile: bool or None. XLA for the sampling step; None picks by device.
@@ -52,8 +56,8 @@ class ModelSpec:
         object.__setattr__(self, "loras", as_loras(self.loras))
 
         check(
-            self.version is None or self.version in VERSIONS,
-            f"model must be one of {', '.join(VERSIONS)}. Received: model={self.version!r}",
+            self.version is None or self.version in MODELS,
+            f"model must be one of {', '.join(MODELS)}. Received: model={self.version!r}",
         )
         check(
             self.precision in PRECISIONS,
@@ -68,6 +72,10 @@ class ModelSpec:
     def load(self, height: int, width: int):
         """Builds (or hands back the still-alive) model for one image size."""
         clip_vocab_path()  # fail before a minute of model building if the vocab is missing
+        if is_sd3(self.version):
+            return load_sd3(self.version, weights=self.weights, height=height, width=width, precision=self.precision,
+                            jit_compile=self.jit_compile, attention=self.attention, seed=self.seed, loras=self.loras,
+                            taesd=self.taesd)
         return load_model(
             version=self.version, weights=self.weights, height=height, width=width,
             precision=self.precision, jit_compile=self.jit_compile, attention=self.attention, seed=self.seed,

@@ -31,6 +31,7 @@ from sdanim.core.hints import NetHints, make_hint, resample
 from sdanim.core.pixels import fit_image
 from sdanim.formats.images import load_pictures
 from sdanim.model.controlnet import checked_controlnet
+from sdanim.model.sd3 import is_sd3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,6 +76,9 @@ def prepare_controls(specs: Sequence[ControlNetSpec], frames: int, height: int, 
     stop gives none) and scales (`Walk.control_stops`). mask: (H, W) bool, the inpaint
     preprocessor's. version: the model's SD version, where known before it is built (a
     ControlNet for the other one is refused now)."""
+    check(not (specs and is_sd3(version)),
+          f"ControlNets are for Stable Diffusion 1.x/2.x here; SD3's ControlNets (a transformer of their own) are not "
+          f"built yet. Received: model={version!r} with {len(specs)} --controlnet")
     out = []
     for k, spec in enumerate(specs):
         file, sha256 = checked_controlnet(spec.file)

@@ -24,6 +24,7 @@ from sdanim.core.noise import seeded_noise
 from sdanim.core.plan import FramePlan, ImagePlan
 from sdanim.core.runtime import keras_ops
 from sdanim.model.controlnet import controlnets_for
+from sdanim.model.sd3 import check_sampler, timestep_input
 from sdanim.model.stable_diffusion import lora_text, prompt_encoder
 from sdanim.render.control import control_record
 from sdanim.render.sampling import Renderer
@@ -93,13 +94,21 @@ def make_renderer(model, settings: RenderSettings, negative_prompt: Optional[str
     """A `Renderer` over the model's UNet and decoder (TAESD's where settings.decoder is
     "tiny"), the negative prompt encoded once; with `controls` (`ControlInput`s), their
     ControlNets built for the model (once per model)."""
+    check_sampler(getattr(model, "version", None), settings.scheduler)
     uncond = prompt_encoder(model).encode_one(negative_prompt or "")  # (77, D)
     decoder = model.tiny_decoder if settings.decoder == "tiny" else model.decoder
     units = controlnets_for(model, [c.spec for c in controls]) if controls else ()
     return Renderer(
         model.diffusion_model, decoder, settings, uncond,
         jit_compile=bool(getattr(model, "jit_compile", False)), strength=strength, controls=units,
+        **({"timestep_input": timestep_input} if getattr(model, "family", None) == "sd3" else {}),
     )
+
+
+def latent_shape(model, settings: RenderSettings) -> tuple:
+    """(H/8, W/8, C) of one frame's latent: C = 4 for SD 1.x/2.x, 16 for SD3."""
+    h, w, _ = settings.latent_shape
+    return (h, w, int(getattr(model, "latent_channels", 4)))
 
 
 def encode_images(model, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
@@ -160,7 +169,7 @@ class FrameJob:
         encoder = prompt_encoder(model)
         embeddings = np.stack([mix_embeddings(k.prompt, encoder.encode) for k in self.walk.stops])  # (K, 77, D)
         seeds = self.walk.noise_seeds()
-        noises = np.stack([seeded_noise(s, self.settings.latent_shape) for s in seeds])  # (K or 2, h, w, 4)
+        noises = np.stack([seeded_noise(s, latent_shape(model, self.settings)) for s in seeds])  # (K or 2, h, w, C)
         if self.walk.noise == "circle":
             noise_mode = "circle"
         else:

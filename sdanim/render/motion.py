@@ -206,7 +206,7 @@ def check_motion(spec: MotionSpec, frames: int, version) -> None:
     file (read, not loaded: one line for anything but motion modules) and the window
     against its position encoding."""
     check(version is None or str(version).startswith("1"),
-          f"motion modules are for SD 1.x (no SD 2.x modules exist). Received: model version {version}")
+          f"motion modules are for SD 1.x (AnimateDiff's; none exist for SD 2.x or SD3). Received: model version {version}")
     if spec.file == "random":
         return
     file = inspect_motion_module(spec.file)

@@ -17,6 +17,7 @@ import shutil
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.settings import RenderSettings
 from sdanim.core.runtime import import_keras
+from sdanim.model.sd3 import check_sampler, is_sd3
 from sdanim.model.spec import ModelSpec
 from sdanim.model.taesd import PINNED, check_taesd
 from sdanim.render.local import LocalFrames
@@ -29,9 +30,15 @@ RUN_KEYS = ("walk", "timing", "negative_prompt", "render", "model", "controlnets
 
 
 def check_decoder(model, settings: RenderSettings) -> None:
-    """Checks the tiny decoder's weights (`model`'s `taesd`, else the pinned download)
-    before a model is built, where `settings` ask for it."""
+    """Checks what the settings need of the model before it is built: the sampler the
+    model family takes (`check_sampler`), and the tiny decoder's weights (`model`'s
+    `taesd`, else the pinned download) where `settings` ask for it."""
+    version = known_version(model)
+    check_sampler(version, settings.scheduler)
     if settings.decoder == "tiny":
+        check(not is_sd3(version), "the tiny decoder (TAESD) is for Stable Diffusion 1.x/2.x latents; SD3's 16-channel "
+                                   f"latents would need TAESD3: use decoder='full' with {version}. "
+                                   f"Received: decoder={settings.decoder!r}")
         check_taesd(getattr(model, "taesd", None))
 
 

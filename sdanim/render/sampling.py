@@ -385,6 +385,9 @@ class Renderer:
         controls: sequence of `sdanim.model.controlnet.ControlUnit`: ControlNets whose
             residuals the UNet takes at every step their schedule covers; each batch
             brings their hints and scales (`ControlBatch`). Defaults to none.
+        timestep_input: what the model takes for a step's timestep t: SD 1.x/2.x's
+            320-wide sinusoidal embedding (the default), SD3's t itself
+            (`sdanim.model.sd3.timestep_input`).
 
     Example:
     ```python
@@ -403,6 +406,7 @@ class Renderer:
         strength: float = 1.0,
         loop: str = "auto",
         controls: Sequence = (),
+        timestep_input: Callable = timestep_embedding,
     ):
         check(loop in LOOPS, f"loop must be one of {', '.join(LOOPS)}. Received: loop={loop!r}")
         self.loop = default_loop(jit_compile) if loop == "auto" else loop
@@ -414,8 +418,8 @@ class Renderer:
         self.diffusion_model = diffusion_model
         self.guidance = float(settings.guidance_scale)
         self.guided = self.guidance != 1.0
-        # (N, 320): every step's timestep embedding, once.
-        self._t_embs = np.stack([timestep_embedding(t) for t in self.scheduler.timesteps])
+        # (N, 320): every step's timestep embedding, once (SD3: (N, 1), the timestep itself).
+        self._t_embs = np.stack([timestep_input(t) for t in self.scheduler.timesteps]).astype(np.float32)
         sched = self.scheduler
         self._coefs: dict = {}  # first step run -> (N, 6) `Scheduler.coefficients`
         self._scales = np.array([sched.input_scale(i) for i in range(sched.num_steps)], np.float32)  # (N,)

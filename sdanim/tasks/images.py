@@ -33,7 +33,7 @@ from sdanim.core.schedulers import steps_for_strength
 from sdanim.formats.images import load_image, load_mask
 from sdanim.render.export import check_output, write_video
 from sdanim.render.control import control_record, prepare_controls
-from sdanim.render.jobs import embed_prompt, encode_images, make_renderer, model_text, prompt_record
+from sdanim.render.jobs import embed_prompt, encode_images, latent_shape, make_renderer, model_text, prompt_record
 from sdanim.render.run import get_model, known_version
 from sdanim.render.sampling import ControlBatch, render_frames
 from sdanim.render.store import ensure_folder, write_png
@@ -111,7 +111,7 @@ def generate(
     model = get_model(model, settings)
     seeds = [seed + k for k in range(num_images)]
     embedding = embed_prompt(model, prompt)  # (77, D)
-    noises = np.stack([seeded_noise(s, settings.latent_shape) for s in seeds])  # (N, h, w, 4)
+    noises = np.stack([seeded_noise(s, latent_shape(model, settings)) for s in seeds])  # (N, h, w, C)
     plan = FramePlan(
         embeddings=np.repeat(embedding[None], num_images, axis=0),
         noises=noises,
@@ -401,7 +401,7 @@ def grid(
         # One renderer per (guidance, steps); every prompt x seed of it in batches.
         pairs = list(itertools.product(range(len(prompts)), range(len(seeds))))
         frames = [
-            FrameInputs(k, contexts[r], seeded_noise(seeds[c], settings.latent_shape), step_seed(seeds[c]), 0.0,
+            FrameInputs(k, contexts[r], seeded_noise(seeds[c], latent_shape(model, settings)), step_seed(seeds[c]), 0.0,
                         control=control_inputs([x.hints for x in controls], c, 0.0))  # a seed's column: its hint
             for k, (r, c) in enumerate(pairs)
         ]
@@ -483,7 +483,7 @@ def denoising_steps(
     model = get_model(model, settings)
     renderer = make_renderer(model, settings, negative_prompt, controls=controls)
     context = embed_prompt(model, prompt)[None]  # (1, 77, D)
-    noise = seeded_noise(seed, settings.latent_shape)[None]
+    noise = seeded_noise(seed, latent_shape(model, settings))[None]
     captured = {}
 
     def on_step(i, denoised):

@@ -36,6 +36,7 @@ from sdanim.core.schedulers import steps_for_strength
 from sdanim.formats.audio import read_audio
 from sdanim.formats.digest import file_sha256
 from sdanim.formats.images import load_image
+from sdanim.model.sd3 import is_sd3
 from sdanim.render.export import blend_double, check_output, contact_sheet, write_video
 from sdanim.render.control import control_record, prepare_controls
 from sdanim.render.jobs import FrameJob, ImageMorphJob, render_record
@@ -253,6 +254,9 @@ def animate(
     if motion is not None:
         _check_motion(motion, walk, timing)
         check_motion(motion, count, known_version(model))
+    check(walk.attention == "off" or not is_sd3(known_version(model)),
+          "attention interpolation (AID) reaches into SD 1.x/2.x's UNet attention; on SD3's joint attention it is "
+          f"not built yet. Received: attention={walk.attention!r} with {known_version(model)}")
     images, scales = walk.control_stops(len(controlnets))
     controls = prepare_controls(controlnets, count, settings.height, settings.width, keyframe_images=images,
                                 keyframe_scales=scales, version=known_version(model))

@@ -8,7 +8,7 @@ from typing import Optional
 
 from sdanim.config.choices import (
     ATTENTION_INTERPS, ATTENTIONS, AUDIO_MODES, BETA_SCHEDULES, DECODERS, INTERPOLATIONS, PRECISIONS, PREPROCESSORS, SCHEDULERS,
-    SPACINGS, VERSIONS,
+    SPACINGS, MODELS, FLOW_SCHEDULERS,
 )
 from sdanim.config.control import ControlNetSpec, parse_controlnet
 from sdanim.config.errors import SdanimError
@@ -16,6 +16,7 @@ from sdanim.config.export import ExportSettings
 from sdanim.config.motion import BLENDS, MOTION_NORMS, WEIGHTINGS, MotionSpec
 from sdanim.config.settings import RenderSettings, render_settings
 from sdanim.core.pixels import auto_size
+from sdanim.model.sd3 import SD3_CONFIGS
 from sdanim.model.spec import ModelSpec
 from sdanim.render.ray import Workers
 
@@ -78,9 +79,9 @@ def add_render_args(p: argparse.ArgumentParser, batch_default: int, size_default
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25; 4 for lcm and tcd)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; 1 = one UNet pass per step (default: 7.5; 1 for lcm and tcd)")
-    g.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
-                   help="sampler (default: ddim, as KerasCV); lcm and tcd are for step-distilled weights "
-                   "(LCM-LoRA, TCD-LoRA)")
+    g.add_argument("--scheduler", default=None, choices=SCHEDULERS,
+                   help="sampler (default: ddim, as KerasCV; flow_euler for the SD3 models, the only one they take); "
+                   "lcm and tcd are for step-distilled weights (LCM-LoRA, TCD-LoRA)")
     g.add_argument("--negative", default=None, metavar="PROMPT", help="negative prompt")
     if size_default is None:
         g.add_argument("--size", default=None, metavar="WxH",
@@ -157,11 +158,13 @@ def motion(args):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, choices=VERSIONS,
-                   help="KerasCV architecture: 1.4 (SD 1.x) or 2.1 (SD 2.x) (default: what --weights holds, else 1.4)")
-    m.add_argument("--weights", default="keras-cv", metavar="keras-cv|random|DIR|CHECKPOINT",
-                   help="weight source: KerasCV's download/cache, seeded random weights, a folder of .h5 files, "
-                   "or an SD 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder)")
+    m.add_argument("--model", default=None, choices=MODELS,
+                   help="architecture: 1.4 (SD 1.x) or 2.1 (SD 2.x) on KerasCV (default: what --weights holds, else "
+                   "1.4); sd3-medium, sd3.5-medium, sd3.5-large, sd3.5-large-turbo on KerasHub (pip install "
+                   "'sdanim[sd3]'; 28/40/28/4 steps, guidance 7/4.5/3.5/1 unless given)")
+    m.add_argument("--weights", default="keras-cv", metavar="keras-cv|keras-hub|random|DIR|CHECKPOINT",
+                   help="weight source: KerasCV's download/cache (SD3: KerasHub's preset from Kaggle), seeded random "
+                   "weights, a folder of .h5 files, or an SD 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder)")
     m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA file (kohya/AUTOMATIC1111 or diffusers/PEFT .safetensors) into the weights, "
                    "scaled by SCALE (default 1); repeat to stack several")
@@ -269,7 +272,13 @@ def settings(args, image=None) -> RenderSettings:
     if size is None:
         height, width = auto_size(image)
         size = f"{width}x{height}"
-    return render_settings(size, args.steps, args.guidance, args.scheduler, args.batch_size, args.decoder)
+    scheduler, steps, guidance = args.scheduler, args.steps, args.guidance
+    sd3 = SD3_CONFIGS.get(getattr(args, "model", None))
+    if sd3 is not None and scheduler in (None, *FLOW_SCHEDULERS):  # the model's own defaults
+        scheduler = FLOW_SCHEDULERS[0]
+        steps = sd3.steps if steps is None else steps
+        guidance = sd3.guidance if guidance is None else guidance
+    return render_settings(size, steps, guidance, scheduler or "ddim", args.batch_size, args.decoder)
 
 
 def spec(args) -> ModelSpec:

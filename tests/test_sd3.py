@@ -1,0 +1,237 @@
+"""Stable Diffusion 3 / 3.5 on KerasHub's pieces (`sdanim.model.sd3`), at tiny shapes.
+
+Numerical truth is diffusers on the same random weights: its `SD3Transformer2DModel`
+(the 3.0 layout, and 3.5 medium's MMDiT-X with RMS-normalised queries and keys) against
+KerasHub's MMDiT read through sdanim's name map, its flow-matching scheduler against
+sdanim's `flow_euler`, and a few steps of its `StableDiffusion3Pipeline` (no T5,
+embeddings and latents given) against sdanim's renderer. Every parameter is drawn at
+random before comparing (diffusers zero-initialises none here, but its modulation
+order only shows when the halves differ). The rest is what a user of a morph would
+notice: keyframes equal `generate`, frames do not depend on the batch size, and wrong
+combinations are one line before anything is built.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from conftest import require
+from sdanim.frontends.cli import main
+from sdanim.model import sd3
+
+TINY = sd3.SD3Config(
+    hidden_dim=64, num_layers=3, num_heads=2, position_size=16, qk_norm=None, dual_attention=(),
+    clip_l=sd3.ClipConfig(32, 2, 2, 64, "quick_gelu"), clip_g=sd3.ClipConfig(48, 2, 2, 96, "gelu"),
+    vae_filters=(32, 32, 32, 32), vae_blocks=1)
+TINY_35 = dataclasses.replace(TINY, qk_norm="rms_norm", dual_attention=(0, 1))  # 3.5 medium's MMDiT-X
+SIZE = 64
+LATENT = SIZE // 8
+
+
+def _reference_transformer(config):
+    """diffusers' SD3 transformer of `config`, every parameter (and the position grid)
+    drawn at random, with scales that keep activations of order 1."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=LATENT, patch_size=2, in_channels=16, out_channels=16, num_layers=config.num_layers,
+        attention_head_dim=config.hidden_dim // config.num_heads, num_attention_heads=config.num_heads,
+        joint_attention_dim=sd3.CONTEXT_WIDTH, caption_projection_dim=config.hidden_dim,
+        pooled_projection_dim=config.clip_l.hidden_dim + config.clip_g.hidden_dim,
+        pos_embed_max_size=config.position_size, dual_attention_layers=config.dual_attention,
+        qk_norm=config.qk_norm).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            spread = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
+            p.copy_(torch.randn_like(p) * spread + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
+        ref.pos_embed.pos_embed.copy_(torch.randn_like(ref.pos_embed.pos_embed))
+    return ref
+
+
+def _model_with(ref, config):
+    """sdanim's SD3 model with the reference transformer's weights in its MMDiT."""
+    from sdanim.core.runtime import import_keras
+    from sdanim.formats.sd3_files import mmdit_weights
+
+    keras = import_keras()
+    keras.utils.set_random_seed(0)
+    backbone = sd3.build_backbone(config, SIZE, SIZE, "float32")
+    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    sd3.assign(backbone.diffuser, mmdit_weights(state, config.num_layers, config.dual_attention, config.qk_norm),
+               "the reference transformer")
+    return sd3.wrap("sd3-medium", backbone, SIZE, SIZE, "random", "float32")
+
+
+def _packed(seq, pooled):
+    out = np.zeros((len(seq), sd3.CONTEXT_ROWS, sd3.CONTEXT_WIDTH), np.float32)
+    out[:, : sd3.SEQUENCE_TOKENS] = seq
+    out[:, sd3.SEQUENCE_TOKENS, : pooled.shape[1]] = pooled
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A tiny SD3 model with random weights (3.5's MMDiT-X layout), shared by the module."""
+    from sdanim.core.runtime import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(1)
+    return sd3.wrap("sd3-medium", sd3.build_backbone(TINY_35, SIZE, SIZE, "float32"), SIZE, SIZE, "random", "float32")
+
+
+def test_flow_euler_sigmas_and_steps_are_diffusers():
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from sdanim.core.schedulers import make_scheduler
+
+    for steps in (1, 4, 28):
+        ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        ref.set_timesteps(steps)
+        ours = make_scheduler("flow_euler", steps)
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-6)
+        x, v = np.random.default_rng(steps).standard_normal((2, 5)).astype(np.float32)
+        for i, t in enumerate(ref.timesteps[:2]):
+            expected = ref.step(torch.from_numpy(v), t, torch.from_numpy(x)).prev_sample.numpy()
+            np.testing.assert_allclose(ours.step(i, x, v)[0], expected, rtol=0, atol=1e-6)
+    # image-to-image's noising: diffusers' scale_noise, (1 - sigma) x0 + sigma noise
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(10)
+    x0, noise = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    expected = ref.scale_noise(torch.from_numpy(x0), ref.timesteps[3:4], torch.from_numpy(noise)).numpy()
+    np.testing.assert_allclose(make_scheduler("flow_euler", 10).noised(3, x0, noise), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_35], ids=["sd3", "sd3.5-mmdit-x"])
+def test_mmdit_matches_diffusers_transformer(config):
+    torch = require("torch")
+    ref = _reference_transformer(config)
+    model = _model_with(ref, config)
+    rng = np.random.default_rng(1)
+    latent = rng.standard_normal((2, LATENT, LATENT, 16)).astype(np.float32)
+    seq = rng.standard_normal((2, sd3.SEQUENCE_TOKENS, sd3.CONTEXT_WIDTH)).astype(np.float32)
+    pooled = rng.standard_normal((2, 80)).astype(np.float32)
+    t = np.array([[700.0], [31.5]], np.float32)
+    ours = np.asarray(model.diffusion_model([latent, t, _packed(seq, pooled)]))
+    with torch.no_grad():
+        expected = ref(hidden_states=torch.from_numpy(latent.transpose(0, 3, 1, 2)),
+                       encoder_hidden_states=torch.from_numpy(seq), pooled_projections=torch.from_numpy(pooled),
+                       timestep=torch.from_numpy(t[:, 0])).sample.numpy().transpose(0, 2, 3, 1)
+    scale = np.abs(expected).max()
+    assert scale > 1.0  # a live network, not a zero output
+    assert np.abs(ours - expected).max() <= 1e-4 * scale
+
+
+def test_a_few_steps_equal_diffusers_sd3_pipeline():
+    """Flow-matching Euler with guidance, from the same latents and embeddings: the
+    latents diffusers' pipeline (no T5, 77-token CLIP sequences padded to 154) ends on."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from sdanim.config.settings import RenderSettings
+    from sdanim.render.jobs import make_renderer
+
+    ref = _reference_transformer(TINY_35)
+    model = _model_with(ref, TINY_35)
+    rng = np.random.default_rng(2)
+    noise = rng.standard_normal((2, LATENT, LATENT, 16)).astype(np.float32)
+    seq = rng.standard_normal((2, sd3.SEQUENCE_TOKENS, sd3.CONTEXT_WIDTH)).astype(np.float32) * 0.5
+    pooled = rng.standard_normal((2, 80)).astype(np.float32)
+    seq[:, 77:] = 0.0  # the rows T5 would fill
+    neg_seq, neg_pooled = seq[:1] * 0.3, pooled[:1] * -0.5
+    settings = RenderSettings(height=SIZE, width=SIZE, scheduler="flow_euler", num_steps=3, guidance_scale=4.5)
+    renderer = make_renderer(model, settings)
+    renderer.unconditional_context = _packed(neg_seq, neg_pooled)[0]
+    ours = np.asarray(renderer.sample_latents(_packed(seq, pooled), noise, seeds=[0, 1]))
+
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=ref, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    with torch.no_grad():
+        expected = pipe(
+            prompt_embeds=torch.from_numpy(seq), pooled_prompt_embeds=torch.from_numpy(pooled),
+            negative_prompt_embeds=torch.from_numpy(np.repeat(neg_seq, 2, 0)),
+            negative_pooled_prompt_embeds=torch.from_numpy(np.repeat(neg_pooled, 2, 0)),
+            latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)), num_inference_steps=3, guidance_scale=4.5,
+            height=SIZE, width=SIZE, output_type="latent", max_sequence_length=77).images.numpy().transpose(0, 2, 3, 1)
+    scale = np.abs(expected).max()
+    assert np.abs(expected - noise).max() > 0.1 * scale  # the steps moved the latents
+    assert np.abs(ours - expected).max() <= 1e-4 * scale
+
+
+def test_a_morphs_keyframes_are_generate_and_frames_do_not_depend_on_batch_size(tiny_model, tmp_path):
+    import sdanim
+
+    def morph(batch_size, name):
+        settings = sdanim.RenderSettings(height=SIZE, width=SIZE, scheduler="flow_euler", num_steps=2,
+                                         batch_size=batch_size)
+        return sdanim.morph(["a red cube", "a blue sphere"], out=str(tmp_path / f"{name}.gif"), frames=4, seed=3,
+                            model=tiny_model, settings=settings, progress=False).frames
+
+    one, three = morph(1, "one"), morph(3, "three")
+    assert one.shape == (4, SIZE, SIZE, 3) and one.std() > 5  # pictures, not a flat field
+    assert np.abs(one.astype(int) - three.astype(int)).max() <= 1  # rounding of other batch shapes (as SD 1.x)
+    assert np.abs(one[1].astype(int) - one[2].astype(int)).max() > 0  # the prompt travels
+    settings = sdanim.RenderSettings(height=SIZE, width=SIZE, scheduler="flow_euler", num_steps=2)
+    for k, prompt in ((0, "a red cube"), (3, "a blue sphere")):
+        image = sdanim.generate(prompt, seed=3, model=tiny_model, settings=settings, progress=False).images[0]
+        assert np.abs(image.astype(int) - one[k].astype(int)).max() <= 1
+
+
+def test_the_text_encoder_packs_clip_l_g_and_the_pooled_row(tiny_model):
+    """The packed context: CLIP-L then CLIP-G features, zeros to 4096 wide and where T5's
+    77 rows would be, the pooled projections in the last row; CLIP-G reads "!" (id 0)
+    after the end token, as SD3's second tokenizer pads."""
+    from sdanim.model.stable_diffusion import prompt_encoder
+
+    packed = prompt_encoder(tiny_model).encode(["a red cube", ""])
+    assert packed.shape == (2, sd3.CONTEXT_ROWS, sd3.CONTEXT_WIDTH)
+    l_g = TINY.clip_l.hidden_dim + TINY.clip_g.hidden_dim
+    assert np.all(packed[:, :77, l_g:] == 0) and np.all(packed[:, 77:154] == 0)
+    assert np.all(packed[:, 154, l_g:] == 0) and np.abs(packed[:, 154, :l_g]).min(axis=1).max() > 0
+    tokens = np.array([[49406, 320, 49407] + [49407] * 74], np.int32)
+    g_tokens = tokens.copy()
+    g_tokens[0, 3:] = 0
+    clip_g = tiny_model.backbone.clip_g({"token_ids": g_tokens})["intermediate_output"]
+    np.testing.assert_allclose(np.asarray(tiny_model.text_encoder([tokens, tokens * 0]))[0, :77, 32:80],
+                               np.asarray(clip_g)[0], atol=1e-5)
+
+
+M3 = ["morph", "a cat", "a dog", "--weights", "random"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (M3 + ["--model", "sd3-medium", "--scheduler", "ddim"],
+     "sd3-medium is a flow-matching model: its sampler is flow_euler. Received: scheduler='ddim'"),
+    (M3 + ["--model", "1.4", "--scheduler", "flow_euler"],
+     "the flow_euler sampler is for flow-matching models"),
+    (M3 + ["--model", "sd3.5-large", "--decoder", "tiny"], "SD3's 16-channel latents would need TAESD3"),
+    (M3 + ["--model", "sd3-medium", "--attention-interp", "inner"], "on SD3's joint attention it is not built yet"),
+    (M3 + ["--model", "sd3-medium", "--lora", "x.safetensors"], "LoRAs are not supported for sd3-medium yet"),
+    (M3 + ["--model", "sd3-medium", "--motion-module", "random"], "motion modules are for SD 1.x"),
+])
+def test_sd3_combinations_that_cannot_work_are_one_line(capsys, argv, match, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "x.gif")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdanim: error: ") and match in err and err.count("\n") == 1
+
+
+def test_weights_of_the_other_family_are_one_line(capsys, tmp_path):
+    """An SD3 file given to an SD 1.x model, and an SD 1.x folder given to an SD3 model."""
+    from safetensors.numpy import save_file
+
+    sd3_file = str(tmp_path / "sd3_medium.safetensors")
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": np.zeros((6, 2), np.float32)},
+              sd3_file)
+    assert main(["morph", "a", "b", "--weights", sd3_file, "--out", str(tmp_path / "a.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "is a Stable Diffusion 3 model" in err and "--model sd3-medium" in err and err.count("\n") == 1
+    sd1 = tmp_path / "sd15"
+    (sd1 / "unet").mkdir(parents=True)
+    assert main(["morph", "a", "b", "--model", "sd3-medium", "--weights", str(sd1), "--out",
+                 str(tmp_path / "b.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "holds Stable Diffusion 1.x/2.x weights" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "a_frames") and not os.path.exists(tmp_path / "b_frames")
