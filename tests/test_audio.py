@@ -218,3 +218,16 @@ def test_limits_hold_on_the_final_plan_before_any_model(tmp_path):
             sdanim.animate(walk, out=str(tmp_path / "w.mp4"), settings=S, export=export, model=no_model,
                            progress=False, limits=Limits(max_frames=max_frames, max_size=128))
     assert not os.path.exists(tmp_path / "w_frames" / "frame_00000.png")
+
+
+def test_numba_is_pointed_away_from_a_cpu_target_it_miscompiles():
+    """On AMD Zen 4 ("znver4") numba's code for librosa's beat tracker crashed the process
+    (a segmentation fault: a notebook's kernel died with it); sdanim sets NUMBA_CPU_NAME
+    before numba's import there, and nowhere else, and never over the user's choice."""
+    from sdanim.core.audio import numba_target
+
+    assert numba_target("znver4", {}, numba_imported=False) == "x86-64-v4"
+    assert numba_target("znver4", {"NUMBA_CPU_NAME": "generic"}, numba_imported=False) is None
+    assert numba_target("znver4", {}, numba_imported=True) is None  # too late: numba read it at import
+    assert numba_target("skylake-avx512", {}, numba_imported=False) is None
+    assert numba_target("znver3", {}, numba_imported=False) is None

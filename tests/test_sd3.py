@@ -11,21 +11,17 @@ notice: keyframes equal `generate`, frames do not depend on the batch size, and 
 combinations are one line before anything is built.
 """
 
-import dataclasses
 import os
 
 import numpy as np
 import pytest
 
 from conftest import require
+from tiny import make_tiny_sd3_model, tiny_sd3_configs
 from sdanim.frontends.cli import main
 from sdanim.model import sd3
 
-TINY = sd3.SD3Config(
-    hidden_dim=64, num_layers=3, num_heads=2, position_size=16, qk_norm=None, dual_attention=(),
-    clip_l=sd3.ClipConfig(32, 2, 2, 64, "quick_gelu"), clip_g=sd3.ClipConfig(48, 2, 2, 96, "gelu"),
-    vae_filters=(32, 32, 32, 32), vae_blocks=1)
-TINY_35 = dataclasses.replace(TINY, qk_norm="rms_norm", dual_attention=(0, 1))  # 3.5 medium's MMDiT-X
+TINY, TINY_35 = tiny_sd3_configs()  # SD3's layout; 3.5 medium's MMDiT-X
 SIZE = 64
 LATENT = SIZE // 8
 
@@ -75,11 +71,7 @@ def _packed(seq, pooled):
 @pytest.fixture(scope="module")
 def tiny_model():
     """A tiny SD3 model with random weights (3.5's MMDiT-X layout), shared by the module."""
-    from sdanim.core.runtime import import_keras
-
-    keras = import_keras()
-    keras.utils.set_random_seed(1)
-    return sd3.wrap("sd3-medium", sd3.build_backbone(TINY_35, SIZE, SIZE, "float32"), SIZE, SIZE, "random", "float32")
+    return make_tiny_sd3_model(SIZE, SIZE)
 
 
 def test_flow_euler_sigmas_and_steps_are_diffusers():
@@ -235,3 +227,184 @@ def test_weights_of_the_other_family_are_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "holds Stable Diffusion 1.x/2.x weights" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "a_frames") and not os.path.exists(tmp_path / "b_frames")
+
+
+def _randomize(module, torch):
+    """Every parameter of a torch module drawn at random (norm scales around 1)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            spread = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
+            p.copy_(torch.randn_like(p) * spread + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory):
+    """A tiny SD3 in diffusers' layout, every parameter random, saved as a diffusers folder
+    (transformer/, text_encoder/, text_encoder_2/, vae/), and sdanim's model read from it."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    from sdanim.core.runtime import import_keras
+    from sdanim.formats.sd3_files import read_sd3_folder
+
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    refs = {"transformer": _reference_transformer(TINY_35)}
+    for name, c in (("text_encoder", TINY_35.clip_l), ("text_encoder_2", TINY_35.clip_g)):
+        config = transformers.CLIPTextConfig(
+            vocab_size=c.vocabulary_size, hidden_size=c.hidden_dim, intermediate_size=c.intermediate_dim,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, max_position_embeddings=77,
+            hidden_act=c.activation, projection_dim=c.hidden_dim)
+        refs[name] = _randomize(transformers.CLIPTextModelWithProjection(config), torch)
+    refs["vae"] = _randomize(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=list(TINY_35.vae_filters),
+        layers_per_block=TINY_35.vae_blocks, latent_channels=16, norm_num_groups=32, scaling_factor=1.5305,
+        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False), torch)
+    for name, module in refs.items():
+        module.save_pretrained(folder / name)
+    keras = import_keras()
+    keras.utils.set_random_seed(5)
+    backbone = sd3.build_backbone(TINY_35, SIZE, SIZE, "float32")
+    sd3.load_diffusers(backbone, read_sd3_folder(str(folder)), TINY_35, str(folder))
+    return folder, refs, sd3.wrap("sd3-medium", backbone, SIZE, SIZE, str(folder), "float32")
+
+
+def _reference_text(refs, tokens, torch):
+    """diffusers' SD3 prompt embeddings without T5 from token ids: CLIP-L's and CLIP-G's
+    penultimate hidden states side by side, zero-padded to 4096 and by 77 rows; the
+    pooled text embeddings side by side. CLIP-G's ids carry "!" (0) after the end token."""
+    g_tokens = tokens.copy()
+    for row in g_tokens:
+        end = int(np.argmax(row == sd3.END_TOKEN))
+        row[end + 1:] = 0
+    seqs, pooled = [], []
+    with torch.no_grad():
+        for name, ids in (("text_encoder", tokens), ("text_encoder_2", g_tokens)):
+            out = refs[name](torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+            seqs.append(out.hidden_states[-2].numpy())
+            pooled.append(out.text_embeds.numpy())
+    seq = np.concatenate(seqs, axis=-1)
+    seq = np.pad(seq, [(0, 0), (0, 77), (0, sd3.CONTEXT_WIDTH - seq.shape[-1])])
+    return seq, np.concatenate(pooled, axis=-1)
+
+
+def test_a_diffusers_folders_clip_l_and_g_give_diffusers_embeddings(diffusers_folder):
+    torch = require("torch")
+    _, refs, model = diffusers_folder
+    from sdanim.model.stable_diffusion import prompt_encoder
+
+    encoder = prompt_encoder(model)
+    tokens = np.array([encoder.tokenize(p) for p in ("a lighthouse at dawn", "")], np.int32)
+    seq, pooled = _reference_text(refs, tokens, torch)
+    ours = encoder.encode(["a lighthouse at dawn", ""])
+    scale = max(np.abs(seq).max(), np.abs(pooled).max())
+    assert np.abs(ours[:, :154] - seq).max() <= 1e-4 * scale
+    assert np.abs(ours[:, 154, :80] - pooled).max() <= 1e-4 * scale
+
+
+def test_a_diffusers_folders_vae_decodes_and_encodes_as_diffusers(diffusers_folder):
+    torch = require("torch")
+    _, refs, model = diffusers_folder
+    vae = refs["vae"]
+    rng = np.random.default_rng(4)
+    latent = rng.standard_normal((2, LATENT, LATENT, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = vae.decode(torch.from_numpy(latent.transpose(0, 3, 1, 2)) / 1.5305 + 0.0609).sample.numpy()
+    ours = np.asarray(model.decoder(latent))
+    scale = np.abs(expected).max()
+    assert np.abs(ours - expected.transpose(0, 2, 3, 1)).max() <= 1e-4 * scale
+    image = rng.uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    with torch.no_grad():
+        mean = vae.encode(torch.from_numpy(image.transpose(0, 3, 1, 2))).latent_dist.mode()
+        expected = ((mean - 0.0609) * 1.5305).numpy().transpose(0, 2, 3, 1)
+    ours = np.asarray(model.image_encoder(image))
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_a_diffusers_folder_renders_diffusers_pipelines_image(diffusers_folder):
+    """The whole loop and the decode, from a diffusers folder: prompt -> the image
+    `StableDiffusion3Pipeline` (no T5) makes from the same embeddings and latents."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    import sdanim
+    from sdanim.model.stable_diffusion import prompt_encoder
+
+    _, refs, model = diffusers_folder
+    encoder = prompt_encoder(model)
+    tokens = np.array([encoder.tokenize(p) for p in ("a lighthouse at dawn", "")], np.int32)
+    seq, pooled = _reference_text(refs, tokens, torch)
+    settings = sdanim.RenderSettings(height=SIZE, width=SIZE, scheduler="flow_euler", num_steps=2, guidance_scale=5.0)
+    result = sdanim.generate("a lighthouse at dawn", seed=11, model=model, settings=settings, progress=False)
+    from sdanim.core.noise import seeded_noise
+
+    noise = seeded_noise(11, (LATENT, LATENT, 16))[None]
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=refs["transformer"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=refs["vae"], text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None)
+    with torch.no_grad():
+        expected = pipe(prompt_embeds=torch.from_numpy(seq[:1]), pooled_prompt_embeds=torch.from_numpy(pooled[:1]),
+                        negative_prompt_embeds=torch.from_numpy(seq[1:]),
+                        negative_pooled_prompt_embeds=torch.from_numpy(pooled[1:]),
+                        latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)), num_inference_steps=2,
+                        guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np",
+                        max_sequence_length=77).images
+    expected = np.round(np.clip(expected[0], 0, 1) * 255)
+    assert expected.std() > 5
+    assert np.abs(result.images[0].astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_diffusers_folder_with_a_tensor_missing_or_extra_is_one_line(diffusers_folder, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from sdanim.config.errors import SdanimError
+    from sdanim.formats.sd3_files import read_sd3_folder
+
+    folder, _, _ = diffusers_folder
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(vae_file))
+    backbone = sd3.build_backbone(TINY_35, SIZE, SIZE, "float32")
+    for name, change in (("missing", lambda t: t.pop("decoder.conv_out.bias")),
+                         ("extra", lambda t: t.update({"decoder.quant_conv.weight": np.zeros((2, 2), np.float32)}))):
+        copy = tmp_path / name
+        import shutil
+
+        shutil.copytree(folder, copy)
+        changed = dict(tensors)
+        change(changed)
+        save_file(changed, str(copy / "vae" / "diffusion_pytorch_model.safetensors"))
+        with pytest.raises(SdanimError) as error:
+            sd3.load_diffusers(backbone, read_sd3_folder(str(copy)), TINY_35, str(copy))
+        message = str(error.value)
+        assert "\n" not in message and "vae" in message
+        assert ("decoder.conv_out.bias" in message) if name == "missing" else ("decoder.quant_conv.weight" in message)
+
+
+def test_image_tools_run_on_sd3_and_keep_what_they_should(tiny_model, tmp_path):
+    """img2img, inpainting, grids and step views ride the same loop: strength 0 keeps the
+    image, inpainting keeps the unmasked half, a grid cell is that
+    prompt and seed's image, a step view's last step is the generated image."""
+    import sdanim
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    settings = sdanim.RenderSettings(height=SIZE, width=SIZE, scheduler="flow_euler", num_steps=3)
+    common = dict(model=tiny_model, settings=settings, progress=False, out_dir=None)
+    kept = sdanim.img2img(image, "a red cube", strength=0.0, seed=1, **common).images[0]
+    np.testing.assert_array_equal(kept, image)  # strength 0 keeps the image
+    changed = sdanim.img2img(image, "a red cube", strength=0.7, seed=1, **common).images[0]
+    assert np.abs(changed.astype(int) - image.astype(int)).mean() > 2
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[:, : SIZE // 2] = True
+    painted = sdanim.inpaint(image, mask, "a blue sphere", seed=2, **common).images[0]
+    np.testing.assert_array_equal(painted[:, -SIZE // 4:], image[:, -SIZE // 4:])  # far from the mask's edge
+    assert np.abs(painted.astype(int) - image.astype(int))[:, : SIZE // 4].mean() > 2
+    cells = sdanim.grid(["a red cube", "a blue sphere"], seeds=(1, 2), model=tiny_model, settings=settings,
+                        progress=False, out=None).cells
+    generated = sdanim.generate("a blue sphere", seed=2, **common).images[0]
+    assert np.abs(cells[1, 1].astype(int) - generated.astype(int)).max() <= 1
+    views = sdanim.denoising_steps("a blue sphere", seed=2, model=tiny_model, settings=settings, progress=False,
+                                   out=None)
+    assert np.abs(views.images[-1].astype(int) - generated.astype(int)).max() <= 1

@@ -204,3 +204,28 @@ def make_tiny_sd_model(height: int = 64, width: int = 64, seed: int = 0, linear:
     layers.attach_attention_interp(unet)
     return TinyModel(height, width, TinyTokenizer(), tiny_text_encoder(context_dim), unet, tiny_decoder(height, width),
                      tiny_image_encoder(), version="2.1" if linear else "1.4")
+
+
+def tiny_sd3_configs():
+    """(SD3's layout, 3.5 medium's MMDiT-X): tiny SD3-family architectures with the real
+    structure (KerasHub's pieces; the VAE keeps its four levels, so its scale is 8)."""
+    import dataclasses
+
+    from sdanim.model import sd3
+
+    sd3_config = sd3.SD3Config(
+        hidden_dim=64, num_layers=3, num_heads=2, position_size=16, qk_norm=None, dual_attention=(),
+        clip_l=sd3.ClipConfig(32, 2, 2, 64, "quick_gelu"), clip_g=sd3.ClipConfig(48, 2, 2, 96, "gelu"),
+        vae_filters=(32, 32, 32, 32), vae_blocks=1)
+    return sd3_config, dataclasses.replace(sd3_config, qk_norm="rms_norm", dual_attention=(0, 1))
+
+
+def make_tiny_sd3_model(height: int = 64, width: int = 64, seed: int = 1):
+    """A tiny SD3 model (3.5 medium's MMDiT-X layout) with seeded random weights, wrapped as
+    `load_sd3` wraps the real one."""
+    from sdanim.model import sd3
+
+    keras.utils.set_random_seed(seed)
+    config = tiny_sd3_configs()[1]
+    return sd3.wrap("sd3-medium", sd3.build_backbone(config, height, width, "float32"), height, width, "random",
+                    "float32")

@@ -26,6 +26,39 @@ from sdanim.config.errors import check
 from sdanim.core.interpolation import EASINGS
 
 SAMPLE_RATE = 22050  # librosa's default analysis rate
+
+# CPUs for which numba's code (LLVM's target for that CPU) crashes librosa's beat tracker:
+# a segmentation fault that takes the process, or a notebook's kernel, with it
+# (numba 0.68, llvmlite 0.50, on AMD Zen 4: `llvmlite.binding.get_host_cpu_name()` is
+# "znver4"; the same code compiled for x86-64-v4, AVX-512 without Zen 4's tuning, runs).
+MISCOMPILED_CPUS = {"znver4": "x86-64-v4"}
+
+
+def numba_target(host_cpu: str, env: dict, numba_imported: bool) -> Optional[str]:
+    """The NUMBA_CPU_NAME to set before numba's import on `host_cpu`, or None: only for a
+    CPU in `MISCOMPILED_CPUS`, only before numba is imported, never over the user's own."""
+    if numba_imported or env.get("NUMBA_CPU_NAME"):
+        return None
+    return MISCOMPILED_CPUS.get(host_cpu)
+
+
+def avoid_miscompiling_cpu_target() -> None:
+    """Before numba is first imported on a CPU in `MISCOMPILED_CPUS`, points numba at the
+    generic target beside it (NUMBA_CPU_NAME, which numba reads at import) unless the
+    user set it: the one change sdanim makes to its caller's process for the audio
+    analysis, so that librosa's beat tracking does not crash it."""
+    import os
+    import sys
+
+    if "numba" in sys.modules:
+        return
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:  # no numba either: librosa's import says so
+        return
+    target = numba_target(llvm.get_host_cpu_name(), dict(os.environ), False)
+    if target is not None:
+        os.environ["NUMBA_CPU_NAME"] = target
 HOP = 512  # analysis hop: 23 ms at SAMPLE_RATE
 SILENCE = 1e-4  # peak amplitude below which a track counts as silent
 
@@ -54,6 +87,7 @@ class Analysis:
 
 def analyze(samples: np.ndarray, rate: int = SAMPLE_RATE) -> Analysis:
     """Loudness, onset strength, beats and tempo of a mono track (librosa)."""
+    avoid_miscompiling_cpu_target()
     import librosa
 
     y = np.asarray(samples, np.float32)

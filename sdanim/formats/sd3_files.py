@@ -15,22 +15,98 @@ Pure NumPy: torch linears (out, in) become Keras kernels (in, out), convolutions
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable, Mapping
 
 import numpy as np
 
 from sdanim.config.errors import SdanimError
+from sdanim.formats.tensors import read_tensors
+
+SD3_PARTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+
+
+@dataclasses.dataclass(frozen=True)
+class SD3Folder:
+    """A diffusers SD3 folder, opened: each part's {name: LazyTensor} (nothing read yet)
+    and the transformer's config. text_encoder_3 (T5) is not opened."""
+
+    transformer: dict
+    text_encoder: dict
+    text_encoder_2: dict
+    vae: dict
+    transformer_config: dict
+
+
+def read_sd3_folder(folder: str) -> SD3Folder:
+    """Opens a diffusers SD3 folder's safetensors (sharded files too); one line naming
+    every part that has none."""
+    parts, missing = {}, []
+    for part in SD3_PARTS:
+        files = sorted(glob.glob(os.path.join(folder, part, "*.safetensors")))
+        if part == "vae" or part == "transformer":
+            files = [f for f in files if os.path.basename(f).startswith("diffusion_pytorch_model")]
+        else:
+            files = [f for f in files if os.path.basename(f).startswith("model")]
+        if not files:
+            missing.append(f"{part}/")
+            continue
+        variants = [f for f in files if ".fp16." not in f] or files  # one variant: full precision first
+        tensors: dict = {}
+        for path in variants:
+            tensors.update(read_tensors(path, "weights"))
+        parts[part] = tensors
+    if missing:
+        raise SdanimError(f"the diffusers SD3 folder lacks {', '.join(missing)} (each needs .safetensors weights). "
+                          f"Received: weights={folder!r}")
+    try:
+        with open(os.path.join(folder, "transformer", "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        transformer_layers(config)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SdanimError(f"{folder}/transformer/config.json is not a diffusers SD3 transformer config "
+                          f"({type(error).__name__}). Received: weights={folder!r}") from None
+    return SD3Folder(transformer_config=config, **parts)
+
+
+def _value(tensor) -> np.ndarray:
+    """A tensor's values as float32: a `LazyTensor` read now, or an array."""
+    return tensor.load() if hasattr(tensor, "load") else np.asarray(tensor, np.float32)
+
+
+def _take(state: dict, name: str) -> Callable[[], np.ndarray]:
+    """Pops `name` from `state` (a missing one raises KeyError) and reads it when called:
+    the mapping is made without reading any values, and each is read when assigned."""
+    tensor = state.pop(name)
+    return lambda: _value(tensor)
 
 
 def _dense(state, name: str, out: dict, target: str, bias: bool = True) -> None:
-    out[f"{target}/kernel"] = state.pop(f"{name}.weight").T
+    weight = _take(state, f"{name}.weight")
+    out[f"{target}/kernel"] = lambda: weight().T
     if bias:
-        out[f"{target}/bias"] = state.pop(f"{name}.bias")
+        out[f"{target}/bias"] = _take(state, f"{name}.bias")
+
+
+def _conv(state, name: str, out: dict, target: str) -> None:
+    weight = _take(state, f"{name}.weight")
+    out[f"{target}/kernel"] = lambda: weight().transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
+    out[f"{target}/bias"] = _take(state, f"{name}.bias")
+
+
+def _norm(state, name: str, out: dict, target: str, scale: str = "gamma", center: str = "beta") -> None:
+    out[f"{target}/{scale}"] = _take(state, f"{name}.weight")
+    out[f"{target}/{center}"] = _take(state, f"{name}.bias")
 
 
 def _fused(state, names: tuple, out: dict, target: str) -> None:
-    out[f"{target}/kernel"] = np.concatenate([state.pop(f"{n}.weight") for n in names], axis=0).T
-    out[f"{target}/bias"] = np.concatenate([state.pop(f"{n}.bias") for n in names], axis=0)
+    weights = [_take(state, f"{n}.weight") for n in names]
+    biases = [_take(state, f"{n}.bias") for n in names]
+    out[f"{target}/kernel"] = lambda: np.concatenate([w() for w in weights], axis=0).T
+    out[f"{target}/bias"] = lambda: np.concatenate([b() for b in biases], axis=0)
 
 
 def _swap_halves(array: np.ndarray) -> np.ndarray:
@@ -39,8 +115,23 @@ def _swap_halves(array: np.ndarray) -> np.ndarray:
 
 
 def _adaln_swapped(state, name: str, out: dict, target: str) -> None:
-    out[f"{target}/kernel"] = _swap_halves(state.pop(f"{name}.weight")).T
-    out[f"{target}/bias"] = _swap_halves(state.pop(f"{name}.bias"))
+    weight, bias = _take(state, f"{name}.weight"), _take(state, f"{name}.bias")
+    out[f"{target}/kernel"] = lambda: _swap_halves(weight()).T
+    out[f"{target}/bias"] = lambda: _swap_halves(bias())
+
+
+def _mapped(build: Callable, state: Mapping, what: str, shape: str) -> dict:
+    """Runs one mapping over a copy of `state`; one line for a missing or left-over tensor."""
+    state = dict(state)
+    try:
+        out = build(state)
+    except KeyError as missing:
+        raise SdanimError(f"{what} lacks {missing.args[0]!r}: not {shape}. Received: {missing.args[0]}=None") from None
+    if state:
+        names = sorted(state)
+        raise SdanimError(f"{what} has {len(names)} tensor(s) sdanim does not map, e.g. {names[0]!r}: not {shape}. "
+                          f"Received: {len(names)} extra tensor(s)")
+    return out
 
 
 def transformer_layers(config: Mapping) -> tuple:
@@ -50,34 +141,21 @@ def transformer_layers(config: Mapping) -> tuple:
             config.get("qk_norm"))
 
 
-def mmdit_weights(state: Mapping[str, np.ndarray], num_layers: int, dual: tuple = (), qk_norm=None,
+def mmdit_weights(state: Mapping, num_layers: int, dual: tuple = (), qk_norm=None,
                   what: str = "the SD3 transformer") -> dict:
-    """diffusers `SD3Transformer2DModel` tensors -> {KerasHub MMDiT weight path: array}.
-
-    Raises a one-line `SdanimError` naming any tensor left over (another architecture).
-    """
-    state = {k: np.asarray(v, np.float32) for k, v in state.items()}
-    try:
-        out = _mmdit(state, num_layers, dual, qk_norm)
-    except KeyError as missing:
-        raise SdanimError(f"{what} lacks {missing.args[0]!r}: not an SD3 transformer of this shape (layers="
-                          f"{num_layers}, dual attention={list(dual)}, qk_norm={qk_norm}). "
-                          f"Received: {missing.args[0]}=None") from None
-    if state:
-        names = sorted(state)
-        raise SdanimError(f"{what} has {len(names)} tensor(s) sdanim does not map, e.g. {names[0]!r}: not an SD3 "
-                          f"transformer of this shape (layers={num_layers}, dual attention={list(dual)}, "
-                          f"qk_norm={qk_norm}). Received: {len(names)} extra tensor(s)")
-    return out
+    """diffusers `SD3Transformer2DModel` tensors -> {KerasHub MMDiT weight path: a
+    function that reads its value}. One line for a tensor missing or left over."""
+    shape = (f"an SD3 transformer of this shape (layers={num_layers}, dual attention={list(dual)}, "
+             f"qk_norm={qk_norm})")
+    return _mapped(lambda state: _mmdit(state, num_layers, tuple(dual), qk_norm), state, what, shape)
 
 
 def _mmdit(state: dict, num_layers: int, dual: tuple, qk_norm) -> dict:
     """Pops every tensor it maps from `state`."""
     out: dict = {}
-    conv = state.pop("pos_embed.proj.weight")
-    out["patch_embedding/patch_embedding/kernel"] = conv.transpose(2, 3, 1, 0)
-    out["patch_embedding/patch_embedding/bias"] = state.pop("pos_embed.proj.bias")
-    out["position_embedding/embeddings"] = state.pop("pos_embed.pos_embed")[0]
+    _conv(state, "pos_embed.proj", out, "patch_embedding/patch_embedding")
+    grid = _take(state, "pos_embed.pos_embed")
+    out["position_embedding/embeddings"] = lambda: grid()[0]
     _dense(state, "context_embedder", out, "context_embedding")
     _dense(state, "time_text_embed.text_embedder.linear_1", out, "vector_embedding/dense1")
     _dense(state, "time_text_embed.text_embedder.linear_2", out, "vector_embedding/dense2")
@@ -101,16 +179,107 @@ def _mmdit(state: dict, num_layers: int, dual: tuple, qk_norm) -> dict:
             _dense(state, f"{src}.ff_context.net.2", out, f"{c}/mlp/dense2")
         _fused(state, tuple(f"{src}.attn.add_{p}_proj" for p in "qkv"), out, f"{c}/attention_qkv")
         if qk_norm:
-            out[f"{x}/q_norm/scale"] = state.pop(f"{src}.attn.norm_q.weight")
-            out[f"{x}/k_norm/scale"] = state.pop(f"{src}.attn.norm_k.weight")
-            out[f"{c}/q_norm/scale"] = state.pop(f"{src}.attn.norm_added_q.weight")
-            out[f"{c}/k_norm/scale"] = state.pop(f"{src}.attn.norm_added_k.weight")
+            out[f"{x}/q_norm/scale"] = _take(state, f"{src}.attn.norm_q.weight")
+            out[f"{x}/k_norm/scale"] = _take(state, f"{src}.attn.norm_k.weight")
+            out[f"{c}/q_norm/scale"] = _take(state, f"{src}.attn.norm_added_q.weight")
+            out[f"{c}/k_norm/scale"] = _take(state, f"{src}.attn.norm_added_k.weight")
         if i in dual:
             _fused(state, tuple(f"{src}.attn2.to_{p}" for p in "qkv"), out, f"{x}/attention_qkv2")
             _dense(state, f"{src}.attn2.to_out.0", out, f"{x}/attention_proj2")
             if qk_norm:
-                out[f"{x}/q_norm2/scale"] = state.pop(f"{src}.attn2.norm_q.weight")
-                out[f"{x}/k_norm2/scale"] = state.pop(f"{src}.attn2.norm_k.weight")
+                out[f"{x}/q_norm2/scale"] = _take(state, f"{src}.attn2.norm_q.weight")
+                out[f"{x}/k_norm2/scale"] = _take(state, f"{src}.attn2.norm_k.weight")
     _adaln_swapped(state, "norm_out.linear", out, "output_ada_layer_norm/dense")
     _dense(state, "proj_out", out, "output_dense")
     return out
+
+
+def clip_weights(state: Mapping, num_layers: int, prefix: str, what: str = "the CLIP text encoder") -> tuple:
+    """transformers `CLIPTextModelWithProjection` tensors -> ({KerasHub CLIPTextEncoder
+    weight path: reader}, {its projection's path: reader}). `prefix` is the encoder's
+    name ("clip_l" or "clip_g"), which KerasHub puts in front of its layers' names."""
+
+    def build(state):
+        out, projection = {}, {}
+        text = "text_model"
+        out[f"{prefix}_embedding/token_embedding/embeddings"] = _take(state, f"{text}.embeddings.token_embedding.weight")
+        out[f"{prefix}_embedding/position_embedding/embeddings"] = _take(
+            state, f"{text}.embeddings.position_embedding.weight")
+        state.pop(f"{text}.embeddings.position_ids", None)  # a buffer some files keep
+        for i in range(num_layers):
+            src, dst = f"{text}.encoder.layers.{i}", f"{prefix}_encoder_block_{i}"
+            _norm(state, f"{src}.layer_norm1", out, f"{dst}/layer_norm_1")
+            _norm(state, f"{src}.layer_norm2", out, f"{dst}/layer_norm_2")
+            for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+                weight, bias = _take(state, f"{src}.self_attn.{theirs}.weight"), _take(state, f"{src}.self_attn.{theirs}.bias")
+                # (out, in) -> (in, out); `fit_shape` splits out into KerasHub's (heads, head_dim)
+                out[f"{dst}/attention/{ours}/kernel"] = (lambda w=weight: w().T)
+                out[f"{dst}/attention/{ours}/bias"] = bias
+            weight = _take(state, f"{src}.self_attn.out_proj.weight")
+            out[f"{dst}/attention/attention_output/kernel"] = (lambda w=weight: w().T)  # -> (heads, head_dim, out)
+            out[f"{dst}/attention/attention_output/bias"] = _take(state, f"{src}.self_attn.out_proj.bias")
+            _dense(state, f"{src}.mlp.fc1", out, f"{dst}/dense_1")
+            _dense(state, f"{src}.mlp.fc2", out, f"{dst}/dense_2")
+        _norm(state, f"{text}.final_layer_norm", out, f"{prefix}_layer_norm")
+        _dense(state, "text_projection", projection, "dense", bias=False)
+        return out, projection
+
+    return _mapped(build, state, what, f"a CLIP text encoder with a projection and {num_layers} layers")
+
+
+def fit_shape(value: np.ndarray, shape: tuple) -> np.ndarray:
+    """`value` in the shape of the variable it goes into where only the grouping of
+    axes differs (KerasHub's CLIP attention keeps (in, heads, head_dim) kernels, (heads,
+    head_dim) biases and (heads, head_dim, out) output kernels: the heads are consecutive
+    slices of torch's features, so a C-order reshape splits them); otherwise unchanged."""
+    if tuple(value.shape) != tuple(shape) and value.size == int(np.prod(shape)):
+        return value.reshape(shape)
+    return value
+
+
+def vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 VAE") -> dict:
+    """diffusers `AutoencoderKL` (16 latent channels, no quant convs) tensors ->
+    {KerasHub VAEBackbone weight path: reader}. The decoder has `blocks + 1` resnets per
+    level, its up blocks in diffusers' order (widest first), as KerasHub builds them."""
+
+    def resnet(state, src, dst, out):
+        _norm(state, f"{src}.norm1", out, f"{dst}/norm1")
+        _conv(state, f"{src}.conv1", out, f"{dst}/conv1")
+        _norm(state, f"{src}.norm2", out, f"{dst}/norm2")
+        _conv(state, f"{src}.conv2", out, f"{dst}/conv2")
+        if f"{src}.conv_shortcut.weight" in state:
+            _conv(state, f"{src}.conv_shortcut", out, f"{dst}/residual_projection")
+
+    def mid(state, part, out):
+        resnet(state, f"{part}.mid_block.resnets.0", f"{part}/mid_block_0", out)
+        resnet(state, f"{part}.mid_block.resnets.1", f"{part}/mid_block_1", out)
+        src, dst = f"{part}.mid_block.attentions.0", f"{part}/mid_attention"
+        _norm(state, f"{src}.group_norm", out, f"{dst}/group_norm")
+        for ours, theirs in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("output", "to_out.0")):
+            weight = _take(state, f"{src}.{theirs}.weight")
+            out[f"{dst}/{ours}_conv2d/kernel"] = (lambda w=weight: w().T[None, None])  # linear -> 1x1 conv
+            out[f"{dst}/{ours}_conv2d/bias"] = _take(state, f"{src}.{theirs}.bias")
+
+    def build(state):
+        out: dict = {}
+        _conv(state, "encoder.conv_in", out, "encoder/input_projection")
+        for i in range(levels):
+            for j in range(blocks):
+                resnet(state, f"encoder.down_blocks.{i}.resnets.{j}", f"encoder/block_{i}_{j}", out)
+            if i < levels - 1:
+                _conv(state, f"encoder.down_blocks.{i}.downsamplers.0.conv", out, f"encoder/downsample_{i}_conv")
+        mid(state, "encoder", out)
+        _norm(state, "encoder.conv_norm_out", out, "encoder/output_norm")
+        _conv(state, "encoder.conv_out", out, "encoder/output_projection")
+        _conv(state, "decoder.conv_in", out, "decoder/input_projection")
+        mid(state, "decoder", out)
+        for i in range(levels):
+            for j in range(blocks + 1):
+                resnet(state, f"decoder.up_blocks.{i}.resnets.{j}", f"decoder/block_{i}_{j}", out)
+            if i < levels - 1:
+                _conv(state, f"decoder.up_blocks.{i}.upsamplers.0.conv", out, f"decoder/upsample_{i}_conv")
+        _norm(state, "decoder.conv_norm_out", out, "decoder/output_norm")
+        _conv(state, "decoder.conv_out", out, "decoder/output_projection")
+        return out
+
+    return _mapped(build, state, what, f"an SD3 VAE with {levels} levels of {blocks} blocks")

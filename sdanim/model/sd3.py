@@ -20,10 +20,9 @@ speaks, and every floor above this one renders SD3 as it renders SD 1.x:
     image_encoder(image in [-1, 1]) -> latent (B, H/8, W/8, 16): the posterior mean,
         shifted and scaled.
 
-Weights: "random" (the exact architecture, seeded: offline runs and tests) or
-"keras-hub": KerasHub's preset (Kaggle; online users). diffusers' transformer names map
-onto KerasHub's MMDiT (`sdanim.formats.sd3_files`, what the parity tests load); its CLIP
-and VAE folders are not read yet.
+Weights: "random" (the exact architecture, seeded: offline runs and tests),
+"keras-hub": KerasHub's preset (Kaggle; online users), or a diffusers folder, its names
+mapped onto KerasHub's layers by `sdanim.formats.sd3_files` (T5 left out).
 """
 
 from __future__ import annotations
@@ -40,6 +39,9 @@ from sdanim.config.errors import SdanimError, check
 from sdanim.config.settings import check_image_size
 from sdanim.core.runtime import import_keras, import_keras_hub
 from sdanim.formats.checkpoints import CHECKPOINT_SUFFIXES, inspect_checkpoint
+from sdanim.formats.sd3_files import (
+    SD3Folder, clip_weights, fit_shape, mmdit_weights, read_sd3_folder, transformer_layers, vae_weights,
+)
 from sdanim.model.device import choose_onednn, detect_device, device_defaults
 from sdanim.model.layers import BUILD_LOCK
 from sdanim.model.stable_diffusion import ModelState
@@ -310,10 +312,11 @@ def wrap(version: str, backbone, height: int, width: int, weights: str, precisio
 
 
 def assign(layer, weights: dict, what: str) -> None:
-    """Sets every weight of `layer` from {weight path: array}; one line for a weight
-    missing from `weights`, one left over, or a shape that differs."""
-    variables = {v.path.split("/", 1)[1] if v.path.startswith(layer.name + "/") else v.path: v
-                 for v in layer.weights}
+    """Sets every weight of `layer` from {weight path: array, or a function that reads
+    it} (`sdanim.formats.sd3_files`); one line for a weight missing from `weights`, one
+    left over, or a shape that differs. Values are read one at a time."""
+    prefix = layer.name + "/"
+    variables = {v.path[len(prefix):] if v.path.startswith(prefix) else v.path: v for v in layer.weights}
     missing = sorted(set(variables) - set(weights))
     extra = sorted(set(weights) - set(variables))
     check(not missing and not extra,
@@ -321,6 +324,7 @@ def assign(layer, weights: dict, what: str) -> None:
           f"{len(extra)} left over (e.g. {extra[:1]}). Received: {len(weights)} tensors")
     for path, variable in variables.items():
         value = weights[path]
+        value = fit_shape(np.asarray(value() if callable(value) else value, np.float32), tuple(variable.shape))
         check(tuple(value.shape) == tuple(variable.shape),
               f"{what}: {path} has shape {tuple(value.shape)}, the architecture's is {tuple(variable.shape)}. "
               f"Received: {path}={tuple(value.shape)}")
@@ -333,17 +337,15 @@ _LIVE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def weight_kind(weights: str) -> str:
-    """"preset" (KerasHub's, "keras-cv" or "keras-hub") or "random"; one line for
-    anything else, and for SD 1.x/2.x weights."""
+    """"preset" (KerasHub's, "keras-cv" or "keras-hub"), "random" or "diffusers" (a
+    diffusers SD3 folder); one line for anything else, and for SD 1.x/2.x weights."""
     if weights in ("keras-cv", "keras-hub"):
         return "preset"
     if weights == "random":
         return "random"
     if os.path.isdir(weights):
         if os.path.isfile(os.path.join(weights, "transformer", "config.json")):
-            raise SdanimError(f"{weights} is a diffusers SD3 folder; sdanim maps its transformer's names "
-                              "(sdanim.formats.sd3_files) but does not read its CLIP and VAE folders yet: use "
-                              f"--weights keras-hub (KerasHub's preset) or random. Received: weights={weights!r}")
+            return "diffusers"
         if os.path.isdir(os.path.join(weights, "unet")) or any(f.endswith(".h5") for f in os.listdir(weights)):
             raise SdanimError(f"{weights} holds Stable Diffusion 1.x/2.x weights (a UNet), not an SD3 model: use "
                               f"--model 1.4 or 2.1 with it. Received: weights={weights!r}")
@@ -366,7 +368,9 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
             "sd3.5-large-turbo".
         weights: str. "keras-hub" (or "keras-cv", the default of every model spec):
             KerasHub's preset, downloaded from Kaggle by KerasHub; "random": the exact
-            architecture with seeded random weights.
+            architecture with seeded random weights; or a diffusers folder
+            (transformer/, text_encoder/, text_encoder_2/, vae/; text_encoder_3/, T5,
+            is left out), every tensor accounted for.
         height, width: int. Image size, multiples of 64.
         precision: str. As `load_model`; passed to KerasHub's layers as their dtype
             policy (the process's global policy is left as it is).
@@ -396,9 +400,14 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     if kind == "preset":
         backbone = _from_preset(config, version, height, width, precision, weights)
     else:
+        parts = read_sd3_folder(weights) if kind == "diffusers" else None  # checked before the build
+        if parts is not None:
+            check_folder_config(parts, config, version, weights)
         with BUILD_LOCK:
             keras.utils.set_random_seed(seed)
             backbone = build_backbone(config, height, width, precision)
+        if parts is not None:
+            load_diffusers(backbone, parts, config, weights)
     model = wrap(version, backbone, height, width, weights, precision, jit_compile, attention)
     _LIVE[key] = model
     return model
@@ -414,3 +423,28 @@ def _from_preset(config: SD3Config, version: str, height: int, width: int, preci
                           "Kaggle on first use (accept the model's license there and set KAGGLE_USERNAME/KAGGLE_KEY), "
                           f"or pass a diffusers folder, or --weights random for an offline run. "
                           f"Received: weights={weights!r}") from None
+
+
+def check_folder_config(parts: "SD3Folder", config: SD3Config, version: str, folder: str) -> None:
+    """A diffusers folder of another SD3 architecture than `version`: one line, before the build."""
+    layers, dual, qk_norm = transformer_layers(parts.transformer_config)
+    check((layers, tuple(dual), qk_norm) == (config.num_layers, tuple(config.dual_attention), config.qk_norm),
+          f"{folder}'s transformer has {layers} layers (dual attention in {len(dual)}, qk_norm {qk_norm}), not "
+          f"{version}'s {config.num_layers} (dual attention in {len(config.dual_attention)}, qk_norm "
+          f"{config.qk_norm}): pass the --model it is. Received: weights={folder!r}")
+
+
+def load_diffusers(backbone, parts: "SD3Folder", config: SD3Config, folder: str) -> None:
+    """A diffusers SD3 folder's transformer, CLIP-L, CLIP-G and VAE into the backbone's
+    layers, every tensor accounted for, one tensor read at a time."""
+    layers, dual, qk_norm = transformer_layers(parts.transformer_config)
+    assign(backbone.diffuser, mmdit_weights(parts.transformer, layers, tuple(dual), qk_norm,
+                                            what=f"{folder}/transformer"), f"{folder}/transformer")
+    for name, clip, clip_config, projection in (
+            ("text_encoder", backbone.clip_l, config.clip_l, backbone.clip_l_projection),
+            ("text_encoder_2", backbone.clip_g, config.clip_g, backbone.clip_g_projection)):
+        encoder, proj = clip_weights(getattr(parts, name), clip_config.num_layers, clip.name, what=f"{folder}/{name}")
+        assign(clip, encoder, f"{folder}/{name}")
+        assign(projection, proj, f"{folder}/{name}")
+    assign(backbone.vae, vae_weights(parts.vae, len(config.vae_filters), config.vae_blocks, what=f"{folder}/vae"),
+           f"{folder}/vae")

@@ -34,7 +34,8 @@ def check_decoder(model, settings: RenderSettings) -> None:
     model family takes (`check_sampler`), and the tiny decoder's weights (`model`'s
     `taesd`, else the pinned download) where `settings` ask for it."""
     version = known_version(model)
-    check_sampler(version, settings.scheduler)
+    if model is None or isinstance(model, ModelSpec) or version is not None:  # a function's model: checked when built
+        check_sampler(version, settings.scheduler)
     if settings.decoder == "tiny":
         check(not is_sd3(version), "the tiny decoder (TAESD) is for Stable Diffusion 1.x/2.x latents; SD3's 16-channel "
                                    f"latents would need TAESD3: use decoder='full' with {version}. "
