@@ -60,7 +60,7 @@ def test_help_reads_well():
     out = subprocess.run([sys.executable, "-m", "sdanim", "morph", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--frames", "--fps", "--seed", "--steps", "--guidance", "--size", "--batch-size", "--out", "--weights", "--scheduler"):
         assert flag in out
-    assert "keras-cv|random|DIR" in out and "example:" in out
+    assert "keras-cv|keras-hub|random|DIR" in out and "sd3-medium" in out and "example:" in out
 
 
 @pytest.mark.parametrize(

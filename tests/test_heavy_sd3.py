@@ -2,10 +2,12 @@
 `SD3Transformer2DModel` holding the same random weights (every parameter drawn, the
 position grid too), for SD3 medium's layout and 3.5 medium's MMDiT-X.
 
-Memory: each transformer is about 8.3 GB in float32, so they never live together. The
-reference is built, its output computed, its weights written to a safetensors file and
-the model dropped; then sdanim builds KerasHub's MMDiT and reads the file one tensor at a
-time through the same name map a diffusers folder goes through (peak about 10 GB).
+Memory: each transformer is about 8.1 GB in float32, so they never live together. In a
+process of its own per version, the reference is built, its output computed, its weights
+written to disk (one .npy per tensor) and the model dropped; then sdanim builds KerasHub's backbone
+(the MMDiT, CLIP-L, CLIP-G and the VAE: its parameter count is checked against KerasHub's
+preset's) and reads the tensors one at a time through the same name map a diffusers
+folder goes through.
 
 The family tier (`python -m pytest -m family`); the quick tier checks the same code on
 tiny configurations (tests/test_sd3.py)."""
@@ -13,11 +15,16 @@ tiny configurations (tests/test_sd3.py)."""
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import require
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import require  # noqa: E402
 
 torch = require("torch")
 diffusers = require("diffusers")
@@ -34,11 +41,39 @@ PRESET_PARAMETERS = {"sd3-medium": 2_987_080_931, "sd3.5-medium": 3_371_793_763}
 
 @pytest.mark.parametrize("version", ["sd3-medium", "sd3.5-medium"])
 def test_the_mmdit_matches_diffusers_at_real_shapes(version, tmp_path, capsys):
-    from safetensors.torch import save_file
+    """Each version in a process of its own: TensorFlow keeps a dropped model's weights
+    alive in the functions it traced, and two 8 GB transformers do not fit beside them."""
+    proc = subprocess.run([sys.executable, __file__, version, str(tmp_path)], capture_output=True, text=True,
+                          timeout=1100)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    with capsys.disabled():
+        print(f"\n{version} MMDiT at {SIZE} px ({result['parameters']:,} parameters): max |sdanim - diffusers| = "
+              f"{result['gap']:.2e} of the output's scale {result['scale']:.2f}; child peak RSS "
+              f"{result['peak_gib']:.1f} GiB")
+    assert result["scale"] > 0.1
+    assert result["mmdit_parameters"] == result["parameters"] + result["grid"]  # the same architecture
+    assert result["backbone_parameters"] == PRESET_PARAMETERS[version]  # its text encoders and VAE KerasHub's
+    assert result["gap"] <= 1e-4
+
+
+class _Npy:
+    """A tensor on disk, read when the name map asks for it (as `LazyTensor` reads a
+    checkpoint's): never more than one tensor in memory beside the model."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path)
+
+
+def _compare(version: str, folder: str) -> dict:
+    import resource
 
     from sdanim.core.runtime import import_keras
     from sdanim.formats.sd3_files import mmdit_weights
-    from sdanim.formats.tensors import read_tensors
     from sdanim.model import sd3
 
     config = sd3.SD3_CONFIGS[version]
@@ -63,8 +98,11 @@ def test_the_mmdit_matches_diffusers_at_real_shapes(version, tmp_path, capsys):
         expected = ref(hidden_states=torch.from_numpy(latent.transpose(0, 3, 1, 2)),
                        encoder_hidden_states=torch.from_numpy(seq), pooled_projections=torch.from_numpy(pooled),
                        timestep=torch.from_numpy(t[:, 0])).sample.numpy().transpose(0, 2, 3, 1)
-    path = str(tmp_path / "transformer.safetensors")
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    # One .npy per tensor (a safetensors file is serialised in memory first: 8 GB more).
+    names = []
+    for i, (name, value) in enumerate(ref.state_dict().items()):
+        np.save(os.path.join(folder, f"{i}.npy"), value.numpy())
+        names.append(name)
     parameters = sum(p.numel() for p in ref.parameters())
     grid = ref.pos_embed.pos_embed.numel()  # a buffer in diffusers, a weight in KerasHub
     del ref
@@ -73,18 +111,19 @@ def test_the_mmdit_matches_diffusers_at_real_shapes(version, tmp_path, capsys):
     keras = import_keras()
     keras.utils.set_random_seed(0)
     backbone = sd3.build_backbone(config, SIZE, SIZE, "float32")
-    assert backbone.diffuser.count_params() == parameters + grid  # the same architecture, to the parameter
-    assert backbone.count_params() == PRESET_PARAMETERS[version]  # and the text encoders and VAE KerasHub's
-    sd3.assign(backbone.diffuser, mmdit_weights(read_tensors(path), config.num_layers, config.dual_attention,
-                                                config.qk_norm), "the reference transformer")
+    state = {name: _Npy(os.path.join(folder, f"{i}.npy")) for i, name in enumerate(names)}
+    sd3.assign(backbone.diffuser, mmdit_weights(state, config.num_layers, config.dual_attention, config.qk_norm),
+               "the reference transformer")
     model = sd3.wrap(version, backbone, SIZE, SIZE, "random", "float32")
     packed = np.zeros((2, sd3.CONTEXT_ROWS, sd3.CONTEXT_WIDTH), np.float32)
     packed[:, : sd3.SEQUENCE_TOKENS], packed[:, sd3.SEQUENCE_TOKENS, :2048] = seq, pooled
     ours = np.asarray(model.diffusion_model([latent, t, packed]))
-    scale = np.abs(expected).max()
-    gap = np.abs(ours - expected).max() / scale
-    with capsys.disabled():
-        print(f"\n{version} MMDiT at {SIZE} px ({parameters:,} parameters): max |sdanim - diffusers| = "
-              f"{gap:.2e} of the output's scale {scale:.2f}")
-    assert scale > 0.1
-    assert gap <= 1e-4
+    scale = float(np.abs(expected).max())
+    return {"gap": float(np.abs(ours - expected).max()) / scale, "scale": scale, "parameters": int(parameters),
+            "grid": int(grid), "mmdit_parameters": int(backbone.diffuser.count_params()),
+            "backbone_parameters": int(backbone.count_params()),
+            "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(_compare(sys.argv[1], sys.argv[2])), flush=True)

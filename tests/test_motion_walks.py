@@ -160,7 +160,7 @@ def test_an_sd2_model_is_refused_before_anything_runs(tmp_path):
     import types
 
     sd2 = types.SimpleNamespace(version="2.1")  # a model that says what it is (the UNet's check: test_motion.py)
-    with pytest.raises(SdanimError, match=r"^motion modules are for SD 1.x \(no SD 2.x modules exist\)\. "
+    with pytest.raises(SdanimError, match=r"^motion modules are for SD 1.x \(AnimateDiff's; none exist for SD 2.x or SD3\)\. "
                                           r"Received: model version 2.1$"):
         _morph(sd2, tmp_path / "clip.gif", frames=4)
     assert not os.path.exists(tmp_path / "clip_frames")

@@ -254,3 +254,22 @@ def test_switching_weights_and_loras_is_checked_first(app, tmp_path):
     assert holder.spec.weights == "random" and holder.spec.loras == ()  # nothing changed
     assert holder.use("keras-cv", "") == "Using keras-cv with 0 LoRA(s): the model loads at the next render."
     assert holder.spec.weights == "keras-cv" and holder.model is None
+
+
+def test_an_app_serving_sd3_offers_its_sampler_first(tmp_path):
+    """The operator's SD3 model (`python -m sdanim ui --model sd3-medium`) takes only the
+    flow-matching sampler: every tab's sampler starts there, not at DDIM."""
+    require("gradio")
+    from tiny import make_tiny_model, make_tiny_sd3_model
+
+    from sdanim.frontends.ui.app import build_app
+
+    def samplers(model):
+        blocks = build_app(model=model, out_dir=str(tmp_path))
+        values = [c["props"].get("value") for c in blocks.config["components"]
+                  if c["props"].get("label") == "Sampler"]
+        assert values  # every tab has one
+        return set(values)
+
+    assert samplers(make_tiny_sd3_model()) == {"flow_euler"}
+    assert samplers(make_tiny_model()) == {"ddim"}

@@ -96,6 +96,14 @@ class SD3Config:
     steps: int = 28
     guidance: float = 7.0
     preset: str = ""
+    parameters: int = 0  # the whole model's (KerasHub's preset metadata; checked in the family tier)
+
+    @property
+    def memory_gb(self) -> float:
+        """Host memory one process holding the model needs: float32 variables (as every
+        precision sdanim offers keeps them) and 2 GB for activations and the framework.
+        Measured for sd3-medium at 128 px: 12.9 GiB peak RSS (estimate 13.1)."""
+        return self.parameters * 4 / 2**30 + 2.0
 
 
 CLIP_L = ClipConfig(768, 12, 12, 3072, "quick_gelu")
@@ -105,13 +113,13 @@ CLIP_G = ClipConfig(1280, 32, 20, 5120, "gelu")
 # run defaults from each model card (3.5 large turbo: 4 steps without guidance).
 SD3_CONFIGS = {
     "sd3-medium": SD3Config(1536, 24, 24, 192, None, (), CLIP_L, CLIP_G, steps=28, guidance=7.0,
-                            preset="stable_diffusion_3_medium"),
+                            preset="stable_diffusion_3_medium", parameters=2_987_080_931),
     "sd3.5-medium": SD3Config(1536, 24, 24, 384, "rms_norm", tuple(range(13)), CLIP_L, CLIP_G, steps=40,
-                              guidance=4.5, preset="stable_diffusion_3.5_medium"),
+                              guidance=4.5, preset="stable_diffusion_3.5_medium", parameters=3_371_793_763),
     "sd3.5-large": SD3Config(2432, 38, 38, 192, "rms_norm", (), CLIP_L, CLIP_G, steps=28, guidance=3.5,
-                             preset="stable_diffusion_3.5_large"),
+                             preset="stable_diffusion_3.5_large", parameters=9_048_410_595),
     "sd3.5-large-turbo": SD3Config(2432, 38, 38, 192, "rms_norm", (), CLIP_L, CLIP_G, steps=4, guidance=1.0,
-                                   preset="stable_diffusion_3.5_large_turbo"),
+                                   preset="stable_diffusion_3.5_large_turbo", parameters=9_048_410_595),
 }
 assert tuple(SD3_CONFIGS) == SD3_VERSIONS
 
@@ -200,8 +208,13 @@ def _wrappers(backbone, height: int, width: int):
             return ops.cast(backbone.decode_step(ops.cast(latent, backbone.vae.compute_dtype)), "float32")
 
     class Encode(keras.layers.Layer):
+        """The posterior's mean, whatever sampler the VAE was saved with (KerasHub's presets
+        may draw a sample, which would make image-to-image depend on a hidden draw)."""
+
         def call(self, image):
-            return ops.cast(backbone.encode_image_step(ops.cast(image, backbone.vae.compute_dtype)), "float32")
+            moments = backbone.vae.encoder(ops.cast(image, backbone.vae.compute_dtype), training=False)
+            mean, _ = ops.split(moments, 2, axis=-1)  # (mean, log variance), as KerasHub's sampler splits them
+            return ops.cast(backbone.image_rescaling(mean), "float32")
 
     tokens = keras.Input((77,), dtype="int32", name="tokens")
     positions = keras.Input((77,), dtype="int32", name="positions")

@@ -47,6 +47,7 @@ from sdanim.config.errors import SdanimError, check
 from sdanim.config.settings import RenderSettings
 from sdanim.core.runtime import quiet_tensorflow_env
 from sdanim.model.device import KEEP_WEIGHTS, choose_onednn, limit_threads, onednn_enabled, weights_kept
+from sdanim.model.sd3 import SD3_CONFIGS
 from sdanim.model.spec import ModelSpec
 from sdanim.render.jobs import Job, frame_metadata
 from sdanim.render.local import LocalFrames
@@ -58,6 +59,15 @@ from sdanim.render.store import FrameStore
 # float32 plus activations and the framework), so Ray never packs two into a node
 # that cannot hold them. Measured: 5.5-6 GB RSS per process at 128-512 px on CPU.
 MODEL_MEMORY_GB = 6.0
+
+
+def model_memory_gb(model) -> float:
+    """What one worker declares for `model`: a spec's real model (SD3's from its size,
+    `SD3Config.memory_gb`), nothing for a function's (tests' tiny models)."""
+    if model is not None and not isinstance(model, ModelSpec):
+        return 0.0
+    config = SD3_CONFIGS.get(getattr(model, "version", None))
+    return MODEL_MEMORY_GB if config is None else config.memory_gb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +321,7 @@ class RayFrames:
             cpus = max(1, int(resources.get("CPU", 1) // workers.count)) if gpus == 0 else 1
         memory_gb = workers.memory_per_worker_gb
         if memory_gb is None:
-            memory_gb = MODEL_MEMORY_GB if (model is None or isinstance(model, ModelSpec)) else 0.0
+            memory_gb = model_memory_gb(model)
         need = {"CPU": cpus * workers.count, "GPU": gpus * workers.count,
                 "memory": memory_gb * 2**30 * workers.count}
         short = [f"{k} {need[k] / (2**30 if k == 'memory' else 1):g}{' GB' if k == 'memory' else ''} "

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from sdanim.config.choices import PREPROCESSORS, SCHEDULERS
+from sdanim.config.choices import FLOW_SCHEDULERS, PREPROCESSORS, SCHEDULERS
 from sdanim.config.control import ControlNetSpec
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.limits import Limits
@@ -21,6 +21,7 @@ from sdanim.core.hints import make_hint
 from sdanim.core.keyframes import parse_prompt_text, parse_walk
 from sdanim.formats.images import load_pictures
 from sdanim.frontends.ui.model import ModelHolder, check_disk
+from sdanim.model.sd3 import is_sd3
 
 SIZES = ("512x512", "768x512", "512x768", "640x640", "384x384", "256x256", "128x128", "64x64")
 KEYFRAMES_HELP = (
@@ -94,7 +95,10 @@ def sampling_inputs(context: AppContext):
     sizes = list(dict.fromkeys([context.default_size, *SIZES]))
     with gr.Row():
         size = gr.Dropdown(sizes, value=context.default_size, label="Size (WxH)", allow_custom_value=True)
-        sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler")
+        # The operator's model decides the sampler's family: SD3 (`--model sd3-medium`) takes flow_euler only.
+        version = getattr(context.holder.spec, "version", None) or getattr(context.holder.model, "version", None)
+        sampler = gr.Dropdown(list(SCHEDULERS), value=FLOW_SCHEDULERS[0] if is_sd3(version) else "ddim",
+                              label="Sampler")
         steps = gr.Number(value=0, precision=0, label="Steps (0 = the sampler's default)")
         guidance = gr.Number(value=0, label="Guidance (0 = the sampler's default)")
         batch = gr.Number(value=4, precision=0, label="Batch size", minimum=1)
