@@ -5,6 +5,7 @@ Stable Diffusion (KerasCV's classes: `loading`, `layers`, `convert`, `lora`,
 (`compiled`), the text context's projections (`context_cache`), the tokenizer, the
 weight-file registry with its pinned downloads (`registry`), and the model families
 beside it: attention interpolation, the tiny decoder, the frame interpolator and the
-upscaler. Only this floor imports keras_cv; the floors above talk to the models
-through their call signatures.
+upscaler; and Stable Diffusion 3 / 3.5 on KerasHub's pieces (`sd3`). Only this floor
+imports keras_cv and keras_hub; the floors above talk to the models through their call
+signatures.
 """
