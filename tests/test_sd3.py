@@ -203,6 +203,7 @@ M3 = ["morph", "a cat", "a dog", "--weights", "random"]
     (M3 + ["--model", "sd3-medium", "--attention-interp", "inner"], "on SD3's joint attention it is not built yet"),
     (M3 + ["--model", "sd3-medium", "--lora", "x.safetensors"], "LoRAs are not supported for sd3-medium yet"),
     (M3 + ["--model", "sd3-medium", "--motion-module", "random"], "motion modules are for SD 1.x"),
+    (M3 + ["--model", "sd3-medium", "--controlnet", "random"], "SD3's ControlNets (a transformer of their own)"),
 ])
 def test_sd3_combinations_that_cannot_work_are_one_line(capsys, argv, match, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "x.gif")]) == 2
@@ -441,3 +442,13 @@ def test_a_ray_worker_declares_the_memory_of_the_sd3_model_it_loads():
     assert 12.9 <= model_memory_gb(sdanim.ModelSpec(version="sd3-medium")) <= 14
     assert model_memory_gb(sdanim.ModelSpec(version="sd3.5-large")) > 33
     assert model_memory_gb(make_tiny_sd3_model) == 0.0  # a function's model: the caller's to size
+
+
+def test_a_diffusers_folder_of_another_sd3_is_one_line_before_the_build(diffusers_folder, capsys, tmp_path):
+    """A 3-layer folder given as sd3.5-medium: refused from its config, nothing built."""
+    folder, _, _ = diffusers_folder
+    assert main(["morph", "a", "b", "--model", "sd3.5-medium", "--weights", str(folder), "--out",
+                 str(tmp_path / "x.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "transformer has 3 layers" in err and "not sd3.5-medium's 24" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "x_frames")
