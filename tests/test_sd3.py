@@ -452,3 +452,15 @@ def test_a_diffusers_folder_of_another_sd3_is_one_line_before_the_build(diffuser
     err = capsys.readouterr().err
     assert "transformer has 3 layers" in err and "not sd3.5-medium's 24" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x_frames")
+
+
+def test_load_model_hands_an_sd3_version_to_the_sd3_loader():
+    """`sdanim.load_model(version="sd3-medium", ...)` builds SD3 as `ModelSpec` does: its
+    checks are the SD3 loader's, one line each, before anything is built."""
+    import sdanim
+    from sdanim.config.errors import SdanimError
+
+    with pytest.raises(SdanimError, match=r"weights for an SD3 model must be .*Received: weights='/no/such.safetensors'$"):
+        sdanim.load_model(version="sd3-medium", weights="/no/such.safetensors", height=64, width=64)
+    with pytest.raises(SdanimError, match=r"^LoRAs are not supported for sd3-medium yet"):
+        sdanim.load_model(version="sd3-medium", weights="random", height=64, width=64, loras=["x.safetensors"])

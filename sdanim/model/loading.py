@@ -37,7 +37,8 @@ from sdanim.model.layers import (
 from sdanim.model.registry import (
     MAX_PROMPT_LENGTH, PART_ORDER, PinnedFileError, fetch, file_name, keras_cache_dir, keras_cv_file,
 )
-from sdanim.model.stable_diffusion import StableDiffusionModel
+from sdanim.model.sd3 import is_sd3, load_sd3
+from sdanim.model.stable_diffusion import StableDiffusionModel, as_loras
 
 
 def _resolve_weight_files(version: str, weights: str, parts) -> dict:
@@ -183,7 +184,8 @@ def load_model(
     Args:
         version: str or None. "1.4" (KerasCV `StableDiffusion`, the SD 1.x
             architecture) or "2.1" (`StableDiffusionV2`, SD 2.x). None: what the
-            checkpoint or folder holds, else "1.4". Defaults to None.
+            checkpoint or folder holds, else "1.4". An SD3 model ("sd3-medium", ...)
+            is built by `sdanim.model.sd3.load_sd3`. Defaults to None.
         weights: str. "keras-cv", "random", a directory of KerasCV .h5 files, or a
             checkpoint: a .safetensors/.ckpt file or a diffusers folder.
             Defaults to "keras-cv".
@@ -218,6 +220,9 @@ def load_model(
     model = sdanim.load_model(weights="random", height=128, width=128)
     ```
     """
+    if is_sd3(version):  # Stable Diffusion 3 / 3.5: KerasHub's pieces (`sdanim.model.sd3`)
+        return load_sd3(version, weights=weights, height=height, width=width, precision=precision,
+                        jit_compile=jit_compile, attention=attention, seed=seed, loras=as_loras(loras), taesd=taesd)
     # 1. Everything cheap is checked before a minute of building.
     _check_options(version, height, width, precision, attention)
     loras = check_lora_files(loras)  # a missing or malformed LoRA fails before the build
