@@ -26,6 +26,15 @@ SIZE = 64
 LATENT = SIZE // 8
 
 
+def _randomize(module, torch):
+    """Every parameter of a torch module drawn at random (norm scales around 1)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            spread = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
+            p.copy_(torch.randn_like(p) * spread + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
+    return module.eval()
+
+
 def _reference_transformer(config):
     """diffusers' SD3 transformer of `config`, every parameter (and the position grid)
     drawn at random, with scales that keep activations of order 1."""
@@ -38,11 +47,9 @@ def _reference_transformer(config):
         joint_attention_dim=sd3.CONTEXT_WIDTH, caption_projection_dim=config.hidden_dim,
         pooled_projection_dim=config.clip_l.hidden_dim + config.clip_g.hidden_dim,
         pos_embed_max_size=config.position_size, dual_attention_layers=config.dual_attention,
-        qk_norm=config.qk_norm).eval()
+        qk_norm=config.qk_norm)
+    _randomize(ref, torch)
     with torch.no_grad():
-        for name, p in ref.named_parameters():
-            spread = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
-            p.copy_(torch.randn_like(p) * spread + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
         ref.pos_embed.pos_embed.copy_(torch.randn_like(ref.pos_embed.pos_embed))
     return ref
 
@@ -228,15 +235,6 @@ def test_weights_of_the_other_family_are_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "holds Stable Diffusion 1.x/2.x weights" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "a_frames") and not os.path.exists(tmp_path / "b_frames")
-
-
-def _randomize(module, torch):
-    """Every parameter of a torch module drawn at random (norm scales around 1)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            spread = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
-            p.copy_(torch.randn_like(p) * spread + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -464,3 +462,49 @@ def test_load_model_hands_an_sd3_version_to_the_sd3_loader():
         sdanim.load_model(version="sd3-medium", weights="/no/such.safetensors", height=64, width=64)
     with pytest.raises(SdanimError, match=r"^LoRAs are not supported for sd3-medium yet"):
         sdanim.load_model(version="sd3-medium", weights="random", height=64, width=64, loras=["x.safetensors"])
+
+
+def test_a_diffusers_folder_without_a_part_is_one_line(tmp_path):
+    from sdanim.config.errors import SdanimError
+    from sdanim.formats.sd3_files import read_sd3_folder
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{}")
+    with pytest.raises(SdanimError, match=r"^the diffusers SD3 folder lacks transformer/, text_encoder/, "
+                                          r"text_encoder_2/, vae/ .*Received: weights="):
+        read_sd3_folder(str(tmp_path))
+
+
+def test_a_preset_that_cannot_be_fetched_and_a_missing_keras_hub_are_one_line(monkeypatch):
+    """Offline, KerasHub's download fails: one line saying where the weights come from and
+    what to pass instead; without KerasHub, one line naming the extra."""
+    import importlib.util
+
+    from sdanim.config.errors import SdanimError
+    from sdanim.core import runtime
+
+    _, backbone, _, _ = sd3._layers()
+
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution\nmore")
+
+    monkeypatch.setattr(backbone, "from_preset", offline)
+    with pytest.raises(SdanimError) as error:
+        sd3._from_preset(sd3.SD3_CONFIGS["sd3-medium"], 64, 64, "float32", "keras-hub")
+    message = str(error.value)
+    assert "\n" not in message and "stable_diffusion_3_medium preset could not be loaded" in message
+    assert "Temporary failure in name resolution more" in message and message.endswith("weights='keras-hub'")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "keras_hub" else real(name, *a))
+    with pytest.raises(SdanimError, match=r"pip install 'sdanim\[sd3\]'.*Received: keras_hub=None$"):
+        runtime.import_keras_hub()
+
+
+def test_weights_that_do_not_fit_the_architecture_are_one_line(tiny_model):
+    from sdanim.config.errors import SdanimError
+
+    projection = tiny_model.backbone.clip_l_projection
+    with pytest.raises(SdanimError, match=r"^x does not match the architecture: 1 weight\(s\) missing .*Received: 0 tensors$"):
+        sd3.assign(projection, {}, "x")
+    with pytest.raises(SdanimError, match=r"^x: dense/kernel has shape \(3, 3\), the architecture's is \(32, 32\)\. "):
+        sd3.assign(projection, {"dense/kernel": np.zeros((3, 3), np.float32)}, "x")

@@ -290,10 +290,6 @@ class SD3Model:
     context_dim = CONTEXT_WIDTH
 
     @property
-    def config(self) -> SD3Config:
-        return SD3_CONFIGS[self.version]
-
-    @property
     def tokenizer(self):
         """CLIP's BPE tokenizer (CLIP-L's and CLIP-G's vocabularies are the same)."""
         if self._tokenizer is None:
@@ -443,7 +439,7 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
         return alive
     config = SD3_CONFIGS[version]
     if kind == "preset":
-        backbone = _from_preset(config, version, height, width, precision, weights)
+        backbone = _from_preset(config, height, width, precision, weights)
     else:
         parts = read_sd3_folder(weights) if kind == "diffusers" else None  # checked before the build
         if parts is not None:
@@ -458,7 +454,7 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     return model
 
 
-def _from_preset(config: SD3Config, version: str, height: int, width: int, precision: str, weights: str):
+def _from_preset(config: SD3Config, height: int, width: int, precision: str, weights: str):
     _, Backbone, _, _ = _layers()
     try:
         return Backbone.from_preset(config.preset, image_shape=(height, width, 3), dtype=precision)
