@@ -3,11 +3,12 @@
 position grid too), for SD3 medium's layout and 3.5 medium's MMDiT-X.
 
 Memory: each transformer is about 8.1 GB in float32, so they never live together. In a
-process of its own per version, the reference is built, its output computed, its weights
-written to disk (one .npy per tensor) and the model dropped; then sdanim builds KerasHub's backbone
-(the MMDiT, CLIP-L, CLIP-G and the VAE: its parameter count is checked against KerasHub's
-preset's) and reads the tensors one at a time through the same name map a diffusers
-folder goes through.
+process of its own per version, the reference is built, every tensor drawn from a generator
+seeded by its position in the state dict, its output computed and the model dropped; then
+sdanim builds KerasHub's backbone (the MMDiT, CLIP-L, CLIP-G and the VAE: its parameter count
+is checked against KerasHub's preset's) and takes the same tensors, drawn again one at a time,
+through the same name map a diffusers folder goes through. Nothing is written to disk (8 GB
+of weights there filled CI's disk once).
 
 The family tier (`python -m pytest -m family`); the quick tier checks the same code on
 tiny configurations (tests/test_sd3.py)."""
@@ -40,10 +41,10 @@ PRESET_PARAMETERS = {"sd3-medium": 2_987_080_931, "sd3.5-medium": 3_371_793_763}
 
 
 @pytest.mark.parametrize("version", ["sd3-medium", "sd3.5-medium"])
-def test_the_mmdit_matches_diffusers_at_real_shapes(version, tmp_path, capsys):
+def test_the_mmdit_matches_diffusers_at_real_shapes(version, capsys):
     """Each version in a process of its own: TensorFlow keeps a dropped model's weights
     alive in the functions it traced, and two 8 GB transformers do not fit beside them."""
-    proc = subprocess.run([sys.executable, __file__, version, str(tmp_path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, version], capture_output=True, text=True,
                           timeout=1100)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -58,18 +59,29 @@ def test_the_mmdit_matches_diffusers_at_real_shapes(version, tmp_path, capsys):
     assert result["gap"] <= 1e-4
 
 
-class _Npy:
-    """A tensor on disk, read when the name map asks for it (as `LazyTensor` reads a
+def _draw(index: int, name: str, shape: tuple) -> "torch.Tensor":
+    """The reference's tensor `index` of the state dict, the same on every call: matrices
+    scaled by their fan-in, norm scales around 1, the position grid at unit scale."""
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(index))
+    if name.endswith("pos_embed.pos_embed"):
+        return values
+    if len(shape) > 1:
+        return values * float(np.prod(shape[1:])) ** -0.5
+    return values * 0.2 + (1.0 if "norm" in name else 0.0)
+
+
+class _Drawn:
+    """A tensor drawn again when the name map asks for it (as `LazyTensor` reads a
     checkpoint's): never more than one tensor in memory beside the model."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, index: int, name: str, shape: tuple):
+        self.index, self.name, self.shape = index, name, shape
 
     def load(self) -> np.ndarray:
-        return np.load(self.path)
+        return _draw(self.index, self.name, self.shape).numpy()
 
 
-def _compare(version: str, folder: str) -> dict:
+def _compare(version: str) -> dict:
     import resource
 
     from sdanim.core.runtime import import_keras
@@ -90,19 +102,13 @@ def _compare(version: str, folder: str) -> dict:
         attention_head_dim=64, num_attention_heads=config.num_heads, joint_attention_dim=4096,
         caption_projection_dim=config.hidden_dim, pooled_projection_dim=2048, pos_embed_max_size=config.position_size,
         dual_attention_layers=config.dual_attention, qk_norm=config.qk_norm).eval()
+    specs = [(i, name, tuple(value.shape)) for i, (name, value) in enumerate(ref.state_dict().items())]
     with torch.no_grad():
-        for name, p in ref.named_parameters():
-            spread = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
-            p.copy_(torch.randn_like(p) * spread + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
-        ref.pos_embed.pos_embed.copy_(torch.randn_like(ref.pos_embed.pos_embed))
+        for (i, name, shape), value in zip(specs, ref.state_dict().values()):
+            value.copy_(_draw(i, name, shape))  # parameters and the position grid (a buffer)
         expected = ref(hidden_states=torch.from_numpy(latent.transpose(0, 3, 1, 2)),
                        encoder_hidden_states=torch.from_numpy(seq), pooled_projections=torch.from_numpy(pooled),
                        timestep=torch.from_numpy(t[:, 0])).sample.numpy().transpose(0, 2, 3, 1)
-    # One .npy per tensor (a safetensors file is serialised in memory first: 8 GB more).
-    names = []
-    for i, (name, value) in enumerate(ref.state_dict().items()):
-        np.save(os.path.join(folder, f"{i}.npy"), value.numpy())
-        names.append(name)
     parameters = sum(p.numel() for p in ref.parameters())
     grid = ref.pos_embed.pos_embed.numel()  # a buffer in diffusers, a weight in KerasHub
     del ref
@@ -111,7 +117,7 @@ def _compare(version: str, folder: str) -> dict:
     keras = import_keras()
     keras.utils.set_random_seed(0)
     backbone = sd3.build_backbone(config, SIZE, SIZE, "float32")
-    state = {name: _Npy(os.path.join(folder, f"{i}.npy")) for i, name in enumerate(names)}
+    state = {name: _Drawn(i, name, shape) for i, name, shape in specs}
     sd3.assign(backbone.diffuser, mmdit_weights(state, config.num_layers, config.dual_attention, config.qk_norm),
                "the reference transformer")
     model = sd3.wrap(version, backbone, SIZE, SIZE, "random", "float32")
@@ -126,4 +132,4 @@ def _compare(version: str, folder: str) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(_compare(sys.argv[1], sys.argv[2])), flush=True)
+    print("RESULT " + json.dumps(_compare(sys.argv[1])), flush=True)
