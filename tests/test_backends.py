@@ -50,6 +50,7 @@ def _render(tmp_path_factory, backend: str) -> dict:
     return _OUTPUTS[backend]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["torch", "jax"])
 def test_backend_matches_tensorflow(tmp_path_factory, other):
     require(other)
@@ -64,6 +65,7 @@ def test_backend_matches_tensorflow(tmp_path_factory, other):
         assert outs[other][scheduler][0].std() > 1
 
 
+@pytest.mark.slow
 @pytest.mark.once  # which tensors torch makes, not the CPU's rounding: once per CI
 def test_no_float64_tensor_reaches_the_torch_backend(tmp_path):
     """Apple's MPS device crashes on any float64 tensor (keras-team/keras#23700). Every

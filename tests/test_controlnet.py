@@ -155,6 +155,7 @@ def test_residuals_and_the_unet_with_them_match_diffusers(pair):
     assert relative_gap(plain, expected_eps) > 1e-2  # the residuals change the prediction
 
 
+@pytest.mark.slow
 def test_a_few_pipeline_steps_with_two_nets_end_on_diffusers_latents(pair):
     """StableDiffusionControlNetPipeline with both nets at their own scales, one net in
     a window of the steps, and guess mode; the same embeddings, hints and starting
@@ -194,6 +195,7 @@ def test_a_few_pipeline_steps_with_two_nets_end_on_diffusers_latents(pair):
     assert relative_gap(results[True], results[False]) > 1e-2  # guess mode changes the result
 
 
+@pytest.mark.slow
 def test_the_program_loop_gives_the_step_loops_frames_and_scale_zero_is_no_controlnet(pair):
     """Both nets (the pipeline test's step function, traced once), one compiled program
     and the step loop: within 1 level. Scale 0, and a schedule that never acts, give the
@@ -315,6 +317,7 @@ def _picture(seed: int, size: int = 64) -> np.ndarray:
     return np.repeat(np.repeat(blocks, 16, 0), 16, 1)
 
 
+@pytest.mark.slow
 def test_morph_follows_a_folder_of_control_images_records_them_and_resumes(pair, tmp_path, monkeypatch, capsys):
     """Through the command line: each frame follows its own control image (frame i
     changes when only image i does), the manifest records the net and its hints, a rerun
@@ -400,6 +403,7 @@ def test_bad_controlnet_input_is_one_line_before_anything_renders(pair, tmp_path
         assert not (tmp_path / "bad_frames" / "frame_00000.png").exists()
 
 
+@pytest.mark.slow
 def test_the_app_renders_with_an_offered_controlnet_and_refuses_any_other(pair, tmp_path):
     """A network app offers the operator's ControlNets by name; the Animate tab renders
     with one (the manifest records it), and a typed path is refused whether it exists or
@@ -438,6 +442,7 @@ def test_the_app_renders_with_an_offered_controlnet_and_refuses_any_other(pair, 
         app.close()
 
 
+@pytest.mark.slow
 def test_every_image_tool_takes_a_controlnet(pair, tmp_path):
     """img2img, inpaint (the inpaint preprocessor: the image with its masked pixels at -1,
     no image given), outpaint, grid, the step view and image-morph, with a net: each runs,
@@ -476,6 +481,7 @@ def test_every_image_tool_takes_a_controlnet(pair, tmp_path):
     assert len(morph.frames) == 3
 
 
+@pytest.mark.slow
 def test_a_walk_schedules_images_and_scales_per_keyframe_and_aid_keeps_its_keyframes(pair, tmp_path):
     """A walk file's control_image and control_scale per keyframe: the frame between two
     keyframes takes the blend of their hints at the blended scale (a weight schedule is a

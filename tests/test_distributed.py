@@ -20,6 +20,8 @@ from sdanim.config.errors import SdanimError
 
 from conftest import gif_frames, require
 
+# Ray workers end to end: in the README's command, outside the quick tier (slow).
+pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
 S = sdanim.RenderSettings(height=64, width=64, num_steps=2, batch_size=2)
 PROMPTS = ["a red cube", "a blue sphere", "a green cone"]

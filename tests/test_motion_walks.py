@@ -19,7 +19,8 @@ from sdanim.config.settings import RenderSettings
 from sdanim.render import motion as motion_render
 from sdanim.tasks import walks
 
-pytestmark = pytest.mark.once  # end to end, no tolerance: once per CI, not on every CPU path
+# End to end, no tolerance: once per CI, not on every CPU path; outside the quick tier (slow).
+pytestmark = [pytest.mark.once, pytest.mark.slow]
 
 SETTINGS = RenderSettings(height=64, width=64, num_steps=2, guidance_scale=2.0, batch_size=3, scheduler="ddim")
 PROMPTS = ["a red barn", "a snowy forest", "a city at night"]

@@ -66,6 +66,7 @@ def test_killed_render_resumes_to_the_same_frames(tmp_path, capsys):
         assert im.n_frames == 9
 
 
+@pytest.mark.slow
 @pytest.mark.once
 def test_a_motion_clip_killed_mid_step_resumes_to_the_same_frames(tmp_path, capsys):
     """Motion modules couple the frames, so no frame is written before the clip is sampled:

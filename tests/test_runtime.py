@@ -29,6 +29,7 @@ def test_start_up_lines_are_dropped_and_everything_else_kept(tmp_path, monkeypat
     assert err == "a line of its own\n"
 
 
+@pytest.mark.slow
 def test_keras_import_is_quiet_with_onednn_forced_on():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env.update(TF_ENABLE_ONEDNN_OPTS="1", PYTHONPATH=ROOT)

@@ -131,6 +131,7 @@ def test_in_a_real_browser_offline(app, tmp_path):
     assert outside == [], outside[:5]  # nothing fetched from a CDN, no analytics
 
 
+@pytest.mark.slow
 def test_launch_inside_a_notebook_kernel(tmp_path):
     """sdanim.ui.launch() in a Jupyter kernel: shown inline, returns at once, serves."""
     nbformat = require("nbformat")
@@ -178,6 +179,7 @@ def test_keyframe_lines_round_trip():
         parse_keyframes("a [speed=2]\nb", 1, 2, "linear", False, "slerp", "fixed")
 
 
+@pytest.mark.slow
 def test_stop_keeps_frames_and_render_resumes(app):
     import re
     import time
