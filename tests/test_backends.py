@@ -82,3 +82,58 @@ def test_no_float64_tensor_reaches_the_torch_backend(tmp_path):
     report = json.loads(out.read_text())
     assert len(report["ran"]) >= 12, report["ran"]  # every sampler and every task ran
     assert report["float64"] == [], "\n".join(f"{s['op']} x{s['count']} at {s['where']}" for s in report["float64"])
+
+
+def _write_post_files(folder) -> None:
+    """The post networks' weight files, drawn with torch once: every backend reads them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from backend_post import FILES
+    from test_rife import _reference as rife_net, _save as save_rife
+    from test_upscale import _compact_state, _rrdb_state
+
+    save_rife(rife_net(False), os.path.join(folder, FILES["rife"]))
+    torch.save(_compact_state(num_feat=8, num_conv=2, scale=2), os.path.join(folder, FILES["compact"]))
+    torch.save(_rrdb_state(num_block=1, num_feat=8, ups=1), os.path.join(folder, FILES["rrdb"]))
+    diffusers = require("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderTiny().eval()
+    with torch.no_grad():  # random init leaves biases at 0: give every tensor something to carry
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(folder, FILES["taesd"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other", ["torch", "jax"])
+def test_post_networks_match_tensorflow(tmp_path_factory, other):
+    """RIFE in-betweens, both Real-ESRGAN architectures (tiled) and the tiny decoder's
+    decoder and encoder give TensorFlow's output on the other backend, from the same files:
+    within 1 level for frames, 1e-4 of the scale for the decoder's floats."""
+    require(other)
+    require("torch")
+    import backend_post
+
+    folder = tmp_path_factory.getbasetemp() / "post"
+    if not folder.exists():
+        folder.mkdir()
+        _write_post_files(str(folder))
+        with dtype_policy("float32"):
+            np.savez(folder / "tensorflow.npz", **backend_post.run(str(folder)))
+    out = folder / f"{other}.npz"
+    env = dict(os.environ, KERAS_BACKEND=other, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_post.py"), str(folder), str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(folder / "tensorflow.npz") as tf_out, np.load(out) as other_out:
+        assert sorted(tf_out.files) == sorted(other_out.files) == ["compact", "rife", "rrdb", "taesd_decoder",
+                                                                   "taesd_encoder"]
+        for name in ("rife", "compact", "rrdb"):
+            ours, theirs = tf_out[name].astype(int), other_out[name].astype(int)
+            assert ours.shape == theirs.shape and ours.std() > 1, name
+            assert np.abs(ours - theirs).max() <= 1, f"{name}: {other} and tensorflow differ by {np.abs(ours - theirs).max()} levels"
+        for name in ("taesd_decoder", "taesd_encoder"):
+            ours, theirs = tf_out[name], other_out[name]
+            gap = float(np.abs(ours - theirs).max() / np.abs(ours).max())
+            assert gap <= 1e-4, f"{name}: {other} and tensorflow differ by {gap:.2e} of the scale"

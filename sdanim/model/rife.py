@@ -153,8 +153,11 @@ def warp(image, flow):
     h, w, c = image.shape[1], image.shape[2], image.shape[3]
     ys = ops.cast(ops.arange(h), "float32")[None, :, None]  # (1, H, 1)
     xs = ops.cast(ops.arange(w), "float32")[None, None, :]  # (1, 1, W)
-    sx = ops.clip(xs + flow[..., 0], 0.0, w - 1.0)  # (B, H, W)
-    sy = ops.clip(ys + flow[..., 1], 0.0, h - 1.0)
+    # ops.add, not `+`: a JAX array does not defer `+` to a Keras tensor. The grid first:
+    # ops.add(flow, grid) built IFNet's functional graph with another result on TensorFlow
+    # (Keras 3.15), caught by the ccvfi parity test.
+    sx = ops.clip(ops.add(xs, flow[..., 0]), 0.0, w - 1.0)  # (B, H, W)
+    sy = ops.clip(ops.add(ys, flow[..., 1]), 0.0, h - 1.0)
     x0, y0 = ops.floor(sx), ops.floor(sy)
     wx, wy = (sx - x0)[..., None], (sy - y0)[..., None]  # (B, H, W, 1)
     x0i, y0i = ops.cast(x0, "int32"), ops.cast(y0, "int32")
