@@ -271,3 +271,70 @@ def test_cli_walk_and_circle_succeed(tiny, tmp_path, monkeypatch, capsys):
     assert "(9 frames at 9 fps; 9 rendered" in out and "smoothness: mean step" in out
     assert main(["circle", "a lighthouse", "--frames", "6", "--out", str(tmp_path / "c.gif"), *common]) == 0
     assert "(6 frames at 12 fps" in capsys.readouterr().out
+
+
+def _negative_walk(negatives, frames=3):
+    return Walk(tuple(make_keyframe(i, p, s, frames, negative=n)
+                      for i, (p, s, n) in enumerate(zip(["a red cube", "a blue sphere", "a green cone"], [1, 2, 3],
+                                                        negatives))))
+
+
+def test_per_keyframe_negative_prompts_travel_with_the_walk(tiny, tmp_path):
+    """Each keyframe's negative prompt: a keyframe's frame is `generate` with that negative
+    prompt; keyframes that all name the run's negative prompt are that run; a change to one
+    keyframe's negative changes its transitions only; the batch size changes nothing."""
+    def frames(walk, name, negative_prompt=None, settings=S):
+        return sdanim.animate(walk, out=str(tmp_path / f"{name}.gif"), settings=settings, model=tiny,
+                              negative_prompt=negative_prompt, progress=False).frames.astype(int)
+
+    negatives = ["blurry", "a dark room", None]
+    walk = _negative_walk(negatives)
+    base = frames(walk, "base", negative_prompt="text")
+    assert base.shape[0] == 7  # frames 0, 3, 6 sit on the keyframes
+    for k, frame in ((0, 0), (1, 3), (2, 6)):
+        alone = sdanim.generate(walk.keyframes[k].prompt, seed=walk.keyframes[k].seed, settings=S, model=tiny,
+                                negative_prompt=negatives[k] or "text", progress=False).images[0].astype(int)
+        assert np.abs(base[frame] - alone).max() <= 1, k  # the last keyframe takes the run's negative prompt
+    same = frames(_negative_walk(["text"] * 3), "same")
+    assert np.abs(same - frames(_negative_walk([None] * 3), "run", negative_prompt="text")).max() <= 1
+    changed = frames(_negative_walk(["blurry", "a dark room", "snow"]), "changed", negative_prompt="text")
+    assert np.abs(changed[:4] - base[:4]).max() <= 1  # frames up to keyframe 1 do not see keyframe 2's negative
+    assert np.abs(changed[4:] - base[4:]).max() > 2  # the last transition does (beyond rounding: the tiny encoder saturates)
+    assert np.abs(base - same).max() > 2  # the keyframes' own negatives were used, not the run's
+    import dataclasses
+
+    one = frames(walk, "one", negative_prompt="text", settings=dataclasses.replace(S, batch_size=1))
+    assert np.abs(one - base).max() <= 1
+
+
+def test_a_walk_files_negative_prompts_are_read_recorded_and_checked(tmp_path):
+    walk = parse_walk({"keyframes": [{"prompt": "a", "negative": "blurry"}, {"prompt": "b", "negative": {"x": 1, "y": 1}},
+                                     {"prompt": "c"}]})
+    assert [k.negative for k in walk.keyframes] == ["blurry", (("x", 1.0), ("y", 1.0)), None]
+    record = walk.record()["keyframes"]
+    assert record[0]["negative"] == "blurry" and record[1]["negative"] == [["x", 1.0], ["y", 1.0]]
+    assert "negative" not in record[2]  # only when set: walks without one keep their records (and resume)
+    with pytest.raises(SdanimError, match=r"keyframes\[1\]\.negative must be a string or a mapping.*Received: "
+                                          r"keyframes\[1\]\.negative=5"):
+        parse_walk({"keyframes": [{"prompt": "a"}, {"prompt": "b", "negative": 5}]})
+    path = tmp_path / "w.yaml"
+    path.write_text("keyframes:\n  - {prompt: a, negative: 7}\n  - {prompt: b}\n")
+    assert main(["walk", str(path), "--size", "64x64"]) == 2
+
+
+def test_a_motion_clip_takes_each_frames_negative_from_the_walk(tiny):
+    """Motion modules denoise a window's frames together: each row of the negative clip is
+    its frame's own negative embedding (the keyframes' interpolated), as for still frames."""
+    from sdanim.render.jobs import FrameJob, make_renderer
+    from sdanim.render.motion import clip_for
+
+    walk = _negative_walk(["blurry", "a dark room", None])
+    job = FrameJob(walk, S, "text")
+    plan = job.plan(tiny)
+    clip = clip_for(tiny, job, sdanim.MotionSpec("random", context=4, stride=2), make_renderer(tiny, S, "text"), plan)
+    expected = np.stack([plan.frame(i).negative for i in range(len(job))])
+    np.testing.assert_array_equal(clip.negatives, expected)
+    assert np.abs(clip.negatives[0] - clip.negatives[6]).max() > 1e-3  # "blurry" and the run's "text" differ
+    plain = clip_for(tiny, FrameJob(_negative_walk([None] * 3), S, "text"), sdanim.MotionSpec("random", context=4, stride=2),
+                     make_renderer(tiny, S, "text"))
+    np.testing.assert_allclose(plain.negatives, np.repeat(expected[6:], 7, axis=0), atol=1e-6)

@@ -23,6 +23,9 @@ parsed as data only (yaml.safe_load / json), never executed:
         frames: 24
         guide: a cartoon animal    # optional (PAID): the in-betweens to the next keyframe
                                    #   take this prompt's embedding instead of the blend
+        negative: blurry, text     # optional: this keyframe's negative prompt (or mix),
+                                   #   interpolated between keyframes as the prompts are;
+                                   #   a keyframe without one takes the run's negative prompt
         control_image: edges.png   # optional, with --controlnet: this keyframe's picture
         control_scale: 0.8         #   and scale (one, or a list: one per net), blended
                                    #   and interpolated between keyframes
@@ -117,6 +120,9 @@ class Keyframe:
             (one for every net, or one per net), blended between keyframes. Defaults to None.
         control_scale: tuple of float or None. The nets' scales at this keyframe (one, or
             one per net), interpolated between keyframes. Defaults to None.
+        negative: str, mix or None. This keyframe's negative prompt: under guidance each
+            frame's negative embedding is interpolated between its keyframes' as its
+            prompt embedding is. None: the run's negative prompt. Defaults to None.
     """
 
     prompt: Prompt
@@ -126,11 +132,14 @@ class Keyframe:
     guide: Optional[Prompt] = None
     control_image: Optional[tuple] = None
     control_scale: Optional[tuple] = None
+    negative: Optional[Prompt] = None
 
     def record(self) -> dict:
         record = {"prompt": _prompt_record(self.prompt), "seed": self.seed, "frames": self.frames, "easing": self.easing}
         if self.guide is not None:  # recorded only when set: walks without one read as before
             record["guide"] = _prompt_record(self.guide)
+        if self.negative is not None:  # as the guide: only when set
+            record["negative"] = _prompt_record(self.negative)
         for name in ("control_image", "control_scale"):
             value = getattr(self, name)
             if value is not None:
@@ -165,7 +174,7 @@ def _control_values(where: str, name: str, value, kind):
 
 
 def make_keyframe(index: int, prompt, seed, frames=24, easing="linear", guide=None, control_image=None,
-                  control_scale=None) -> Keyframe:
+                  control_scale=None, negative=None) -> Keyframe:
     """A validated keyframe; errors name the field as keyframes[index].field."""
     where = f"keyframes[{index}]"
     check(prompt is not None, f"{where} has no prompt. Received: prompt=None")
@@ -178,8 +187,10 @@ def make_keyframe(index: int, prompt, seed, frames=24, easing="linear", guide=No
     check_easing(easing, f"{where}.easing")
     if guide is not None:
         guide = normalize_prompt(guide, f"{where}.guide")
+    if negative is not None:
+        negative = normalize_prompt(negative, f"{where}.negative")
     return Keyframe(prompt, seed, frames, easing, guide, _control_values(where, "control_image", control_image, str),
-                    _control_values(where, "control_scale", control_scale, float))
+                    _control_values(where, "control_scale", control_scale, float), negative)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +312,7 @@ def walk_from_prompts(
 
 
 _FILE_KEYS = {"keyframes", "loop", "interpolation", "noise", "attention", "attention_warmup"}
-_KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing", "guide", "control_image", "control_scale"}
+_KEYFRAME_KEYS = {"prompt", "seed", "frames", "easing", "guide", "control_image", "control_scale", "negative"}
 
 
 def parse_walk(data, default_seed: int = 42) -> Walk:
@@ -320,7 +331,7 @@ def parse_walk(data, default_seed: int = 42) -> Walk:
         check(not unknown, f"keyframes[{i}] has unknown field(s): {', '.join(map(str, unknown))}. Received: {unknown}")
         keyframes.append(make_keyframe(
             i, item.get("prompt"), item.get("seed", default_seed + i), item.get("frames", 24), item.get("easing", "linear"),
-            item.get("guide"), item.get("control_image"), item.get("control_scale"),
+            item.get("guide"), item.get("control_image"), item.get("control_scale"), item.get("negative"),
         ))
     return Walk(tuple(keyframes), loop, data.get("interpolation", "slerp"), data.get("noise", "keyframes"),
                 data.get("attention", "off"), data.get("attention_warmup", 0.5))

@@ -39,6 +39,7 @@ class FrameInputs:
     init_latent: Optional[np.ndarray] = None  # (h, w, 4) image latent (image-to-image, inpainting)
     mask: Optional[np.ndarray] = None  # (h, w, 1) 1 = paint, 0 = keep init_latent (inpainting)
     control: tuple = ()  # ((hint (H, W, 3), scale), ...) one per ControlNet (`sdanim.core.hints`)
+    negative: Optional[np.ndarray] = None  # (77, D) the frame's own negative embedding; None: the renderer's
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,6 +65,9 @@ class FramePlan:
         attention_warmup: float. Fraction of the steps that interpolate attention.
         controls: tuple of `sdanim.core.hints.NetHints`: each ControlNet's hint and scale
             per frame. Defaults to none.
+        negatives: (K, 77, D) float32 or None: each keyframe's negative embedding,
+            interpolated per frame as the embeddings are (frame i's `negative`); None:
+            every frame takes the renderer's negative context.
     """
 
     embeddings: np.ndarray
@@ -76,10 +80,14 @@ class FramePlan:
     attention: str = "off"
     attention_warmup: float = 0.5
     controls: tuple = ()
+    negatives: Optional[np.ndarray] = None
 
     def __post_init__(self):
         k = len(self.embeddings)
         check(k >= 1, f"a plan needs at least one keyframe. Received: {k} keyframes")
+        check(self.negatives is None or np.shape(self.negatives) == np.shape(self.embeddings),
+              f"a plan needs one negative embedding per keyframe, shaped as its embedding. Received: negatives of "
+              f"shape {np.shape(self.negatives)} for embeddings of shape {np.shape(self.embeddings)}")
         if self.noise_mode == "circle":
             check(
                 len(self.noises) == 2 and len(self.seeds) == 2,
@@ -159,7 +167,11 @@ class FramePlan:
         u = float(k)  # computed as `frame` computes a frame at u = k: the same arrays
         noise = self.noises[0] if self.noise_mode == "fixed" else self._at(self.noises, u, "slerp")
         return FrameInputs(-1, self._at(self.embeddings, u, self.interpolation), noise, step_seed(self.seeds[k]), u,
-                           control=control_inputs(self.controls, self._frame_at(u), u))
+                           control=control_inputs(self.controls, self._frame_at(u), u), negative=self._negative(u))
+
+    def _negative(self, u: float) -> Optional[np.ndarray]:
+        """The negative embedding at position u (no guide prompt replaces it), or None."""
+        return None if self.negatives is None else self._at(self.negatives, u, self.interpolation)
 
     def _frame_at(self, u: float) -> int:
         """The frame sitting at position u (the nearest one where none does)."""
@@ -181,7 +193,7 @@ class FramePlan:
         else:
             noise = self._at(self.noises, u, "slerp")
         return FrameInputs(index, context, noise, self.frame_seed(index), u,
-                           control=control_inputs(self.controls, index, u))
+                           control=control_inputs(self.controls, index, u), negative=self._negative(u))
 
     def batch(self, indices: Sequence[int]) -> list[FrameInputs]:
         return [self.frame(i) for i in indices]

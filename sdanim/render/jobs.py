@@ -179,8 +179,13 @@ class FrameJob:
         if any(k.guide is not None for k in transitions):  # PAID: a guide prompt per transition, NaN: none
             guides = np.stack([mix_embeddings(k.guide, encoder.encode) if k.guide is not None
                                else np.full_like(embeddings[0], np.nan) for k in transitions])  # (K - 1, 77, D)
+        negatives = None
+        if any(k.negative is not None for k in self.walk.stops):  # per-keyframe negative prompts
+            negatives = np.stack([mix_embeddings(k.negative if k.negative is not None else (self.negative_prompt or ""),
+                                                 encoder.encode) for k in self.walk.stops])  # (K, 77, D)
         return FramePlan(embeddings, noises, seeds, self.frame_positions(), self.walk.interpolation, noise_mode,
-                         guides, self.walk.attention, self.walk.attention_warmup, tuple(c.hints for c in self.controls))
+                         guides, self.walk.attention, self.walk.attention_warmup, tuple(c.hints for c in self.controls),
+                         negatives)
 
     def renderer(self, model) -> Renderer:
         return make_renderer(model, self.settings, self.negative_prompt, controls=self.controls)

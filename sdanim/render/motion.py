@@ -223,13 +223,18 @@ def motion_record(spec: MotionSpec) -> dict:
 
 
 def clip_for(model, job: FrameJob, spec: MotionSpec, renderer, plan=None) -> Clip:
-    """The clip of a walk: each frame's context from the frame plan (prompt travel), the
-    negative prompt's for every frame, FreeNoise's noise from the first keyframe's seed,
-    and the windows (closed when the walk loops)."""
+    """The clip of a walk: each frame's context from the frame plan (prompt travel), its
+    negative context (interpolated between keyframes' negative prompts where the walk has
+    any, else the run's negative prompt), FreeNoise's noise from the first keyframe's
+    seed, and the windows (closed when the walk loops)."""
     plan = job.plan(model) if plan is None else plan
     frames = len(job)
-    contexts = np.stack([plan.frame(i).context for i in range(frames)]).astype(np.float32)
-    negatives = np.repeat(renderer.unconditional_context[None], frames, axis=0)
+    inputs = [plan.frame(i) for i in range(frames)]
+    contexts = np.stack([f.context for f in inputs]).astype(np.float32)
+    if inputs[0].negative is not None:
+        negatives = np.stack([f.negative for f in inputs]).astype(np.float32)
+    else:
+        negatives = np.repeat(renderer.unconditional_context[None], frames, axis=0)
     seed = int(job.walk.noise_seeds()[0])
     context = min(spec.context, frames)
     noise = free_noise(seed, frames, context, spec.stride, job.settings.latent_shape)

@@ -501,17 +501,20 @@ class Renderer:
             return None
         return control
 
-    def _inputs(self, contexts, noises, seeds, init_latents, masks, control=None) -> dict:
+    def _inputs(self, contexts, noises, seeds, init_latents, masks, control=None, negatives=None) -> dict:
         """The loop's tensors, on the device once (both loops share them)."""
         ops = keras_ops()
         sched = self.scheduler
         batch = len(contexts)
         check(masks is None or init_latents is not None, "masks need init_latents (the image to keep)")
+        if negatives is None:
+            negatives = np.repeat(self.unconditional_context[None], batch, axis=0)  # (77, D) -> (B, 77, D)
+        check(np.shape(negatives) == np.shape(contexts),
+              f"negatives must be one negative context per row, shaped as the contexts {np.shape(contexts)}. "
+              f"Received: negatives of shape {np.shape(negatives)}")
         out = {
             "context": ops.convert_to_tensor(np.asarray(contexts, np.float32)),  # (B, 77, D)
-            "uncond": ops.convert_to_tensor(
-                np.repeat(self.unconditional_context[None], batch, axis=0)
-            ),  # (77, D) -> (B, 77, D)
+            "uncond": ops.convert_to_tensor(np.asarray(negatives, np.float32)),  # (B, 77, D)
             "guidance": ops.convert_to_tensor(np.float32(self.guidance)),
             # (N, 320) -> (N, B, 320)
             "t_embs": ops.convert_to_tensor(np.repeat(self._t_embs[:, None], batch, axis=1)),
@@ -552,6 +555,7 @@ class Renderer:
         on_step: Optional[Callable] = None,
         aid: Optional[attention_interp.AidBatch] = None,
         control: Optional[ControlBatch] = None,
+        negatives: Optional[np.ndarray] = None,
     ):
         """Runs the denoising loop. contexts (B, 77, D), noises (B, h, w, 4) -> latents.
 
@@ -569,12 +573,14 @@ class Renderer:
             after; the latents returned are the frames' only.
         control: `ControlBatch` for the renderer's ControlNets (one row per row of the
             batch, helper rows included).
+        negatives (B, 77, D): each row's own negative context (per-keyframe negative
+            prompts); None: the renderer's `unconditional_context` for every row.
         """
         ops = keras_ops()
         sched = self.scheduler
         self._check_aid(aid, init_latents, masks, len(contexts))
         control = self._active(control)
-        inputs = self._inputs(contexts, noises, seeds, init_latents, masks, control)
+        inputs = self._inputs(contexts, noises, seeds, init_latents, masks, control, negatives)
         context, uncond, guidance = inputs["context"], inputs["uncond"], inputs["guidance"]
         step_noises, noise, known, paint = inputs["noises"], inputs["noise"], inputs["known"], inputs["paint"]
         latent, start, t_embs = inputs["latent"], inputs["start"], inputs["t_embs"]
@@ -647,18 +653,19 @@ class Renderer:
             self._programs[key] = compiled(make(names), tuple(m for _, m in pairs), self._jit_compile)
         return self._programs[key]
 
-    def render(self, contexts, noises, seeds, init_latents=None, masks=None, aid=None, control=None) -> np.ndarray:
+    def render(self, contexts, noises, seeds, init_latents=None, masks=None, aid=None, control=None,
+               negatives=None) -> np.ndarray:
         """(B, 77, D) contexts and (B, h, w, 4) noises -> (B, H, W, 3) uint8 images
-        (init_latents, masks, aid and control as in `sample_latents`; with aid, the
-        images of its frames only), by the renderer's `loop`."""
+        (init_latents, masks, aid, control and negatives as in `sample_latents`; with
+        aid, the images of its frames only), by the renderer's `loop`."""
         if self.loop == "steps":
             return self.decode(self.sample_latents(contexts, noises, seeds, init_latents, masks, aid=aid,
-                                                   control=control))
+                                                   control=control, negatives=negatives))
         self._check_aid(aid, init_latents, masks, len(contexts))
         keras = import_keras()
         ops = keras.ops
         control = self._active(control)
-        inputs = self._inputs(contexts, noises, seeds, init_latents, masks, control)
+        inputs = self._inputs(contexts, noises, seeds, init_latents, masks, control, negatives)
         noisy, masked = inputs["noises"] is not None, inputs["paint"] is not None
         guided = self.guided
         units = self._units if control is not None else ()
@@ -799,6 +806,8 @@ def render_frames(
             contexts = np.stack([f.context for f in frames])  # (B, 77, D)
             noises = np.stack([f.noise for f in frames])  # (B, h, w, 4)
             seeds = [f.seed for f in frames]
+            if frames[0].negative is not None:  # per-keyframe negative prompts: each row its own
+                extra["negatives"] = np.stack([f.negative for f in frames])  # (B, 77, D)
             if frames[0].init_latent is not None:
                 extra["init_latents"] = np.stack([f.init_latent for f in frames])  # (B, h, w, 4)
             if frames[0].mask is not None:
