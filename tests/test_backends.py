@@ -137,3 +137,28 @@ def test_post_networks_match_tensorflow(tmp_path_factory, other):
             ours, theirs = tf_out[name], other_out[name]
             gap = float(np.abs(ours - theirs).max() / np.abs(ours).max())
             assert gap <= 1e-4, f"{name}: {other} and tensorflow differ by {gap:.2e} of the scale"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other", ["torch", "jax"])
+def test_a_motion_morph_matches_tensorflow(tmp_path_factory, other):
+    """Motion modules (frames denoised together in windows, prompt travel, guidance) give
+    TensorFlow's frames on the other backend, within 1 level (tests/backend_motion.py)."""
+    require(other)
+    import backend_motion
+
+    folder = tmp_path_factory.getbasetemp() / "motion_backends"
+    weights = folder / "tiny.npz"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "tensorflow").mkdir()
+        with dtype_policy("float32"):
+            np.save(folder / "tensorflow.npy", backend_motion.run(str(weights), str(folder / "tensorflow")))
+    (folder / other).mkdir()
+    env = dict(os.environ, KERAS_BACKEND=other, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_motion.py"), str(weights), str(folder / other),
+                           str(folder / f"{other}.npy")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours, theirs = np.load(folder / "tensorflow.npy").astype(int), np.load(folder / f"{other}.npy").astype(int)
+    assert ours.shape == theirs.shape == (6, 64, 64, 3) and ours.std() > 1
+    assert np.abs(ours - theirs).max() <= 1, f"{other} and tensorflow motion frames differ by {np.abs(ours - theirs).max()} levels"

@@ -340,9 +340,11 @@ def _motion_unet_class():
 
             return followed
 
-        def call(self, inputs):
+        def call(self, inputs, training=None):
             """inputs: [latent, t_emb, context], or those and ControlNet's 13 residuals
-            (r_0 .. r_11, r_mid), added where `controlnet.controlled_unet` adds them."""
+            (r_0 .. r_11, r_mid), added where `controlnet.controlled_unet` adds them.
+            `training` is taken (JAX's compiled path, `stateless_call`, passes it) and
+            unused: nothing in the UNet behaves differently in training."""
             inputs = list(inputs)
             residuals = inputs[3:]
             if not residuals:
