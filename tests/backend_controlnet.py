@@ -1,7 +1,7 @@
 """A ControlNet batch with the tiny SD model on whatever KERAS_BACKEND is set, through the
 one compiled program and the step loop (one net, a schedule ending at 2/3 of the steps,
 two frames at their own scales), and the plain render: run by
-tests/test_heavy_controlnet.py for TensorFlow and JAX.
+tests/test_heavy_controlnet.py for TensorFlow, JAX and torch.
 
     python backend_controlnet.py WEIGHTS.npz OUT.npz   (WEIGHTS written by the first run)
 """

@@ -137,17 +137,18 @@ def test_a_controlnet_on_workers_gives_the_frames_of_one_process(ray_local, tmp_
     assert read_manifest(tmp_path / "cn_there_frames")["controlnets"][0]["file"] == "random"
 
 
-def test_the_compiled_program_with_a_controlnet_on_jax_gives_tensorflows_frames(tmp_path):
-    """The residuals inside the loop on JAX (one jax.jit per batch) and TensorFlow: the
-    program and the step loop agree on each, and JAX's frames are TensorFlow's within 1
-    level (the same weights)."""
+def test_the_compiled_program_with_a_controlnet_on_jax_and_torch_gives_tensorflows_frames(tmp_path):
+    """The residuals inside the loop on JAX (one jax.jit per batch), torch (the Apple
+    path's backend, eager) and TensorFlow: the program and the step loop agree on each,
+    and JAX's and torch's frames are TensorFlow's within 1 level (the same weights)."""
     import subprocess
     import sys
 
     require("jax")
+    require("torch")
     here = os.path.dirname(os.path.abspath(__file__))
     weights, frames = str(tmp_path / "weights.npz"), {}
-    for backend in ("tensorflow", "jax"):  # TensorFlow first: it writes the weights JAX reads
+    for backend in ("tensorflow", "jax", "torch"):  # TensorFlow first: it writes the weights the others read
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         out = str(tmp_path / f"{backend}.npz")
         proc = subprocess.run([sys.executable, os.path.join(here, "backend_controlnet.py"), weights, out],
@@ -158,4 +159,6 @@ def test_the_compiled_program_with_a_controlnet_on_jax_gives_tensorflows_frames(
     for backend, f in frames.items():
         assert np.abs(f["program"] - f["steps"]).max() <= 1, backend
         assert np.abs(f["program"] - f["plain"]).max() > 10, backend  # the net acts
-    assert max(np.abs(frames["jax"][k] - frames["tensorflow"][k]).max() for k in frames["jax"]) <= 1
+    for backend in ("jax", "torch"):
+        gap = max(np.abs(frames[backend][k] - frames["tensorflow"][k]).max() for k in frames[backend])
+        assert gap <= 1, f"{backend} and tensorflow ControlNet frames differ by {gap} levels"
