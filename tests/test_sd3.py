@@ -508,3 +508,159 @@ def test_weights_that_do_not_fit_the_architecture_are_one_line(tiny_model):
         sd3.assign(projection, {}, "x")
     with pytest.raises(SdanimError, match=r"^x: dense/kernel has shape \(3, 3\), the architecture's is \(32, 32\)\. "):
         sd3.assign(projection, {"dense/kernel": np.zeros((3, 3), np.float32)}, "x")
+
+
+def _to_stability(refs, torch) -> dict:
+    """The reference's tensors in a Stability single file's names and layout (the test's
+    own inverse of diffusers' single-file conversion, checked against it below): the
+    MMDiT's q/k/v fused, its AdaLayerNormContinuous halves in (shift, scale) order, the
+    VAE in latent-diffusion's names with 1x1-conv attention, the CLIPs as transformers
+    saves them, and a T5 tensor a file may carry."""
+    state = {k: v.detach().clone() for k, v in refs["transformer"].state_dict().items()}
+    layers = refs["transformer"].config.num_layers
+    out = {}
+
+    def put(name, source):
+        for kind in ("weight", "bias"):
+            if f"{source}.{kind}" in state:
+                out[f"model.diffusion_model.{name}.{kind}"] = state.pop(f"{source}.{kind}")
+
+    def fuse(name, sources):
+        for kind in ("weight", "bias"):
+            out[f"model.diffusion_model.{name}.{kind}"] = torch.cat([state.pop(f"{s}.{kind}") for s in sources])
+
+    def swap(tensor):
+        first, second = tensor.chunk(2, dim=0)
+        return torch.cat([second, first])
+
+    out["model.diffusion_model.pos_embed"] = state.pop("pos_embed.pos_embed")
+    put("x_embedder.proj", "pos_embed.proj")
+    put("context_embedder", "context_embedder")
+    for k in (1, 2):
+        put(f"t_embedder.mlp.{2 * k - 2}", f"time_text_embed.timestep_embedder.linear_{k}")
+        put(f"y_embedder.mlp.{2 * k - 2}", f"time_text_embed.text_embedder.linear_{k}")
+    for i in range(layers):
+        b, x, c = f"transformer_blocks.{i}", f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        fuse(f"{x}.attn.qkv", [f"{b}.attn.to_{p}" for p in "qkv"])
+        fuse(f"{c}.attn.qkv", [f"{b}.attn.add_{p}_proj" for p in "qkv"])
+        put(f"{x}.attn.proj", f"{b}.attn.to_out.0")
+        put(f"{c}.attn.proj", f"{b}.attn.to_add_out")
+        for ours, theirs in ((f"{x}.attn.ln_q", "norm_q"), (f"{x}.attn.ln_k", "norm_k"),
+                             (f"{c}.attn.ln_q", "norm_added_q"), (f"{c}.attn.ln_k", "norm_added_k")):
+            put(ours, f"{b}.attn.{theirs}")
+        if f"{b}.attn2.to_q.weight" in state:
+            fuse(f"{x}.attn2.qkv", [f"{b}.attn2.to_{p}" for p in "qkv"])
+            put(f"{x}.attn2.proj", f"{b}.attn2.to_out.0")
+            put(f"{x}.attn2.ln_q", f"{b}.attn2.norm_q")
+            put(f"{x}.attn2.ln_k", f"{b}.attn2.norm_k")
+        put(f"{x}.adaLN_modulation.1", f"{b}.norm1.linear")
+        put(f"{c}.adaLN_modulation.1", f"{b}.norm1_context.linear")
+        if i == layers - 1:
+            for kind in ("weight", "bias"):
+                key = f"model.diffusion_model.{c}.adaLN_modulation.1.{kind}"
+                out[key] = swap(out[key])
+        put(f"{x}.mlp.fc1", f"{b}.ff.net.0.proj")
+        put(f"{x}.mlp.fc2", f"{b}.ff.net.2")
+        put(f"{c}.mlp.fc1", f"{b}.ff_context.net.0.proj")
+        put(f"{c}.mlp.fc2", f"{b}.ff_context.net.2")
+    put("final_layer.linear", "proj_out")
+    out["model.diffusion_model.final_layer.adaLN_modulation.1.weight"] = swap(state.pop("norm_out.linear.weight"))
+    out["model.diffusion_model.final_layer.adaLN_modulation.1.bias"] = swap(state.pop("norm_out.linear.bias"))
+    assert not state, sorted(state)[:3]
+
+    vae = {k: v.detach().clone() for k, v in refs["vae"].state_dict().items()}
+    levels = len(refs["vae"].config.block_out_channels)
+    renames = [("conv_norm_out", "norm_out"), ("conv_shortcut", "nin_shortcut"), ("downsamplers.0", "downsample"),
+               ("upsamplers.0", "upsample"), ("mid_block.resnets.0", "mid.block_1"),
+               ("mid_block.resnets.1", "mid.block_2"), ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
+               ("mid_block.attentions.0.to_q", "mid.attn_1.q"), ("mid_block.attentions.0.to_k", "mid.attn_1.k"),
+               ("mid_block.attentions.0.to_v", "mid.attn_1.v"), ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out")]
+    for key, value in vae.items():
+        name = key
+        for theirs, ours in renames:
+            name = name.replace(theirs, ours)
+        name = name.replace("down_blocks.", "down.").replace(".resnets.", ".block.")
+        if name.startswith("decoder.up_blocks."):
+            i, rest = name[len("decoder.up_blocks."):].split(".", 1)
+            name = f"decoder.up.{levels - 1 - int(i)}.{rest}"
+        if ".attn_1." in name and name.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # the original's 1x1 convolutions
+        out[f"first_stage_model.{name}"] = value
+    for part, prefix in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        for key, value in refs[part].state_dict().items():
+            out[f"text_encoders.{prefix}.transformer.{key}"] = value.detach().clone()
+    out["text_encoders.t5xxl.transformer.shared.weight"] = torch.zeros(4, 8)  # T5: carried, not read
+    return out
+
+
+@pytest.fixture(scope="module")
+def stability_file(diffusers_folder):
+    """The tiny SD3 saved as Stability's single .safetensors. Checked first: diffusers'
+    own single-file conversion turns it back into the reference's every tensor."""
+    torch = require("torch")
+    from diffusers.loaders import single_file_utils as single
+    from safetensors.torch import save_file
+
+    folder, refs, _ = diffusers_folder
+    tensors = _to_stability(refs, torch)
+    mmdit = single.convert_sd3_transformer_checkpoint_to_diffusers(
+        {k: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")})
+    vae = single.convert_ldm_vae_checkpoint({k: v for k, v in tensors.items() if k.startswith("first_stage_model.")},
+                                            dict(refs["vae"].config))
+    for converted, ref in ((mmdit, refs["transformer"]), (vae, refs["vae"])):
+        expected = ref.state_dict()
+        assert sorted(converted) == sorted(expected)
+        assert all(torch.equal(converted[k].reshape(expected[k].shape), expected[k]) for k in expected)
+    path = folder.parent / "sd3_tiny_incl_clips.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path, tensors
+
+
+def test_a_stability_single_file_loads_the_network_its_diffusers_folder_does(diffusers_folder, stability_file):
+    """The same random weights from Stability's single file and from the diffusers folder
+    give KerasHub's backbone the same values, every weight (so every parity above holds
+    for the file); T5's tensors are left unread."""
+    from sdanim.core.runtime import import_keras
+    from sdanim.formats.sd3_files import read_sd3_file, read_sd3_folder
+
+    folder, _, _ = diffusers_folder
+    path, _ = stability_file
+    assert sd3.weight_kind(str(path)) == "stability"
+    parts = read_sd3_file(str(path))
+    assert parts.transformer_config == {"num_layers": TINY_35.num_layers,
+                                        "dual_attention_layers": list(TINY_35.dual_attention),
+                                        "qk_norm": TINY_35.qk_norm}
+    keras = import_keras()
+    backbones = []
+    for seed, loaded in ((1, parts), (2, read_sd3_folder(str(folder)))):
+        keras.utils.set_random_seed(seed)  # different random starts: every weight must be overwritten
+        backbone = sd3.build_backbone(TINY_35, SIZE, SIZE, "float32")
+        sd3.load_diffusers(backbone, loaded, TINY_35, str(path))
+        backbones.append(backbone)
+    ours, theirs = ([w.path, np.asarray(w)] for w in backbones[0].weights), list(backbones[1].weights)
+    pairs = list(zip(ours, theirs))
+    assert len(pairs) == len(backbones[0].weights) == len(backbones[1].weights) > 100
+    for (name, value), other in pairs:
+        assert np.array_equal(value, np.asarray(other)), name
+
+
+def test_a_single_file_without_its_text_encoders_or_with_a_stray_tensor_is_one_line(stability_file, tmp_path,
+                                                                                    capsys):
+    torch = require("torch")
+    from safetensors.torch import save_file
+
+    _, tensors = stability_file
+    without = tmp_path / "sd3.5_medium.safetensors"  # as Stability ships 3.5: no CLIPs in the file
+    save_file({k: v.contiguous() for k, v in tensors.items() if not k.startswith("text_encoders.")}, str(without))
+    assert main(["morph", "a", "b", "--model", "sd3.5-medium", "--weights", str(without), "--out",
+                 str(tmp_path / "a.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks CLIP-L (text_encoders.clip_l.*), CLIP-G (text_encoders.clip_g.*)" in err and err.count("\n") == 1
+    stray = tmp_path / "stray.safetensors"
+    save_file({**{k: v.contiguous() for k, v in tensors.items()}, "model_ema.decay": torch.ones(1)},
+              str(stray))
+    assert main(["morph", "a", "b", "--model", "sd3.5-medium", "--weights", str(stray), "--out",
+                 str(tmp_path / "b.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "'model_ema.decay'" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "a_frames") and not os.path.exists(tmp_path / "b_frames")

@@ -113,8 +113,8 @@ def _refuse(what: str, path: str) -> None:
 def _refuse_sd3(path: str) -> None:
     raise CheckpointError(
         "this checkpoint is a Stable Diffusion 3 model (an MMDiT transformer, not a UNet): pass --model "
-        "sd3-medium (or sd3.5-medium, sd3.5-large, sd3.5-large-turbo) with --weights keras-hub; sdanim does not read "
-        f"SD3 checkpoint files yet. Received: checkpoint={path!r}"
+        "sd3-medium with it (or the SD3 version it is: sd3.5-medium, sd3.5-large, sd3.5-large-turbo). Received: "
+        f"checkpoint={path!r}"
     )
 
 

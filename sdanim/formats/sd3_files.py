@@ -1,4 +1,5 @@
-"""SD3-family weights in diffusers' layout, named as KerasHub's layers name theirs.
+"""SD3-family weights in diffusers' layout and in Stability's single files, named as
+KerasHub's layers name theirs.
 
 diffusers' `SD3Transformer2DModel` keeps q, k and v (and the context's add_q/k/v) as
 separate linears; KerasHub's MMDiT fuses each triple into one `attention_qkv` dense. The
@@ -8,6 +9,12 @@ files, so their halves are swapped back (diffusers' single-file conversion swaps
 the other way). The position grid is a buffer in diffusers (fixed sin-cos) and a weight
 in KerasHub. Every tensor is accounted for: anything left over, or anything missing, is
 one line naming it.
+
+Stability's single `.safetensors` (`sd3_medium_incl_clips.safetensors` and the like) keeps
+the MMDiT under `model.diffusion_model.` in the original layout (fused qkv, (shift, scale)
+modulations: KerasHub's own), CLIP-L and CLIP-G under `text_encoders.clip_{l,g}.transformer.`
+in transformers' names, T5 under `text_encoders.t5xxl.` (not used: left unread) and the
+VAE under `first_stage_model.` in the original latent-diffusion names.
 
 Pure NumPy: torch linears (out, in) become Keras kernels (in, out), convolutions
 (out, in, kh, kw) become (kh, kw, in, out).
@@ -39,6 +46,7 @@ class SD3Folder:
     text_encoder_2: dict
     vae: dict
     transformer_config: dict
+    layout: str = "diffusers"  # or "stability": a single file's MMDiT and VAE names
 
 
 def read_sd3_folder(folder: str) -> SD3Folder:
@@ -70,6 +78,45 @@ def read_sd3_folder(folder: str) -> SD3Folder:
         raise SdanimError(f"{folder}/transformer/config.json is not a diffusers SD3 transformer config "
                           f"({type(error).__name__}). Received: weights={folder!r}") from None
     return SD3Folder(transformer_config=config, **parts)
+
+
+# A single file's prefixes -> the part they hold (T5's prefix: left unread).
+STABILITY_PREFIXES = {"model.diffusion_model.": "transformer", "text_encoders.clip_l.transformer.": "text_encoder",
+                      "text_encoders.clip_g.transformer.": "text_encoder_2", "first_stage_model.": "vae"}
+T5_PREFIX = "text_encoders.t5xxl."
+_PART_NAMES = {"transformer": "the MMDiT (model.diffusion_model.*)", "text_encoder": "CLIP-L (text_encoders.clip_l.*)",
+               "text_encoder_2": "CLIP-G (text_encoders.clip_g.*)", "vae": "the VAE (first_stage_model.*)"}
+
+
+def is_stability_file(names) -> bool:
+    """Whether tensor names are a Stability SD3 single file's."""
+    return any(n.startswith("model.diffusion_model.joint_blocks.") for n in names)
+
+
+def read_sd3_file(path: str) -> SD3Folder:
+    """Opens a Stability SD3 single file (nothing read yet): its parts by prefix and the
+    transformer's shape read off its tensor names; one line for a part it lacks (the 3.5
+    files without text encoders) or a tensor under no known prefix."""
+    tensors = read_tensors(path, "weights")
+    parts: dict = {part: {} for part in SD3_PARTS}
+    for name, tensor in tensors.items():
+        prefix = next((p for p in STABILITY_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            parts[STABILITY_PREFIXES[prefix]][name[len(prefix):]] = tensor
+        elif not name.startswith(T5_PREFIX):
+            raise SdanimError(f"{path} has a tensor outside an SD3 checkpoint's parts, {name!r}: not a Stability SD3 "
+                              f"file. Received: weights={path!r}")
+    missing = [_PART_NAMES[part] for part in SD3_PARTS if not parts[part]]
+    if missing:
+        raise SdanimError(f"{path} lacks {', '.join(missing)}: sdanim reads single files that hold the MMDiT, CLIP-L, "
+                          "CLIP-G and the VAE (as sd3_medium_incl_clips.safetensors does); for the others use the "
+                          f"model's diffusers folder. Received: weights={path!r}")
+    names = parts["transformer"]
+    blocks = {int(n.split(".")[1]) for n in names if n.startswith("joint_blocks.")}
+    config = {"num_layers": max(blocks) + 1,
+              "dual_attention_layers": sorted({int(n.split(".")[1]) for n in names if ".x_block.attn2." in n}),
+              "qk_norm": "rms_norm" if any(".attn.ln_q." in n for n in names) else None}
+    return SD3Folder(transformer_config=config, layout="stability", **parts)
 
 
 def _value(tensor) -> np.ndarray:
@@ -194,6 +241,51 @@ def _mmdit(state: dict, num_layers: int, dual: tuple, qk_norm) -> dict:
     return out
 
 
+def stability_mmdit_weights(state: Mapping, num_layers: int, dual: tuple = (), qk_norm=None,
+                            what: str = "the SD3 file's MMDiT") -> dict:
+    """A Stability single file's MMDiT tensors (its `model.diffusion_model.` prefix
+    removed) -> {KerasHub MMDiT weight path: reader}. The original layout is KerasHub's:
+    fused qkv, (shift, scale) modulations; nothing is split or swapped."""
+    shape = (f"an SD3 MMDiT of this shape (layers={num_layers}, dual attention={list(dual)}, "
+             f"qk_norm={qk_norm})")
+
+    def build(state):
+        out: dict = {}
+        _conv(state, "x_embedder.proj", out, "patch_embedding/patch_embedding")
+        grid = _take(state, "pos_embed")
+        out["position_embedding/embeddings"] = lambda: grid()[0]
+        _dense(state, "context_embedder", out, "context_embedding")
+        _dense(state, "y_embedder.mlp.0", out, "vector_embedding/dense1")
+        _dense(state, "y_embedder.mlp.2", out, "vector_embedding/dense2")
+        _dense(state, "t_embedder.mlp.0", out, "timestep_embedding/mlp/dense1")
+        _dense(state, "t_embedder.mlp.2", out, "timestep_embedding/mlp/dense2")
+        for i in range(num_layers):
+            dst = f"joint_block_{i}"
+            for block, target in (("x_block", f"{dst}/x_block"), ("context_block", f"{dst}/context_block")):
+                src = f"joint_blocks.{i}.{block}"
+                _dense(state, f"{src}.adaLN_modulation.1", out, f"{target}/ada_layer_norm/dense")
+                _dense(state, f"{src}.attn.qkv", out, f"{target}/attention_qkv")
+                if block == "x_block" or i < num_layers - 1:  # the last context block stops after its qkv
+                    _dense(state, f"{src}.attn.proj", out, f"{target}/attention_proj")
+                    _dense(state, f"{src}.mlp.fc1", out, f"{target}/mlp/dense1")
+                    _dense(state, f"{src}.mlp.fc2", out, f"{target}/mlp/dense2")
+                if qk_norm:
+                    out[f"{target}/q_norm/scale"] = _take(state, f"{src}.attn.ln_q.weight")
+                    out[f"{target}/k_norm/scale"] = _take(state, f"{src}.attn.ln_k.weight")
+            if i in dual:
+                src, target = f"joint_blocks.{i}.x_block.attn2", f"{dst}/x_block"
+                _dense(state, f"{src}.qkv", out, f"{target}/attention_qkv2")
+                _dense(state, f"{src}.proj", out, f"{target}/attention_proj2")
+                if qk_norm:
+                    out[f"{target}/q_norm2/scale"] = _take(state, f"{src}.ln_q.weight")
+                    out[f"{target}/k_norm2/scale"] = _take(state, f"{src}.ln_k.weight")
+        _dense(state, "final_layer.adaLN_modulation.1", out, "output_ada_layer_norm/dense")
+        _dense(state, "final_layer.linear", out, "output_dense")
+        return out
+
+    return _mapped(build, state, what, shape)
+
+
 def clip_weights(state: Mapping, num_layers: int, prefix: str, what: str = "the CLIP text encoder") -> tuple:
     """transformers `CLIPTextModelWithProjection` tensors -> ({KerasHub CLIPTextEncoder
     weight path: reader}, {its projection's path: reader}). `prefix` is the encoder's
@@ -279,6 +371,58 @@ def vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 V
             if i < levels - 1:
                 _conv(state, f"decoder.up_blocks.{i}.upsamplers.0.conv", out, f"decoder/upsample_{i}_conv")
         _norm(state, "decoder.conv_norm_out", out, "decoder/output_norm")
+        _conv(state, "decoder.conv_out", out, "decoder/output_projection")
+        return out
+
+    return _mapped(build, state, what, f"an SD3 VAE with {levels} levels of {blocks} blocks")
+
+
+def ldm_vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 file's VAE") -> dict:
+    """A Stability single file's VAE in latent-diffusion's names (its `first_stage_model.`
+    prefix removed) -> {KerasHub VAEBackbone weight path: reader}. Its decoder's `up.{u}`
+    run from the narrowest level, KerasHub's blocks from the widest: block i is up.{levels-1-i}."""
+
+    def conv_1x1(state, name, out, target):
+        weight = _take(state, f"{name}.weight")  # (C, C, 1, 1), or (C, C) where saved as a linear
+        out[f"{target}/kernel"] = lambda: (lambda w: w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T[None, None])(weight())
+        out[f"{target}/bias"] = _take(state, f"{name}.bias")
+
+    def resnet(state, src, dst, out):
+        _norm(state, f"{src}.norm1", out, f"{dst}/norm1")
+        _conv(state, f"{src}.conv1", out, f"{dst}/conv1")
+        _norm(state, f"{src}.norm2", out, f"{dst}/norm2")
+        _conv(state, f"{src}.conv2", out, f"{dst}/conv2")
+        if f"{src}.nin_shortcut.weight" in state:
+            _conv(state, f"{src}.nin_shortcut", out, f"{dst}/residual_projection")
+
+    def mid(state, part, out):
+        resnet(state, f"{part}.mid.block_1", f"{part}/mid_block_0", out)
+        resnet(state, f"{part}.mid.block_2", f"{part}/mid_block_1", out)
+        src, dst = f"{part}.mid.attn_1", f"{part}/mid_attention"
+        _norm(state, f"{src}.norm", out, f"{dst}/group_norm")
+        for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v"), ("output", "proj_out")):
+            conv_1x1(state, f"{src}.{theirs}", out, f"{dst}/{ours}_conv2d")
+
+    def build(state):
+        out: dict = {}
+        _conv(state, "encoder.conv_in", out, "encoder/input_projection")
+        for i in range(levels):
+            for j in range(blocks):
+                resnet(state, f"encoder.down.{i}.block.{j}", f"encoder/block_{i}_{j}", out)
+            if i < levels - 1:
+                _conv(state, f"encoder.down.{i}.downsample.conv", out, f"encoder/downsample_{i}_conv")
+        mid(state, "encoder", out)
+        _norm(state, "encoder.norm_out", out, "encoder/output_norm")
+        _conv(state, "encoder.conv_out", out, "encoder/output_projection")
+        _conv(state, "decoder.conv_in", out, "decoder/input_projection")
+        mid(state, "decoder", out)
+        for i in range(levels):
+            up = levels - 1 - i
+            for j in range(blocks + 1):
+                resnet(state, f"decoder.up.{up}.block.{j}", f"decoder/block_{i}_{j}", out)
+            if i < levels - 1:
+                _conv(state, f"decoder.up.{up}.upsample.conv", out, f"decoder/upsample_{i}_conv")
+        _norm(state, "decoder.norm_out", out, "decoder/output_norm")
         _conv(state, "decoder.conv_out", out, "decoder/output_projection")
         return out
 

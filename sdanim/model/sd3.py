@@ -41,8 +41,10 @@ from sdanim.config.settings import check_image_size
 from sdanim.core.runtime import import_keras, import_keras_hub
 from sdanim.formats.checkpoints import CHECKPOINT_SUFFIXES, inspect_checkpoint
 from sdanim.formats.sd3_files import (
-    SD3Folder, clip_weights, fit_shape, mmdit_weights, read_sd3_folder, transformer_layers, vae_weights,
+    SD3Folder, clip_weights, fit_shape, is_stability_file, ldm_vae_weights, mmdit_weights, read_sd3_file,
+    read_sd3_folder, stability_mmdit_weights, transformer_layers, vae_weights,
 )
+from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.device import choose_onednn, detect_device, device_defaults
 from sdanim.model.layers import BUILD_LOCK
 from sdanim.model.stable_diffusion import ModelState
@@ -378,8 +380,9 @@ _LIVE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def weight_kind(weights: str) -> str:
-    """"preset" (KerasHub's, "keras-cv" or "keras-hub"), "random" or "diffusers" (a
-    diffusers SD3 folder); one line for anything else, and for SD 1.x/2.x weights."""
+    """"preset" (KerasHub's, "keras-cv" or "keras-hub"), "random", "diffusers" (a
+    diffusers SD3 folder) or "stability" (Stability's single .safetensors); one line for
+    anything else, and for SD 1.x/2.x weights."""
     if weights in ("keras-cv", "keras-hub"):
         return "preset"
     if weights == "random":
@@ -391,12 +394,19 @@ def weight_kind(weights: str) -> str:
             raise SdanimError(f"{weights} holds Stable Diffusion 1.x/2.x weights (a UNet), not an SD3 model: use "
                               f"--model 1.4 or 2.1 with it. Received: weights={weights!r}")
     elif os.path.isfile(weights) and weights.lower().endswith(CHECKPOINT_SUFFIXES):
+        if weights.lower().endswith(".safetensors"):
+            try:
+                names = read_tensors(weights, "weights")
+            except CheckpointError as error:
+                raise SdanimError(str(error)) from None
+            if is_stability_file(names):
+                return "stability"
         checkpoint = inspect_checkpoint(weights)  # an SD3 file is refused here, with what to do instead
         raise SdanimError(f"{weights} holds a Stable Diffusion {checkpoint.version[0]}.x model (a UNet), not an SD3 "
                           f"model: use --model {checkpoint.version} with it. Received: weights={weights!r}")
-    raise SdanimError("weights for an SD3 model must be 'keras-hub' (KerasHub's preset), 'random' or a diffusers "
-                      "folder (transformer/, text_encoder/, text_encoder_2/, vae/); single-file SD3 checkpoints are "
-                      f"not read yet. Received: weights={weights!r}")
+    raise SdanimError("weights for an SD3 model must be 'keras-hub' (KerasHub's preset), 'random', a diffusers "
+                      "folder (transformer/, text_encoder/, text_encoder_2/, vae/) or Stability's single "
+                      f".safetensors file. Received: weights={weights!r}")
 
 
 def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width: int = 1024,
@@ -411,7 +421,9 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
             KerasHub's preset, downloaded from Kaggle by KerasHub; "random": the exact
             architecture with seeded random weights; or a diffusers folder
             (transformer/, text_encoder/, text_encoder_2/, vae/; text_encoder_3/, T5,
-            is left out), every tensor accounted for.
+            is left out), or Stability's single .safetensors holding the MMDiT, CLIP-L,
+            CLIP-G and the VAE (T5's tensors there are left unread); every tensor
+            accounted for.
         height, width: int. Image size, multiples of 64.
         precision: str. As `load_model`; passed to KerasHub's layers as their dtype
             policy (the process's global policy is left as it is).
@@ -441,7 +453,8 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     if kind == "preset":
         backbone = _from_preset(config, height, width, precision, weights)
     else:
-        parts = read_sd3_folder(weights) if kind == "diffusers" else None  # checked before the build
+        parts = {"diffusers": read_sd3_folder, "stability": read_sd3_file}.get(kind, lambda _: None)(weights)
+        # (checked before the build)
         if parts is not None:
             check_folder_config(parts, config, version, weights)
         with BUILD_LOCK:
@@ -476,16 +489,20 @@ def check_folder_config(parts: "SD3Folder", config: SD3Config, version: str, fol
 
 
 def load_diffusers(backbone, parts: "SD3Folder", config: SD3Config, folder: str) -> None:
-    """A diffusers SD3 folder's transformer, CLIP-L, CLIP-G and VAE into the backbone's
-    layers, every tensor accounted for, one tensor read at a time."""
+    """A diffusers SD3 folder's (or a Stability single file's: `parts.layout`)
+    transformer, CLIP-L, CLIP-G and VAE into the backbone's layers, every tensor accounted
+    for, one tensor read at a time."""
     layers, dual, qk_norm = transformer_layers(parts.transformer_config)
-    assign(backbone.diffuser, mmdit_weights(parts.transformer, layers, tuple(dual), qk_norm,
-                                            what=f"{folder}/transformer"), f"{folder}/transformer")
+    stability = parts.layout == "stability"
+    mmdit = stability_mmdit_weights if stability else mmdit_weights
+    assign(backbone.diffuser, mmdit(parts.transformer, layers, tuple(dual), qk_norm, what=f"{folder}/transformer"),
+           f"{folder}/transformer")
     for name, clip, clip_config, projection in (
             ("text_encoder", backbone.clip_l, config.clip_l, backbone.clip_l_projection),
             ("text_encoder_2", backbone.clip_g, config.clip_g, backbone.clip_g_projection)):
         encoder, proj = clip_weights(getattr(parts, name), clip_config.num_layers, clip.name, what=f"{folder}/{name}")
         assign(clip, encoder, f"{folder}/{name}")
         assign(projection, proj, f"{folder}/{name}")
-    assign(backbone.vae, vae_weights(parts.vae, len(config.vae_filters), config.vae_blocks, what=f"{folder}/vae"),
+    vae = ldm_vae_weights if stability else vae_weights
+    assign(backbone.vae, vae(parts.vae, len(config.vae_filters), config.vae_blocks, what=f"{folder}/vae"),
            f"{folder}/vae")
