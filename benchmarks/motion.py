@@ -4,6 +4,7 @@
     python benchmarks/motion.py --steps 2 --repeat 1 --diffusers   # what docs/benchmarks.md reports
     python benchmarks/motion.py --diffusers        # also diffusers' AnimateDiffPipeline + FreeNoise
     python benchmarks/motion.py --memory 16,64,256 # peak RSS per length, each in its own process
+    python benchmarks/motion.py --memory 16 --size 256 --spatial-chunks 0,8,2   # the spatial chunks' saving
 
 The exact SD 1.4 architecture and v2-shaped motion modules, all with random weights
 (`--weights random`, `MotionSpec("random")`), a morph of two prompts rendered by
@@ -19,7 +20,8 @@ attention ("attention"), side by side in one process, each run once to trace and
 Memory: for each length a child process renders the clip (1 step, guidance 1, windows of 16
 every `--stride` 8: every window runs, in a quarter of the default's time) and prints its
 peak RSS and the render's own peak above the loaded model; the ratios to the shortest are
-printed.
+printed. `--spatial-chunks` repeats each length for each chunk size (0: the whole window
+at once): the render's own peak and its seconds show what `spatial_chunk` saves and costs.
 """
 
 from __future__ import annotations
@@ -144,8 +146,8 @@ def memory_child(args, frames: int) -> None:
     built = rss.peak  # the model's build: the same for every length
     rss.reset()
     with tempfile.TemporaryDirectory() as folder:
-        seconds = _morph(model, args, os.path.join(folder, "clip.gif"), MotionSpec("random", stride=args.stride),
-                         frames=frames, steps=1, guidance=1.0)
+        spec = MotionSpec("random", stride=args.stride, spatial_chunk=args.spatial_chunk or None)
+        seconds = _morph(model, args, os.path.join(folder, "clip.gif"), spec, frames=frames, steps=1, guidance=1.0)
     time.sleep(0.1)
     print(f"RESULT {frames} {max(rss.peak, built)} {seconds:.1f} {rss.peak - rss.start}", flush=True)
 
@@ -155,16 +157,17 @@ def memory(args) -> None:
     print(f"{args.size} px, 1 euler_trailing step, guidance 1 (one UNet row per frame), windows of 16 every "
           f"{args.stride}, blend unet; one process each", flush=True)
     peaks = {}
-    for frames in lengths:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", str(frames), "--size",
-                              str(args.size), "--batch", str(args.batch), "--stride", str(args.stride)],
-                             capture_output=True, text=True, check=True)
-        line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
-        _, _, peak, seconds, rendering = line.split()
-        peaks[frames] = int(peak)
-        print(f"{frames} frames: peak RSS {int(peak) / 2**30:.2f} GiB ({int(peak) / peaks[lengths[0]]:.2f}x of "
-              f"{lengths[0]} frames); the render's own peak above the loaded model {int(rendering) / 2**30:.2f} GiB; "
-              f"{float(seconds):.0f} s", flush=True)
+    for chunk in [int(x) for x in args.spatial_chunks.split(",")]:
+        for frames in lengths:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", str(frames), "--size",
+                                  str(args.size), "--batch", str(args.batch), "--stride", str(args.stride),
+                                  "--spatial-chunk", str(chunk)], capture_output=True, text=True, check=True)
+            line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
+            _, _, peak, seconds, rendering = line.split()
+            peaks.setdefault(frames, int(peak))
+            print(f"{frames} frames, spatial chunk {chunk or 'off'}: peak RSS {int(peak) / 2**30:.2f} GiB "
+                  f"({int(peak) / peaks[lengths[0]]:.2f}x of {lengths[0]} frames with the first setting); the render's "
+                  f"own peak above the loaded model {int(rendering) / 2**30:.2f} GiB; {float(seconds):.0f} s", flush=True)
 
 
 def main(argv=None):
@@ -177,6 +180,9 @@ def main(argv=None):
     ap.add_argument("--diffusers", action="store_true")
     ap.add_argument("--memory", default=None, metavar="N,N,...")
     ap.add_argument("--stride", type=int, default=8, help="the memory runs' window stride (default: 8)")
+    ap.add_argument("--spatial-chunks", default="0", metavar="N,N,...",
+                    help="the memory runs' spatial chunk sizes in UNet rows, 0: off (default: 0)")
+    ap.add_argument("--spatial-chunk", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child is not None:

@@ -25,6 +25,7 @@ from sdanim.formats.motion_files import inspect_motion_module  # noqa: E402
 from sdanim.formats.tensors import CheckpointError  # noqa: E402
 from sdanim.formats.weight_map import bind  # noqa: E402
 from sdanim.model.motion import load_motion_modules, motion_unet, random_motion_modules  # noqa: E402
+import sdanim  # noqa: E402
 from test_controlnet import _configs, _lazy, _with_sd_time_embedding, randomize_everything  # noqa: E402
 from tiny import TINY_SD, make_tiny_sd_model  # noqa: E402
 
@@ -434,3 +435,32 @@ def test_attention_windows_that_wrap_round_gather_and_scatter_their_frames(pair)
         total[:, window] += out * w[None, :, None]  # a window holds each frame once
         np.add.at(weight, window, w)
     assert relative_gap(np.asarray(layer._windowed_attentions(hidden)), total / weight[None, :, None]) < 1e-5
+
+
+def test_spatial_chunks_give_the_whole_windows_prediction(pair):
+    """`spatial_chunk`: the UNet's own layers on 3 rows at a time (not a divisor of the 8
+    rows: a short last chunk), the motion modules on every frame; the prediction is the
+    unchunked one within rounding, with and without ControlNet's residuals, and frames
+    still move together (the motion modules were not chunked)."""
+    from sdanim.model.controlnet import residual_shapes
+
+    unet = pair["model"].diffusion_model
+    x = _inputs(clips=2, seed=8)
+    rows = 2 * FRAMES
+    t_emb = np.repeat(timestep_embedding(x["t"])[None].astype(np.float32), rows, axis=0)
+    whole = motion_unet(unet, pair["frame"], FRAMES)
+    chunked = motion_unet(unet, pair["frame"], FRAMES, spatial_chunk=3)
+    assert chunked is not whole and chunked.spatial_chunk == 3
+    expected = np.asarray(whole([x["latent"], t_emb, x["context"]]))
+    assert relative_gap(np.asarray(chunked([x["latent"], t_emb, x["context"]])), expected) < 1e-5
+    rng = np.random.default_rng(9)
+    residuals = [rng.standard_normal((rows, *shape)).astype(np.float32) for shape in residual_shapes(unet)]
+    controlled = np.asarray(whole([x["latent"], t_emb, x["context"], *residuals]))
+    assert relative_gap(np.asarray(chunked([x["latent"], t_emb, x["context"], *residuals])), controlled) < 1e-5
+    changed = x["latent"].copy()
+    changed[0] += 1.0
+    after = np.asarray(chunked([changed, t_emb, x["context"]]))
+    assert np.abs(after[FRAMES - 1] - expected[FRAMES - 1]).max() > 1e-3  # frame 0's change reached frame 3
+    with pytest.raises(SdanimError, match=r"spatial_chunk must be a whole number of rows >= 1, or None\. "
+                                          r"Received: spatial_chunk=0"):
+        sdanim.MotionSpec("random", spatial_chunk=0)

@@ -12,6 +12,7 @@ noise schedule the sampler runs on.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from sdanim.config.choices import BETA_SCHEDULES
 from sdanim.config.errors import check
@@ -52,6 +53,11 @@ class MotionSpec:
         betas: str. The noise schedule: "linear" (0.00085-0.012, what AnimateDiff,
             AnimateLCM and AnimateDiff-Lightning were trained on) or "scaled_linear"
             (SD's). Defaults to "linear".
+        spatial_chunk: int or None. UNet rows (a guided window has two per frame) its own
+            layers take at once, the motion modules still seeing every frame: less memory
+            per window for a little more time. A memory setting: the frames are the same
+            within rounding, and it is not part of a run's record. None: all rows at once.
+            Defaults to None.
     """
 
     file: str
@@ -61,6 +67,7 @@ class MotionSpec:
     norm: str = "frame"
     blend: str = "unet"
     betas: str = "linear"
+    spatial_chunk: Optional[int] = None
 
     def __post_init__(self):
         check(isinstance(self.file, str) and self.file.strip() != "",
@@ -78,6 +85,8 @@ class MotionSpec:
               f"context_blend must be one of {', '.join(BLENDS)}. Received: context_blend={self.blend!r}")
         check(self.betas in BETA_SCHEDULES,
               f"betas must be one of {', '.join(BETA_SCHEDULES)}. Received: betas={self.betas!r}")
+        check(self.spatial_chunk is None or (_whole(self.spatial_chunk) and self.spatial_chunk >= 1),
+              f"spatial_chunk must be a whole number of rows >= 1, or None. Received: spatial_chunk={self.spatial_chunk!r}")
 
 
 __all__ = ["BLENDS", "MOTION_NORMS", "MotionSpec", "WEIGHTINGS"]

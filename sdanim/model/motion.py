@@ -18,6 +18,11 @@ again with the modules inserted (`Functional._run_through_graph`, as `controlled
 does); its rows are B clips of `frames` frames each, clip-major, every row with its own
 time embedding and text context (prompt travel).
 
+`spatial_chunk=N` runs every layer of the UNet itself (resnets, attention: each row on its
+own) on at most N rows at a time and joins the results, so a window's spatial activations
+(self-attention's maps above all) are held for N rows, not all of them; the motion modules
+still see every frame of the call (diffusers' `enable_free_noise_split_inference`).
+
 `norm="frame"` (the default) normalises each frame on its own, as the original modules
 were trained and as ComfyUI runs them; `norm="window"` takes the statistics over all the
 frames of the call, as diffusers' `UNetMotionModel` does.
@@ -323,20 +328,47 @@ def _motion_unet_class():
         made (the UNet's layers are KerasCV's, which Keras would trace one by one): every
         call runs the graph on its tensors, eagerly or inside a compiled function."""
 
-        def __init__(self, unet, inserted: dict, frames: int, **kwargs):
+        def __init__(self, unet, inserted: dict, frames: int, spatial_chunk=None, **kwargs):
             super().__init__(**kwargs)
-            self.unet, self.frames = unet, frames
+            self.unet, self.frames, self.spatial_chunk = unet, frames, spatial_chunk
             self.motion_layers = list(inserted.values())  # tracked: their weights are the model's
             self._inserted = {id(layer): module for layer, module in zip(inserted, self.motion_layers)}
             self.built = True
 
+        def _chunked(self, op):
+            """`op` on at most `spatial_chunk` rows at a time, its results joined (every
+            tensor argument with the call's rows is split; the others are passed whole)."""
+            chunk = self.spatial_chunk
+            if chunk is None:
+                return op
+            ops, tree = keras.ops, keras.tree
+
+            def run(*args, **kwargs):
+                leaves = [x for x in tree.flatten((args, kwargs)) if hasattr(x, "shape") and len(x.shape) > 0]
+                rows = leaves[0].shape[0] if leaves else None
+                if rows is None or rows <= chunk:
+                    return op(*args, **kwargs)
+                parts = []
+                for start in range(0, rows, chunk):
+                    def part(x, start=start):
+                        if hasattr(x, "shape") and len(x.shape) > 0 and x.shape[0] == rows:
+                            return x[start:start + chunk]
+                        return x
+
+                    cut_args, cut_kwargs = tree.map_structure(part, (args, kwargs))
+                    parts.append(op(*cut_args, **cut_kwargs))
+                return tree.map_structure(lambda *xs: ops.concatenate(xs, axis=0), *parts)
+
+            return run
+
         def _operation(self, op):
             module = self._inserted.get(id(op))
+            spatial = self._chunked(op)
             if module is None:
-                return op
+                return spatial
 
             def followed(*args, **kwargs):
-                return module(op(*args, **kwargs))
+                return module(spatial(*args, **kwargs))  # the motion module: every frame at once
 
             return followed
 
@@ -364,7 +396,7 @@ def _motion_unet_class():
                     joins[0] += 1
                     if k == 0:
                         x = x + ops.cast(mid, x.dtype)
-                    return op([x, skip + ops.cast(skips[11 - k], skip.dtype)], *args, **kwargs)
+                    return self._chunked(op)([x, skip + ops.cast(skips[11 - k], skip.dtype)], *args, **kwargs)
 
                 return joined
 
@@ -375,17 +407,19 @@ def _motion_unet_class():
     return MotionUNet
 
 
-def motion_unet(unet, modules: MotionModules, frames: int, windows=None, fusion=None):
+def motion_unet(unet, modules: MotionModules, frames: int, windows=None, fusion=None, spatial_chunk=None):
     """The UNet with `modules` after each resnet/attention pair, on clips of `frames` rows
     (see the module docstring). `windows` (index arrays into the `frames`, all one
     length) and `fusion` (each window's per-frame weights, `core.windows.fusion_weights`):
     the motion modules' attention in those windows, each frame's results blended by the
     weights (FreeNoise's fusion, as diffusers' `enable_free_noise`); None: all frames
-    attend together. Made once per (UNet, modules, frames, windows, fusion)."""
+    attend together. `spatial_chunk`: rows the UNet's own layers take at once (None: all;
+    see the module docstring). Made once per (UNet, modules, frames, windows, fusion,
+    spatial_chunk)."""
     cache = _MOTION.setdefault(unet, {})
     shape = None if windows is None else (tuple(tuple(int(i) for i in w) for w in windows),
                                           tuple(tuple(float(v) for v in w) for w in fusion))
-    key = (id(modules), frames, shape)
+    key = (id(modules), frames, shape, spatial_chunk)
     if key in cache and cache[key][0] is modules:
         return cache[key][1]
     check(isinstance(frames, int) and frames >= 1, f"context must be a whole number of frames. Received: {frames!r}")
@@ -401,7 +435,7 @@ def motion_unet(unet, modules: MotionModules, frames: int, windows=None, fusion=
         inserted[layer] = module
     if not _CLASS_UNET:
         _CLASS_UNET.append(_motion_unet_class())
-    model = _CLASS_UNET[0](unet, inserted, frames, name=f"motion_unet_{frames}")
+    model = _CLASS_UNET[0](unet, inserted, frames, spatial_chunk, name=f"motion_unet_{frames}")
     cache[key] = (modules, model)
     return model
 

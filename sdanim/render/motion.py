@@ -317,7 +317,7 @@ class MotionRun:
         self.plan = job.plan(model) if plan is None else plan
         self.clip = clip_for(model, job, spec, self.renderer, self.plan)
         unet = motion_unet(model.diffusion_model, motion_modules_for(model, spec), self.clip.window_length,
-                           self.clip.attention_windows, self.clip.attention_weights)
+                           self.clip.attention_windows, self.clip.attention_weights, spec.spatial_chunk)
         self.eps_fn = _eps_fn(unet, self.renderer, self.plan, bool(getattr(model, "jit_compile", False)))
 
     def window_eps(self, i: int, t: float, w: int, latents: np.ndarray) -> np.ndarray:

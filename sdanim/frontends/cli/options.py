@@ -140,20 +140,24 @@ def add_motion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--betas", default="linear", choices=BETA_SCHEDULES,
                    help="the sampler's noise schedule: linear (what AnimateDiff, AnimateLCM and Lightning were trained "
                    "on) or scaled_linear (SD's) (default: linear). Lightning: --scheduler euler_trailing --guidance 1")
+    g.add_argument("--spatial-chunk", type=int, default=None, metavar="ROWS",
+                   help="UNet rows (two per frame under guidance) the spatial layers take at once, the motion modules "
+                   "still seeing the whole window: less memory per window, a little slower (default: all at once)")
 
 
 def motion(args):
     """The `MotionSpec` of --motion-module and its options, or None."""
     if getattr(args, "motion_module", None) is None:
         for flag, default in (("context", 16), ("context_stride", 4), ("context_weighting", "pyramid"),
-                              ("motion_norm", "frame"), ("context_blend", "unet"), ("betas", "linear")):
+                              ("motion_norm", "frame"), ("context_blend", "unet"), ("betas", "linear"),
+                              ("spatial_chunk", None)):
             if getattr(args, flag, default) != default:
                 raise SdanimError(f"--{flag.replace('_', '-')} needs --motion-module FILE. "
                                   "Received: --motion-module not given")
         return None
     return MotionSpec(args.motion_module, context=args.context, stride=args.context_stride,
                       weighting=args.context_weighting, norm=args.motion_norm, blend=args.context_blend,
-                      betas=args.betas)
+                      betas=args.betas, spatial_chunk=args.spatial_chunk)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
