@@ -5,6 +5,7 @@
     python benchmarks/motion.py --diffusers        # also diffusers' AnimateDiffPipeline + FreeNoise
     python benchmarks/motion.py --memory 16,64,256 # peak RSS per length, each in its own process
     python benchmarks/motion.py --memory 16 --size 256 --spatial-chunks 0,8,2   # the spatial chunks' saving
+    python benchmarks/motion.py --call-memory --size 512 --rows 4 --spatial-chunks 0,1   # one motion UNet call
 
 The exact SD 1.4 architecture and v2-shaped motion modules, all with random weights
 (`--weights random`, `MotionSpec("random")`), a morph of two prompts rendered by
@@ -170,6 +171,58 @@ def memory(args) -> None:
                   f"own peak above the loaded model {int(rendering) / 2**30:.2f} GiB; {float(seconds):.0f} s", flush=True)
 
 
+def call_child(args) -> None:
+    """One compiled motion UNet call (as a window's step makes it) on `rows` rows: its peak
+    RSS above the traced model, sampled every 10 ms, and its seconds."""
+    import threading
+
+    import psutil
+
+    from sdanim.core.schedulers import timestep_embedding
+    from sdanim.model.compiled import compiled
+    from sdanim.model.loading import load_model
+    from sdanim.model.motion import motion_unet, random_motion_modules
+    from sdanim.render.motion import _motion_eps
+
+    model = load_model(weights="random", height=args.size, width=args.size, precision="float32")
+    unet = motion_unet(model.diffusion_model, random_motion_modules(model.diffusion_model), args.rows,
+                       spatial_chunk=args.spatial_chunk or None)
+    program = compiled(_motion_eps, (unet,), False)
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((args.rows, args.size // 8, args.size // 8, 4)).astype(np.float32)
+    t_emb = np.repeat(timestep_embedding(500)[None].astype(np.float32), args.rows, axis=0)
+    context = rng.standard_normal((args.rows, 77, 768)).astype(np.float32)
+    program(latent, t_emb, context)  # traced
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.01)
+
+    before = proc.memory_info().rss
+    threading.Thread(target=watch, daemon=True).start()
+    start = time.perf_counter()
+    np.asarray(program(latent, t_emb, context))
+    seconds = time.perf_counter() - start
+    done.set()
+    print(f"RESULT {max(peak[0] - before, 0)} {seconds:.1f}", flush=True)
+
+
+def call_memory(args) -> None:
+    import keras
+
+    print(f"one motion UNet call, {args.size} px, {args.rows} rows, {keras.backend.backend()}; one process each",
+          flush=True)
+    for chunk in [int(x) for x in args.spatial_chunks.split(",")]:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--call-child", "--size", str(args.size),
+                              "--rows", str(args.rows), "--spatial-chunk", str(chunk)],
+                             capture_output=True, text=True, check=True)
+        _, rss, seconds = next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()
+        print(f"spatial chunk {chunk or 'off'}: the call's peak above the traced model {int(rss) / 2**30:.2f} GiB, "
+              f"{float(seconds):.1f} s", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=128)
@@ -184,8 +237,15 @@ def main(argv=None):
                     help="the memory runs' spatial chunk sizes in UNet rows, 0: off (default: 0)")
     ap.add_argument("--spatial-chunk", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--call-memory", action="store_true", help="one motion UNet call's peak per spatial chunk size")
+    ap.add_argument("--rows", type=int, default=4, help="the call's UNet rows (default: 4)")
+    ap.add_argument("--call-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.memory_child is not None:
+    if args.call_child:
+        call_child(args)
+    elif args.call_memory:
+        call_memory(args)
+    elif args.memory_child is not None:
         memory_child(args, args.memory_child)
     elif args.memory:
         memory(args)

@@ -55,7 +55,8 @@ class MotionSpec:
             (SD's). Defaults to "linear".
         spatial_chunk: int or None. UNet rows (a guided window has two per frame) its own
             layers take at once, the motion modules still seeing every frame: less memory
-            per window for a little more time. A memory setting: the frames are the same
+            per window where self-attention's maps dominate (512 px and up; at small sizes
+            it only costs time). A memory setting: the frames are the same
             within rounding, and it is not part of a run's record. None: all rows at once.
             Defaults to None.
     """
