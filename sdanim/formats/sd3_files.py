@@ -379,8 +379,9 @@ def vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 V
 
 def ldm_vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 file's VAE") -> dict:
     """A Stability single file's VAE in latent-diffusion's names (its `first_stage_model.`
-    prefix removed) -> {KerasHub VAEBackbone weight path: reader}. Its decoder's `up.{u}`
-    run from the narrowest level, KerasHub's blocks from the widest: block i is up.{levels-1-i}."""
+    prefix removed) -> {KerasHub VAEBackbone weight path: reader}. Latent diffusion numbers
+    the decoder's levels as the encoder's (`up.0` at full resolution); KerasHub's decoder
+    blocks go in the order they run (the widest first): block i is `up.{levels-1-i}`."""
 
     def conv_1x1(state, name, out, target):
         weight = _take(state, f"{name}.weight")  # (C, C, 1, 1), or (C, C) where saved as a linear
