@@ -10,8 +10,8 @@ is checked against KerasHub's preset's) and takes the same tensors, drawn again 
 through the same name map a diffusers folder goes through. Nothing is written to disk (8 GB
 of weights there filled CI's disk once).
 
-The family tier (`python -m pytest -m family`); the quick tier checks the same code on
-tiny configurations (tests/test_sd3.py)."""
+A tier of its own (`python -m pytest -m sd3_shapes`, about 5.5 min); the quick tier checks
+the same code on tiny configurations (tests/test_sd3.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,11 @@ torch = require("torch")
 diffusers = require("diffusers")
 require("keras_hub")
 
-pytestmark = [pytest.mark.heavy, pytest.mark.family]
+# A tier of its own (`python -m pytest -m sd3_shapes`; .ci/run runs it): beside the family
+# tier it would take that past 15 min. own_process: each version's child (18.7 GiB) runs
+# before anything in the parent holds a model; beside the family tier's shared SD 1.4 model
+# it was killed for memory (24 GB).
+pytestmark = [pytest.mark.heavy, pytest.mark.sd3_shapes, pytest.mark.own_process]
 
 SIZE = 256
 LATENT = SIZE // 8
