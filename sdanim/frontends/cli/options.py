@@ -142,7 +142,8 @@ def add_motion_args(p: argparse.ArgumentParser) -> None:
                    "on) or scaled_linear (SD's) (default: linear). Lightning: --scheduler euler_trailing --guidance 1")
     g.add_argument("--spatial-chunk", type=int, default=None, metavar="ROWS",
                    help="UNet rows (two per frame under guidance) the spatial layers take at once, the motion modules "
-                   "still seeing the whole window: less memory per window, a little slower (default: all at once)")
+                   "still seeing the whole window: less memory at 512 px and up, where attention's maps dominate; only "
+                   "slower at small sizes (default: all at once)")
 
 
 def motion(args):
