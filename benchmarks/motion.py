@@ -173,10 +173,8 @@ def memory(args) -> None:
 
 def call_child(args) -> None:
     """One compiled motion UNet call (as a window's step makes it) on `rows` rows: its peak
-    RSS above the traced model, sampled every 10 ms, and its seconds."""
-    import threading
-
-    import psutil
+    RSS above the traced model (`PeakRSS`, sampled every 20 ms) and its seconds."""
+    from render import PeakRSS
 
     from sdanim.core.schedulers import timestep_embedding
     from sdanim.model.compiled import compiled
@@ -193,20 +191,12 @@ def call_child(args) -> None:
     t_emb = np.repeat(timestep_embedding(500)[None].astype(np.float32), args.rows, axis=0)
     context = rng.standard_normal((args.rows, 77, 768)).astype(np.float32)
     program(latent, t_emb, context)  # traced
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.01)
-
-    before = proc.memory_info().rss
-    threading.Thread(target=watch, daemon=True).start()
+    rss = PeakRSS()
     start = time.perf_counter()
     np.asarray(program(latent, t_emb, context))
     seconds = time.perf_counter() - start
-    done.set()
-    print(f"RESULT {max(peak[0] - before, 0)} {seconds:.1f}", flush=True)
+    time.sleep(0.05)
+    print(f"RESULT {max(rss.peak - rss.start, 0)} {seconds:.1f}", flush=True)
 
 
 def call_memory(args) -> None:

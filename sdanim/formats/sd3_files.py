@@ -329,102 +329,108 @@ def fit_shape(value: np.ndarray, shape: tuple) -> np.ndarray:
     return value
 
 
-def vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 VAE") -> dict:
-    """diffusers `AutoencoderKL` (16 latent channels, no quant convs) tensors ->
-    {KerasHub VAEBackbone weight path: reader}. The decoder has `blocks + 1` resnets per
-    level, its up blocks in diffusers' order (widest first), as KerasHub builds them."""
+@dataclasses.dataclass(frozen=True)
+class _VaeNames:
+    """One layout's names for the pieces of the SD3 VAE (`down(i, j)`: the encoder's
+    resnet j of level i; `up(i, j)`: the decoder's resnet j of KerasHub's block i)."""
+
+    down: Callable
+    downsample: Callable
+    up: Callable
+    upsample: Callable
+    mid: tuple  # its two resnets
+    attention: str
+    attention_parts: tuple  # group norm, then query, key, value, output
+    shortcut: str
+    norm_out: str
+
+
+_DIFFUSERS_VAE = _VaeNames(
+    down=lambda levels, i, j: f"down_blocks.{i}.resnets.{j}",
+    downsample=lambda levels, i: f"down_blocks.{i}.downsamplers.0.conv",
+    up=lambda levels, i, j: f"up_blocks.{i}.resnets.{j}",  # diffusers' up blocks run widest first, as KerasHub's
+    upsample=lambda levels, i: f"up_blocks.{i}.upsamplers.0.conv",
+    mid=("mid_block.resnets.0", "mid_block.resnets.1"), attention="mid_block.attentions.0",
+    attention_parts=("group_norm", "to_q", "to_k", "to_v", "to_out.0"), shortcut="conv_shortcut",
+    norm_out="conv_norm_out")
+
+# Latent diffusion numbers the decoder's levels as the encoder's (`up.0` at full
+# resolution); KerasHub's decoder blocks go in the order they run: block i is up.{levels-1-i}.
+_LDM_VAE = _VaeNames(
+    down=lambda levels, i, j: f"down.{i}.block.{j}",
+    downsample=lambda levels, i: f"down.{i}.downsample.conv",
+    up=lambda levels, i, j: f"up.{levels - 1 - i}.block.{j}",
+    upsample=lambda levels, i: f"up.{levels - 1 - i}.upsample.conv",
+    mid=("mid.block_1", "mid.block_2"), attention="mid.attn_1",
+    attention_parts=("norm", "q", "k", "v", "proj_out"), shortcut="nin_shortcut", norm_out="norm_out")
+
+
+def _attention_1x1(state, name: str, out: dict, target: str) -> None:
+    """A mid-block attention projection as KerasHub's 1x1 convolution: diffusers saves a
+    linear (C, C), latent diffusion a 1x1 convolution (C, C, 1, 1)."""
+    weight = _take(state, f"{name}.weight")
+
+    def kernel():
+        w = weight()
+        return w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T[None, None]
+
+    out[f"{target}/kernel"] = kernel
+    out[f"{target}/bias"] = _take(state, f"{name}.bias")
+
+
+def _vae(state: Mapping, levels: int, blocks: int, names: _VaeNames, what: str) -> dict:
+    """The SD3 VAE's tensors named by `names` -> {KerasHub VAEBackbone weight path:
+    reader}. The decoder has `blocks + 1` resnets per level."""
 
     def resnet(state, src, dst, out):
         _norm(state, f"{src}.norm1", out, f"{dst}/norm1")
         _conv(state, f"{src}.conv1", out, f"{dst}/conv1")
         _norm(state, f"{src}.norm2", out, f"{dst}/norm2")
         _conv(state, f"{src}.conv2", out, f"{dst}/conv2")
-        if f"{src}.conv_shortcut.weight" in state:
-            _conv(state, f"{src}.conv_shortcut", out, f"{dst}/residual_projection")
+        if f"{src}.{names.shortcut}.weight" in state:
+            _conv(state, f"{src}.{names.shortcut}", out, f"{dst}/residual_projection")
 
     def mid(state, part, out):
-        resnet(state, f"{part}.mid_block.resnets.0", f"{part}/mid_block_0", out)
-        resnet(state, f"{part}.mid_block.resnets.1", f"{part}/mid_block_1", out)
-        src, dst = f"{part}.mid_block.attentions.0", f"{part}/mid_attention"
-        _norm(state, f"{src}.group_norm", out, f"{dst}/group_norm")
-        for ours, theirs in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("output", "to_out.0")):
-            weight = _take(state, f"{src}.{theirs}.weight")
-            out[f"{dst}/{ours}_conv2d/kernel"] = (lambda w=weight: w().T[None, None])  # linear -> 1x1 conv
-            out[f"{dst}/{ours}_conv2d/bias"] = _take(state, f"{src}.{theirs}.bias")
+        resnet(state, f"{part}.{names.mid[0]}", f"{part}/mid_block_0", out)
+        resnet(state, f"{part}.{names.mid[1]}", f"{part}/mid_block_1", out)
+        src, dst = f"{part}.{names.attention}", f"{part}/mid_attention"
+        norm, *projections = names.attention_parts
+        _norm(state, f"{src}.{norm}", out, f"{dst}/group_norm")
+        for ours, theirs in zip(("query", "key", "value", "output"), projections):
+            _attention_1x1(state, f"{src}.{theirs}", out, f"{dst}/{ours}_conv2d")
 
     def build(state):
         out: dict = {}
         _conv(state, "encoder.conv_in", out, "encoder/input_projection")
         for i in range(levels):
             for j in range(blocks):
-                resnet(state, f"encoder.down_blocks.{i}.resnets.{j}", f"encoder/block_{i}_{j}", out)
+                resnet(state, f"encoder.{names.down(levels, i, j)}", f"encoder/block_{i}_{j}", out)
             if i < levels - 1:
-                _conv(state, f"encoder.down_blocks.{i}.downsamplers.0.conv", out, f"encoder/downsample_{i}_conv")
+                _conv(state, f"encoder.{names.downsample(levels, i)}", out, f"encoder/downsample_{i}_conv")
         mid(state, "encoder", out)
-        _norm(state, "encoder.conv_norm_out", out, "encoder/output_norm")
+        _norm(state, f"encoder.{names.norm_out}", out, "encoder/output_norm")
         _conv(state, "encoder.conv_out", out, "encoder/output_projection")
         _conv(state, "decoder.conv_in", out, "decoder/input_projection")
         mid(state, "decoder", out)
         for i in range(levels):
             for j in range(blocks + 1):
-                resnet(state, f"decoder.up_blocks.{i}.resnets.{j}", f"decoder/block_{i}_{j}", out)
+                resnet(state, f"decoder.{names.up(levels, i, j)}", f"decoder/block_{i}_{j}", out)
             if i < levels - 1:
-                _conv(state, f"decoder.up_blocks.{i}.upsamplers.0.conv", out, f"decoder/upsample_{i}_conv")
-        _norm(state, "decoder.conv_norm_out", out, "decoder/output_norm")
+                _conv(state, f"decoder.{names.upsample(levels, i)}", out, f"decoder/upsample_{i}_conv")
+        _norm(state, f"decoder.{names.norm_out}", out, "decoder/output_norm")
         _conv(state, "decoder.conv_out", out, "decoder/output_projection")
         return out
 
     return _mapped(build, state, what, f"an SD3 VAE with {levels} levels of {blocks} blocks")
+
+
+def vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 VAE") -> dict:
+    """diffusers `AutoencoderKL` (16 latent channels, no quant convs) tensors ->
+    {KerasHub VAEBackbone weight path: reader}."""
+    return _vae(state, levels, blocks, _DIFFUSERS_VAE, what)
 
 
 def ldm_vae_weights(state: Mapping, levels: int, blocks: int, what: str = "the SD3 file's VAE") -> dict:
     """A Stability single file's VAE in latent-diffusion's names (its `first_stage_model.`
-    prefix removed) -> {KerasHub VAEBackbone weight path: reader}. Latent diffusion numbers
-    the decoder's levels as the encoder's (`up.0` at full resolution); KerasHub's decoder
-    blocks go in the order they run (the widest first): block i is `up.{levels-1-i}`."""
-
-    def conv_1x1(state, name, out, target):
-        weight = _take(state, f"{name}.weight")  # (C, C, 1, 1), or (C, C) where saved as a linear
-        out[f"{target}/kernel"] = lambda: (lambda w: w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T[None, None])(weight())
-        out[f"{target}/bias"] = _take(state, f"{name}.bias")
-
-    def resnet(state, src, dst, out):
-        _norm(state, f"{src}.norm1", out, f"{dst}/norm1")
-        _conv(state, f"{src}.conv1", out, f"{dst}/conv1")
-        _norm(state, f"{src}.norm2", out, f"{dst}/norm2")
-        _conv(state, f"{src}.conv2", out, f"{dst}/conv2")
-        if f"{src}.nin_shortcut.weight" in state:
-            _conv(state, f"{src}.nin_shortcut", out, f"{dst}/residual_projection")
-
-    def mid(state, part, out):
-        resnet(state, f"{part}.mid.block_1", f"{part}/mid_block_0", out)
-        resnet(state, f"{part}.mid.block_2", f"{part}/mid_block_1", out)
-        src, dst = f"{part}.mid.attn_1", f"{part}/mid_attention"
-        _norm(state, f"{src}.norm", out, f"{dst}/group_norm")
-        for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v"), ("output", "proj_out")):
-            conv_1x1(state, f"{src}.{theirs}", out, f"{dst}/{ours}_conv2d")
-
-    def build(state):
-        out: dict = {}
-        _conv(state, "encoder.conv_in", out, "encoder/input_projection")
-        for i in range(levels):
-            for j in range(blocks):
-                resnet(state, f"encoder.down.{i}.block.{j}", f"encoder/block_{i}_{j}", out)
-            if i < levels - 1:
-                _conv(state, f"encoder.down.{i}.downsample.conv", out, f"encoder/downsample_{i}_conv")
-        mid(state, "encoder", out)
-        _norm(state, "encoder.norm_out", out, "encoder/output_norm")
-        _conv(state, "encoder.conv_out", out, "encoder/output_projection")
-        _conv(state, "decoder.conv_in", out, "decoder/input_projection")
-        mid(state, "decoder", out)
-        for i in range(levels):
-            up = levels - 1 - i
-            for j in range(blocks + 1):
-                resnet(state, f"decoder.up.{up}.block.{j}", f"decoder/block_{i}_{j}", out)
-            if i < levels - 1:
-                _conv(state, f"decoder.up.{up}.upsample.conv", out, f"decoder/upsample_{i}_conv")
-        _norm(state, "decoder.norm_out", out, "decoder/output_norm")
-        _conv(state, "decoder.conv_out", out, "decoder/output_projection")
-        return out
-
-    return _mapped(build, state, what, f"an SD3 VAE with {levels} levels of {blocks} blocks")
+    prefix removed) -> {KerasHub VAEBackbone weight path: reader}."""
+    return _vae(state, levels, blocks, _LDM_VAE, what)
