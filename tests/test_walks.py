@@ -338,3 +338,21 @@ def test_a_motion_clip_takes_each_frames_negative_from_the_walk(tiny):
     plain = clip_for(tiny, FrameJob(_negative_walk([None] * 3), S, "text"), sdanim.MotionSpec("random", context=4, stride=2),
                      make_renderer(tiny, S, "text"))
     np.testing.assert_allclose(plain.negatives, np.repeat(expected[6:], 7, axis=0), atol=1e-6)
+
+
+def test_negatives_of_the_wrong_shape_are_one_line(tiny):
+    """A plan's negatives must match its embeddings; a renderer's, its contexts."""
+    from sdanim.core.plan import FramePlan
+    from sdanim.render.sampling import Renderer
+
+    embeddings = np.zeros((2, 77, 8), np.float32)
+    with pytest.raises(SdanimError, match=r"one negative embedding per keyframe.*Received: negatives of shape "
+                                          r"\(1, 77, 8\) for embeddings of shape \(2, 77, 8\)"):
+        FramePlan(embeddings, np.zeros((2, 8, 8, 4), np.float32), (1, 2), np.array([0.0, 1.0]),
+                  negatives=np.zeros((1, 77, 8), np.float32))
+    uncond = np.zeros(tiny.diffusion_model.inputs[2].shape[1:], np.float32)
+    renderer = Renderer(tiny.diffusion_model, tiny.decoder, S, uncond)
+    contexts = np.zeros((2, *uncond.shape), np.float32)
+    with pytest.raises(SdanimError, match=r"negatives must be one negative context per row.*Received: negatives of "
+                                          r"shape \(1, "):
+        renderer.render(contexts, np.zeros((2, 8, 8, 4), np.float32), [0, 1], negatives=contexts[:1])
