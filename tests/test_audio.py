@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import wave
 
 import imageio_ffmpeg
@@ -17,7 +18,8 @@ import sdanim
 from sdanim.config.errors import SdanimError
 from sdanim.config.settings import RenderSettings
 from sdanim.core import audio
-from sdanim.formats.audio import read_audio
+from sdanim.formats import audio as audio_files
+from sdanim.formats.audio import analyze_audio, read_audio
 from sdanim.frontends.cli import main
 
 S = RenderSettings(height=64, width=64, num_steps=2, batch_size=4)
@@ -84,12 +86,12 @@ def files(tmp_path_factory):
 
 
 def test_every_format_gives_the_same_curves_and_beats(files):
-    reference = audio.analyze(*read_audio(files["music16.wav"]))
+    reference = analyze_audio(*read_audio(files["music16.wav"]))
     assert abs(reference.tempo - BPM) < 3, reference.tempo
     assert len(reference.beats) >= 12
     frames = int(7.5 * FPS)
     for name, path in files.items():
-        found = audio.analyze(*read_audio(path))
+        found = analyze_audio(*read_audio(path))
         for mode in ("loudness", "onsets"):
             ours, theirs = found.per_frame(mode, frames, FPS), reference.per_frame(mode, frames, FPS)
             gap = np.abs(ours - theirs).max() / theirs.max()
@@ -103,7 +105,7 @@ def test_every_format_gives_the_same_curves_and_beats(files):
 def test_strength_follows_the_music(files):
     """At 12 fps and 120 BPM a kick starts every 6th frame, a hi-hat 3 frames later:
     loudness peaks on the kicks, onset strength on the kicks and hats, near zero between."""
-    analysis = audio.analyze(*read_audio(files["music16.wav"]))
+    analysis = analyze_audio(*read_audio(files["music16.wav"]))
     loudness = analysis.per_frame("loudness", 72, FPS).reshape(12, 6).mean(axis=0)  # by frame within a beat
     onsets = analysis.per_frame("onsets", 72, FPS).reshape(12, 6).mean(axis=0)
     assert loudness[0] > 1.5 * loudness[2:5].max()
@@ -177,7 +179,7 @@ def test_beat_synced_walk_puts_keyframes_on_beats(tiny, files, tmp_path, monkeyp
     with open(tmp_path / "w_frames" / "manifest.json") as f:
         manifest = json.load(f)
     positions = np.array(manifest["positions"])
-    beats = audio.analyze(*read_audio(files["music.mp3"])).beats
+    beats = analyze_audio(*read_audio(files["music.mp3"])).beats
     for j, beat in ((1, beats[3]), (2, beats[7])):  # keyframe j on beat 4j
         frame = int(np.argmin(np.abs(np.arange(len(positions)) / 12.0 - beat)))
         assert abs(positions[frame] - j) < 0.2, (j, positions[frame])
@@ -220,14 +222,82 @@ def test_limits_hold_on_the_final_plan_before_any_model(tmp_path):
     assert not os.path.exists(tmp_path / "w_frames" / "frame_00000.png")
 
 
-def test_numba_is_pointed_away_from_a_cpu_target_it_miscompiles():
-    """On AMD Zen 4 ("znver4") numba's code for librosa's beat tracker crashed the process
-    (a segmentation fault: a notebook's kernel died with it); sdanim sets NUMBA_CPU_NAME
-    before numba's import there, and nowhere else, and never over the user's choice."""
-    from sdanim.core.audio import numba_target
+def _kill_itself():
+    return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
 
-    assert numba_target("znver4", {}, numba_imported=False) == "x86-64-v4"
-    assert numba_target("znver4", {"NUMBA_CPU_NAME": "generic"}, numba_imported=False) is None
-    assert numba_target("znver4", {}, numba_imported=True) is None  # too late: numba read it at import
-    assert numba_target("skylake-avx512", {}, numba_imported=False) is None
-    assert numba_target("znver3", {}, numba_imported=False) is None
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """sdanim's numba cache in a folder of the test's, with a file of numba's in it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    cache = audio_files.numba_cache_dir()
+    os.makedirs(cache)
+    with open(os.path.join(cache, "beat.__trim_beats-609.py311.1.nbc"), "wb") as f:
+        f.write(b"mixed-up code")
+    return cache
+
+
+def test_the_analysis_runs_in_a_process_of_its_own(monkeypatch):
+    """librosa's numba code never runs in the caller's process (numba/numba#10128: two
+    processes compiling it at once leave a cache that crashes every later load), and
+    the caller's environment is left as it was; numba's code is kept in sdanim's folder."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    before, env = "numba" in sys.modules, dict(os.environ)
+    found = analyze_audio(_music(4.0, 22050)[:, 0])
+    assert ("numba" in sys.modules) == before and dict(os.environ) == env
+    assert abs(found.tempo - BPM) < 3 and len(found.beats) >= 6
+    assert os.listdir(audio_files.numba_cache_dir())
+
+
+def _answers(tempo):
+    """A stand-in analysis process that answers `tempo` (its samples read and dropped)."""
+    code = ("import io, sys, numpy as np; sys.stdin.buffer.read(); b = io.BytesIO(); "
+            f"np.savez(b, loudness=np.ones(3), onsets=np.ones(3), beats=np.array([0.5]), tempo={tempo}, duration=4.0); "
+            "sys.stdout.buffer.write(b.getvalue())")
+    return [sys.executable, "-c", code]
+
+
+def test_a_crashed_analysis_clears_sdanims_numba_cache_and_runs_once_more(own_cache, monkeypatch):
+    commands = []
+
+    def crash_once():
+        commands.append(len(commands))
+        return _kill_itself() if len(commands) == 1 else _answers(97.0)
+
+    monkeypatch.setattr(audio_files, "_analysis_command", crash_once)
+    found = analyze_audio(_music(4.0, 22050)[:, 0])
+    assert len(commands) == 2 and found.tempo == 97.0 and list(found.beats) == [0.5]
+    assert not os.path.exists(os.path.join(own_cache, "beat.__trim_beats-609.py311.1.nbc"))  # compiled afresh
+
+
+def test_a_user_numba_cache_is_left_alone_and_two_crashes_are_one_line(own_cache, tmp_path, monkeypatch):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "their.nbc").write_bytes(b"theirs")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(theirs))
+    monkeypatch.setattr(audio_files, "_analysis_command", _kill_itself)
+    with pytest.raises(SdanimError, match=r"crashed twice \(SIGSEGV\).*Received: 4\.0 s of audio") as error:
+        analyze_audio(_music(4.0, 22050)[:, 0])
+    assert "\n" not in str(error.value)
+    assert (theirs / "their.nbc").read_bytes() == b"theirs"
+    assert os.path.exists(os.path.join(own_cache, "beat.__trim_beats-609.py311.1.nbc"))  # not sdanim's to clear
+
+
+@pytest.mark.slow
+def test_two_processes_analysing_at_once_with_a_cold_cache_both_finish(tmp_path):
+    """Two processes (two notebooks, or the app and the CLI) time walks by audio at the
+    same moment, on a machine where numba has compiled nothing yet. In one process each,
+    librosa's beat tracker crashed 2 times in 6 here (numba/numba#10128); sdanim's
+    analyses take turns."""
+    samples = _music(6.0, 22050)[:, 0]
+    np.save(tmp_path / "samples.npy", samples)
+    script = ("import sys, numpy as np; from sdanim.formats.audio import analyze_audio; "
+              "a = analyze_audio(np.load(sys.argv[1])); print(a.tempo, len(a.beats))")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("NUMBA_CACHE_DIR", None)
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "samples.npy")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [run.communicate(timeout=900) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err.decode()[-400:] for _, err in outs]
+    assert outs[0][0] == outs[1][0] and outs[0][0].strip()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import sdanim
-from sdanim.core.audio import audio_positions, frame_strength
-from sdanim.formats.audio import read_audio
+from sdanim.core.audio import audio_positions
+from sdanim.formats.audio import analyze_audio, read_audio
 from sdanim.config.errors import SdanimError
 from sdanim.render.export import blend_double, write_mp4
 from sdanim.config.settings import RenderSettings
@@ -59,9 +59,10 @@ def test_blend_double():
 def test_read_audio_and_strength(tmp_path):
     samples, rate = read_audio(_wav(tmp_path / "a.wav", channels=2))  # 8 kHz stereo, resampled to mono 22.05 kHz
     assert rate == 22050 and samples.ndim == 1 and abs(len(samples) - 2 * 22050) <= 1
-    strength = frame_strength(samples, rate, num_frames=8, fps=4)  # 0.25 s per frame
+    analysis = analyze_audio(samples, rate)
+    strength = analysis.per_frame("loudness", num_frames=8, fps=4)  # 0.25 s per frame
     assert np.argmax(strength) == 2  # the burst is 0.5-0.75 s
-    onsets = frame_strength(samples, rate, num_frames=8, fps=4, mode="onsets")
+    onsets = analysis.per_frame("onsets", num_frames=8, fps=4)
     assert np.argmax(onsets) == 2 and onsets[2] > 3 * onsets[4]
 
 

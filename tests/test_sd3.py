@@ -12,6 +12,7 @@ combinations are one line before anything is built.
 """
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -208,7 +209,7 @@ M3 = ["morph", "a cat", "a dog", "--weights", "random"]
      "the flow_euler sampler is for flow-matching models"),
     (M3 + ["--model", "sd3.5-large", "--decoder", "tiny"], "SD3's 16-channel latents would need TAESD3"),
     (M3 + ["--model", "sd3-medium", "--attention-interp", "inner"], "on SD3's joint attention it is not built yet"),
-    (M3 + ["--model", "sd3-medium", "--lora", "x.safetensors"], "LoRAs are not supported for sd3-medium yet"),
+    (M3 + ["--model", "sd3-medium", "--lora", "x.safetensors"], "the LoRA file does not exist"),
     (M3 + ["--model", "sd3-medium", "--motion-module", "random"], "motion modules are for SD 1.x"),
     (M3 + ["--model", "sd3-medium", "--controlnet", "random"], "SD3's ControlNets (a transformer of their own)"),
 ])
@@ -460,7 +461,7 @@ def test_load_model_hands_an_sd3_version_to_the_sd3_loader():
 
     with pytest.raises(SdanimError, match=r"weights for an SD3 model must be .*Received: weights='/no/such.safetensors'$"):
         sdanim.load_model(version="sd3-medium", weights="/no/such.safetensors", height=64, width=64)
-    with pytest.raises(SdanimError, match=r"^LoRAs are not supported for sd3-medium yet"):
+    with pytest.raises(SdanimError, match=r"^the LoRA file does not exist. Received: lora='x.safetensors'$"):
         sdanim.load_model(version="sd3-medium", weights="random", height=64, width=64, loras=["x.safetensors"])
 
 
@@ -664,3 +665,165 @@ def test_a_single_file_without_its_text_encoders_or_with_a_stray_tensor_is_one_l
     err = capsys.readouterr().err
     assert "'model_ema.decay'" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "a_frames") and not os.path.exists(tmp_path / "b_frames")
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "net.0.proj", "net.2", "linear", "context_embedder", "proj_out", "linear_1", "linear_2"]
+
+
+def _reference_with_lora(config, rank=4, alpha=8.0):
+    """The reference transformer with a PEFT LoRA on every kind of linear layer its
+    trainers adapt (attention, feed-forward, the modulations, embedders, the output),
+    its A and B drawn at random (PEFT starts B at zero: a LoRA that changes nothing)."""
+    torch = require("torch")
+    peft = require("peft")
+    ref = _reference_transformer(config)
+    base = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    ref.add_adapter(peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5 * 0.5)
+    return ref, base
+
+
+def _diffusers_lora_file(ref, path, rank, alpha):
+    """What diffusers' `save_lora_weights` writes (`transformer.` + PEFT's names), plus
+    each module's alpha (files without one take alpha = rank)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(ref).items()}
+    for key in [k for k in state if k.endswith(".lora_A.weight")]:
+        state[key.replace(".lora_A.weight", ".alpha")] = require("torch").tensor(alpha)
+    save_file(state, str(path))
+    return state
+
+
+def _kohya_lora_file(state, path, layers, rank, alpha):
+    """The same LoRA as a kohya SD3 file names it (sd-scripts: Stability's modules,
+    `lora_unet_joint_blocks_N_x_block_attn_qkv`): each q/k/v triple one LoRA of rank 3r on
+    the fused qkv (downs stacked, ups block-diagonal), the (scale, shift) modulations'
+    ups in Stability's (shift, scale) order."""
+    torch = require("torch")
+    from safetensors.torch import save_file
+
+    lora = {k[len("transformer."):]: v for k, v in state.items() if not k.endswith(".alpha")}
+    out = {}
+
+    def put(ours, theirs, swap=False):
+        down, up = lora.pop(f"{theirs}.lora_A.weight"), lora.pop(f"{theirs}.lora_B.weight")
+        if swap:
+            up = torch.cat(up.chunk(2)[::-1])
+        name = "lora_unet_" + ours.replace(".", "_")
+        out.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": torch.tensor(alpha)})
+
+    def fuse(ours, theirs):
+        downs = [lora.pop(f"{t}.lora_A.weight") for t in theirs]
+        ups = [lora.pop(f"{t}.lora_B.weight") for t in theirs]
+        name = "lora_unet_" + ours.replace(".", "_")
+        out.update({f"{name}.lora_down.weight": torch.cat(downs), f"{name}.lora_up.weight": torch.block_diag(*ups),
+                    f"{name}.alpha": torch.tensor(3 * alpha)})  # (alpha / rank) kept: 3 alpha / 3 r
+
+    put("context_embedder", "context_embedder")
+    for k in (1, 2):
+        put(f"t_embedder.mlp.{2 * k - 2}", f"time_text_embed.timestep_embedder.linear_{k}")
+        put(f"y_embedder.mlp.{2 * k - 2}", f"time_text_embed.text_embedder.linear_{k}")
+    for i in range(layers):
+        b, x, c = f"transformer_blocks.{i}", f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        fuse(f"{x}.attn.qkv", [f"{b}.attn.to_{p}" for p in "qkv"])
+        fuse(f"{c}.attn.qkv", [f"{b}.attn.add_{p}_proj" for p in "qkv"])
+        if f"{b}.attn2.to_q.lora_A.weight" in lora:
+            fuse(f"{x}.attn2.qkv", [f"{b}.attn2.to_{p}" for p in "qkv"])
+            put(f"{x}.attn2.proj", f"{b}.attn2.to_out.0")
+        put(f"{x}.attn.proj", f"{b}.attn.to_out.0")
+        put(f"{x}.adaLN_modulation.1", f"{b}.norm1.linear")
+        put(f"{c}.adaLN_modulation.1", f"{b}.norm1_context.linear", swap=i == layers - 1)
+        put(f"{x}.mlp.fc1", f"{b}.ff.net.0.proj")
+        put(f"{x}.mlp.fc2", f"{b}.ff.net.2")
+        if i < layers - 1:
+            put(f"{c}.attn.proj", f"{b}.attn.to_add_out")
+            put(f"{c}.mlp.fc1", f"{b}.ff_context.net.0.proj")
+            put(f"{c}.mlp.fc2", f"{b}.ff_context.net.2")
+    put("final_layer.linear", "proj_out")
+    put("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    assert not lora, sorted(lora)[:3]
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+
+
+def _call(model_or_ref, inputs, torch=None):
+    latent, t, seq, pooled = inputs
+    if torch is None:
+        return np.asarray(model_or_ref.diffusion_model([latent, t, _packed(seq, pooled)]))
+    with torch.no_grad():
+        return model_or_ref(hidden_states=torch.from_numpy(latent.transpose(0, 3, 1, 2)),
+                            encoder_hidden_states=torch.from_numpy(seq), pooled_projections=torch.from_numpy(pooled),
+                            timestep=torch.from_numpy(t[:, 0])).sample.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_35], ids=["sd3", "sd3.5-mmdit-x"])
+def test_sd3_loras_in_diffusers_and_kohya_names_give_diffusers_output(config, tmp_path):
+    """A PEFT LoRA on every linear kind of the MMDiT, as diffusers saves it and as a kohya
+    SD3 file names it (fused qkv), merged by sdanim: the reference transformer's output
+    with the adapter on; removed, the base weights come back bit for bit."""
+    torch = require("torch")
+    rank, alpha = 4, 8.0
+    ref, base = _reference_with_lora(config, rank, alpha)
+    model = _model_with_state(base, config)
+    rng = np.random.default_rng(2)
+    inputs = (rng.standard_normal((2, LATENT, LATENT, 16)).astype(np.float32), np.array([[700.0], [31.5]], np.float32),
+              rng.standard_normal((2, sd3.SEQUENCE_TOKENS, sd3.CONTEXT_WIDTH)).astype(np.float32),
+              rng.standard_normal((2, 80)).astype(np.float32))
+    before = _call(model, inputs)
+    expected = _call(ref, inputs, torch)
+    ref.disable_adapters()
+    without = _call(ref, inputs, torch)
+    scale = np.abs(expected).max()
+    assert np.abs(expected - without).max() > 0.05 * scale  # the LoRA changes the output
+    state = _diffusers_lora_file(ref, tmp_path / "pytorch_lora_weights.safetensors", rank, alpha)
+    _kohya_lora_file(state, tmp_path / "kohya.safetensors", config.num_layers, rank, alpha)
+    weights_before = [np.array(v.numpy()) for v in model.backbone.diffuser.weights]
+    for name in ("pytorch_lora_weights.safetensors", "kohya.safetensors"):
+        model.set_loras([str(tmp_path / name)])
+        assert np.abs(_call(model, inputs) - expected).max() <= 1e-4 * scale, name
+        assert model.lora_records[0]["file"] == name
+    model.set_loras([])
+    assert all(np.array_equal(np.array(v.numpy()), w) for v, w in zip(model.backbone.diffuser.weights, weights_before))
+    assert np.array_equal(_call(model, inputs), before)
+
+
+def _model_with_state(state, config):
+    from sdanim.core.runtime import import_keras
+    from sdanim.formats.sd3_files import mmdit_weights
+
+    import_keras().utils.set_random_seed(0)
+    backbone = sd3.build_backbone(config, SIZE, SIZE, "float32")
+    sd3.assign(backbone.diffuser, mmdit_weights(state, config.num_layers, config.dual_attention, config.qk_norm),
+               "the reference transformer")
+    return sd3.wrap("sd3-medium", backbone, SIZE, SIZE, "random", "float32")
+
+
+def test_an_sd3_lora_that_does_not_fit_is_one_line_and_changes_nothing(tiny_model, tmp_path):
+    """A LoRA of SD3's text encoders, an SD 1.x LoRA, and one of another width: one line
+    each, the weights as they were."""
+    from safetensors.numpy import save_file
+    from sdanim.formats.lora_files import LoraError
+
+    r = np.ones((4, 8), np.float32)
+    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": r,
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": r.T.copy()},
+              str(tmp_path / "te.safetensors"))
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": r,
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": r.T.copy()},
+              str(tmp_path / "sd1.safetensors"))
+    save_file({"transformer.proj_out.lora_A.weight": np.ones((4, 7), np.float32),
+               "transformer.proj_out.lora_B.weight": np.ones((64, 4), np.float32)}, str(tmp_path / "wide.safetensors"))
+    weights = [np.array(v.numpy()) for v in tiny_model.backbone.diffuser.weights]
+    for name, match in (("te", "not yet of its text encoders"), ("sd1", "with no matching layer of its MMDiT"),
+                        ("wide", "1 of the wrong shape (transformer.proj_out (64, 7))")):
+        with pytest.raises(LoraError, match=re.escape(match)) as error:
+            tiny_model.set_loras([str(tmp_path / f"{name}.safetensors")])
+        assert "\n" not in str(error.value) and str(error.value).endswith(f"{name}.safetensors'")
+    assert all(np.array_equal(np.array(v.numpy()), w) for v, w in zip(tiny_model.backbone.diffuser.weights, weights))

@@ -21,44 +21,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sdanim.config.choices import AUDIO_MODES
 from sdanim.config.errors import check
 from sdanim.core.interpolation import EASINGS
 
 SAMPLE_RATE = 22050  # librosa's default analysis rate
-
-# CPUs for which numba's code (LLVM's target for that CPU) crashes librosa's beat tracker:
-# a segmentation fault that takes the process, or a notebook's kernel, with it
-# (numba 0.68, llvmlite 0.50, on AMD Zen 4: `llvmlite.binding.get_host_cpu_name()` is
-# "znver4"; the same code compiled for x86-64-v4, AVX-512 without Zen 4's tuning, runs).
-MISCOMPILED_CPUS = {"znver4": "x86-64-v4"}
-
-
-def numba_target(host_cpu: str, env: dict, numba_imported: bool) -> Optional[str]:
-    """The NUMBA_CPU_NAME to set before numba's import on `host_cpu`, or None: only for a
-    CPU in `MISCOMPILED_CPUS`, only before numba is imported, never over the user's own."""
-    if numba_imported or env.get("NUMBA_CPU_NAME"):
-        return None
-    return MISCOMPILED_CPUS.get(host_cpu)
-
-
-def avoid_miscompiling_cpu_target() -> None:
-    """Before numba is first imported on a CPU in `MISCOMPILED_CPUS`, points numba at the
-    generic target beside it (NUMBA_CPU_NAME, which numba reads at import) unless the
-    user set it: the one change sdanim makes to its caller's process for the audio
-    analysis, so that librosa's beat tracking does not crash it."""
-    import os
-    import sys
-
-    if "numba" in sys.modules:
-        return
-    try:
-        import llvmlite.binding as llvm
-    except ImportError:  # no numba either: librosa's import says so
-        return
-    target = numba_target(llvm.get_host_cpu_name(), dict(os.environ), False)
-    if target is not None:
-        os.environ["NUMBA_CPU_NAME"] = target
 HOP = 512  # analysis hop: 23 ms at SAMPLE_RATE
 SILENCE = 1e-4  # peak amplitude below which a track counts as silent
 
@@ -86,8 +52,13 @@ class Analysis:
 
 
 def analyze(samples: np.ndarray, rate: int = SAMPLE_RATE) -> Analysis:
-    """Loudness, onset strength, beats and tempo of a mono track (librosa)."""
-    avoid_miscompiling_cpu_target()
+    """Loudness, onset strength, beats and tempo of a mono track (librosa), in this process.
+
+    librosa's beat tracker is numba code cached on disk, and numba's cache is not safe
+    when two processes compile it at once (numba/numba#10128: a segmentation fault then,
+    and on every later load of the mixed-up cache). sdanim calls this in a process of its
+    own, one at a time, through `sdanim.formats.audio.analyze_audio`.
+    """
     import librosa
 
     y = np.asarray(samples, np.float32)
@@ -110,14 +81,6 @@ def _window_means(curve: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
     bounds = np.arange(num_frames + 1) / fps
     area = np.interp(bounds, edges, integral)  # flat past the end: silence
     return np.maximum(np.diff(area) * fps, 0.0)
-
-
-def frame_strength(samples: np.ndarray, rate: int, num_frames: int, fps: float, mode: str = "loudness") -> np.ndarray:
-    """(num_frames,) non-negative strength of the audio under each frame: its RMS
-    loudness or onset strength (librosa), averaged over the frame's 1/fps seconds.
-    Frames past the end of the audio get 0 (silence)."""
-    check(mode in AUDIO_MODES, f"audio_mode must be one of {', '.join(AUDIO_MODES)}. Received: audio_mode={mode!r}")
-    return analyze(samples, rate).per_frame("onsets" if mode == "beats" else mode, num_frames, fps)
 
 
 def audio_positions(strength: np.ndarray, path_length: float, include_end: bool = True, floor: float = 0.05) -> np.ndarray:
@@ -173,5 +136,5 @@ def beat_positions(key_times: np.ndarray, fps: float, easings: Sequence[str], in
     return positions
 
 
-__all__ = ["analyze", "Analysis", "frame_strength", "audio_positions", "keyframe_times",
+__all__ = ["analyze", "Analysis", "audio_positions", "keyframe_times",
            "beat_positions", "check_beats_per_keyframe", "SAMPLE_RATE", "HOP", "SILENCE"]

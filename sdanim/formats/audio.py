@@ -5,18 +5,31 @@ any sample format, MP3, AAC/M4A, FLAC, Ogg Vorbis/Opus or the audio track of a v
 mono float32 at `SAMPLE_RATE`, through a pipe; nothing in the file is executed.
 (librosa.load would read through soundfile, whose libsndfile has no AAC/M4A or video
 containers, and fall back to audioread, which needs a system ffmpeg or GStreamer.)
+
+Analysis: `analyze_audio` runs librosa (`sdanim.core.audio.analyze`) in a Python process
+of its own, one at a time per machine (a file lock), with numba's compiled code cached in
+sdanim's own folder. numba's on-disk cache is not safe when two processes compile the same
+code at once (numba/numba#10128: librosa's beat tracker then crashes with a segmentation
+fault, and again on every later load of the mixed-up cache). In a process of its own a
+crash cannot take a notebook's kernel or a render with it; a crash clears sdanim's cache
+and the analysis runs once more.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
+import signal
 import subprocess
+import sys
+import tempfile
 
 import numpy as np
 
+import sdanim
 from sdanim.config.errors import SdanimError, check
-from sdanim.core.audio import HOP, SAMPLE_RATE, SILENCE
+from sdanim.core.audio import HOP, SAMPLE_RATE, SILENCE, Analysis, analyze
 
 
 def read_audio(path: str) -> tuple:
@@ -60,4 +73,83 @@ def _short(text: str, path: str) -> str:
     return text[:160]
 
 
-__all__ = ["read_audio"]
+ANALYSIS_TIMEOUT = 900  # seconds: numba's first compile takes about 30 s on 2 cores
+
+
+def numba_cache_dir() -> str:
+    """Where the analysis process keeps numba's compiled code: sdanim's own folder under
+    the user's cache ($XDG_CACHE_HOME, else ~/.cache), unless NUMBA_CACHE_DIR is set."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sdanim", "numba")
+
+
+def analyze_audio(samples: np.ndarray, rate: int = SAMPLE_RATE) -> Analysis:
+    """Loudness, onset strength, beats and tempo of a mono track, computed by librosa in
+    a process of its own (see the module's docstring). One line (SdanimError) if the
+    analysis fails twice or takes over `ANALYSIS_TIMEOUT` seconds."""
+    from filelock import FileLock
+
+    samples = np.ascontiguousarray(samples, np.float32)
+    own_cache = "NUMBA_CACHE_DIR" not in os.environ
+    cache = numba_cache_dir() if own_cache else os.environ["NUMBA_CACHE_DIR"]
+    os.makedirs(os.path.dirname(cache) if own_cache else cache, exist_ok=True)
+    lock = cache + ".lock" if own_cache else os.path.join(cache, "sdanim-audio.lock")
+    with FileLock(lock, timeout=ANALYSIS_TIMEOUT):
+        result = _run_analysis(samples, rate, cache)
+        if isinstance(result, Analysis):
+            return result
+        # A crash (a signal): numba's cached code may be the mixed-up kind. Compile afresh,
+        # in sdanim's own folder (cleared) or, under the user's NUMBA_CACHE_DIR, in a
+        # temporary one (theirs is left as it is).
+        if own_cache:
+            import shutil
+
+            shutil.rmtree(cache, ignore_errors=True)
+            result = _run_analysis(samples, rate, cache)
+        else:
+            with tempfile.TemporaryDirectory(prefix="sdanim-numba-") as fresh:
+                result = _run_analysis(samples, rate, fresh)
+    if isinstance(result, Analysis):
+        return result
+    raise SdanimError(f"the audio analysis (librosa) crashed twice ({result}), the second time with numba's "
+                      f"code compiled afresh. Received: {len(samples) / rate:.1f} s of audio")
+
+
+def _analysis_command() -> list:
+    return [sys.executable, "-c", "from sdanim.formats.audio import _analysis_process; _analysis_process()"]
+
+
+def _run_analysis(samples: np.ndarray, rate: int, cache: str):
+    """The Analysis from a fresh process, or the name of the signal that killed it."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(sdanim.__file__)))  # this very sdanim
+    env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    try:
+        proc = subprocess.run(_analysis_command() + [str(int(rate))], input=samples.tobytes(), capture_output=True,
+                              env=env, timeout=ANALYSIS_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise SdanimError(f"the audio analysis (librosa) took over {ANALYSIS_TIMEOUT} s. "
+                          f"Received: {len(samples) / rate:.1f} s of audio") from None
+    if proc.returncode < 0:
+        return signal.Signals(-proc.returncode).name
+    if proc.returncode != 0:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise SdanimError(f"the audio analysis (librosa) failed: {lines[-1] if lines else proc.returncode}. "
+                          f"Received: {len(samples) / rate:.1f} s of audio")
+    with np.load(io.BytesIO(proc.stdout)) as out:
+        return Analysis(out["loudness"], out["onsets"], out["beats"], float(out["tempo"]), float(out["duration"]))
+
+
+def _analysis_process() -> None:
+    """The analysis process: float32 samples on stdin, the rate in argv, the Analysis's
+    arrays (.npz) on stdout."""
+    samples = np.frombuffer(sys.stdin.buffer.read(), np.float32)
+    analysis = analyze(samples, int(sys.argv[1]))
+    buffer = io.BytesIO()
+    np.savez(buffer, loudness=analysis.loudness, onsets=analysis.onsets, beats=analysis.beats,
+             tempo=analysis.tempo, duration=analysis.duration)
+    sys.stdout.buffer.write(buffer.getvalue())
+    sys.stdout.buffer.flush()
+
+
+__all__ = ["read_audio", "analyze_audio", "numba_cache_dir"]

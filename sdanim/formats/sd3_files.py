@@ -26,7 +26,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -131,7 +131,29 @@ def _take(state: dict, name: str) -> Callable[[], np.ndarray]:
     return lambda: _value(tensor)
 
 
+class _Layout(dict):
+    """A mapping's `out` that also records where each source module's weight goes:
+    {module: (target layer, part, parts, swapped)} (LoRA files name the modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.modules: dict = {}
+
+
+class _EveryTensor(dict):
+    """A state that holds every tensor a mapping asks for (to map names, not values)."""
+
+    def pop(self, name, *default):
+        return None
+
+
+def _record(out: dict, name: str, target: str, part: int = 0, parts: int = 1, swapped: bool = False) -> None:
+    if isinstance(out, _Layout):
+        out.modules[name] = (target, part, parts, swapped)
+
+
 def _dense(state, name: str, out: dict, target: str, bias: bool = True) -> None:
+    _record(out, name, target)
     weight = _take(state, f"{name}.weight")
     out[f"{target}/kernel"] = lambda: weight().T
     if bias:
@@ -150,6 +172,8 @@ def _norm(state, name: str, out: dict, target: str, scale: str = "gamma", center
 
 
 def _fused(state, names: tuple, out: dict, target: str) -> None:
+    for part, name in enumerate(names):
+        _record(out, name, target, part, len(names))
     weights = [_take(state, f"{n}.weight") for n in names]
     biases = [_take(state, f"{n}.bias") for n in names]
     out[f"{target}/kernel"] = lambda: np.concatenate([w() for w in weights], axis=0).T
@@ -162,6 +186,7 @@ def _swap_halves(array: np.ndarray) -> np.ndarray:
 
 
 def _adaln_swapped(state, name: str, out: dict, target: str) -> None:
+    _record(out, name, target, swapped=True)
     weight, bias = _take(state, f"{name}.weight"), _take(state, f"{name}.bias")
     out[f"{target}/kernel"] = lambda: _swap_halves(weight()).T
     out[f"{target}/bias"] = lambda: _swap_halves(bias())
@@ -197,9 +222,9 @@ def mmdit_weights(state: Mapping, num_layers: int, dual: tuple = (), qk_norm=Non
     return _mapped(lambda state: _mmdit(state, num_layers, tuple(dual), qk_norm), state, what, shape)
 
 
-def _mmdit(state: dict, num_layers: int, dual: tuple, qk_norm) -> dict:
+def _mmdit(state: dict, num_layers: int, dual: tuple, qk_norm, out: Optional[dict] = None) -> dict:
     """Pops every tensor it maps from `state`."""
-    out: dict = {}
+    out = {} if out is None else out
     _conv(state, "pos_embed.proj", out, "patch_embedding/patch_embedding")
     grid = _take(state, "pos_embed.pos_embed")
     out["position_embedding/embeddings"] = lambda: grid()[0]
@@ -248,42 +273,63 @@ def stability_mmdit_weights(state: Mapping, num_layers: int, dual: tuple = (), q
     fused qkv, (shift, scale) modulations; nothing is split or swapped."""
     shape = (f"an SD3 MMDiT of this shape (layers={num_layers}, dual attention={list(dual)}, "
              f"qk_norm={qk_norm})")
+    return _mapped(lambda state: _stability_mmdit(state, num_layers, tuple(dual), qk_norm), state, what, shape)
 
-    def build(state):
-        out: dict = {}
-        _conv(state, "x_embedder.proj", out, "patch_embedding/patch_embedding")
-        grid = _take(state, "pos_embed")
-        out["position_embedding/embeddings"] = lambda: grid()[0]
-        _dense(state, "context_embedder", out, "context_embedding")
-        _dense(state, "y_embedder.mlp.0", out, "vector_embedding/dense1")
-        _dense(state, "y_embedder.mlp.2", out, "vector_embedding/dense2")
-        _dense(state, "t_embedder.mlp.0", out, "timestep_embedding/mlp/dense1")
-        _dense(state, "t_embedder.mlp.2", out, "timestep_embedding/mlp/dense2")
-        for i in range(num_layers):
-            dst = f"joint_block_{i}"
-            for block, target in (("x_block", f"{dst}/x_block"), ("context_block", f"{dst}/context_block")):
-                src = f"joint_blocks.{i}.{block}"
-                _dense(state, f"{src}.adaLN_modulation.1", out, f"{target}/ada_layer_norm/dense")
-                _dense(state, f"{src}.attn.qkv", out, f"{target}/attention_qkv")
-                if block == "x_block" or i < num_layers - 1:  # the last context block stops after its qkv
-                    _dense(state, f"{src}.attn.proj", out, f"{target}/attention_proj")
-                    _dense(state, f"{src}.mlp.fc1", out, f"{target}/mlp/dense1")
-                    _dense(state, f"{src}.mlp.fc2", out, f"{target}/mlp/dense2")
-                if qk_norm:
-                    out[f"{target}/q_norm/scale"] = _take(state, f"{src}.attn.ln_q.weight")
-                    out[f"{target}/k_norm/scale"] = _take(state, f"{src}.attn.ln_k.weight")
-            if i in dual:
-                src, target = f"joint_blocks.{i}.x_block.attn2", f"{dst}/x_block"
-                _dense(state, f"{src}.qkv", out, f"{target}/attention_qkv2")
-                _dense(state, f"{src}.proj", out, f"{target}/attention_proj2")
-                if qk_norm:
-                    out[f"{target}/q_norm2/scale"] = _take(state, f"{src}.ln_q.weight")
-                    out[f"{target}/k_norm2/scale"] = _take(state, f"{src}.ln_k.weight")
-        _dense(state, "final_layer.adaLN_modulation.1", out, "output_ada_layer_norm/dense")
-        _dense(state, "final_layer.linear", out, "output_dense")
-        return out
 
-    return _mapped(build, state, what, shape)
+def _stability_mmdit(state: dict, num_layers: int, dual: tuple, qk_norm, out: Optional[dict] = None) -> dict:
+    """Pops every tensor it maps from `state`."""
+    out = {} if out is None else out
+    _conv(state, "x_embedder.proj", out, "patch_embedding/patch_embedding")
+    grid = _take(state, "pos_embed")
+    out["position_embedding/embeddings"] = lambda: grid()[0]
+    _dense(state, "context_embedder", out, "context_embedding")
+    _dense(state, "y_embedder.mlp.0", out, "vector_embedding/dense1")
+    _dense(state, "y_embedder.mlp.2", out, "vector_embedding/dense2")
+    _dense(state, "t_embedder.mlp.0", out, "timestep_embedding/mlp/dense1")
+    _dense(state, "t_embedder.mlp.2", out, "timestep_embedding/mlp/dense2")
+    for i in range(num_layers):
+        dst = f"joint_block_{i}"
+        for block, target in (("x_block", f"{dst}/x_block"), ("context_block", f"{dst}/context_block")):
+            src = f"joint_blocks.{i}.{block}"
+            _dense(state, f"{src}.adaLN_modulation.1", out, f"{target}/ada_layer_norm/dense")
+            _dense(state, f"{src}.attn.qkv", out, f"{target}/attention_qkv")
+            if block == "x_block" or i < num_layers - 1:  # the last context block stops after its qkv
+                _dense(state, f"{src}.attn.proj", out, f"{target}/attention_proj")
+                _dense(state, f"{src}.mlp.fc1", out, f"{target}/mlp/dense1")
+                _dense(state, f"{src}.mlp.fc2", out, f"{target}/mlp/dense2")
+            if qk_norm:
+                out[f"{target}/q_norm/scale"] = _take(state, f"{src}.attn.ln_q.weight")
+                out[f"{target}/k_norm/scale"] = _take(state, f"{src}.attn.ln_k.weight")
+        if i in dual:
+            src, target = f"joint_blocks.{i}.x_block.attn2", f"{dst}/x_block"
+            _dense(state, f"{src}.qkv", out, f"{target}/attention_qkv2")
+            _dense(state, f"{src}.proj", out, f"{target}/attention_proj2")
+            if qk_norm:
+                out[f"{target}/q_norm2/scale"] = _take(state, f"{src}.ln_q.weight")
+                out[f"{target}/k_norm2/scale"] = _take(state, f"{src}.ln_k.weight")
+    _dense(state, "final_layer.adaLN_modulation.1", out, "output_ada_layer_norm/dense")
+    _dense(state, "final_layer.linear", out, "output_dense")
+    return out
+
+
+def mmdit_lora_layout(num_layers: int, dual: tuple = (), qk_norm=None) -> dict:
+    """{LoRA module name: (MMDiT dense layer path, part, parts, swapped)} for every linear
+    layer of an SD3 MMDiT of this shape, under the names LoRA files use: diffusers/PEFT's
+    `transformer.<diffusers module>`, kohya's spelling of Stability's modules
+    (`lora_unet_joint_blocks_0_x_block_attn_qkv`: the fused qkv as one) and of diffusers'
+    (`lora_transformer_transformer_blocks_0_attn_to_q`). A diffusers q, k or v is `part`
+    of `parts` output columns of KerasHub's fused qkv; `swapped`: the modulation's two
+    halves are in the other order (diffusers' AdaLayerNormContinuous)."""
+    diffusers, stability = _Layout(), _Layout()
+    _mmdit(_EveryTensor(), num_layers, tuple(dual), qk_norm, out=diffusers)
+    _stability_mmdit(_EveryTensor(), num_layers, tuple(dual), qk_norm, out=stability)
+    layout = {}
+    for name, where in diffusers.modules.items():
+        layout[f"transformer.{name}"] = where
+        layout["lora_transformer_" + name.replace(".", "_")] = where
+    for name, where in stability.modules.items():
+        layout["lora_unet_" + name.replace(".", "_")] = where
+    return layout
 
 
 def clip_weights(state: Mapping, num_layers: int, prefix: str, what: str = "the CLIP text encoder") -> tuple:

@@ -8,6 +8,12 @@ Refused, before any weight changes, with how many tensors did not fit: LoRAs for
 another architecture (an SD 2.x LoRA on SD 1.x: shapes; SDXL's `lora_te1_`/`lora_te2_`,
 `input_blocks`: names).
 
+SD3-family models (`sdanim.model.sd3`): the MMDiT's linear layers, under diffusers/PEFT's
+names and kohya's spellings (`sdanim.formats.sd3_files.mmdit_lora_layout`); a diffusers
+q, k or v goes into its third of KerasHub's fused qkv, and the modulations diffusers
+orders (scale, shift) have their halves swapped. LoRAs of SD3's text encoders are refused
+by name (not read yet).
+
 Only the variables a LoRA touches are copied (their base values, kept in the model's
 state), so removing or changing LoRAs restores the base weights exactly without a
 second copy of the UNet.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdanim.formats.lora_files import LoraFile, LoraModule, as_loras, lora_error, read_lora
+from sdanim.formats.sd3_files import mmdit_lora_layout
 from sdanim.formats.weight_map import fit_shape, keras_leaves, spec
 
 
@@ -57,7 +64,7 @@ def _plan(model, lora: LoraFile, scale: float) -> list:
         if ops is None:
             misfit.append(f"{name} {torch_shape}")
             continue
-        plan.append((variable, module, ops))
+        plan.append((variable, lambda module=module, ops=ops: _keras_delta(module, ops, scale)))
     if unmatched or misfit:
         total = len(lora.modules) + len(lora.unknown)
         found = []
@@ -71,7 +78,63 @@ def _plan(model, lora: LoraFile, scale: float) -> list:
             f"{'; '.join(found)} (a LoRA for another architecture, e.g. SD {'2' if model.version[0] == '1' else '1'}.x or SDXL?)",
             lora.path,
         )
-    return [(variable, module, ops, scale) for variable, module, ops in plan]
+    return plan
+
+
+def _sd3_targets(model) -> dict:
+    """{LoRA module name: (kernel variable, part, parts, swapped)} for an SD3 model's MMDiT."""
+    if model.state.lora_targets is None:
+        backbone, mmdit = model.backbone, model.backbone.diffuser
+        layout = mmdit_lora_layout(backbone.mmdit_num_layers, tuple(backbone.mmdit_dual_attention_indices or ()),
+                                   backbone.mmdit_qk_norm)
+        prefix = mmdit.name + "/"  # (as `sdanim.model.sd3.assign` reads the paths)
+        paths = {(v.path[len(prefix):] if v.path.startswith(prefix) else v.path): v for v in mmdit.weights}
+        kernels = {path[:-len("/kernel")]: v for path, v in paths.items() if path.endswith("/kernel")}
+        model.state.lora_targets = {name: (kernels[target], *rest) for name, (target, *rest) in layout.items()}
+    return model.state.lora_targets
+
+
+def _sd3_delta(module: LoraModule, kernel_shape: tuple, part: int, parts: int, swapped: bool, scale: float):
+    """The module's change as a (in, out) kernel's: its `part` of `parts` output columns."""
+    delta = module.delta() * np.float32(scale)  # (out / parts, in)
+    if swapped:
+        first, second = np.split(delta, 2, axis=0)
+        delta = np.concatenate([second, first], axis=0)
+    width = kernel_shape[1] // parts
+    full = np.zeros(kernel_shape, np.float32)
+    full[:, part * width:(part + 1) * width] = delta.T
+    return full
+
+
+def _plan_sd3(model, lora: LoraFile, scale: float) -> list:
+    """As `_plan`, for an SD3 model's MMDiT."""
+    targets = _sd3_targets(model)
+    plan, unmatched, misfit = [], list(lora.unknown), []
+    for name, module in lora.modules.items():
+        target = targets.get(name)
+        if target is None or len(module.down.shape) != 2:  # (a LoCon's conv: no conv takes one here)
+            unmatched.append(name)
+            continue
+        variable, part, parts, swapped = target
+        shape = tuple(variable.shape)
+        if (module.up.shape[0], module.down.shape[1]) != (shape[1] // parts, shape[0]):
+            misfit.append(f"{name} {(module.up.shape[0], module.down.shape[1])}")
+            continue
+        plan.append((variable, lambda m=module, s=shape, p=part, n=parts, w=swapped: _sd3_delta(m, s, p, n, w, scale)))
+    if unmatched or misfit:
+        total = len(lora.modules) + len(lora.unknown)
+        encoders = [n for n in unmatched if n.startswith(("text_encoder", "lora_te"))]
+        found = []
+        if unmatched:
+            found.append(f"{len(unmatched)} with no matching layer of its MMDiT ({', '.join(unmatched[:3])}"
+                         f"{' ...' if len(unmatched) > 3 else ''})")
+        if misfit:
+            found.append(f"{len(misfit)} of the wrong shape ({', '.join(misfit[:3])}{' ...' if len(misfit) > 3 else ''})")
+        hint = ("sdanim reads SD3 LoRAs of the MMDiT, not yet of its text encoders" if encoders else
+                "a LoRA for another model, e.g. SD 1.x/2.x, SDXL or another SD3 size?")
+        raise lora_error(f"the LoRA does not fit this {model.version} model: of its {total} modules, "
+                         f"{'; '.join(found)} ({hint})", lora.path)
+    return plan
 
 
 def _keras_delta(module: LoraModule, ops, scale: float) -> np.ndarray:
@@ -91,7 +154,8 @@ def set_loras(model, loras) -> None:
     order, W + scale * (alpha / rank) * up @ down."""
     loras = as_loras(loras)
     files = [read_lora(lora.path) for lora in loras]
-    plans = [_plan(model, f, lora.scale) for f, lora in zip(files, loras)]
+    plan = _plan_sd3 if getattr(model, "family", None) == "sd3" else _plan
+    plans = [plan(model, f, lora.scale) for f, lora in zip(files, loras)]
     originals = model.state.lora_base  # id(variable) -> (variable, base value)
     # 1. Restore the base weights (exact copies of what merging touched).
     for variable, base in originals.values():
@@ -99,11 +163,11 @@ def set_loras(model, loras) -> None:
     originals.clear()
     # 2. Merge each LoRA; keep the base value of each variable at its first touch.
     for plan in plans:
-        for variable, module, ops, scale in plan:
+        for variable, delta in plan:
             if id(variable) not in originals:
                 originals[id(variable)] = (variable, np.array(variable.numpy(), copy=True))
             current = np.asarray(variable.numpy(), dtype=np.float32)
-            variable.assign((current + _keras_delta(module, ops, scale)).astype(variable.dtype))
+            variable.assign((current + delta()).astype(variable.dtype))
     model.loras = tuple(loras)
     model.lora_records = [f.record(lora.scale) for f, lora in zip(files, loras)]
     model.invalidate()  # embeddings of the old text encoder weights

@@ -40,12 +40,14 @@ from sdanim.config.errors import SdanimError, check
 from sdanim.config.settings import check_image_size
 from sdanim.core.runtime import import_keras, import_keras_hub
 from sdanim.formats.checkpoints import CHECKPOINT_SUFFIXES, inspect_checkpoint
+from sdanim.formats.lora_files import check_lora_files
 from sdanim.formats.sd3_files import (
     SD3Folder, clip_weights, fit_shape, is_stability_file, ldm_vae_weights, mmdit_weights, read_sd3_file,
     read_sd3_folder, stability_mmdit_weights, transformer_layers, vae_weights,
 )
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.device import choose_onednn, detect_device, device_defaults
+from sdanim.model import lora
 from sdanim.model.layers import BUILD_LOCK
 from sdanim.model.stable_diffusion import ModelState
 from sdanim.model.tokenizer import load_tokenizer
@@ -309,7 +311,10 @@ class SD3Model:
                               base=base, layers=layers)
 
     def set_loras(self, loras) -> "SD3Model":
-        check(not loras, f"LoRAs are not supported for {self.version} yet. Received: loras={loras!r}")
+        """Makes `loras` the model's LoRAs (of its MMDiT; `sdanim.model.lora`), in place:
+        the weights earlier LoRAs touched go back to their base values bit for bit, then
+        these are merged in order. Every file is checked first. Returns the model."""
+        lora.set_loras(self, loras)
         return self
 
     def describe(self) -> dict:
@@ -430,14 +435,15 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
         jit_compile: bool or None. XLA for the sampling loop; None picks by device.
         attention: str. Recorded; KerasHub's MMDiT picks its attention kernel itself.
         seed: int. Seed of random weights.
-        loras: must be empty (SD3 LoRAs are not read yet).
+        loras: LoRA files of the MMDiT (diffusers/PEFT or kohya names; see
+            `sdanim.model.lora`), merged into the weights; change them later with
+            `model.set_loras`.
         taesd: ignored (no tiny decoder for SD3 yet).
     """
     check(version in SD3_CONFIGS, f"model must be one of {', '.join(SD3_VERSIONS)}. Received: model={version!r}")
     check_image_size(height, width)
     check(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
-    check(not loras, f"LoRAs are not supported for {version} yet (sdanim reads SD 1.x/2.x LoRAs). "
-                     f"Received: loras={[str(getattr(x, 'path', x)) for x in loras]!r}")
+    loras = check_lora_files(loras)  # a missing or malformed LoRA fails before the build
     weights = str(weights)
     kind = weight_kind(weights)
     choose_onednn(precision)
@@ -448,6 +454,8 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     key = (version, weights, height, width, precision, jit_compile, seed)
     alive = _LIVE.get(key)
     if alive is not None:
+        if alive.loras != loras:
+            alive.set_loras(loras)
         return alive
     config = SD3_CONFIGS[version]
     if kind == "preset":
@@ -463,6 +471,8 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
         if parts is not None:
             load_diffusers(backbone, parts, config, weights)
     model = wrap(version, backbone, height, width, weights, precision, jit_compile, attention)
+    if loras:
+        model.set_loras(loras)
     _LIVE[key] = model
     return model
 

@@ -33,7 +33,7 @@ from sdanim.core.pixels import fit_image
 from sdanim.core.smoothness import consecutive_distances, smoothness_report
 from sdanim.core.spacing import beta_positions, check_spacing, uniform_positions
 from sdanim.core.schedulers import steps_for_strength
-from sdanim.formats.audio import read_audio
+from sdanim.formats.audio import analyze_audio, read_audio
 from sdanim.formats.digest import file_sha256
 from sdanim.formats.images import load_image
 from sdanim.model.sd3 import is_sd3
@@ -393,7 +393,7 @@ def _check_timing(walk: Walk, settings: RenderSettings, export: ExportSettings, 
           "audio_mode='beats' puts keyframes on beats; a circle noise walk has none. Received: noise='circle'")
     # Each rendered frame stands for `interpolate` video frames: its audio window is that long.
     fps = export.fps / export.interpolate
-    analysis = audio_lib.analyze(*read_audio(export.audio))
+    analysis = analyze_audio(*read_audio(export.audio))
     if export.audio_mode == "beats":
         times = audio_lib.keyframe_times(analysis.beats, len(walk.intervals), export.beats_per_keyframe, analysis.duration)
         positions = audio_lib.beat_positions(times, fps, walk.easings, include_end=not walk.loop)
