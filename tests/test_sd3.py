@@ -806,24 +806,71 @@ def _model_with_state(state, config):
 
 
 def test_an_sd3_lora_that_does_not_fit_is_one_line_and_changes_nothing(tiny_model, tmp_path):
-    """A LoRA of SD3's text encoders, an SD 1.x LoRA, and one of another width: one line
-    each, the weights as they were."""
+    """An SD 1.x LoRA, and one of another width: one line each, the weights as they were."""
     from safetensors.numpy import save_file
     from sdanim.formats.lora_files import LoraError
 
     r = np.ones((4, 8), np.float32)
-    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": r,
-               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": r.T.copy()},
-              str(tmp_path / "te.safetensors"))
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": r,
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": r.T.copy()},
               str(tmp_path / "sd1.safetensors"))
     save_file({"transformer.proj_out.lora_A.weight": np.ones((4, 7), np.float32),
                "transformer.proj_out.lora_B.weight": np.ones((64, 4), np.float32)}, str(tmp_path / "wide.safetensors"))
     weights = [np.array(v.numpy()) for v in tiny_model.backbone.diffuser.weights]
-    for name, match in (("te", "not yet of its text encoders"), ("sd1", "with no matching layer of its MMDiT"),
+    for name, match in (("sd1", "1 with no matching layer (lora_unet_down_blocks_0_attentions_0_proj_in)"),
                         ("wide", "1 of the wrong shape (transformer.proj_out (64, 7))")):
         with pytest.raises(LoraError, match=re.escape(match)) as error:
             tiny_model.set_loras([str(tmp_path / f"{name}.safetensors")])
         assert "\n" not in str(error.value) and str(error.value).endswith(f"{name}.safetensors'")
     assert all(np.array_equal(np.array(v.numpy()), w) for v, w in zip(tiny_model.backbone.diffuser.weights, weights))
+
+
+def test_sd3_loras_of_clip_l_and_g_give_transformers_embeddings(diffusers_folder, tmp_path):
+    """A PEFT LoRA on CLIP-L's and CLIP-G's attention and MLP layers, as diffusers saves
+    it (`text_encoder.`, `text_encoder_2.`) and as kohya names it (`lora_te1_`, `lora_te2_`):
+    the prompt embeddings of the reference encoders with the adapters on."""
+    import copy
+
+    torch = require("torch")
+    peft = require("peft")
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from sdanim.model.stable_diffusion import prompt_encoder
+
+    _, refs, model = diffusers_folder
+    refs = dict(refs)
+    diffusers_file, kohya_file = {}, {}
+    gen = torch.Generator().manual_seed(4)
+    for name, kohya in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        refs[name] = copy.deepcopy(refs[name])
+        peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=[
+            "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]), refs[name])
+        with torch.no_grad():
+            for p_name, p in refs[name].named_parameters():
+                if "lora_" in p_name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+        for key, value in get_peft_model_state_dict(refs[name]).items():
+            diffusers_file[f"{name}.{key}"] = value.contiguous()
+            module, kind = key.rsplit(".lora_", 1)
+            kohya_key = kohya + module.replace(".", "_") + (".lora_down.weight" if kind == "A.weight" else ".lora_up.weight")
+            kohya_file[kohya_key] = value.contiguous()
+            kohya_file[kohya + module.replace(".", "_") + ".alpha"] = torch.tensor(4.0)
+    save_file(diffusers_file, str(tmp_path / "te.safetensors"))
+    save_file(kohya_file, str(tmp_path / "te_kohya.safetensors"))
+    prompts = ["a lighthouse at dawn", ""]
+    encoder = prompt_encoder(model)
+    tokens = np.array([encoder.tokenize(p) for p in prompts], np.int32)
+    seq, pooled = _reference_text(refs, tokens, torch)
+    base_seq, _ = _reference_text({k: v for k, v in diffusers_folder[1].items()}, tokens, torch)
+    scale = max(np.abs(seq).max(), np.abs(pooled).max())
+    assert np.abs(seq - base_seq).max() > 0.05 * scale  # the LoRA changes the embeddings
+    try:
+        for name in ("te.safetensors", "te_kohya.safetensors"):
+            model.set_loras([str(tmp_path / name)])
+            ours = prompt_encoder(model).encode(prompts)
+            assert np.abs(ours[:, :154] - seq).max() <= 1e-4 * scale, name
+            assert np.abs(ours[:, 154, :80] - pooled).max() <= 1e-4 * scale, name
+    finally:
+        model.set_loras([])
+    ours = prompt_encoder(model).encode(prompts)
+    assert np.abs(ours[:, :154] - base_seq).max() <= 1e-4 * scale  # removed: the base encoders again

@@ -336,33 +336,49 @@ def clip_weights(state: Mapping, num_layers: int, prefix: str, what: str = "the 
     """transformers `CLIPTextModelWithProjection` tensors -> ({KerasHub CLIPTextEncoder
     weight path: reader}, {its projection's path: reader}). `prefix` is the encoder's
     name ("clip_l" or "clip_g"), which KerasHub puts in front of its layers' names."""
+    return _mapped(lambda state: _clip(state, num_layers, prefix), state, what,
+                   f"a CLIP text encoder with a projection and {num_layers} layers")
 
-    def build(state):
-        out, projection = {}, {}
-        text = "text_model"
-        out[f"{prefix}_embedding/token_embedding/embeddings"] = _take(state, f"{text}.embeddings.token_embedding.weight")
-        out[f"{prefix}_embedding/position_embedding/embeddings"] = _take(
-            state, f"{text}.embeddings.position_embedding.weight")
-        state.pop(f"{text}.embeddings.position_ids", None)  # a buffer some files keep
-        for i in range(num_layers):
-            src, dst = f"{text}.encoder.layers.{i}", f"{prefix}_encoder_block_{i}"
-            _norm(state, f"{src}.layer_norm1", out, f"{dst}/layer_norm_1")
-            _norm(state, f"{src}.layer_norm2", out, f"{dst}/layer_norm_2")
-            for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-                weight, bias = _take(state, f"{src}.self_attn.{theirs}.weight"), _take(state, f"{src}.self_attn.{theirs}.bias")
-                # (out, in) -> (in, out); `fit_shape` splits out into KerasHub's (heads, head_dim)
-                out[f"{dst}/attention/{ours}/kernel"] = (lambda w=weight: w().T)
-                out[f"{dst}/attention/{ours}/bias"] = bias
-            weight = _take(state, f"{src}.self_attn.out_proj.weight")
-            out[f"{dst}/attention/attention_output/kernel"] = (lambda w=weight: w().T)  # -> (heads, head_dim, out)
-            out[f"{dst}/attention/attention_output/bias"] = _take(state, f"{src}.self_attn.out_proj.bias")
-            _dense(state, f"{src}.mlp.fc1", out, f"{dst}/dense_1")
-            _dense(state, f"{src}.mlp.fc2", out, f"{dst}/dense_2")
-        _norm(state, f"{text}.final_layer_norm", out, f"{prefix}_layer_norm")
-        _dense(state, "text_projection", projection, "dense", bias=False)
-        return out, projection
 
-    return _mapped(build, state, what, f"a CLIP text encoder with a projection and {num_layers} layers")
+def _clip(state: dict, num_layers: int, prefix: str, out: Optional[dict] = None) -> tuple:
+    """Pops every tensor it maps from `state`."""
+    out = {} if out is None else out
+    projection: dict = {}
+    text = "text_model"
+    out[f"{prefix}_embedding/token_embedding/embeddings"] = _take(state, f"{text}.embeddings.token_embedding.weight")
+    out[f"{prefix}_embedding/position_embedding/embeddings"] = _take(
+        state, f"{text}.embeddings.position_embedding.weight")
+    state.pop(f"{text}.embeddings.position_ids", None)  # a buffer some files keep
+    for i in range(num_layers):
+        src, dst = f"{text}.encoder.layers.{i}", f"{prefix}_encoder_block_{i}"
+        _norm(state, f"{src}.layer_norm1", out, f"{dst}/layer_norm_1")
+        _norm(state, f"{src}.layer_norm2", out, f"{dst}/layer_norm_2")
+        for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            _record(out, f"{src}.self_attn.{theirs}", f"{dst}/attention/{ours}")
+            weight, bias = _take(state, f"{src}.self_attn.{theirs}.weight"), _take(state, f"{src}.self_attn.{theirs}.bias")
+            # (out, in) -> (in, out); `fit_shape` splits out into KerasHub's (heads, head_dim)
+            out[f"{dst}/attention/{ours}/kernel"] = (lambda w=weight: w().T)
+            out[f"{dst}/attention/{ours}/bias"] = bias
+        _record(out, f"{src}.self_attn.out_proj", f"{dst}/attention/attention_output")
+        weight = _take(state, f"{src}.self_attn.out_proj.weight")
+        out[f"{dst}/attention/attention_output/kernel"] = (lambda w=weight: w().T)  # -> (heads, head_dim, out)
+        out[f"{dst}/attention/attention_output/bias"] = _take(state, f"{src}.self_attn.out_proj.bias")
+        _dense(state, f"{src}.mlp.fc1", out, f"{dst}/dense_1")
+        _dense(state, f"{src}.mlp.fc2", out, f"{dst}/dense_2")
+    _norm(state, f"{text}.final_layer_norm", out, f"{prefix}_layer_norm")
+    _dense(state, "text_projection", projection, "dense", bias=False)
+    return out, projection
+
+
+def clip_lora_layout(num_layers: int, prefix: str) -> dict:
+    """{transformers module name: (KerasHub layer path, 0, 1, False)} for a CLIP text
+    encoder's attention and MLP layers (`prefix`: "clip_l" or "clip_g"). Its attention
+    kernels keep (in, heads, head_dim) and (heads, head_dim, out): a LoRA's (out, in)
+    change goes in transposed and reshaped (`fit_shape`)."""
+    layout = _Layout()
+    _clip(_EveryTensor(), num_layers, prefix, out=layout)
+    return layout.modules
+
 
 
 def fit_shape(value: np.ndarray, shape: tuple) -> np.ndarray:

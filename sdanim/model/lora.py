@@ -11,8 +11,9 @@ another architecture (an SD 2.x LoRA on SD 1.x: shapes; SDXL's `lora_te1_`/`lora
 SD3-family models (`sdanim.model.sd3`): the MMDiT's linear layers, under diffusers/PEFT's
 names and kohya's spellings (`sdanim.formats.sd3_files.mmdit_lora_layout`); a diffusers
 q, k or v goes into its third of KerasHub's fused qkv, and the modulations diffusers
-orders (scale, shift) have their halves swapped. LoRAs of SD3's text encoders are refused
-by name (not read yet).
+orders (scale, shift) have their halves swapped. CLIP-L's and CLIP-G's attention and MLP
+layers (`text_encoder.` / `text_encoder_2.`, kohya's `lora_te1_` / `lora_te2_`): the
+attention kernels take the change reshaped to KerasHub's (in, heads, head_dim).
 
 Only the variables a LoRA touches are copied (their base values, kept in the model's
 state), so removing or changing LoRAs restores the base weights exactly without a
@@ -24,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdanim.formats.lora_files import LoraFile, LoraModule, as_loras, lora_error, read_lora
-from sdanim.formats.sd3_files import mmdit_lora_layout
+from sdanim.formats.sd3_files import clip_lora_layout, mmdit_lora_layout
 from sdanim.formats.weight_map import fit_shape, keras_leaves, spec
 
 
@@ -81,25 +82,52 @@ def _plan(model, lora: LoraFile, scale: float) -> list:
     return plan
 
 
+def _kernels(layer) -> dict:
+    """{layer path: kernel variable} inside `layer` (paths as `sdanim.model.sd3.assign` reads them)."""
+    prefix = layer.name + "/"
+    paths = {(v.path[len(prefix):] if v.path.startswith(prefix) else v.path): v for v in layer.weights}
+    return {path[:-len("/kernel")]: v for path, v in paths.items() if path.endswith("/kernel")}
+
+
 def _sd3_targets(model) -> dict:
-    """{LoRA module name: (kernel variable, part, parts, swapped)} for an SD3 model's MMDiT."""
+    """{LoRA module name: (kernel variable, part, parts, swapped)} for an SD3 model's MMDiT
+    and its two CLIP text encoders."""
     if model.state.lora_targets is None:
-        backbone, mmdit = model.backbone, model.backbone.diffuser
+        backbone = model.backbone
         layout = mmdit_lora_layout(backbone.mmdit_num_layers, tuple(backbone.mmdit_dual_attention_indices or ()),
                                    backbone.mmdit_qk_norm)
-        prefix = mmdit.name + "/"  # (as `sdanim.model.sd3.assign` reads the paths)
-        paths = {(v.path[len(prefix):] if v.path.startswith(prefix) else v.path): v for v in mmdit.weights}
-        kernels = {path[:-len("/kernel")]: v for path, v in paths.items() if path.endswith("/kernel")}
-        model.state.lora_targets = {name: (kernels[target], *rest) for name, (target, *rest) in layout.items()}
+        kernels = _kernels(backbone.diffuser)
+        targets = {name: (kernels[target], *rest) for name, (target, *rest) in layout.items()}
+        for clip, diffusers_name, kohya_name in ((backbone.clip_l, "text_encoder", "lora_te1_"),
+                                                 (backbone.clip_g, "text_encoder_2", "lora_te2_")):
+            kernels = _kernels(clip)
+            for name, (target, *rest) in clip_lora_layout(clip.num_layers, clip.name).items():
+                targets[f"{diffusers_name}.{name}"] = targets[kohya_name + name.replace(".", "_")] = (
+                    kernels[target], *rest)
+        model.state.lora_targets = targets
     return model.state.lora_targets
 
 
+def _torch_shape(kernel, parts: int) -> tuple:
+    """The (out, in) shape of the torch linear layer whose weight is `kernel`'s (or its
+    `parts`-th): a Dense's (in, out); KerasHub CLIP's (in, heads, head_dim) query, key and
+    value kernels and its (heads, head_dim, out) output kernel."""
+    shape = tuple(kernel.shape)
+    if len(shape) == 2:
+        return shape[1] // parts, shape[0]
+    if kernel.path.endswith("attention_output/kernel"):
+        return shape[2], shape[0] * shape[1]
+    return shape[1] * shape[2], shape[0]
+
+
 def _sd3_delta(module: LoraModule, kernel_shape: tuple, part: int, parts: int, swapped: bool, scale: float):
-    """The module's change as a (in, out) kernel's: its `part` of `parts` output columns."""
+    """The module's change as the kernel's: its `part` of `parts` output columns."""
     delta = module.delta() * np.float32(scale)  # (out / parts, in)
     if swapped:
         first, second = np.split(delta, 2, axis=0)
         delta = np.concatenate([second, first], axis=0)
+    if len(kernel_shape) != 2:  # a CLIP attention kernel: (in, out) in its grouping of axes
+        return delta.T.reshape(kernel_shape)
     width = kernel_shape[1] // parts
     full = np.zeros(kernel_shape, np.float32)
     full[:, part * width:(part + 1) * width] = delta.T
@@ -117,23 +145,21 @@ def _plan_sd3(model, lora: LoraFile, scale: float) -> list:
             continue
         variable, part, parts, swapped = target
         shape = tuple(variable.shape)
-        if (module.up.shape[0], module.down.shape[1]) != (shape[1] // parts, shape[0]):
+        if (module.up.shape[0], module.down.shape[1]) != _torch_shape(variable, parts):
             misfit.append(f"{name} {(module.up.shape[0], module.down.shape[1])}")
             continue
         plan.append((variable, lambda m=module, s=shape, p=part, n=parts, w=swapped: _sd3_delta(m, s, p, n, w, scale)))
     if unmatched or misfit:
         total = len(lora.modules) + len(lora.unknown)
-        encoders = [n for n in unmatched if n.startswith(("text_encoder", "lora_te"))]
         found = []
         if unmatched:
-            found.append(f"{len(unmatched)} with no matching layer of its MMDiT ({', '.join(unmatched[:3])}"
+            found.append(f"{len(unmatched)} with no matching layer ({', '.join(unmatched[:3])}"
                          f"{' ...' if len(unmatched) > 3 else ''})")
         if misfit:
             found.append(f"{len(misfit)} of the wrong shape ({', '.join(misfit[:3])}{' ...' if len(misfit) > 3 else ''})")
-        hint = ("sdanim reads SD3 LoRAs of the MMDiT, not yet of its text encoders" if encoders else
-                "a LoRA for another model, e.g. SD 1.x/2.x, SDXL or another SD3 size?")
         raise lora_error(f"the LoRA does not fit this {model.version} model: of its {total} modules, "
-                         f"{'; '.join(found)} ({hint})", lora.path)
+                         f"{'; '.join(found)} (a LoRA for another model, e.g. SD 1.x/2.x, SDXL or another SD3 size?)",
+                         lora.path)
     return plan
 
 
