@@ -207,7 +207,7 @@ M3 = ["morph", "a cat", "a dog", "--weights", "random"]
      "sd3-medium is a flow-matching model: its sampler is flow_euler. Received: scheduler='ddim'"),
     (M3 + ["--model", "1.4", "--scheduler", "flow_euler"],
      "the flow_euler sampler is for flow-matching models"),
-    (M3 + ["--model", "sd3.5-large", "--decoder", "tiny"], "SD3's 16-channel latents would need TAESD3"),
+    (M3 + ["--model", "sd3.5-large", "--decoder", "tiny"], "SD3's tiny decoder needs TAESD3 weights given with --taesd"),
     (M3 + ["--model", "sd3-medium", "--attention-interp", "inner"], "on SD3's joint attention it is not built yet"),
     (M3 + ["--model", "sd3-medium", "--lora", "x.safetensors"], "the LoRA file does not exist"),
     (M3 + ["--model", "sd3-medium", "--motion-module", "random"], "motion modules are for SD 1.x"),
@@ -874,3 +874,67 @@ def test_sd3_loras_of_clip_l_and_g_give_transformers_embeddings(diffusers_folder
         model.set_loras([])
     ours = prompt_encoder(model).encode(prompts)
     assert np.abs(ours[:, :154] - base_seq).max() <= 1e-4 * scale  # removed: the base encoders again
+
+
+@pytest.fixture(scope="module")
+def taesd3(tmp_path_factory):
+    """diffusers' AutoencoderTiny with 16 latent channels (TAESD3's shape), every weight
+    random, and its decoder saved as madebyollin/taesd's taesd3_decoder.pth."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from test_taesd import _original, _write
+
+    torch.manual_seed(7)
+    vae = diffusers.AutoencoderTiny(latent_channels=16).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return vae, _write(tmp_path_factory.mktemp("taesd3") / "taesd3_decoder.pth", _original(vae.state_dict(), "decoder"))
+
+
+def test_the_tiny_decoder_taesd3_decodes_the_samplers_latents_as_autoencoder_tiny(tiny_model, taesd3):
+    """--decoder tiny on SD3: the renderer hands TAESD3 the latents it sampled (the space
+    ComfyUI feeds taesd3: SD3's VAE latent minus 0.0609, times 1.5305), and the frames are
+    diffusers' AutoencoderTiny(latent_channels=16) decode of them, within 1 level."""
+    torch = require("torch")
+    import sdanim
+    from sdanim.model.stable_diffusion import prompt_encoder
+    from sdanim.render.jobs import make_renderer
+
+    vae, path = taesd3
+    settings = sdanim.RenderSettings(height=SIZE, width=SIZE, scheduler="flow_euler", num_steps=2, decoder="tiny")
+    tiny_model.taesd = path
+    try:
+        renderer = make_renderer(tiny_model, settings)
+        contexts = prompt_encoder(tiny_model).encode(["a red cube", "a blue sphere"])
+        noises = np.random.default_rng(3).standard_normal((2, LATENT, LATENT, 16)).astype(np.float32)
+        latents = np.array(renderer.sample_latents(contexts, noises, [1, 2]))
+        images = renderer.render(contexts, noises, [1, 2])
+    finally:
+        tiny_model.taesd, tiny_model._tiny_decoder = None, None
+    with torch.no_grad():
+        decoded = vae.decode(torch.from_numpy(latents).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
+    expected = np.clip(np.round((decoded + 1) * 127.5), 0, 255)
+    assert images.shape == (2, SIZE, SIZE, 3) and expected.std() > 5  # a picture, not a flat field
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_taesd3_weights_that_do_not_fit_are_one_line(taesd3, tmp_path):
+    """SD 1.x's TAESD given to SD3 (by its name, or by its 4 channels under another name),
+    and no TAESD3 at all: one line naming the file."""
+    from sdanim.config.errors import SdanimError
+    from sdanim.model.taesd import SD3_LATENT_CHANNELS, check_taesd
+    from test_taesd import _original, _write
+
+    torch = require("torch")
+    diffusers = require("diffusers")
+    torch.manual_seed(0)
+    four = _original(diffusers.AutoencoderTiny().state_dict(), "decoder")
+    for name, match in (("taesd_decoder.pth", r"for other latents \(SD 1\.x/2\.x, SDXL, FLUX, Sana\), not SD3"),
+                        ("mine.pth", r"latents with 4 channels \(SD 1\.x/2\.x or SDXL\), not SD3's 16")):
+        with pytest.raises(SdanimError, match=match + r".*Received: taesd='.*" + re.escape(name) + "'$"):
+            check_taesd(_write(tmp_path / name, four), channels=SD3_LATENT_CHANNELS)
+    with pytest.raises(SdanimError, match=r"^SD3's tiny decoder needs TAESD3 weights given with --taesd .*"
+                                          r"Received: taesd=None$"):
+        check_taesd(None, channels=SD3_LATENT_CHANNELS)
+    assert check_taesd(taesd3[1], channels=SD3_LATENT_CHANNELS).record()["decoder"]["file"] == "taesd3_decoder.pth"

@@ -49,6 +49,7 @@ from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.device import choose_onednn, detect_device, device_defaults
 from sdanim.model import lora
 from sdanim.model.layers import BUILD_LOCK
+from sdanim.model.taesd import SD3_LATENT_CHANNELS, check_taesd, load_part
 from sdanim.model.stable_diffusion import ModelState
 from sdanim.model.tokenizer import load_tokenizer
 
@@ -288,6 +289,7 @@ class SD3Model:
     state: ModelState = dataclasses.field(default_factory=ModelState)
     taesd: Optional[str] = None
     _tokenizer: Any = None
+    _tiny_decoder: Any = None
 
     family = "sd3"
     latent_channels = LATENT_CHANNELS
@@ -302,9 +304,12 @@ class SD3Model:
 
     @property
     def tiny_decoder(self):
-        raise SdanimError("the tiny decoder (TAESD) is for Stable Diffusion 1.x/2.x latents; SD3's 16-channel "
-                          f"latents need TAESD3, which sdanim does not have yet: use decoder='full'. "
-                          f"Received: model={self.version!r}")
+        """TAESD3's decoder (`sdanim.model.taesd`), from the model's `taesd` file, loaded on
+        first use: the sampler's latents -> images in [-1, 1], as `decoder`."""
+        if self._tiny_decoder is None:
+            self._tiny_decoder = load_part(check_taesd(self.taesd, channels=SD3_LATENT_CHANNELS), "decoder",
+                                           SD3_LATENT_CHANNELS)
+        return self._tiny_decoder
 
     def invalidate(self, *, base: bool = False, layers: bool = False) -> None:
         self.state.invalidate((self.text_encoder, self.diffusion_model, self.decoder, self.image_encoder),
@@ -438,12 +443,15 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
         loras: LoRA files of the MMDiT (diffusers/PEFT or kohya names; see
             `sdanim.model.lora`), merged into the weights; change them later with
             `model.set_loras`.
-        taesd: ignored (no tiny decoder for SD3 yet).
+        taesd: str or None. TAESD3 weights (a file or folder) for the tiny decoder
+            (`RenderSettings(decoder="tiny")`, previews); checked before the build.
     """
     check(version in SD3_CONFIGS, f"model must be one of {', '.join(SD3_VERSIONS)}. Received: model={version!r}")
     check_image_size(height, width)
     check(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
     loras = check_lora_files(loras)  # a missing or malformed LoRA fails before the build
+    if taesd is not None:
+        check_taesd(taesd, channels=SD3_LATENT_CHANNELS)
     weights = str(weights)
     kind = weight_kind(weights)
     choose_onednn(precision)
@@ -456,6 +464,8 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     if alive is not None:
         if alive.loras != loras:
             alive.set_loras(loras)
+        if alive.taesd != taesd:
+            alive.taesd, alive._tiny_decoder = taesd, None  # loaded again on first use
         return alive
     config = SD3_CONFIGS[version]
     if kind == "preset":
@@ -471,6 +481,7 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
         if parts is not None:
             load_diffusers(backbone, parts, config, weights)
     model = wrap(version, backbone, height, width, weights, precision, jit_compile, attention)
+    model.taesd = taesd
     if loras:
         model.set_loras(loras)
     _LIVE[key] = model

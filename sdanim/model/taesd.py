@@ -1,6 +1,10 @@
 """TAESD, the tiny autoencoder for Stable Diffusion 1.x/2.x latents (madebyollin/taesd,
 MIT), in Keras 3: a 1.2 M-parameter decoder (the SD decoder has 49 M) for previews and
-fast drafts, and its encoder.
+fast drafts, and its encoder. TAESD3, its 16-channel sibling for SD3's latents, is the
+same network with 16 latent channels (`SD3_LATENT_CHANNELS`); it too takes the latents
+the sampler works on (SD3's VAE latent minus 0.0609, times 1.5305: what SD3's decoder
+undoes first, as ComfyUI feeds taesd3), and is read only from a file the user gives (no
+pinned download: its hash could not be taken here).
 
     decoder: latent (B, h, w, 4) in the UNet's space -> image (B, 8h, 8w, 3) in [-1, 1]
     encoder: image (B, H, W, 3) in [-1, 1] -> latent (B, H/8, W/8, 4)
@@ -45,6 +49,13 @@ PINNED = {
                           git_blob="65f85afc58480128926e52086fbf0fdc61c2c9b5", what="TAESD encoder", flag="--taesd FILE|DIR"),
 }
 LATENT_CHANNELS = 4  # SD 1.x/2.x (and SDXL); SD3 and FLUX latents have 16
+SD3_LATENT_CHANNELS = 16  # TAESD3
+_FAMILY = {LATENT_CHANNELS: "SD 1.x/2.x", SD3_LATENT_CHANNELS: "SD3"}
+_OTHER_FILES = {  # file names of TAESDs for other latents than each family's
+    LATENT_CHANNELS: (r"taesdxl|taesd3|taef1|taef2|taesana", "SDXL, SD3, FLUX, Sana", "taesd_decoder.pth / taesd_encoder.pth"),
+    SD3_LATENT_CHANNELS: (r"taesdxl|taef1|taef2|taesana|taesd_(de|en)coder|^taesd$", "SD 1.x/2.x, SDXL, FLUX, Sana",
+                          "taesd3_decoder.pth / taesd3_encoder.pth"),
+}
 WIDTH = 64  # channels of every TAESD block
 
 # (index in the original nn.Sequential, kind, stride): conv ("c", with bias), conv
@@ -160,28 +171,36 @@ def _candidates(source: str) -> list:
     return [source]
 
 
-def check_taesd(source: Optional[str], parts=("decoder",)) -> TaesdFiles:
-    """Finds and checks TAESD weights for `parts` before anything is built: a file or
-    folder the user gave (`source`), else the pinned download (from the cache, or
+def check_taesd(source: Optional[str], parts=("decoder",), channels: int = LATENT_CHANNELS) -> TaesdFiles:
+    """Finds and checks TAESD weights for `parts` of latents with `channels` channels
+    (4: SD 1.x/2.x; 16: SD3's TAESD3) before anything is built: a file or folder the
+    user gave (`source`), else (SD 1.x/2.x only) the pinned download (from the cache, or
     fetched once). Raises one line for a file that is not TAESD, a TAESD for other
-    latents (SD3, FLUX: 16 channels; taesdxl by its name), or missing weights."""
+    latents (told by its channels, or by its name: taesdxl, taef1), or missing weights."""
+    family = _FAMILY[channels]
+    check(source is not None or channels == LATENT_CHANNELS,
+          f"{family}'s tiny decoder needs TAESD3 weights given with --taesd FILE|DIR (taesd3_decoder.pth or "
+          ".safetensors from madebyollin/taesd, or the madebyollin/taesd3 folder); sdanim has no pinned download of "
+          f"them. Received: taesd={source!r}")
     found: dict = {}
     if source is not None:
         source = os.fspath(source)
         check(os.path.exists(source), f"the TAESD weights do not exist. Received: taesd={source!r}")
-        check(not re.search(r"taesdxl|taesd3|taef1|taef2|taesana", os.path.basename(source.rstrip("/")).lower()),
-              "these TAESD weights are for other latents (SDXL, SD3, FLUX, Sana), not SD 1.x/2.x; use taesd_decoder.pth / "
-              f"taesd_encoder.pth. Received: taesd={source!r}")
+        pattern, others, use = _OTHER_FILES[channels]
+        check(not re.search(pattern, os.path.basename(source.rstrip("/")).lower()),
+              f"these TAESD weights are for other latents ({others}), not {family}; use {use}. "
+              f"Received: taesd={source!r}")
         for path in _candidates(source):
             try:
                 tensors = read_tensors(path, name="taesd")
             except CheckpointError as error:
                 raise SdanimError(str(error)) from None
             for part, part_tensors in _parts_of(tensors).items():
-                channels = latent_channels_of(part, part_tensors)
-                check(channels == LATENT_CHANNELS,
-                      f"this TAESD {part} is for latents with {channels} channels (SD3 or FLUX), not SD 1.x/2.x's "
-                      f"{LATENT_CHANNELS}. Received: taesd={path!r}")
+                found_channels = latent_channels_of(part, part_tensors)
+                check(found_channels == channels,
+                      f"this TAESD {part} is for latents with {found_channels} channels "
+                      f"({'SD3 or FLUX' if found_channels == 16 else 'SD 1.x/2.x or SDXL'}), not {family}'s "
+                      f"{channels}. Received: taesd={path!r}")
                 found.setdefault(part, path)
         check(found, "not TAESD weights (no taesd decoder or encoder tensors: '1.weight' ... '19.weight', or "
                      f"'decoder.layers.*'). Received: taesd={source!r}")
@@ -193,21 +212,22 @@ def check_taesd(source: Optional[str], parts=("decoder",)) -> TaesdFiles:
     return TaesdFiles({part: (path, file_sha256(path)) for part, path in found.items() if part in parts})
 
 
-def _assign(model, tensors: dict, path: str) -> None:
+def _assign(model, tensors: dict, path: str, family: str = "SD 1.x/2.x") -> None:
     """Copies the tensors into the Keras model's convolutions, named as the file's
     modules (`sdanim.model.torch_weights`); every weight accounted for."""
     layers = {module_name(layer.name): layer for layer in model.layers
               if layer.weights and not module_name(layer.name).endswith(".pad")}
-    assign(layers, tensors, "the TAESD file (not a TAESD for SD 1.x/2.x?)", f"taesd={path!r}")
+    assign(layers, tensors, f"the TAESD file (not a TAESD for {family}?)", f"taesd={path!r}")
 
 
-def load_part(files: TaesdFiles, part: str):
-    """The Keras decoder or encoder with the checked file's weights."""
+def load_part(files: TaesdFiles, part: str, channels: int = LATENT_CHANNELS):
+    """The Keras decoder or encoder (for latents of `channels`) with the checked file's weights."""
     path = files.files[part][0]
     tensors = _parts_of(read_tensors(path, name="taesd"))[part]
-    model = build_decoder() if part == "decoder" else build_encoder()
-    _assign(model, tensors, path)
+    model = build_decoder(channels) if part == "decoder" else build_encoder(channels)
+    _assign(model, tensors, path, _FAMILY[channels])
     return model
 
 
-__all__ = ["build_decoder", "build_encoder", "check_taesd", "load_part", "TaesdFiles", "PINNED", "LATENT_CHANNELS"]
+__all__ = ["build_decoder", "build_encoder", "check_taesd", "load_part", "TaesdFiles", "PINNED", "LATENT_CHANNELS",
+           "SD3_LATENT_CHANNELS"]

@@ -19,7 +19,7 @@ from sdanim.config.settings import RenderSettings
 from sdanim.core.runtime import import_keras
 from sdanim.model.sd3 import check_sampler, is_sd3
 from sdanim.model.spec import ModelSpec
-from sdanim.model.taesd import PINNED, check_taesd
+from sdanim.model.taesd import LATENT_CHANNELS, PINNED, SD3_LATENT_CHANNELS, check_taesd
 from sdanim.render.local import LocalFrames
 from sdanim.render.post import POST_FOLDERS
 from sdanim.render.ray import RayFrames, Workers
@@ -37,16 +37,15 @@ def check_decoder(model, settings: RenderSettings) -> None:
     if model is None or isinstance(model, ModelSpec) or version is not None:  # a function's model: checked when built
         check_sampler(version, settings.scheduler)
     if settings.decoder == "tiny":
-        check(not is_sd3(version), "the tiny decoder (TAESD) is for Stable Diffusion 1.x/2.x latents; SD3's 16-channel "
-                                   f"latents would need TAESD3: use decoder='full' with {version}. "
-                                   f"Received: decoder={settings.decoder!r}")
-        check_taesd(getattr(model, "taesd", None))
+        check_taesd(getattr(model, "taesd", None), channels=SD3_LATENT_CHANNELS if is_sd3(version) else LATENT_CHANNELS)
 
 
 def tiny_decoder_available(model) -> bool:
     """Whether TAESD weights are at hand without a download: given to the model (or its
     spec), or already in the cache. Previews use the tiny decoder then."""
-    return getattr(model, "taesd", None) is not None or PINNED["decoder"].cached("taesd") is not None
+    if getattr(model, "taesd", None) is not None:
+        return True
+    return not is_sd3(known_version(model)) and PINNED["decoder"].cached("taesd") is not None
 
 
 def get_model(model, settings: RenderSettings):

@@ -180,7 +180,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="XLA-compile the sampling step (default: auto = on for CUDA only)")
     m.add_argument("--taesd", default=None, metavar="FILE|DIR",
                    help="TAESD weights for --decoder tiny and previews: taesd_decoder.pth/.safetensors or a diffusers "
-                   "AutoencoderTiny folder (default: downloaded once from madebyollin/taesd)")
+                   "AutoencoderTiny folder (default: downloaded once from madebyollin/taesd); SD3 models: "
+                   "taesd3_decoder.pth/.safetensors or the madebyollin/taesd3 folder (no download)")
     m.add_argument("--attention", default="auto", choices=ATTENTIONS,
                    help="fused: keras.ops.dot_product_attention (flash kernels where available); "
                    "keras-cv: KerasCV's own (default: auto = fused on CUDA only)")
