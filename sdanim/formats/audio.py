@@ -17,6 +17,7 @@ and the analysis runs once more.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import Sequence
 
 import numpy as np
 
@@ -87,16 +89,22 @@ def analyze_audio(samples: np.ndarray, rate: int = SAMPLE_RATE) -> Analysis:
     """Loudness, onset strength, beats and tempo of a mono track, computed by librosa in
     a process of its own (see the module's docstring). One line (SdanimError) if the
     analysis fails twice or takes over `ANALYSIS_TIMEOUT` seconds."""
+    return analyze_audios([samples], rate)[0]
+
+
+def analyze_audios(tracks: Sequence[np.ndarray], rate: int = SAMPLE_RATE) -> list:
+    """`analyze_audio` of several mono tracks at `rate`, in one process (it starts once)."""
     from filelock import FileLock
 
-    samples = np.ascontiguousarray(samples, np.float32)
+    tracks = [np.ascontiguousarray(t, np.float32) for t in tracks]
+    seconds = sum(len(t) for t in tracks) / rate
     own_cache = "NUMBA_CACHE_DIR" not in os.environ
     cache = numba_cache_dir() if own_cache else os.environ["NUMBA_CACHE_DIR"]
     os.makedirs(os.path.dirname(cache) if own_cache else cache, exist_ok=True)
     lock = cache + ".lock" if own_cache else os.path.join(cache, "sdanim-audio.lock")
     with FileLock(lock, timeout=ANALYSIS_TIMEOUT):
-        result = _run_analysis(samples, rate, cache)
-        if isinstance(result, Analysis):
+        result = _run_analysis(tracks, rate, cache)
+        if isinstance(result, list):
             return result
         # A crash (a signal): numba's cached code may be the mixed-up kind. Compile afresh,
         # in sdanim's own folder (cleared) or, under the user's NUMBA_CACHE_DIR, in a
@@ -105,51 +113,55 @@ def analyze_audio(samples: np.ndarray, rate: int = SAMPLE_RATE) -> Analysis:
             import shutil
 
             shutil.rmtree(cache, ignore_errors=True)
-            result = _run_analysis(samples, rate, cache)
+            result = _run_analysis(tracks, rate, cache)
         else:
             with tempfile.TemporaryDirectory(prefix="sdanim-numba-") as fresh:
-                result = _run_analysis(samples, rate, fresh)
-    if isinstance(result, Analysis):
+                result = _run_analysis(tracks, rate, fresh)
+    if isinstance(result, list):
         return result
     raise SdanimError(f"the audio analysis (librosa) crashed twice ({result}), the second time with numba's "
-                      f"code compiled afresh. Received: {len(samples) / rate:.1f} s of audio")
+                      f"code compiled afresh. Received: {seconds:.1f} s of audio")
 
 
 def _analysis_command() -> list:
     return [sys.executable, "-c", "from sdanim.formats.audio import _analysis_process; _analysis_process()"]
 
 
-def _run_analysis(samples: np.ndarray, rate: int, cache: str):
-    """The Analysis from a fresh process, or the name of the signal that killed it."""
+def _run_analysis(tracks: list, rate: int, cache: str):
+    """[Analysis of each track] from a fresh process, or the name of the signal that killed it."""
+    seconds = sum(len(t) for t in tracks) / rate
+    sent = io.BytesIO()
+    np.savez(sent, *tracks)
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
     here = os.path.dirname(os.path.dirname(os.path.abspath(sdanim.__file__)))  # this very sdanim
     env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     try:
-        proc = subprocess.run(_analysis_command() + [str(int(rate))], input=samples.tobytes(), capture_output=True,
+        proc = subprocess.run(_analysis_command() + [str(int(rate))], input=sent.getvalue(), capture_output=True,
                               env=env, timeout=ANALYSIS_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise SdanimError(f"the audio analysis (librosa) took over {ANALYSIS_TIMEOUT} s. "
-                          f"Received: {len(samples) / rate:.1f} s of audio") from None
+                          f"Received: {seconds:.1f} s of audio") from None
     if proc.returncode < 0:
         return signal.Signals(-proc.returncode).name
     if proc.returncode != 0:
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise SdanimError(f"the audio analysis (librosa) failed: {lines[-1] if lines else proc.returncode}. "
-                          f"Received: {len(samples) / rate:.1f} s of audio")
+                          f"Received: {seconds:.1f} s of audio")
     with np.load(io.BytesIO(proc.stdout)) as out:
-        return Analysis(out["loudness"], out["onsets"], out["beats"], float(out["tempo"]), float(out["duration"]))
+        return [Analysis(out[f"{i}_loudness"], out[f"{i}_onsets"], out[f"{i}_beats"], float(out[f"{i}_tempo"]),
+                         float(out[f"{i}_duration"])) for i in range(len(tracks))]
 
 
 def _analysis_process() -> None:
-    """The analysis process: float32 samples on stdin, the rate in argv, the Analysis's
-    arrays (.npz) on stdout."""
-    samples = np.frombuffer(sys.stdin.buffer.read(), np.float32)
-    analysis = analyze(samples, int(sys.argv[1]))
+    """The analysis process: the tracks (.npz, float32) on stdin, the rate in argv, each
+    track's Analysis arrays (.npz, "<i>_<field>") on stdout."""
+    with np.load(io.BytesIO(sys.stdin.buffer.read())) as tracks:
+        analyses = [analyze(tracks[f"arr_{i}"], int(sys.argv[1])) for i in range(len(tracks.files))]
     buffer = io.BytesIO()
-    np.savez(buffer, loudness=analysis.loudness, onsets=analysis.onsets, beats=analysis.beats,
-             tempo=analysis.tempo, duration=analysis.duration)
+    np.savez(buffer, **{f"{i}_{field.name}": getattr(a, field.name) for i, a in enumerate(analyses)
+                        for field in dataclasses.fields(a)})
     sys.stdout.buffer.write(buffer.getvalue())
     sys.stdout.buffer.flush()
 
 
-__all__ = ["read_audio", "analyze_audio", "numba_cache_dir"]
+__all__ = ["read_audio", "analyze_audio", "analyze_audios", "numba_cache_dir"]
