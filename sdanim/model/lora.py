@@ -135,7 +135,7 @@ def _sd3_delta(module: LoraModule, kernel_shape: tuple, part: int, parts: int, s
 
 
 def _plan_sd3(model, lora: LoraFile, scale: float) -> list:
-    """As `_plan`, for an SD3 model's MMDiT."""
+    """As `_plan`, for an SD3 model's MMDiT and CLIPs (`_sd3_targets`)."""
     targets = _sd3_targets(model)
     plan, unmatched, misfit = [], list(lora.unknown), []
     for name, module in lora.modules.items():
@@ -180,8 +180,8 @@ def set_loras(model, loras) -> None:
     order, W + scale * (alpha / rank) * up @ down."""
     loras = as_loras(loras)
     files = [read_lora(lora.path) for lora in loras]
-    plan = _plan_sd3 if getattr(model, "family", None) == "sd3" else _plan
-    plans = [plan(model, f, lora.scale) for f, lora in zip(files, loras)]
+    make_plan = _plan_sd3 if getattr(model, "family", None) == "sd3" else _plan
+    plans = [make_plan(model, f, lora.scale) for f, lora in zip(files, loras)]
     originals = model.state.lora_base  # id(variable) -> (variable, base value)
     # 1. Restore the base weights (exact copies of what merging touched).
     for variable, base in originals.values():

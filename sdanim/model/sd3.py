@@ -316,7 +316,7 @@ class SD3Model:
                               base=base, layers=layers)
 
     def set_loras(self, loras) -> "SD3Model":
-        """Makes `loras` the model's LoRAs (of its MMDiT; `sdanim.model.lora`), in place:
+        """Makes `loras` the model's LoRAs (of its MMDiT and CLIPs; `sdanim.model.lora`), in place:
         the weights earlier LoRAs touched go back to their base values bit for bit, then
         these are merged in order. Every file is checked first. Returns the model."""
         lora.set_loras(self, loras)
@@ -440,7 +440,7 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
         jit_compile: bool or None. XLA for the sampling loop; None picks by device.
         attention: str. Recorded; KerasHub's MMDiT picks its attention kernel itself.
         seed: int. Seed of random weights.
-        loras: LoRA files of the MMDiT (diffusers/PEFT or kohya names; see
+        loras: LoRA files of the MMDiT and CLIPs (diffusers/PEFT or kohya names; see
             `sdanim.model.lora`), merged into the weights; change them later with
             `model.set_loras`.
         taesd: str or None. TAESD3 weights (a file or folder) for the tiny decoder
