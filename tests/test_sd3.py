@@ -57,16 +57,7 @@ def _reference_transformer(config):
 
 def _model_with(ref, config):
     """sdanim's SD3 model with the reference transformer's weights in its MMDiT."""
-    from sdanim.core.runtime import import_keras
-    from sdanim.formats.sd3_files import mmdit_weights
-
-    keras = import_keras()
-    keras.utils.set_random_seed(0)
-    backbone = sd3.build_backbone(config, SIZE, SIZE, "float32")
-    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-    sd3.assign(backbone.diffuser, mmdit_weights(state, config.num_layers, config.dual_attention, config.qk_norm),
-               "the reference transformer")
-    return sd3.wrap("sd3-medium", backbone, SIZE, SIZE, "random", "float32")
+    return _model_with_state({k: v.detach().numpy() for k, v in ref.state_dict().items()}, config)
 
 
 def _packed(seq, pooled):
@@ -795,6 +786,7 @@ def test_sd3_loras_in_diffusers_and_kohya_names_give_diffusers_output(config, tm
 
 
 def _model_with_state(state, config):
+    """sdanim's SD3 model with a diffusers transformer's tensors (`state`) in its MMDiT."""
     from sdanim.core.runtime import import_keras
     from sdanim.formats.sd3_files import mmdit_weights
 
