@@ -66,20 +66,25 @@ def _plan(model, lora: LoraFile, scale: float) -> list:
             misfit.append(f"{name} {torch_shape}")
             continue
         plan.append((variable, lambda module=module, ops=ops: _keras_delta(module, ops, scale)))
-    if unmatched or misfit:
-        total = len(lora.modules) + len(lora.unknown)
-        found = []
-        if unmatched:
-            found.append(f"{len(unmatched)} with no matching layer ({', '.join(unmatched[:3])}"
-                         f"{' ...' if len(unmatched) > 3 else ''})")
-        if misfit:
-            found.append(f"{len(misfit)} of the wrong shape ({', '.join(misfit[:3])}{' ...' if len(misfit) > 3 else ''})")
-        raise lora_error(
-            f"the LoRA does not fit this Stable Diffusion {model.version[0]}.x model: of its {total} modules, "
-            f"{'; '.join(found)} (a LoRA for another architecture, e.g. SD {'2' if model.version[0] == '1' else '1'}.x or SDXL?)",
-            lora.path,
-        )
+    _refuse_misfits(lora, unmatched, misfit, f"Stable Diffusion {model.version[0]}.x",
+                    f"a LoRA for another architecture, e.g. SD {'2' if model.version[0] == '1' else '1'}.x or SDXL?")
     return plan
+
+
+def _refuse_misfits(lora: LoraFile, unmatched: list, misfit: list, model: str, hint: str) -> None:
+    """One line counting a LoRA's modules with no matching layer and of the wrong shape
+    (nothing if there are none), before any weight changes."""
+    if not (unmatched or misfit):
+        return
+    total = len(lora.modules) + len(lora.unknown)
+    found = []
+    if unmatched:
+        found.append(f"{len(unmatched)} with no matching layer ({', '.join(unmatched[:3])}"
+                     f"{' ...' if len(unmatched) > 3 else ''})")
+    if misfit:
+        found.append(f"{len(misfit)} of the wrong shape ({', '.join(misfit[:3])}{' ...' if len(misfit) > 3 else ''})")
+    raise lora_error(f"the LoRA does not fit this {model} model: of its {total} modules, {'; '.join(found)} ({hint})",
+                     lora.path)
 
 
 def _kernels(layer) -> dict:
@@ -149,17 +154,8 @@ def _plan_sd3(model, lora: LoraFile, scale: float) -> list:
             misfit.append(f"{name} {(module.up.shape[0], module.down.shape[1])}")
             continue
         plan.append((variable, lambda m=module, s=shape, p=part, n=parts, w=swapped: _sd3_delta(m, s, p, n, w, scale)))
-    if unmatched or misfit:
-        total = len(lora.modules) + len(lora.unknown)
-        found = []
-        if unmatched:
-            found.append(f"{len(unmatched)} with no matching layer ({', '.join(unmatched[:3])}"
-                         f"{' ...' if len(unmatched) > 3 else ''})")
-        if misfit:
-            found.append(f"{len(misfit)} of the wrong shape ({', '.join(misfit[:3])}{' ...' if len(misfit) > 3 else ''})")
-        raise lora_error(f"the LoRA does not fit this {model.version} model: of its {total} modules, "
-                         f"{'; '.join(found)} (a LoRA for another model, e.g. SD 1.x/2.x, SDXL or another SD3 size?)",
-                         lora.path)
+    _refuse_misfits(lora, unmatched, misfit, model.version,
+                    "a LoRA for another model, e.g. SD 1.x/2.x, SDXL or another SD3 size?")
     return plan
 
 
