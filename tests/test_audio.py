@@ -285,6 +285,19 @@ def test_a_user_numba_cache_is_left_alone_and_two_crashes_are_one_line(own_cache
     assert os.path.exists(os.path.join(own_cache, "beat.__trim_beats-609.py311.1.nbc"))  # not sdanim's to clear
 
 
+
+def test_an_analysis_that_fails_or_hangs_is_one_line(own_cache, monkeypatch):
+    samples = _music(4.0, 22050)[:, 0]
+    monkeypatch.setattr(audio_files, "_analysis_command", lambda: [
+        sys.executable, "-c", "import sys; sys.stdin.buffer.read(); sys.exit('librosa is not installed')"])
+    with pytest.raises(SdanimError, match=r"^the audio analysis \(librosa\) failed: librosa is not installed\. "
+                                          r"Received: 4\.0 s of audio$"):
+        analyze_audio(samples)
+    monkeypatch.setattr(audio_files, "ANALYSIS_TIMEOUT", 1)
+    monkeypatch.setattr(audio_files, "_analysis_command", lambda: [sys.executable, "-c", "import time; time.sleep(30)"])
+    with pytest.raises(SdanimError, match=r"^the audio analysis \(librosa\) took over 1 s\. Received: 4\.0 s of audio$"):
+        analyze_audio(samples)
+
 @pytest.mark.slow
 def test_two_processes_analysing_at_once_with_a_cold_cache_both_finish(tmp_path):
     """Two processes (two notebooks, or the app and the CLI) time walks by audio at the
