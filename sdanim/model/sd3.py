@@ -48,7 +48,7 @@ from sdanim.formats.sd3_files import (
 from sdanim.formats.tensors import CheckpointError, read_tensors
 from sdanim.model.device import choose_onednn, detect_device, device_defaults
 from sdanim.model import lora
-from sdanim.model.layers import BUILD_LOCK
+from sdanim.model.layers import BUILD_LOCK, keep_conv_kernels_in_torch_layout, use_fast_group_norms
 from sdanim.model.taesd import SD3_LATENT_CHANNELS, check_taesd, load_part
 from sdanim.model.stable_diffusion import ModelState
 from sdanim.model.tokenizer import load_tokenizer
@@ -355,10 +355,16 @@ def use_matmul_dense(layer) -> int:
 
 def wrap(version: str, backbone, height: int, width: int, weights: str, precision: str,
          jit_compile: bool = False, attention: str = "auto") -> SD3Model:
-    """An `SD3Model` around a built backbone (under TensorFlow, its MMDiT's dense layers
-    as 2-D matmuls: `use_matmul_dense`)."""
-    if import_keras().backend.backend() == "tensorflow":
+    """An `SD3Model` around a built backbone, its layers in their faster forms: under
+    TensorFlow, the MMDiT's dense layers as 2-D matmuls (`use_matmul_dense`) and, on a
+    CPU, the VAE's group norms reduced in two stages (`use_fast_group_norms`); under
+    torch, the VAE's convolution kernels in torch's layout."""
+    backend = import_keras().backend.backend()
+    if backend == "tensorflow":
         use_matmul_dense(backbone.diffuser)
+        if detect_device() == "cpu":
+            use_fast_group_norms(backbone.vae)
+    keep_conv_kernels_in_torch_layout(backbone.vae)  # torch only
     text_encoder, diffusion_model, decoder, image_encoder = _wrappers(backbone, height, width)
     return SD3Model(version, height, width, weights, precision, jit_compile, attention, backbone,
                     text_encoder, diffusion_model, decoder, image_encoder)
