@@ -39,6 +39,8 @@ def _check_outputs(nb, folder):
     assert len(list((folder / "outputs").glob("inpaint-*.png"))) == 1
     with Image.open(folder / "outputs" / "motion.gif") as im:  # motion modules (random in the smoke run)
         assert im.n_frames == 6
+    with Image.open(folder / "outputs" / "morph_sd3.gif") as im:  # SD3 (a tiny one in the smoke run)
+        assert im.n_frames == 4 and im.size == (64, 64)
     assert (folder / "outputs" / "motion_frames" / "motion_state.npz").is_file()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/gif" in o.get("data", {}) for o in outputs)

@@ -237,3 +237,24 @@ def test_an_apple_silicon_mac_gets_the_torch_backend_unless_one_was_chosen(tmp_p
     assert default_backend("Darwin", "arm64", {}, home, True) == "torch"
     (tmp_path / "keras.json").write_text('{"backend": "jax"}')  # a choice
     assert default_backend("Darwin", "arm64", {}, home, True) is None
+
+
+def test_an_sd3_process_keeps_tensorflows_onednn_choice_and_keeps_no_weights():
+    """SD3's MMDiT is matrix products, faster on oneDNN's kernels in float32 too (device.py):
+    a process asking for SD3 in float32 leaves oneDNN as TensorFlow would have it, and its
+    command line does not ask oneDNN to keep converted weights (a copy of the MMDiT per
+    compiled function: over 22 GiB at 512 px). SD 1.x's float32 command line still turns
+    oneDNN off and asks for kept weights."""
+    code = ("import os, sys; from sdanim.model import device; device._linux_flags = lambda: {'avx512_vnni'}\n"
+            "from sdanim.frontends import cli\n"
+            "args = cli.build_parser().parse_args(sys.argv[1:])\n"
+            "args.run = lambda a: print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), "
+            "os.environ.get('TF_ONEDNN_ASSUME_FROZEN_WEIGHTS'), 'tensorflow' in sys.modules) or 0\n"
+            "cli._run(args, None)")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS")}
+    env.update(PYTHONPATH=ROOT, SDANIM_CPU_BF16="0")
+    for model, expected in (("sd3-medium", "None None False"), ("1.4", "0 1 False")):
+        proc = subprocess.run([sys.executable, "-c", code, "morph", "a", "b", "--model", model, "--precision", "float32"],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == expected, model

@@ -247,9 +247,9 @@ def test_switching_weights_and_loras_is_checked_first(app, tmp_path):
     client_lib = require("gradio_client")
     client = client_lib.Client(app.local_url, verbose=False)
     with pytest.raises(client_lib.exceptions.AppError, match=r"started with a model object of its own.*Received: weights='random'"):
-        client.predict("random", "", api_name="/use_model")
+        client.predict("random", "", "auto", api_name="/use_model")
     holder = ModelHolder(spec=ModelSpec(weights="random"))
-    with pytest.raises(SdanimError, match=r"weights must be keras-cv, random, a folder of \.h5 files or a checkpoint that exists\. Received: weights='.*nowhere'"):
+    with pytest.raises(SdanimError, match=r"weights must be keras-cv \(keras-hub\), random, a folder of \.h5 files, a checkpoint or an SD3 file or folder that exists\. Received: weights='.*nowhere'"):
         holder.use(str(tmp_path / "nowhere"), "")
     with pytest.raises(SdanimError, match=r"lora must be FILE or FILE:SCALE.*Received: lora='x.safetensors:abc'"):
         holder.use("random", "x.safetensors:abc")
@@ -275,3 +275,84 @@ def test_an_app_serving_sd3_offers_its_sampler_first(tmp_path):
 
     assert samplers(make_tiny_sd3_model()) == {"flow_euler"}
     assert samplers(make_tiny_model()) == {"ddim"}
+
+
+def _names_only_sd3_file(path, layers: int = 24, dual: int = 0, qk_norm: bool = False) -> str:
+    """A Stability SD3 single file's tensor names for a transformer of `layers` blocks
+    (values of one element: the model choice reads names only)."""
+    from safetensors.numpy import save_file
+
+    one = np.zeros(1, np.float32)
+    names = [f"model.diffusion_model.joint_blocks.{i}.x_block.attn.qkv.weight" for i in range(layers)]
+    names += [f"model.diffusion_model.joint_blocks.{i}.x_block.attn2.qkv.weight" for i in range(dual)]
+    names += [f"model.diffusion_model.joint_blocks.{i}.x_block.attn.ln_q.weight" for i in range(layers) if qk_norm]
+    names += ["text_encoders.clip_l.transformer.x", "text_encoders.clip_g.transformer.x", "first_stage_model.x"]
+    save_file({n: one for n in names}, str(path))
+    return str(path)
+
+
+def test_the_model_section_switches_family_checked_first_and_resets_the_samplers(tmp_path):
+    """A local app started on SD 1.x switches to an SD3-family model and back: the weights
+    are checked against the model from their headers before anything changes, "auto" reads
+    the model off an SD3 file, and every tab's sampler moves to the family's own."""
+    require("gradio")
+    from tiny import make_tiny_model
+
+    from sdanim.config.errors import SdanimError
+    from sdanim.frontends.ui.app import build_app
+    from sdanim.model.spec import ModelSpec
+
+    blocks = build_app(model=make_tiny_model(), spec=ModelSpec(weights="random"), out_dir=str(tmp_path))
+    holder = blocks.sdanim_context.holder
+    use = next(f for f in blocks.fns.values() if f.api_name == "use_model").fn
+    samplers = len(blocks.sdanim_context.samplers)
+    assert samplers >= 5  # every tab's
+
+    def switch(*request):
+        message, *updates = next(iter(use(*request)))
+        return message, [u.get("value") for u in updates]
+
+    message, values = switch("random", "", "sd3-medium")
+    assert message == "Using random as sd3-medium with 0 LoRA(s): the model loads at the next render."
+    assert holder.spec.version == "sd3-medium" and holder.model is None
+    assert values == ["flow_euler"] * samplers
+    medium = _names_only_sd3_file(tmp_path / "sd3_medium.safetensors")
+    large = _names_only_sd3_file(tmp_path / "sd3.5_large.safetensors", layers=38, qk_norm=True)
+    assert switch(medium, "", "auto")[0].startswith(f"Using {medium} as sd3-medium")  # read off the file
+    assert switch(large, "", "auto")[1] == [None] * samplers  # the same family: samplers left alone
+    assert holder.spec.version == "sd3.5-large"
+    before = holder.spec
+    refused = {
+        ("1.4", medium): r"holds an SD3-family model \(sd3-medium\), not Stable Diffusion 1\.x/2\.x: choose the "
+                         r"model sd3-medium\. Received: model='1\.4'",
+        ("sd3.5-medium", medium): r"transformer has 24 layers \(dual attention in 0, qk_norm None\), not "
+                                  r"sd3\.5-medium's 24 \(dual attention in 13, qk_norm rms_norm\)",
+        ("sd3-large", "random"): r"model must be auto or one of .*Received: model='sd3-large'",
+    }
+    for (model, weights), match in refused.items():
+        with pytest.raises(SdanimError, match=match):
+            holder.use(weights, "", model)
+        assert holder.spec == before  # nothing changed
+    message, values = switch("random", "", "2.1")
+    assert holder.spec.version == "2.1" and values == ["ddim"] * samplers
+
+
+def test_a_network_app_loads_each_offered_weight_as_the_operators_model(tmp_path):
+    """Network mode: an SD3 file in --models-dir is offered with the model it holds; a
+    visitor picks it by name and cannot make it load as another model."""
+    from sdanim.config.errors import SdanimError
+    from sdanim.frontends.ui import ModelHolder
+    from sdanim.frontends.ui.model import offered_models
+    from sdanim.model.spec import ModelSpec
+
+    _names_only_sd3_file(tmp_path / "sd3.5_medium.safetensors", dual=13, qk_norm=True)
+    spec = ModelSpec(weights="random")
+    access = offered_models(spec, models_dir=str(tmp_path))
+    assert access.models == {"random": None, "sd3.5_medium.safetensors": "sd3.5-medium"}
+    holder = ModelHolder(spec=spec, access=access)
+    with pytest.raises(SdanimError, match=r"loads sd3\.5_medium\.safetensors as the model sd3\.5-medium \(the operator's "
+                                          r"choice\)\. Received: model='sd3\.5-large'"):
+        holder.use("sd3.5_medium.safetensors", [], "sd3.5-large")
+    assert holder.spec == spec
+    holder.use("sd3.5_medium.safetensors", [], "auto")
+    assert (holder.spec.version, holder.spec.weights) == ("sd3.5-medium", str(tmp_path / "sd3.5_medium.safetensors"))

@@ -158,9 +158,13 @@ def device_defaults(device: str, native_bfloat16: Optional[bool] = None, backend
 _ONEDNN_CHOICE: Optional[str] = None
 
 
-def choose_onednn(precision: str) -> Optional[bool]:
-    """Before TensorFlow's first import, picks its oneDNN kernels for the precision the
-    process asks for: off for float32 on a CPU where TensorFlow would turn them on.
+def choose_onednn(precision: str, family: str = "sd") -> Optional[bool]:
+    """Before TensorFlow's first import, picks its oneDNN kernels for the precision and
+    model family the process asks for: off for SD 1.x/2.x in float32 on a CPU where
+    TensorFlow would turn them on; TensorFlow's choice for SD3 (`family="sd3"`), whose
+    transformer is matrix products, faster on oneDNN's (sd3-medium at 512 px, float32, a
+    2-core Zen 4: one MMDiT call 28 s with oneDNN off, 19 s on; the VAE decode 17.5 s
+    off, 12.5 s on; docs/benchmarks.md).
 
     TensorFlow decides at its import, for the whole process. On an AVX512_BF16 CPU with
     oneDNN on by default (docs/benchmarks.md, "oneDNN picked per precision"), the SD 1.4 UNet in float32
@@ -173,7 +177,7 @@ def choose_onednn(precision: str) -> Optional[bool]:
     off, else None.
     """
     global _ONEDNN_CHOICE
-    if "tensorflow" in sys.modules or _override("TF_ENABLE_ONEDNN_OPTS") is not None:
+    if "tensorflow" in sys.modules or _override("TF_ENABLE_ONEDNN_OPTS") is not None or family == "sd3":
         return None
     if precision == "auto":
         precision = device_defaults("cpu")[0]  # what "auto" computes in on this CPU under TensorFlow
@@ -197,6 +201,10 @@ def keep_weights_in_kernels() -> None:
     copy of the weights (about 1.4 GB more for the bfloat16 UNet), for as long as the
     function lives. (A float32 run gets TensorFlow's own kernels, `choose_onednn`: nothing
     is kept there unless the user turned oneDNN on.)
+
+    Not for SD3 (the command line leaves it unset there): with oneDNN on, sd3-medium in
+    float32 at 512 px went from 14.5 GiB peak RSS to over 22 GiB before its first image
+    (a 24 GB machine), each compiled function holding its own copy of the MMDiT's weights.
 
     TensorFlow applies it to the whole process and assumes that *no* weight ever changes:
     a model trained in the same process, or a convolution run outside a compiled function

@@ -459,8 +459,8 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     if taesd is not None:
         check_taesd(taesd, channels=SD3_LATENT_CHANNELS)
     weights = str(weights)
-    kind = weight_kind(weights)
-    choose_onednn(precision)
+    kind, parts = check_weights(version, weights)
+    choose_onednn(precision, family="sd3")
     keras = import_keras()
     default_precision, default_jit = device_defaults(detect_device(), backend=keras.backend.backend())
     precision = default_precision if precision == "auto" else precision
@@ -477,10 +477,6 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     if kind == "preset":
         backbone = _from_preset(config, height, width, precision, weights)
     else:
-        parts = {"diffusers": read_sd3_folder, "stability": read_sd3_file}.get(kind, lambda _: None)(weights)
-        # (checked before the build)
-        if parts is not None:
-            check_folder_config(parts, config, version, weights)
         with BUILD_LOCK:
             keras.utils.set_random_seed(seed)
             backbone = build_backbone(config, height, width, precision)
@@ -492,6 +488,31 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
         model.set_loras(loras)
     _LIVE[key] = model
     return model
+
+
+def check_weights(version: str, weights: str) -> tuple:
+    """(weight kind, the opened SD3 files or None) for `version`: one line for SD 1.x/2.x
+    weights or an SD3 file of another architecture. Headers and configs only: nothing is
+    built, downloaded or read in full."""
+    kind = weight_kind(weights)
+    parts = {"diffusers": read_sd3_folder, "stability": read_sd3_file}.get(kind, lambda _: None)(weights)
+    if parts is not None:
+        check_folder_config(parts, SD3_CONFIGS[version], version, weights)
+    return kind, parts
+
+
+def version_of(weights: str) -> Optional[str]:
+    """The SD3-family model a diffusers folder or Stability file holds, read off its
+    transformer's shape (3.5 large turbo has large's: "sd3.5-large"); None for anything
+    else (SD 1.x/2.x weights, unreadable files)."""
+    try:
+        kind = weight_kind(weights)
+        parts = {"diffusers": read_sd3_folder, "stability": read_sd3_file}[kind](weights)
+    except (SdanimError, KeyError):
+        return None
+    found = transformer_layers(parts.transformer_config)
+    return next((v for v, c in SD3_CONFIGS.items()
+                 if (c.num_layers, tuple(c.dual_attention), c.qk_norm) == (found[0], tuple(found[1]), found[2])), None)
 
 
 def _from_preset(config: SD3Config, height: int, width: int, precision: str, weights: str):

@@ -9,7 +9,9 @@ from typing import Optional
 from sdanim.config.choices import ATTENTIONS, MODELS, PRECISIONS
 from sdanim.config.errors import check
 from sdanim.formats.lora_files import as_loras
-from sdanim.model.loading import load_model
+from sdanim.model.convert import checked_checkpoint
+from sdanim.model.loading import load_model, weight_source_kind
+from sdanim.model import sd3
 from sdanim.model.sd3 import is_sd3, load_sd3
 from sdanim.model.tokenizer import clip_vocab_path
 
@@ -68,6 +70,25 @@ class ModelSpec:
             f"attention must be one of {', '.join(ATTENTIONS)}. Received: attention={self.attention!r}",
         )
         object.__setattr__(self, "weights", str(self.weights))
+
+    @property
+    def family(self) -> str:
+        """"sd3" for the SD3-family models, else "sd" (SD 1.x/2.x)."""
+        return "sd3" if is_sd3(self.version) else "sd"
+
+    def check_weights(self) -> "ModelSpec":
+        """One line if `weights` cannot be this model's (an SD3 file for "1.4", SD 1.x
+        weights for "sd3-medium", an SD3 file of another size): read from headers and
+        configs only, nothing built, downloaded or read in full. Returns the spec."""
+        if is_sd3(self.version):
+            sd3.check_weights(self.version, self.weights)
+            return self
+        held = sd3.version_of(self.weights)
+        check(held is None, f"{self.weights} holds an SD3-family model ({held}), not Stable Diffusion 1.x/2.x: "
+                            f"choose the model {held}. Received: model={self.version or 'auto'!r}")
+        if weight_source_kind(self.weights) == "checkpoint":
+            checked_checkpoint(self.weights, self.version)
+        return self
 
     def load(self, height: int, width: int):
         """Builds (or hands back the still-alive) model for one image size."""

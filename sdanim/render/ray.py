@@ -251,7 +251,7 @@ class FrameWorker:
         quiet_tensorflow_env()
         spec = (model or ModelSpec()) if model is None or isinstance(model, ModelSpec) else None
         if spec is not None:
-            choose_onednn(spec.precision)  # before limit_threads imports TensorFlow
+            choose_onednn(spec.precision, spec.family)  # before limit_threads imports TensorFlow
         if threads:
             limit_threads(int(threads))
         if spec is not None:

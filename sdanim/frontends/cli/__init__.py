@@ -17,6 +17,7 @@ from sdanim.core.runtime import quiet_tensorflow_env
 from sdanim.frontends.cli import animations, app, images, tools
 from sdanim.frontends.cli.options import EPILOG, Parser, UsageError
 from sdanim.model.device import choose_onednn, keep_weights_in_kernels
+from sdanim.model.sd3 import is_sd3
 from sdanim.render.ray import FailedFrames
 
 # The command families, in the order `--help` lists them.
@@ -67,12 +68,14 @@ def _command_warnings():
 
 def _run(args, argv) -> int:
     try:
-        if args.one_job and argv is None:
+        family = "sd3" if is_sd3(getattr(args, "model", None)) else "sd"
+        if args.one_job and argv is None and family == "sd":
             # The process's own command line (python -m sdanim, the sdanim script): it runs
             # this one command and nothing else. Called with argv (a test, a script), the
-            # process may run anything else too, and keeps TensorFlow's defaults.
+            # process may run anything else too, and keeps TensorFlow's defaults. Not for
+            # SD3: its kept copies of the MMDiT's weights outgrow the memory (device.py).
             keep_weights_in_kernels()
-        choose_onednn(getattr(args, "precision", "auto"))  # before anything imports TensorFlow
+        choose_onednn(getattr(args, "precision", "auto"), family)  # before anything imports TensorFlow
         return args.run(args)
     except SdanimError as error:
         print(f"sdanim: error: {error}", file=sys.stderr)

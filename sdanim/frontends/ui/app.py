@@ -24,17 +24,21 @@ from typing import Optional
 
 from sdanim.config.errors import SdanimError
 from sdanim.frontends.ui import animate, images
-from sdanim.frontends.ui.common import AppContext, friendly
+from sdanim.config.choices import MODELS
+from sdanim.frontends.ui.common import AppContext, first_sampler, friendly
 from sdanim.config.limits import NETWORK_LIMITS, Limits
-from sdanim.frontends.ui.model import Access, ModelHolder, offered_models
+from sdanim.frontends.ui.model import AUTO, Access, ModelHolder, offered_models
 from sdanim.model.spec import ModelSpec
 
 
-def _model_section(holder: ModelHolder) -> None:
-    """Switching weights and LoRAs: typed paths in a local app, the operator's offer by
-    name in a network app (the endpoint then accepts nothing else)."""
+def _model_section(context: AppContext):
+    """Switching the model, its weights and LoRAs: a model choice and typed paths in a
+    local app, the operator's offer by name in a network app (the model comes with the
+    weights; the endpoint accepts nothing else). Returns what `_wire_model_section`
+    connects once every tab's sampler exists."""
     import gradio as gr
 
+    holder = context.holder
     with gr.Accordion("Model", open=False):
         with gr.Row():
             if holder.access.network:
@@ -43,19 +47,37 @@ def _model_section(holder: ModelHolder) -> None:
                 loras = gr.Dropdown(list(holder.access.loras), value=[n for n, p in holder.access.loras.items()
                                                                        if holder.spec and any(x.path == p for x in holder.spec.loras)],
                                     multiselect=True, label="LoRAs (offered by this app)")
+                model = gr.State(AUTO)  # the offer names each weight source's model
             else:
+                model = gr.Dropdown([AUTO, *MODELS], value=(holder.spec.version if holder.spec else None) or AUTO,
+                                    label="Model (auto: the one the weights hold)")
                 weights = gr.Textbox(holder.spec.weights if holder.spec else "the model given to launch()",
-                                     label="Weights: keras-cv, random, a folder of .h5 files or a checkpoint")
+                                     label="Weights: keras-cv, random, a folder of .h5 files, a checkpoint, an SD3 file or folder")
                 loras = gr.Textbox(", ".join(f"{x.path}:{x.scale:g}" for x in (holder.spec.loras if holder.spec else ())),
                                    label="LoRAs: FILE[:SCALE], comma-separated")
             button = gr.Button("Use")
         status = gr.Markdown("")
+    return button, [weights, loras, model], status
 
-        @friendly
-        def use_model(weights_, loras_):
-            return holder.use(weights_, loras_)
 
-        button.click(use_model, [weights, loras], status, api_name="use_model", concurrency_limit=1, concurrency_id="model")
+def _wire_model_section(context: AppContext, section) -> None:
+    """The Model section's button: switches (checked first) and, when the family changes,
+    sets every tab's sampler to the new family's (SD3 takes flow_euler only)."""
+    import gradio as gr
+
+    button, inputs, status = section
+    holder = context.holder
+
+    @friendly
+    def use_model(weights_, loras_, model_):
+        family = holder.family
+        message = holder.use(weights_, loras_, model_)
+        changed = holder.family != family
+        return (message, *[gr.update(value=first_sampler(holder.family)) if changed else gr.update()
+                           for _ in context.samplers])
+
+    button.click(use_model, inputs, [status, *context.samplers], api_name="use_model", concurrency_limit=1,
+                 concurrency_id="model")
 
 
 def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outputs/ui",
@@ -74,7 +96,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
 
     with gr.Blocks(title="sdanim", analytics_enabled=False) as app:
         gr.Markdown("# sdanim: Stable Diffusion latent walks")
-        _model_section(holder)
+        section = _model_section(context)
         with gr.Tab("Animate"):
             event = animate.build(context)
         with gr.Tab("Generate"):
@@ -85,6 +107,7 @@ def build_app(model=None, spec: Optional[ModelSpec] = None, out_dir: str = "outp
             images.image_morph_tab(context)
         with gr.Tab("Steps"):
             images.steps_tab(context)
+        _wire_model_section(context, section)
 
     # Every event that uses the model shares one queue ("model"): one render at a time.
     app.queue(default_concurrency_limit=1)

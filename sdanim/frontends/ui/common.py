@@ -21,7 +21,6 @@ from sdanim.core.hints import make_hint
 from sdanim.core.keyframes import parse_prompt_text, parse_walk
 from sdanim.formats.images import load_pictures
 from sdanim.frontends.ui.model import ModelHolder, check_disk
-from sdanim.model.sd3 import is_sd3
 
 SIZES = ("512x512", "768x512", "512x768", "640x640", "384x384", "256x256", "128x128", "64x64")
 KEYFRAMES_HELP = (
@@ -46,6 +45,7 @@ class AppContext:
     out_dir: str
     default_size: str
     stops: dict = dataclasses.field(default_factory=dict)  # session -> threading.Event
+    samplers: list = dataclasses.field(default_factory=list)  # every tab's sampler widget
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def stop(self, request) -> threading.Event:
@@ -88,6 +88,12 @@ def friendly(fn):
     return wrapped
 
 
+def first_sampler(family: str) -> str:
+    """The sampler a model family's tabs start at: flow_euler for SD3 (the only kind it
+    takes), DDIM (KerasCV's) for SD 1.x/2.x."""
+    return FLOW_SCHEDULERS[0] if family == "sd3" else "ddim"
+
+
 def sampling_inputs(context: AppContext):
     """The sampling row every tab has: size, sampler, steps, guidance, batch size."""
     import gradio as gr
@@ -95,10 +101,9 @@ def sampling_inputs(context: AppContext):
     sizes = list(dict.fromkeys([context.default_size, *SIZES]))
     with gr.Row():
         size = gr.Dropdown(sizes, value=context.default_size, label="Size (WxH)", allow_custom_value=True)
-        # The operator's model decides the sampler's family: SD3 (`--model sd3-medium`) takes flow_euler only.
-        version = getattr(context.holder.spec, "version", None) or getattr(context.holder.model, "version", None)
-        sampler = gr.Dropdown(list(SCHEDULERS), value=FLOW_SCHEDULERS[0] if is_sd3(version) else "ddim",
-                              label="Sampler")
+        # The model decides the sampler's family: SD3 (`--model sd3-medium`) takes flow_euler only.
+        sampler = gr.Dropdown(list(SCHEDULERS), value=first_sampler(context.holder.family), label="Sampler")
+        context.samplers.append(sampler)  # set again when the Model section switches family
         steps = gr.Number(value=0, precision=0, label="Steps (0 = the sampler's default)")
         guidance = gr.Number(value=0, label="Guidance (0 = the sampler's default)")
         batch = gr.Number(value=4, precision=0, label="Batch size", minimum=1)

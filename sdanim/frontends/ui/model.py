@@ -22,8 +22,12 @@ from sdanim.formats.checkpoints import inspect_checkpoint
 from sdanim.formats.controlnet_files import inspect_controlnet
 from sdanim.formats.lora_files import Lora, as_loras, check_lora_files, read_lora
 from sdanim.formats.motion_files import inspect_motion_module
+from sdanim.config.choices import MODELS
 from sdanim.model.loading import weight_source_kind
+from sdanim.model.sd3 import is_sd3, version_of
 from sdanim.model.spec import ModelSpec
+
+AUTO = "auto"  # the model choice that reads the family off the weights
 
 
 def check_disk(limits: Limits, folder: str) -> None:
@@ -46,6 +50,8 @@ class Access:
         network: bool. Reachable from the network: choose among `weights`, `loras` and
             `controlnets` by name only. False: a local app, paths typed in.
         weights: {name: weight source} offered (network mode).
+        models: {weights name: the model they load as} (network mode; None: read off the
+            weights, as `ModelSpec(version=None)` does). The operator's, never a visitor's.
         loras: {name: LoRA file} offered (network mode).
         controlnets: {name: ControlNet file or folder} offered (network mode).
         motion_modules: {name: motion module file or folder} offered (network mode).
@@ -53,6 +59,7 @@ class Access:
 
     network: bool = False
     weights: dict = dataclasses.field(default_factory=dict)
+    models: dict = dataclasses.field(default_factory=dict)
     loras: dict = dataclasses.field(default_factory=dict)
     controlnets: dict = dataclasses.field(default_factory=dict)
     motion_modules: dict = dataclasses.field(default_factory=dict)
@@ -79,17 +86,19 @@ class Access:
 def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, controlnets=(),
                    motion_modules=()) -> Access:
     """The network mode's offer: the weights, LoRAs, ControlNets and motion modules named at
-    start, and the files in `models_dir` recognised by their headers (a checkpoint, a
-    ControlNet, motion modules or a LoRA; anything else is left out), listed by name.
-    Nothing a visitor types is ever opened."""
-    weights, loras, nets, motions = {}, {}, {}, {}
+    start, and the files in `models_dir` recognised by their headers (an SD 1.x/2.x
+    checkpoint, an SD3-family file or diffusers folder, a ControlNet, motion modules or a
+    LoRA; anything else is left out), listed by name, each weight source with the model
+    it loads as. Nothing a visitor types is ever opened."""
+    weights, models, loras, nets, motions = {}, {}, {}, {}, {}
     for path in controlnets:
         nets[os.path.basename(os.fspath(path).rstrip("/"))] = os.fspath(path)
     for path in motion_modules:
         inspect_motion_module(os.fspath(path))  # the operator's file: one line if it is not motion modules
         motions[os.path.basename(os.fspath(path).rstrip("/"))] = os.fspath(path)
     if spec is not None:
-        weights[os.path.basename(spec.weights.rstrip("/")) or spec.weights] = spec.weights
+        name = os.path.basename(spec.weights.rstrip("/")) or spec.weights
+        weights[name], models[name] = spec.weights, spec.version
         for lora in spec.loras:
             loras[os.path.basename(lora.path)] = lora.path
     if models_dir is not None:
@@ -108,10 +117,16 @@ def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, 
                 continue
             except SdanimError:
                 pass
+            held = version_of(path)  # an SD3-family file or diffusers folder
+            if held is not None:
+                if name not in weights:
+                    weights[name], models[name] = path, held
+                continue
             if weight_source_kind(path) == "checkpoint":
                 try:
                     inspect_checkpoint(path)
-                    weights.setdefault(name, path)
+                    if name not in weights:
+                        weights[name], models[name] = path, None
                     continue
                 except SdanimError:
                     pass
@@ -121,7 +136,8 @@ def offered_models(spec: Optional[ModelSpec], models_dir: Optional[str] = None, 
                     loras.setdefault(name, path)
                 except SdanimError:
                     pass
-    return Access(network=True, weights=weights, loras=loras, controlnets=nets, motion_modules=motions)
+    return Access(network=True, weights=weights, models=models, loras=loras, controlnets=nets,
+                  motion_modules=motions)
 
 
 class ModelHolder:
@@ -162,15 +178,34 @@ class ModelHolder:
             check(not unknown, f"choose LoRAs from the list this app offers ({', '.join(self.access.loras) or 'none'}). "
                                f"Received: loras={unknown!r}")
             return self.access.weights[weights], tuple(Lora(self.access.loras[x]) for x in names)
-        check(weight_source_kind(weights) in ("keras-cv", "random") or os.path.exists(weights),
-              "weights must be keras-cv, random, a folder of .h5 files or a checkpoint that exists. "
+        check(weights in ("keras-cv", "keras-hub", "random") or os.path.exists(weights),
+              "weights must be keras-cv (keras-hub), random, a folder of .h5 files, a checkpoint or an SD3 file or "
+              "folder that exists. "
               f"Received: weights={weights!r}")  # here, not a minute into the next render
         return weights, check_lora_files(as_loras([x.strip() for x in str(loras or "").split(",") if x.strip()]))
 
-    def use(self, weights: str, loras) -> str:
-        """Switches the weight source and/or LoRAs (local: a path and comma-separated
-        FILE[:SCALE]; network: names from the offer). Checked first; LoRAs alone change
-        in place (no rebuild), new weights load at the next render."""
+    def _model(self, weights: str, source: str, model: Optional[str]) -> Optional[str]:
+        """The model (version) a request's weights load as: in network mode the operator's
+        offer decides; locally the model chosen, or with "auto" the one the weights hold
+        (an SD3-family file or folder), else None (SD 1.x/2.x, read off the weights)."""
+        model = str(model or AUTO).strip()
+        if self.access.network:
+            offered = self.access.models.get(weights)
+            check(model in (AUTO, offered or AUTO),
+                  f"this app loads {weights} as the model {offered or AUTO} (the operator's choice). "
+                  f"Received: model={model!r}")
+            return offered
+        if model == AUTO:
+            return version_of(source)
+        check(model in MODELS, f"model must be {AUTO} or one of {', '.join(MODELS)}. Received: model={model!r}")
+        return model
+
+    def use(self, weights: str, loras, model: Optional[str] = AUTO) -> str:
+        """Switches the model, weight source and/or LoRAs (local: a model name or "auto",
+        a path and comma-separated FILE[:SCALE]; network: names from the offer, the model
+        coming with the weights). Checked first, the weights against the model from their
+        headers; LoRAs alone change in place (no rebuild), a new model or weights load at
+        the next render."""
         weights = str(weights or "").strip()
         check(self.spec is not None,
               "this app was started with a model object of its own; start it with --weights "
@@ -178,13 +213,24 @@ class ModelHolder:
         if not self.access.network:
             weights = weights or self.spec.weights
         source, wanted = self._wanted(weights, loras)
+        version = self._model(weights, source, model)
+        same = (source, version) == (self.spec.weights, self.spec.version)
+        if not same:  # another model or weights: do they fit each other? (headers only)
+            dataclasses.replace(self.spec, weights=source, version=version, loras=()).check_weights()
+        label = f" as {version}" if version else ""
         with self.lock:
-            if source == self.spec.weights:
+            if same:
                 self.spec = dataclasses.replace(self.spec, loras=wanted)
                 if self.model is not None and self.model.loras != wanted:
                     self.model.set_loras(wanted)
                 return f"Using {weights} with {len(wanted)} LoRA(s); the loaded model was changed in place."
-            self.spec = dataclasses.replace(self.spec, weights=source, version=None, loras=wanted)
+            self.spec = dataclasses.replace(self.spec, weights=source, version=version, loras=wanted)
             self.model = None
             gc.collect()
-            return f"Using {weights} with {len(wanted)} LoRA(s): the model loads at the next render."
+            return f"Using {weights}{label} with {len(wanted)} LoRA(s): the model loads at the next render."
+
+    @property
+    def family(self) -> str:
+        """"sd3" or "sd" (SD 1.x/2.x): what the samplers offered start at."""
+        version = getattr(self.spec, "version", None) or getattr(self.model, "version", None)
+        return "sd3" if is_sd3(version) else "sd"
