@@ -328,6 +328,8 @@ def test_the_model_section_switches_family_checked_first_and_resets_the_samplers
         ("sd3.5-medium", medium): r"transformer has 24 layers \(dual attention in 0, qk_norm None\), not "
                                   r"sd3\.5-medium's 24 \(dual attention in 13, qk_norm rms_norm\)",
         ("sd3-large", "random"): r"model must be auto or one of .*Received: model='sd3-large'",
+        ("auto", "keras-hub"): r"weights 'keras-hub' are KerasHub's SD3 presets: choose an SD3-family model for them\. "
+                               r"Received: model='auto'",
     }
     for (model, weights), match in refused.items():
         with pytest.raises(SdanimError, match=match):

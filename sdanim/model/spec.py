@@ -83,6 +83,8 @@ class ModelSpec:
         if is_sd3(self.version):
             sd3.check_weights(self.version, self.weights)
             return self
+        check(self.weights != "keras-hub", "weights 'keras-hub' are KerasHub's SD3 presets: choose an SD3-family "
+                                           f"model for them. Received: model={self.version or 'auto'!r}")
         held = sd3.version_of(self.weights)
         check(held is None, f"{self.weights} holds an SD3-family model ({held}), not Stable Diffusion 1.x/2.x: "
                             f"choose the model {held}. Received: model={self.version or 'auto'!r}")
