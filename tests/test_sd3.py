@@ -172,6 +172,34 @@ def test_a_morphs_keyframes_are_generate_and_frames_do_not_depend_on_batch_size(
         assert np.abs(image.astype(int) - one[k].astype(int)).max() <= 1
 
 
+def test_a_looped_walk_file_resumes_exactly_and_its_manifest_names_the_sd3_model(tiny_model, tmp_path):
+    """A walk file (a circle in noise space, a keyframe's own negative prompt) on SD3: the
+    manifest records the model; frames deleted from the run folder are rendered again, and
+    only they, equal to the first run's."""
+    import dataclasses
+    import json
+
+    import sdanim
+
+    walk_file = tmp_path / "walk.yaml"
+    walk_file.write_text("loop: true\nnoise: circle\nkeyframes:\n"
+                         "  - {prompt: a red cube, seed: 5, frames: 3, negative: blurry}\n"
+                         "  - {prompt: a blue sphere, seed: 6, frames: 3}\n")
+    settings = sdanim.RenderSettings(height=SIZE, width=SIZE, scheduler="flow_euler", num_steps=2, batch_size=2)
+    walk = sdanim.load_walk(str(walk_file))
+    first = sdanim.animate(walk, out=str(tmp_path / "walk.gif"), settings=settings, model=tiny_model, progress=False)
+    assert first.frames.shape[0] == 6 and first.frames.std() > 5
+    with open(os.path.join(first.frames_dir, "manifest.json"), encoding="utf-8") as f:
+        recorded = json.load(f)
+    assert recorded["model"]["version"] == tiny_model.version
+    for k in (1, 4):
+        os.remove(os.path.join(first.frames_dir, f"frame_{k:05d}.png"))
+    again = sdanim.animate(walk, out=str(tmp_path / "walk.gif"), settings=dataclasses.replace(settings, batch_size=1),
+                           model=tiny_model, progress=False)
+    assert again.rendered == 2
+    assert np.abs(again.frames.astype(int) - first.frames.astype(int)).max() <= 1
+
+
 def test_the_text_encoder_packs_clip_l_g_and_the_pooled_row(tiny_model):
     """The packed context: CLIP-L then CLIP-G features, zeros to 4096 wide and where T5's
     77 rows would be, the pooled projections in the last row; CLIP-G reads "!" (id 0)
