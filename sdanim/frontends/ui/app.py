@@ -22,11 +22,11 @@ import os
 import sys
 from typing import Optional
 
-from sdanim.config.errors import SdanimError
-from sdanim.frontends.ui import animate, images
 from sdanim.config.choices import MODELS
-from sdanim.frontends.ui.common import AppContext, first_sampler, friendly
+from sdanim.config.errors import SdanimError
 from sdanim.config.limits import NETWORK_LIMITS, Limits
+from sdanim.frontends.ui import animate, images
+from sdanim.frontends.ui.common import AppContext, first_sampler, friendly
 from sdanim.frontends.ui.model import AUTO, Access, ModelHolder, offered_models
 from sdanim.model.spec import ModelSpec
 

@@ -1,9 +1,10 @@
 """The app's one model and what visitors may ask of it.
 
-Two modes (`Access`): a local app (bound to 127.0.0.1) takes weights and LoRA paths typed
-in its Model section, as the person at the keyboard owns the machine; an app reachable
-from the network (`--listen`, `--share`) offers only the weights, LoRAs, ControlNets and
-motion modules the operator named at start, by name, and no endpoint accepts a path. Server-side `Limits`
+Two modes (`Access`): a local app (bound to 127.0.0.1) takes a model choice (SD 1.x/2.x or
+SD3-family, or "auto") and weights and LoRA paths typed in its Model section, as the person
+at the keyboard owns the machine; an app reachable from the network (`--listen`, `--share`)
+offers only the weights (each with the model it loads as), LoRAs, ControlNets and motion
+modules the operator named at start, by name, and no endpoint accepts a path. Server-side `Limits`
 (`sdanim.config.limits`) bound every request whatever the widgets allow.
 """
 
@@ -16,13 +17,13 @@ import os
 import threading
 from typing import Optional
 
+from sdanim.config.choices import MODELS
 from sdanim.config.errors import SdanimError, check
 from sdanim.config.limits import Limits
 from sdanim.formats.checkpoints import inspect_checkpoint
 from sdanim.formats.controlnet_files import inspect_controlnet
 from sdanim.formats.lora_files import Lora, as_loras, check_lora_files, read_lora
 from sdanim.formats.motion_files import inspect_motion_module
-from sdanim.config.choices import MODELS
 from sdanim.model.loading import weight_source_kind
 from sdanim.model.sd3 import is_sd3, version_of
 from sdanim.model.spec import ModelSpec
