@@ -164,7 +164,8 @@ def choose_onednn(precision: str, family: str = "sd") -> Optional[bool]:
     TensorFlow would turn them on; TensorFlow's choice for SD3 (`family="sd3"`), whose
     transformer is matrix products, faster on oneDNN's (sd3-medium at 512 px, float32, a
     2-core Zen 4: one MMDiT call 28 s with oneDNN off, 19 s on; the VAE decode 17.5 s
-    off, 12.5 s on; docs/benchmarks.md).
+    off, 12.5 s on; docs/benchmarks.md). The first call before the import decides for
+    the process: an SD3 model loaded after an SD 1.x float32 one computes without oneDNN.
 
     TensorFlow decides at its import, for the whole process. On an AVX512_BF16 CPU with
     oneDNN on by default (docs/benchmarks.md, "oneDNN picked per precision"), the SD 1.4 UNet in float32
