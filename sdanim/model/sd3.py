@@ -490,12 +490,19 @@ def load_sd3(version: str, weights: str = "keras-cv", height: int = 1024, width:
     return model
 
 
+def _opened(kind: str, weights: str) -> Optional[SD3Folder]:
+    """The SD3 files of a "diffusers" or "stability" weight source, opened (headers only);
+    None for a preset or random weights."""
+    opener = {"diffusers": read_sd3_folder, "stability": read_sd3_file}.get(kind)
+    return None if opener is None else opener(weights)
+
+
 def check_weights(version: str, weights: str) -> tuple:
     """(weight kind, the opened SD3 files or None) for `version`: one line for SD 1.x/2.x
     weights or an SD3 file of another architecture. Headers and configs only: nothing is
     built, downloaded or read in full."""
     kind = weight_kind(weights)
-    parts = {"diffusers": read_sd3_folder, "stability": read_sd3_file}.get(kind, lambda _: None)(weights)
+    parts = _opened(kind, weights)
     if parts is not None:
         check_folder_config(parts, SD3_CONFIGS[version], version, weights)
     return kind, parts
@@ -506,9 +513,10 @@ def version_of(weights: str) -> Optional[str]:
     transformer's shape (3.5 large turbo has large's: "sd3.5-large"); None for anything
     else (SD 1.x/2.x weights, unreadable files)."""
     try:
-        kind = weight_kind(weights)
-        parts = {"diffusers": read_sd3_folder, "stability": read_sd3_file}[kind](weights)
-    except (SdanimError, KeyError):
+        parts = _opened(weight_kind(weights), weights)
+    except SdanimError:
+        return None
+    if parts is None:  # a preset or random weights: no files to read
         return None
     found = transformer_layers(parts.transformer_config)
     return next((v for v, c in SD3_CONFIGS.items()
